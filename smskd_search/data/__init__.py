@@ -1,0 +1,134 @@
+"""Datasets by name, all offline, as seeded train / val / test splits held as tensors.
+
+``load_data(spec)`` gives the train and validation splits: validation is always a seeded stratified
+split of the training data. The test split is only reachable through :func:`load_test_split`, an
+explicit evaluation call that training and search code never make. Setting the environment variable
+``SMSKD_TEST_ACCESS_LOG`` to a file path makes every test-split access append a line there (tests use
+it to prove that a search never touched the test set).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from smskd_search.data import sources
+from smskd_search.data.loader import TensorLoader, TensorSplit, augment_batch
+from smskd_search.data.splits import stratified_split
+from smskd_search.plan import DatasetSpec
+
+# Per-dataset normalisation (channel mean, std) of the [0, 1] images. imagefolder computes its own.
+NORMALIZATION = {
+    "digits": ((0.3050,), (0.3886,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
+
+
+@dataclass
+class DataInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_train: int
+    num_val: int
+
+
+@dataclass
+class DataSplits:
+    info: DataInfo
+    train: TensorSplit
+    val: TensorSplit
+
+    def to(self, device: torch.device | str) -> "DataSplits":
+        return DataSplits(self.info, self.train.to(device), self.val.to(device))
+
+
+@lru_cache(maxsize=4)
+def _arrays(name: str, root: str | None) -> sources.Arrays:
+    if name == "digits":
+        return sources.load_digits_arrays()
+    if name == "fashion_mnist":
+        return sources.load_fashion_mnist_arrays(root)
+    if name in ("cifar10", "cifar100"):
+        return sources.load_cifar_arrays(name, root)
+    if name == "imagefolder":
+        return sources.load_imagefolder_arrays(root)
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def _train_test(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, y, xt, yt = _arrays(spec.name, spec.root)
+    if xt is None:
+        # No official test split (digits): a seeded stratified one, held out before anything else.
+        keep, held = stratified_split(y, spec.test_fraction, spec.split_seed)
+        return x[keep], y[keep], x[held], y[held]
+    return x, y, xt, yt
+
+
+def _normalise(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    t = t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (t - m) / s
+
+
+def _stats(spec: DatasetSpec, x_train: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if spec.name in NORMALIZATION:
+        return NORMALIZATION[spec.name]
+    t = torch.from_numpy(x_train[: min(len(x_train), 10000)]).float()
+    if x_train.dtype == np.uint8:
+        t = t / 255.0
+    return tuple(t.mean((0, 2, 3)).tolist()), tuple(t.std((0, 2, 3)).clamp_min(1e-3).tolist())
+
+
+def load_data(spec: DatasetSpec, device: torch.device | str = "cpu") -> DataSplits:
+    """Train and validation splits (validation carved from the training data, seeded, stratified)."""
+    x, y, _, _ = _train_test(spec)
+    train_idx, val_idx = stratified_split(y, spec.val_fraction, spec.split_seed)
+    mean, std = _stats(spec, x[train_idx])
+    info = DataInfo(
+        name=spec.name,
+        num_classes=int(y.max()) + 1,
+        in_channels=x.shape[1],
+        image_size=x.shape[2],
+        mean=mean,
+        std=std,
+        num_train=len(train_idx),
+        num_val=len(val_idx),
+    )
+    train = TensorSplit(_normalise(x[train_idx], mean, std), torch.from_numpy(y[train_idx]))
+    val = TensorSplit(_normalise(x[val_idx], mean, std), torch.from_numpy(y[val_idx]))
+    return DataSplits(info, train, val).to(device)
+
+
+def load_test_split(spec: DatasetSpec, info: DataInfo, device: torch.device | str = "cpu") -> TensorSplit:
+    """The test split: for final evaluation of a trained model only, never for training or tuning."""
+    log = os.environ.get("SMSKD_TEST_ACCESS_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{time.time():.3f} pid={os.getpid()} dataset={spec.name}\n")
+    _, _, xt, yt = _train_test(spec)
+    return TensorSplit(_normalise(xt, info.mean, info.std), torch.from_numpy(yt)).to(device)
+
+
+__all__ = [
+    "DataInfo",
+    "DataSplits",
+    "TensorLoader",
+    "TensorSplit",
+    "augment_batch",
+    "load_data",
+    "load_test_split",
+    "stratified_split",
+]

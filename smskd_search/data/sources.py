@@ -1,0 +1,147 @@
+"""Readers for each dataset's on-disk format. Each returns (images, labels, test_images, test_labels)
+as numpy arrays: images NCHW (uint8, or float32 in [0, 1]), labels int64. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from smskd_search.errors import UserError
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("SMSKD_DATA", "data"))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SMSKD_CACHE", Path.home() / ".cache" / "smskd_search"))
+
+
+def load_digits_arrays() -> Arrays:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
+    return images, d.target.astype(np.int64), None, None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise UserError(f"{path}: not an IDX file of unsigned bytes")
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_fashion_mnist_arrays(root: str | None) -> Arrays:
+    """torchvision's layout (<root>/FashionMNIST/raw/*-ubyte[.gz]) or Debian's dataset-fashion-mnist."""
+    candidates = []
+    if root is not None:
+        candidates += [Path(root) / "FashionMNIST" / "raw", Path(root)]
+    else:
+        candidates += [default_root() / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    for folder in candidates:
+        paths = [_find_idx(folder, s) for s in stems]
+        if all(p is not None for p in paths):
+            x, y, xt, yt = (_read_idx(p) for p in paths)  # type: ignore[arg-type]
+            return x[:, None], y.astype(np.int64), xt[:, None], yt.astype(np.int64)
+    looked = ", ".join(str(c) for c in candidates)
+    raise UserError(
+        f"dataset.root: Fashion-MNIST not found (looked in {looked}); install the Debian package "
+        "dataset-fashion-mnist or put the IDX files under <root>/FashionMNIST/raw/"
+    )
+
+
+def load_cifar_arrays(name: str, root: str | None) -> Arrays:
+    import torchvision
+
+    folder = Path(root) if root is not None else default_root()
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(str(folder), train=True, download=False)
+        test = cls(str(folder), train=False, download=False)
+    except RuntimeError:
+        sub = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        raise UserError(
+            f"dataset.root: {name} not found in {folder}/{sub}; download the python version of "
+            f"{name} from https://www.cs.toronto.edu/~kriz/cifar.html and extract it into {folder}"
+        ) from None
+    to_nchw = lambda a: np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2))  # noqa: E731
+    return (to_nchw(train.data), np.asarray(train.targets, np.int64),
+            to_nchw(test.data), np.asarray(test.targets, np.int64))
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def _read_folder(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    images, labels, size = [], [], None
+    for label, cls in enumerate(classes):
+        files = sorted(p for p in (folder / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if (folder / cls).is_dir() else []
+        for p in files:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if size is None:
+                    size = im.size
+                elif im.size != size:
+                    im = im.resize(size)
+                images.append(np.asarray(im, dtype=np.uint8))
+            labels.append(label)
+    if not images:
+        raise UserError(f"dataset.root: no images under {folder}")
+    return np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, np.int64)
+
+
+def load_imagefolder_arrays(root: str | None) -> Arrays:
+    """``<root>/train/<class>/*`` and ``<root>/test/<class>/*``, decoded once and cached as .npz."""
+    if root is None:
+        raise UserError("dataset.root: imagefolder needs a root with train/<class>/ and test/<class>/ folders")
+    base = Path(root)
+    if not (base / "train").is_dir():
+        raise UserError(f"dataset.root: {base / 'train'} not found (imagefolder needs train/<class>/ and test/<class>/)")
+    classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"dataset.root: no class folders under {base / 'train'}")
+    listing = "\n".join(
+        f"{p.relative_to(base)}:{p.stat().st_size}" for split in ("train", "test") if (base / split).is_dir()
+        for p in sorted((base / split).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    key = hashlib.sha256(f"{base.resolve()}\n{listing}".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"imagefolder-{key}.npz"
+    if cached.is_file():
+        z = np.load(cached)
+        has_test = z["xt"].size > 0
+        return z["x"], z["y"], z["xt"] if has_test else None, z["yt"] if has_test else None
+    x, y = _read_folder(base / "train", classes)
+    if (base / "test").is_dir():
+        xt, yt = _read_folder(base / "test", classes)
+    else:
+        xt = yt = None
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp.npz")
+    np.savez(tmp, x=x, y=y, xt=xt if xt is not None else np.zeros((0,), np.uint8),
+             yt=yt if yt is not None else np.zeros((0,), np.int64))
+    tmp.replace(cached)
+    return x, y, xt, yt

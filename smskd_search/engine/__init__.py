@@ -1,0 +1,35 @@
+"""The SMSKD engine: run a plan stage by stage. Imports neither Ray nor Optuna."""
+
+from smskd_search.engine.device import pick_device, pick_precision
+from smskd_search.engine.evaluate import EvalResult, evaluate
+from smskd_search.engine.pipeline import (
+    EpochMetrics,
+    RunResult,
+    StageResult,
+    evaluate_test,
+    latest_checkpoint,
+    run_plan,
+    write_results,
+)
+from smskd_search.engine.tcp import reference_loss, tcp_weights
+from smskd_search.engine.teacher import TeacherRecord, ensure_teacher, load_teacher, teacher_dir
+
+__all__ = [
+    "EpochMetrics",
+    "EvalResult",
+    "RunResult",
+    "StageResult",
+    "TeacherRecord",
+    "ensure_teacher",
+    "evaluate",
+    "evaluate_test",
+    "latest_checkpoint",
+    "load_teacher",
+    "pick_device",
+    "pick_precision",
+    "reference_loss",
+    "run_plan",
+    "tcp_weights",
+    "teacher_dir",
+    "write_results",
+]

@@ -1,0 +1,87 @@
+"""Forward passes of frozen models (the teacher, the reference) for training batches.
+
+A frozen model in eval mode gives each sample the same output every time it sees it. When training
+batches are not augmented, its outputs for the whole training split are computed once (per stage
+for the reference, per run for the teacher) and gathered by sample index, instead of one extra
+forward pass per step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from smskd_search.engine.device import Precision
+from smskd_search.models.base import Features
+
+# Beyond this many cached floats (~2 GiB), fall back to per-batch forwards.
+MAX_CACHED_FLOATS = 512 * 2**20
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (BN statistics frozen) and no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    return freeze(copy.deepcopy(model))
+
+
+class FrozenForward:
+    def __init__(self, model: nn.Module, precision: Precision, images: torch.Tensor | None = None,
+                 batch_size: int = 1024, need_features: bool = True):
+        self.model = model
+        self.precision = precision
+        self.cache: tuple[torch.Tensor, Features | None] | None = None
+        if images is not None:
+            self.cache = self._precompute(images, batch_size, need_features)
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    @torch.no_grad()
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+        # no_grad rather than inference_mode: feature losses save the teacher's tensors for backward,
+        # and inference tensors may not be saved.
+        with self.precision.autocast():
+            return self.model(self.precision.prepare_input(x))
+
+    @torch.no_grad()
+    def _precompute(self, images: torch.Tensor, batch_size: int, need_features: bool):
+        logits_parts: list[torch.Tensor] = []
+        feat_parts: list[Features] = []
+        n = images.shape[0]
+        for start in range(0, n, batch_size):
+            logits, feats = self._run(images[start : start + batch_size])
+            logits_parts.append(logits)
+            if need_features:
+                feat_parts.append(feats)
+                if start == 0:
+                    per_sample = sum(f[0].numel() for f in feats.stages + feats.preact) + feats.pooled[0].numel()
+                    if per_sample * n > MAX_CACHED_FLOATS:
+                        return None
+        logits = torch.cat(logits_parts)
+        if not need_features:
+            return logits, None
+        cat = lambda xs: torch.cat(xs)  # noqa: E731
+        feats = Features(
+            stages=[cat([f.stages[i] for f in feat_parts]) for i in range(len(feat_parts[0].stages))],
+            preact=[cat([f.preact[i] for f in feat_parts]) for i in range(len(feat_parts[0].preact))],
+            pooled=cat([f.pooled for f in feat_parts]),
+        )
+        return logits, feats
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, Features | None]:
+        if self.cache is None:
+            return self._run(x)
+        logits, feats = self.cache
+        if feats is None:
+            return logits.index_select(0, idx), None
+        pick = lambda t: t.index_select(0, idx)  # noqa: E731
+        return pick(logits), Features([pick(t) for t in feats.stages], [pick(t) for t in feats.preact], pick(feats.pooled))

@@ -1,0 +1,211 @@
+"""The teacher: trained once per (arch, dataset split, recipe) and cached, or loaded from a user's
+checkpoint and checked against its arch. Never retrained inside a plan run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from smskd_search.data import DataSplits, TensorLoader, load_data, load_test_split
+from smskd_search.engine.device import Precision, pick_precision
+from smskd_search.engine.evaluate import evaluate
+from smskd_search.engine.frozen import freeze
+from smskd_search.engine.optim import build_optimizer, lr_at, set_lr, step_progress, trainable
+from smskd_search.errors import UserError
+from smskd_search.models import create_model
+from smskd_search.plan import ProblemSpec
+
+DEFAULT_CACHE = Path("studies") / "teachers"
+
+
+@dataclass
+class TeacherRecord:
+    arch: str
+    path: str
+    sha256: str
+    val_acc: float
+    n_val: int
+    test_acc: float | None
+    n_test: int | None
+    epochs: int | None
+    source: str  # "trained" or "checkpoint"
+    key: str
+
+
+def teacher_key(problem: ProblemSpec) -> str:
+    """Hash of what determines the teacher: arch, dataset split (not its root folder), recipe."""
+    ds = problem.dataset.model_dump(exclude={"root"})
+    data = {"arch": problem.teacher.arch, "dataset": ds, "recipe": problem.teacher.recipe.model_dump(mode="json")}
+    if problem.teacher.checkpoint:
+        data = {"arch": problem.teacher.arch, "dataset": ds, "checkpoint": file_sha256(problem.teacher.checkpoint)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def file_sha256(path: str | Path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"teacher.checkpoint: file not found: {p}")
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_dir(problem: ProblemSpec, cache_root: str | Path = DEFAULT_CACHE) -> Path:
+    return Path(cache_root) / f"{problem.teacher.arch}-{problem.dataset.name}-{teacher_key(problem)}"
+
+
+def _state_dict_of(obj: object) -> dict:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("not a state_dict (expected a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights_checked(model: nn.Module, path: str | Path, arch: str, field: str = "teacher.checkpoint") -> None:
+    """Load a checkpoint into ``model`` or raise one UserError line saying why it does not fit."""
+    try:
+        state = _state_dict_of(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"{field}: {path} cannot be read as a checkpoint: {str(exc).splitlines()[0]}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or bad:
+        why = []
+        if bad:
+            k = bad[0]
+            why.append(f"{len(bad)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        if missing:
+            why.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            why.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise UserError(f"{field}: {path} does not fit arch {arch!r}: " + "; ".join(why))
+    model.load_state_dict(state)
+
+
+EpochCallback = Callable[[int, int, float, float], None]  # (epoch, epochs, train loss, val acc)
+
+
+def train_teacher_model(problem: ProblemSpec, data: DataSplits, device: torch.device,
+                        precision: Precision, on_epoch: EpochCallback | None = None) -> nn.Module:
+    recipe = problem.teacher.recipe
+    torch.manual_seed(recipe.seed)
+    model = create_model(problem.teacher.arch, data.info.num_classes, data.info.in_channels, data.info.image_size)
+    model = precision.prepare_model(model.to(device))
+    opt = build_optimizer([{"params": trainable(model.parameters())}], recipe, device)
+    loader = TensorLoader(data.train, recipe.batch_size, shuffle=True, augment=recipe.augment,
+                          generator=torch.Generator().manual_seed(recipe.seed))
+    scaler = precision.grad_scaler()
+    for epoch in range(recipe.epochs):
+        model.train()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for step, (x, y, _) in enumerate(loader):
+            set_lr(opt, lr_at(recipe.lr, recipe.schedule, step_progress(epoch, step, len(loader), recipe.epochs, recipe.schedule.kind)))
+            with precision.autocast():
+                logits, _ = model(precision.prepare_input(x))
+                loss = torch.nn.functional.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            loss_sum += loss.detach().double() * y.shape[0]
+        if on_epoch is not None:
+            val = evaluate(model, data.val, precision, recipe.eval_batch_size)
+            on_epoch(epoch + 1, recipe.epochs, loss_sum.item() / len(data.train), val.acc)
+    return model
+
+
+def ensure_teacher(
+    problem: ProblemSpec,
+    *,
+    cache_root: str | Path = DEFAULT_CACHE,
+    device: torch.device | str = "cpu",
+    data: DataSplits | None = None,
+    with_test: bool = False,
+    on_epoch: EpochCallback | None = None,
+) -> TeacherRecord:
+    """The cached teacher of a problem: a cache hit, a checked user checkpoint, or a trained one.
+
+    ``with_test`` also measures test accuracy (only the explicit teacher command asks for it, so a
+    search never touches the test split).
+    """
+    device = torch.device(device)
+    folder = teacher_dir(problem, cache_root)
+    meta_path = folder / "teacher.json"
+    if meta_path.is_file():
+        record = TeacherRecord(**json.loads(meta_path.read_text()))
+        if Path(record.path).is_file() and file_sha256(record.path) == record.sha256:
+            if with_test and record.test_acc is None:
+                record = _add_test_accuracy(problem, record, device, data)
+                meta_path.write_text(json.dumps(asdict(record), indent=2))
+            return record
+    if data is None:
+        data = load_data(problem.dataset, device)
+    precision = pick_precision(device)
+    info = data.info
+    if problem.teacher.checkpoint:
+        model = create_model(problem.teacher.arch, info.num_classes, info.in_channels, info.image_size)
+        load_weights_checked(model, problem.teacher.checkpoint, problem.teacher.arch)
+        model = model.to(device)
+        weights_path, source, epochs = Path(problem.teacher.checkpoint).resolve(), "checkpoint", None
+    else:
+        model = train_teacher_model(problem, data, device, precision, on_epoch)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights_path = (folder / "teacher.pt").resolve()
+        tmp = weights_path.with_suffix(".pt.tmp")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        tmp.replace(weights_path)
+        source, epochs = "trained", problem.teacher.recipe.epochs
+    val = evaluate(model, data.val, precision, problem.teacher.recipe.eval_batch_size)
+    record = TeacherRecord(
+        arch=problem.teacher.arch, path=str(weights_path), sha256=file_sha256(weights_path),
+        val_acc=val.acc, n_val=val.n, test_acc=None, n_test=None, epochs=epochs, source=source,
+        key=teacher_key(problem),
+    )
+    if with_test:
+        record = _add_test_accuracy(problem, record, device, data, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(asdict(record), indent=2))
+    return record
+
+
+def _add_test_accuracy(problem: ProblemSpec, record: TeacherRecord, device: torch.device,
+                       data: DataSplits | None, model: nn.Module | None = None) -> TeacherRecord:
+    if data is None:
+        data = load_data(problem.dataset, device)
+    if model is None:
+        model = load_teacher(problem, record, data.info, device)
+    test = evaluate(model, load_test_split(problem.dataset, data.info, device), pick_precision(device))
+    record.test_acc, record.n_test = test.acc, test.n
+    return record
+
+
+def load_teacher(problem: ProblemSpec, record: TeacherRecord, info, device: torch.device | str) -> nn.Module:
+    """The teacher model, frozen (eval mode, no gradients), on ``device``."""
+    model = create_model(problem.teacher.arch, info.num_classes, info.in_channels, info.image_size)
+    load_weights_checked(model, record.path, problem.teacher.arch)
+    return freeze(model.to(device))
+
+
+def describe(record: TeacherRecord) -> str:
+    test = f", test acc {record.test_acc:.4f} (n={record.n_test})" if record.test_acc is not None else ""
+    return f"teacher {record.arch}: val acc {record.val_acc:.4f} (n={record.n_val}){test} [{record.path}]"
+
+

@@ -1,0 +1,61 @@
+"""Pieces several methods share: pairing student and teacher stages, and the FitNets regressor."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def paired_stages(n_student: int, n_teacher: int, skip_stem: bool = True) -> list[tuple[int, int]]:
+    """Pairs of (student, teacher) indices into Features.stages, deepest stages aligned.
+
+    Models of different families have different stage counts; aligning from the deepest stage keeps
+    the semantically closest maps together (the peers' zip() silently drops the deepest ones).
+    """
+    start = 1 if skip_stem else 0
+    k = min(n_student, n_teacher) - start
+    return [(n_student - k + i, n_teacher - k + i) for i in range(k)]
+
+
+def middle_stage(n_stages: int) -> int:
+    """The 'hint' stage of FitNets: index 2 for the usual stem + 3 stages layout."""
+    return max(1, n_stages // 2)
+
+
+def resize_to(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    if x.shape[-2] >= hw[0] and x.shape[-1] >= hw[1]:
+        return F.adaptive_avg_pool2d(x, hw)
+    return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+
+
+class ConvReg(nn.Module):
+    """Maps a student feature map onto a teacher map's shape: conv + BN + ReLU (FitNets' regressor).
+
+    Follows mdistiller's choices where the sizes relate by 2x, and resizes first otherwise, so any
+    pair of the zoo works.
+    """
+
+    def __init__(self, s_shape: tuple[int, ...], t_shape: tuple[int, ...], use_relu: bool = True):
+        super().__init__()
+        cs, hs, ws = s_shape
+        ct, ht, wt = t_shape
+        self.target_hw = (ht, wt)
+        self.pre_resize = False
+        if hs == 2 * ht and ws == 2 * wt:
+            self.conv = nn.Conv2d(cs, ct, 3, stride=2, padding=1)
+        elif 2 * hs == ht and 2 * ws == wt:
+            self.conv = nn.ConvTranspose2d(cs, ct, 4, stride=2, padding=1)
+        else:
+            self.pre_resize = (hs, ws) != (ht, wt)
+            self.conv = nn.Conv2d(cs, ct, 3, stride=1, padding=1)
+        self.bn = nn.BatchNorm2d(ct)
+        self.use_relu = use_relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_resize:
+            x = resize_to(x, self.target_hw)
+        x = self.bn(self.conv(x))
+        return F.relu(x) if self.use_relu else x

@@ -1,0 +1,29 @@
+"""Model zoo by name. Every model returns ``(logits, Features)``; see :mod:`.base`."""
+
+from smskd_search.models.base import (
+    MODELS,
+    Features,
+    FeatureShapes,
+    ZooModel,
+    count_parameters,
+    create_model,
+    probe_shapes,
+    register_model,
+)
+from smskd_search.models import small_cnn  # noqa: F401  (registers the small CNNs)
+
+try:  # the CIFAR benchmark zoo
+    from smskd_search.models import cifar  # noqa: F401
+except ImportError:  # pragma: no cover - only while the zoo is being written
+    pass
+
+__all__ = [
+    "MODELS",
+    "Features",
+    "FeatureShapes",
+    "ZooModel",
+    "count_parameters",
+    "create_model",
+    "probe_shapes",
+    "register_model",
+]

@@ -1,0 +1,64 @@
+"""Plain CNNs for small images (digits 8x8, Fashion-MNIST 28x28): a ~1M-parameter teacher and
+students 10x to 600x smaller, all with the same stem + 3 stages layout as the CIFAR zoo."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from smskd_search.models.base import Features, ZooModel, register_model
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+
+
+class SmallCNN(ZooModel):
+    def __init__(self, widths: tuple[int, int, int, int], depth: int, num_classes: int, in_channels: int):
+        super().__init__()
+        self.stem = ConvBN(in_channels, widths[0])
+        self.stages = nn.ModuleList()
+        cin = widths[0]
+        for i, cout in enumerate(widths[1:]):
+            blocks = [ConvBN(cin if d == 0 else cout, cout, 2 if (i > 0 and d == 0) else 1) for d in range(depth)]
+            self.stages.append(nn.ModuleList(blocks))
+            cin = cout
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+        pre = self.stem(x)
+        out = F.relu(pre)
+        stages, preact = [out], [pre]
+        for blocks in self.stages:
+            for block in blocks:
+                pre = block(out)
+                out = F.relu(pre)
+            stages.append(out)
+            preact.append(pre)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.fc(pooled), Features(stages, preact, pooled)
+
+    def preact_bns(self) -> list[nn.Module | None]:
+        return [self.stem[1]] + [blocks[-1][1] for blocks in self.stages]
+
+
+_SIZES = {
+    # name: (widths stem/stage1/stage2/stage3, convs per stage)  ~parameters at 10 classes, 1 channel
+    "cnn_large": ((32, 64, 128, 256), 2),  # 1.16M
+    "cnn_medium": ((16, 32, 64, 128), 2),  # 0.29M
+    "cnn_small": ((8, 16, 32, 64), 1),  # 25k
+    "cnn_tiny": ((4, 8, 16, 32), 1),  # 6.5k
+    "cnn_micro": ((4, 4, 8, 16), 1),  # 1.8k
+}
+
+
+def _make(name: str, widths: tuple[int, int, int, int], depth: int) -> None:
+    @register_model(name)
+    def factory(num_classes: int = 10, in_channels: int = 1) -> SmallCNN:
+        return SmallCNN(widths, depth, num_classes, in_channels)
+
+
+for _name, (_widths, _depth) in _SIZES.items():
+    _make(_name, _widths, _depth)

@@ -1,0 +1,200 @@
+"""Plans: plain typed data that says everything needed to re-run one SMSKD pipeline.
+
+A plan is a versioned YAML document. ``load_plan(path)`` validates it (structure, ranges, method
+names and method parameters) and raises :class:`UserError` with one line naming the field path.
+``save_plan`` writes it back; load -> save -> load is the identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from smskd_search.errors import UserError, format_validation_error
+
+PLAN_VERSION = 1
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSpec(Strict):
+    name: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
+    # Folder of the on-disk data; None means the dataset's default place (see smskd_search.data).
+    root: str | None = None
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.9)
+    # Only for datasets without an official test split (digits): the held-out test fraction.
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    split_seed: int = 0
+
+
+class AugmentSpec(Strict):
+    crop_padding: int = Field(0, ge=0, le=16)
+    flip: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop_padding > 0 or self.flip
+
+
+class ScheduleSpec(Strict):
+    kind: Literal["constant", "step", "cosine"] = "cosine"
+    # For "step": fractions of the stage's epochs at which lr is multiplied by gamma.
+    # The CIFAR-100 benchmark's 150/180/210 of 240 epochs is [0.625, 0.75, 0.875].
+    milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < m < 1.0 for m in v) or v != sorted(v):
+            raise ValueError("milestones must be increasing fractions in (0, 1)")
+        return v
+
+
+class RecipeSpec(Strict):
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    nesterov: bool = False
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+
+
+class TeacherRecipe(RecipeSpec):
+    epochs: int = Field(30, ge=1)
+    seed: int = 0
+
+
+class TeacherSpec(Strict):
+    arch: str
+    # A user-supplied checkpoint (state_dict or {"state_dict": ...}); None: train with `recipe`.
+    checkpoint: str | None = None
+    recipe: TeacherRecipe = Field(default_factory=TeacherRecipe)
+
+
+class StudentSpec(Strict):
+    arch: str
+
+
+class ProblemSpec(Strict):
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    teacher: TeacherSpec
+    student: StudentSpec
+
+    @field_validator("teacher", "student", mode="after")
+    @classmethod
+    def _known_arch(cls, v: Any) -> Any:
+        from smskd_search.models import MODELS  # late: models sit above plan in the layering
+
+        if v.arch not in MODELS:
+            raise ValueError(f"unknown arch {v.arch!r}; known: {', '.join(sorted(MODELS))}")
+        return v
+
+
+WEIGHT_MODES = ("inverse", "direct", "uniform", "none")
+NORMALIZATIONS = ("none", "batch_mean")
+
+
+class ReferenceSpec(Strict):
+    lambda_ref: float = Field(1.0, ge=0.0)
+    weight_mode: Literal["inverse", "direct", "uniform", "none"] = "inverse"
+    normalize: Literal["none", "batch_mean"] = "none"
+    temperature: float = Field(4.0, gt=0.0)
+    loss: Literal["logit_kl", "feature_mse"] = "logit_kl"
+    # For loss "feature_mse": which entry of Features.stages to compare (-1: the last stage).
+    feature_stage: int = -1
+
+
+class StageSpec(Strict):
+    method: str
+    epochs: int = Field(ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_method(self) -> "StageSpec":
+        from smskd_search.methods import METHODS  # late: methods sit above plan in the layering
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}")
+        try:
+            METHODS[self.method].Params.model_validate(self.params)
+        except ValidationError as exc:
+            raise ValueError(format_validation_error(f"params of {self.method}", exc)) from None
+        return self
+
+
+class Plan(Strict):
+    version: Literal[1] = PLAN_VERSION
+    name: str = "plan"
+    problem: ProblemSpec
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec)
+    reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
+    stages: list[StageSpec] = Field(min_length=1)
+    seed: int = 0
+    # Fresh optimizer and restarted lr schedule at every stage (the default); False: one optimizer
+    # and one schedule over all stages.
+    restart_optimizer: bool = True
+    # sha256 of the teacher checkpoint this plan was searched with; checked when set.
+    teacher_sha256: str | None = None
+    # Free-form provenance written by `export` (study, trial, values, space hash); not used to train.
+    provenance: dict[str, Any] | None = None
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+    def sequence(self) -> str:
+        """Readable stage sequence, e.g. ``kd(6) -> fitnet(4)``."""
+        return " -> ".join(f"{s.method}({s.epochs})" for s in self.stages)
+
+    def content_hash(self) -> str:
+        """Hash of everything that changes the computation (not name or provenance)."""
+        data = self.model_dump(mode="json", exclude={"name", "provenance"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_plan(data: Any, source: str = "plan") -> Plan:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(source, exc)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: file not found")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{p}: malformed YAML{where}: {problem}") from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    return parse_plan(read_yaml(path), str(path))
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(plan.to_yaml())
+    return p

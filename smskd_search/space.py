@@ -1,0 +1,202 @@
+"""Space files (``spaces/*.yaml``): the problem (data, teacher, student, recipe) and the search ranges.
+
+The problem part is what the teacher command and every plan of the space share; the search part
+says which plans the sampler may build. Both are validated on load, with one error line naming the
+file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from smskd_search.errors import UserError, format_validation_error
+from smskd_search.plan import (
+    NORMALIZATIONS,
+    WEIGHT_MODES,
+    ProblemSpec,
+    RecipeSpec,
+    ReferenceSpec,
+    Strict,
+    read_yaml,
+)
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+DEFAULT_SPACE = "default"
+
+
+class IntRange(Strict):
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "IntRange":
+        if self.max < self.min:
+            raise ValueError("max must be >= min")
+        return self
+
+
+class FloatRange(Strict):
+    low: float = Field(ge=0.0)
+    high: float = Field(ge=0.0)
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FloatRange":
+        if self.high < self.low:
+            raise ValueError("high must be >= low")
+        if self.log and self.low <= 0.0:
+            raise ValueError("low must be > 0 on a log scale")
+        return self
+
+
+class PruningSpec(Strict):
+    enabled: bool = True
+    # In cumulative epochs: no trial is judged before it has trained this many.
+    grace_period: int = Field(4, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+
+
+class ObjectiveSpec(Strict):
+    metric: Literal["val_acc"] = "val_acc"
+    direction: Literal["maximize"] = "maximize"
+    # Add total epochs as a second objective (minimised): an accuracy-vs-cost Pareto search.
+    # Pruning is off in that mode (Optuna does not prune multi-objective trials).
+    cost_objective: bool = False
+
+
+class SamplerSpec(Strict):
+    kind: Literal["tpe", "random"] = "tpe"
+    n_startup_trials: int = Field(10, ge=0)
+
+
+class SearchSpec(Strict):
+    methods: list[str] = Field(min_length=1)
+    # Per-method parameter overrides applied to every stage that uses the method.
+    method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    stages: IntRange = Field(default_factory=lambda: IntRange(min=1, max=3))
+    allow_repeat: bool = False
+    # Epochs per stage are sampled from `epochs`, unless `total_epochs` is set, in which case the
+    # total is split across the stages by sampled shares.
+    epochs: IntRange = Field(default_factory=lambda: IntRange(min=2, max=8))
+    total_epochs: int | None = Field(None, ge=1)
+    lambda_ref: FloatRange = Field(default_factory=lambda: FloatRange(low=0.1, high=10.0))
+    weight_modes: list[Literal["inverse", "direct", "uniform", "none"]] = Field(
+        default_factory=lambda: ["inverse"]
+    )
+    normalizations: list[Literal["none", "batch_mean"]] = Field(default_factory=lambda: ["none"])
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    # Total epochs of the enqueued single-method baselines; None: the middle of the plan lengths.
+    baseline_epochs: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchSpec":
+        from smskd_search.methods import METHODS
+
+        for i, name in enumerate(self.methods):
+            if name not in METHODS:
+                raise ValueError(f"methods.{i}: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+        for name, params in self.method_params.items():
+            if name not in METHODS:
+                raise ValueError(f"method_params.{name}: unknown method")
+            try:
+                METHODS[name].Params.model_validate(params)
+            except ValidationError as exc:
+                raise ValueError(format_validation_error(f"method_params.{name}", exc)) from None
+        if not self.allow_repeat and self.stages.max > len(self.methods):
+            raise ValueError(
+                f"stages.max ({self.stages.max}) exceeds the number of methods ({len(self.methods)})"
+                " while allow_repeat is false"
+            )
+        if self.total_epochs is not None and self.total_epochs < self.stages.max:
+            raise ValueError("total_epochs must be >= stages.max (every stage trains at least one epoch)")
+        if not self.weight_modes or not self.normalizations:
+            raise ValueError("weight_modes and normalizations must not be empty")
+        return self
+
+    @property
+    def max_total_epochs(self) -> int:
+        if self.total_epochs is not None:
+            return self.total_epochs
+        return self.stages.max * self.epochs.max
+
+    @property
+    def typical_total_epochs(self) -> int:
+        if self.baseline_epochs is not None:
+            return self.baseline_epochs
+        if self.total_epochs is not None:
+            return self.total_epochs
+        mid_stages = (self.stages.min + self.stages.max + 1) // 2
+        mid_epochs = (self.epochs.min + self.epochs.max + 1) // 2
+        return mid_stages * mid_epochs
+
+
+class RuntimeSpec(Strict):
+    # Default GPU share per trial on a GPU cluster (the packing the GPU benchmark found for this student).
+    gpus_per_trial: float = Field(1.0, gt=0.0, le=8.0)
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+
+
+class Space(Strict):
+    name: str
+    description: str = ""
+    problem: ProblemSpec
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec)
+    reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
+    search: SearchSpec | None = None
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    seed: int = 0
+
+
+class LoadedSpace:
+    """A validated space with where it came from and a hash of its text (for provenance)."""
+
+    def __init__(self, space: Space, path: Path, text: str):
+        self.space = space
+        self.path = path
+        self.sha256 = hashlib.sha256(text.encode()).hexdigest()
+
+
+def resolve_space_path(name_or_path: str | Path | None) -> Path:
+    """A path to a space file, or the name of a built-in space (``default``, ``cifar10``...)."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_SPACE
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    builtin = SPACES_DIR / f"{p.stem if p.suffix else p.name}.yaml"
+    if p.suffix == "" and builtin.is_file():
+        return builtin
+    if not p.is_file():
+        known = ", ".join(sorted(x.stem for x in SPACES_DIR.glob("*.yaml"))) if SPACES_DIR.is_dir() else ""
+        raise UserError(f"space: no such file {str(p)!r} (built-in spaces: {known})")
+    return p
+
+
+def load_space(name_or_path: str | Path | None = None) -> LoadedSpace:
+    path = resolve_space_path(name_or_path)
+    text = path.read_text()
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    try:
+        space = Space.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(str(path), exc)) from None
+    return LoadedSpace(space, path, text)
+
+
+__all__ = [
+    "Space",
+    "SearchSpec",
+    "LoadedSpace",
+    "load_space",
+    "resolve_space_path",
+    "WEIGHT_MODES",
+    "NORMALIZATIONS",
+]
