@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+_SUBPATH = re.compile(r"^[A-Za-z_]\w*(\.\w+)*: ")
+
 
 class UserError(Exception):
     """Bad input from the user (a file, a flag, a dataset, a checkpoint).
@@ -20,8 +24,12 @@ def format_validation_error(source: str, exc: Exception) -> str:
     parts = []
     for err in errors():
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
-        msg = err.get("msg", "invalid value")
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        if loc and _SUBPATH.match(msg):
+            # A model-level validator that names the sub-field itself: join the two paths.
+            parts.append(f"{loc}.{msg}")
+        else:
+            parts.append(f"{loc}: {msg}" if loc else msg)
     return f"{source}: " + "; ".join(parts)

@@ -17,9 +17,11 @@ from smskd_search.errors import UserError, format_validation_error
 from smskd_search.plan import (
     NORMALIZATIONS,
     WEIGHT_MODES,
+    Plan,
     ProblemSpec,
     RecipeSpec,
     ReferenceSpec,
+    StageSpec,
     Strict,
     read_yaml,
 )
@@ -153,6 +155,33 @@ class Space(Strict):
     seed: int = 0
 
 
+def make_plan(
+    space: Space,
+    stages: list[tuple[str, int]],
+    *,
+    name: str | None = None,
+    seed: int | None = None,
+    teacher_sha256: str | None = None,
+    **reference: Any,
+) -> Plan:
+    """A plan of this space's problem and recipe with the given (method, epochs) stages.
+
+    The space's ``method_params`` apply to every stage of that method; keyword arguments override
+    the space's reference settings (``lambda_ref``, ``weight_mode``...).
+    """
+    overrides = space.search.method_params if space.search is not None else {}
+    ref = space.reference.model_copy(update=reference) if reference else space.reference
+    return Plan(
+        name=name or "-".join(m for m, _ in stages),
+        problem=space.problem,
+        recipe=space.recipe,
+        reference=ReferenceSpec.model_validate(ref.model_dump()),
+        stages=[StageSpec(method=m, epochs=e, params=dict(overrides.get(m, {}))) for m, e in stages],
+        seed=space.seed if seed is None else seed,
+        teacher_sha256=teacher_sha256,
+    )
+
+
 class LoadedSpace:
     """A validated space with where it came from and a hash of its text (for provenance)."""
 
@@ -196,6 +225,7 @@ __all__ = [
     "SearchSpec",
     "LoadedSpace",
     "load_space",
+    "make_plan",
     "resolve_space_path",
     "WEIGHT_MODES",
     "NORMALIZATIONS",

@@ -76,7 +76,7 @@ def _train_test(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def _normalise(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    t = torch.from_numpy(np.require(x, requirements=["C", "W"]))
     t = t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
@@ -119,7 +119,7 @@ def load_test_split(spec: DatasetSpec, info: DataInfo, device: torch.device | st
         with open(log, "a") as f:
             f.write(f"{time.time():.3f} pid={os.getpid()} dataset={spec.name}\n")
     _, _, xt, yt = _train_test(spec)
-    return TensorSplit(_normalise(xt, info.mean, info.std), torch.from_numpy(yt)).to(device)
+    return TensorSplit(_normalise(xt, info.mean, info.std), torch.from_numpy(np.require(yt, requirements=["W"]))).to(device)
 
 
 __all__ = [

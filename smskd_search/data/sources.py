@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import pickle
 import struct
 from pathlib import Path
 
@@ -72,23 +73,41 @@ def load_fashion_mnist_arrays(root: str | None) -> Arrays:
     )
 
 
-def load_cifar_arrays(name: str, root: str | None) -> Arrays:
-    import torchvision
+CIFAR_LAYOUT = {
+    # name: (folder, train files, test file, label key)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels"),
+}
 
-    folder = Path(root) if root is not None else default_root()
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    try:
-        train = cls(str(folder), train=True, download=False)
-        test = cls(str(folder), train=False, download=False)
-    except RuntimeError:
-        sub = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+
+def _read_cifar_batches(files: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for f in files:
+        with open(f, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch[label_key], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def load_cifar_arrays(name: str, root: str | None) -> Arrays:
+    """torchvision's python layout (<root>/cifar-10-batches-py or <root>/cifar-100-python), read
+    directly so that no download is ever attempted."""
+    folder_name, train_files, test_file, label_key = CIFAR_LAYOUT[name]
+    folder = (Path(root) if root is not None else default_root()) / folder_name
+    files = [folder / f for f in train_files + [test_file]]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
         raise UserError(
-            f"dataset.root: {name} not found in {folder}/{sub}; download the python version of "
-            f"{name} from https://www.cs.toronto.edu/~kriz/cifar.html and extract it into {folder}"
-        ) from None
-    to_nchw = lambda a: np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2))  # noqa: E731
-    return (to_nchw(train.data), np.asarray(train.targets, np.int64),
-            to_nchw(test.data), np.asarray(test.targets, np.int64))
+            f"dataset.root: {name} not found in {folder} (missing {', '.join(missing)}); download the "
+            f"python version from https://www.cs.toronto.edu/~kriz/cifar.html and extract it into {folder.parent}"
+        )
+    try:
+        x, y = _read_cifar_batches(files[:-1], label_key)
+        xt, yt = _read_cifar_batches(files[-1:], label_key)
+    except Exception as exc:  # noqa: BLE001 - any unreadable batch file is the same user error
+        raise UserError(f"dataset.root: {folder} holds unreadable {name} files: {str(exc).splitlines()[0]}") from None
+    return x, y, xt, yt
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}

@@ -1,5 +1,5 @@
 """Plain CNNs for small images (digits 8x8, Fashion-MNIST 28x28): a ~1M-parameter teacher and
-students 10x to 600x smaller, all with the same stem + 3 stages layout as the CIFAR zoo."""
+students 10x to 2500x smaller, all with the same stem + 3 stages layout as the CIFAR zoo."""
 
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ _SIZES = {
     "cnn_small": ((8, 16, 32, 64), 1),  # 25k
     "cnn_tiny": ((4, 8, 16, 32), 1),  # 6.5k
     "cnn_micro": ((4, 4, 8, 16), 1),  # 1.8k
+    # The default digits student: a 4-d embedding is a real bottleneck, so the teacher has
+    # something to teach (about 70% val alone vs about 78% with KD at 10 epochs, lr 0.05).
+    "cnn_nano": ((2, 4, 4, 4), 1),  # 456
 }
 
 

@@ -1,0 +1,253 @@
+"""Command line: parses, calls the library, prints. The only module that knows about the terminal.
+
+    smskd-search [--space FILE] [--budget N] ...        search (the default command)
+    smskd-search teacher --space FILE                    train / check and cache the space's teacher
+    smskd-search train PLAN.yaml | --method M --epochs N --space S
+    smskd-search methods                                 the KD methods with their parameters
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from smskd_search.errors import UserError
+
+STUDIES_DIR = Path(os.environ.get("SMSKD_STUDIES", "studies"))
+
+
+class Line:
+    """One status line that rewrites itself on a terminal and prints plainly elsewhere."""
+
+    def __init__(self, stream=sys.stdout):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.width = 0
+
+    def update(self, text: str) -> None:
+        if self.tty:
+            pad = " " * max(0, self.width - len(text))
+            self.stream.write("\r" + text + pad)
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def done(self, text: str | None = None) -> None:
+        if text is not None:
+            self.update(text)
+        if self.tty:
+            self.stream.write("\n")
+            self.width = 0
+        self.stream.flush()
+
+
+def _pct(acc: float) -> str:
+    return f"{100 * acc:.2f}%"
+
+
+# --------------------------------------------------------------------------------------- teacher
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from smskd_search.engine import ensure_teacher, pick_device
+    from smskd_search.engine.teacher import describe, teacher_dir
+    from smskd_search.space import load_space
+
+    loaded = load_space(args.space)
+    problem = loaded.space.problem
+    cache = Path(args.cache) if args.cache else STUDIES_DIR / "teachers"
+    hit = (teacher_dir(problem, cache) / "teacher.json").is_file()
+    line = Line()
+    start = time.time()
+
+    def on_epoch(epoch: int, epochs: int, loss: float, val_acc: float) -> None:
+        bar = "#" * int(20 * epoch / epochs)
+        line.update(f"teacher {problem.teacher.arch} [{bar:<20}] epoch {epoch}/{epochs}  loss {loss:.4f}  "
+                    f"val acc {_pct(val_acc)}  {time.time() - start:.0f}s")
+
+    record = ensure_teacher(problem, cache_root=cache, device=pick_device(args.device), with_test=True,
+                            on_epoch=on_epoch)
+    if line.width or not hit:
+        line.done()
+    print(("cache hit: " if hit else "") + describe(record))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- train
+def _baseline_plan(args: argparse.Namespace):
+    from smskd_search.space import load_space, make_plan
+
+    if args.epochs is None or args.epochs < 1:
+        raise UserError("--epochs: a single-method baseline needs --epochs N (N >= 1)")
+    loaded = load_space(args.space)
+    from smskd_search.methods import METHODS
+
+    if args.method not in METHODS:
+        raise UserError(f"--method: unknown method {args.method!r}; known: {', '.join(sorted(METHODS))}")
+    return make_plan(loaded.space, [(args.method, args.epochs)], name=f"{args.method}{args.epochs}-{loaded.space.name}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from smskd_search.engine import evaluate_test, pick_device, run_plan, write_results
+    from smskd_search.engine.teacher import describe
+    from smskd_search.plan import load_plan
+
+    if args.plan is not None and args.method is not None:
+        raise UserError("train: give either PLAN.yaml or --method/--epochs/--space, not both")
+    if args.plan is None and args.method is None:
+        raise UserError("train: give PLAN.yaml, or --method M --epochs N [--space S] for a single-method baseline")
+    plan = load_plan(args.plan) if args.plan is not None else _baseline_plan(args)
+    if args.seed is not None:
+        plan = plan.model_copy(update={"seed": args.seed})
+    threads = args.threads or (plan.provenance or {}).get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(args.out) if args.out else STUDIES_DIR / "runs" / f"{plan.name}-{plan.content_hash()}"
+    device = pick_device(args.device)
+    print(f"plan {plan.name}: {plan.sequence()}  ({plan.total_epochs} epochs, seed {plan.seed}, "
+          f"lambda_ref {plan.reference.lambda_ref:g}, weights {plan.reference.weight_mode}/{plan.reference.normalize}, "
+          f"device {device}, threads {torch.get_num_threads()})")
+    line = Line()
+    n_stages = len(plan.stages)
+
+    def on_epoch(stage: int, m) -> None:
+        st = plan.stages[stage]
+        line.update(f"  stage {stage + 1}/{n_stages} {st.method:<8} epoch {m.epoch}/{st.epochs}  loss {m.train_loss:.4f}"
+                    f"  train acc {_pct(m.train_acc)}  val acc {_pct(m.val_acc)}  lr {m.lr:.4g}")
+
+    def on_stage(k: int, cum: int, result, ckpt) -> bool:
+        line.done()
+        ref = "  (with reference)" if result.reference_active else ""
+        print(f"stage {k + 1}/{n_stages} {result.method}({result.epochs}) done at {cum} epochs: "
+              f"val acc {_pct(result.val_acc)} (n={result.n_val}){ref}")
+        return False
+
+    result = run_plan(plan, device=device, out_dir=out, resume=args.resume, on_stage_end=on_stage,
+                      on_epoch_end=on_epoch, teacher_cache=STUDIES_DIR / "teachers")
+    if result.resumed_from_stage is not None:
+        print(f"resumed after stage {result.resumed_from_stage + 1} from {out}")
+    test = evaluate_test(plan, result)
+    write_results(out / "results.json", plan, result, test)
+    print(describe(result.teacher))
+    print(f"final: val acc {_pct(result.final_val_acc)} (n={result.stages[-1].n_val}), "
+          f"test acc {_pct(test.acc)} (n={test.n}, s.e. {100 * test.stderr:.2f} points)")
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- methods
+def cmd_methods(args: argparse.Namespace) -> int:
+    from smskd_search.methods.catalog import method_rows
+
+    for row in method_rows():
+        print(f"{row['name']:<9} {row['family']:<9} {row['reference']}")
+        for p in row["params"]:
+            print(f"    {p['name']:<14} = {p['default']!r:<10} {p['description']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- search
+def cmd_search(args: argparse.Namespace) -> int:
+    from smskd_search.search import format_leaderboard, run_search
+    from smskd_search.space import load_space
+
+    loaded = load_space(args.space)
+    line = Line()
+
+    def on_progress(p) -> None:
+        best = f"best {_pct(p.best_value)}" if p.best_value is not None else "best -"
+        line.update(f"[{p.elapsed:5.0f}s] done {p.completed}/{p.budget}  running {p.running}  "
+                    f"pruned {p.pruned}  failed {p.failed}  {best}")
+
+    summary = run_search(
+        loaded, budget=args.budget, study=args.study, studies_dir=STUDIES_DIR,
+        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, address=args.address, seed=args.seed,
+        timeout=args.timeout, resume=args.resume, prune=not args.no_prune,
+        baselines=not args.no_baselines, on_progress=on_progress,
+    )
+    line.done()
+    print(format_leaderboard(summary))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ main
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _search_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Search SMSKD stage sequences (Ray Tune + Optuna).",
+                                epilog="other commands: teacher, train, methods (smskd-search COMMAND --help)")
+    p.add_argument("--space", default=None, help="space file or built-in name (default: spaces/default.yaml)")
+    p.add_argument("--budget", type=int, default=50, help="number of trials (default 50)")
+    p.add_argument("--study", default=None, help="study name (default: derived from the space)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: from CPUs/GPUs)")
+    p.add_argument("--cpus-per-trial", type=float, default=None)
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="may be fractional (default: the space's)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster ('auto' or host:port)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study to its budget")
+    p.add_argument("--no-prune", action="store_true", help="switch stage-level pruning off")
+    p.add_argument("--no-baselines", action="store_true", help="do not enqueue the single-method baselines")
+    p.set_defaults(func=cmd_search)
+    return p
+
+
+def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
+    p = argparse.ArgumentParser(prog=f"{prog} teacher", description="Train (or check) and cache the space's teacher.")
+    p.add_argument("--space", default=None, help="space file or built-in name (default: default)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--cache", default=None, help="teacher cache folder (default: studies/teachers)")
+    p.set_defaults(func=cmd_teacher)
+    parsers["teacher"] = p
+
+    p = argparse.ArgumentParser(prog=f"{prog} train", description="Run one plan and report its test accuracy.")
+    p.add_argument("plan", nargs="?", default=None, help="plan YAML (e.g. an exported studies/NAME/plans/rank1.yaml)")
+    p.add_argument("--method", default=None, help="single-method baseline: the method")
+    p.add_argument("--epochs", type=int, default=None, help="single-method baseline: its epochs")
+    p.add_argument("--space", default=None, help="single-method baseline: the space (default: default)")
+    p.add_argument("--seed", type=int, default=None, help="override the plan's seed")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the plan's recorded count, else torch's); CPU numbers depend on it")
+    p.add_argument("--out", default=None, help="output folder (default: studies/runs/<plan>-<hash>/)")
+    p.add_argument("--resume", action="store_true", help="continue from the last stage checkpoint in --out")
+    p.set_defaults(func=cmd_train)
+    parsers["train"] = p
+
+    p = argparse.ArgumentParser(prog=f"{prog} methods", description="List the KD methods and their parameters.")
+    p.set_defaults(func=cmd_methods)
+    parsers["methods"] = p
+    return parsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "smskd-search"
+    subs = _subparsers(prog)
+    parser = subs[argv[0]] if argv and argv[0] in subs else _search_parser(prog)
+    if argv and argv[0] in subs:
+        argv = argv[1:]
+    if argv and argv[0] == "search":
+        argv = argv[1:]
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Shared fixtures: small digits problems and one teacher cache per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest
+import torch
+
+from smskd_search.plan import DatasetSpec, Plan, ProblemSpec, RecipeSpec, StageSpec, StudentSpec, TeacherRecipe, TeacherSpec
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # CPU numbers depend on the thread count; pin it so that equality tests mean something.
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def teacher_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("teachers")
+
+
+@pytest.fixture(scope="session")
+def tiny_problem() -> ProblemSpec:
+    """Digits with a quickly trained teacher (3 epochs): for tests of mechanics, not of accuracy."""
+    return ProblemSpec(
+        dataset=DatasetSpec(name="digits", val_fraction=0.35, test_fraction=0.2),
+        teacher=TeacherSpec(arch="cnn_small", recipe=TeacherRecipe(epochs=3, lr=0.05)),
+        student=StudentSpec(arch="cnn_nano"),
+    )
+
+
+def make_plan(problem: ProblemSpec, stages: list[tuple[str, int]], **kw) -> Plan:
+    ref = kw.pop("reference", {})
+    return Plan(
+        problem=problem,
+        recipe=kw.pop("recipe", RecipeSpec(lr=0.05)),
+        reference=ref,
+        stages=[StageSpec(method=m, epochs=e) for m, e in stages],
+        **kw,
+    )

@@ -1,0 +1,167 @@
+"""Datasets: each loader on fixtures written in the real on-disk formats, seeded stratified splits,
+no test sample reachable from the train/val API, tensor augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smskd_search.data import TensorLoader, load_data, load_test_split, sources
+from smskd_search.data.loader import TensorSplit, random_crop, random_flip
+from smskd_search.errors import UserError
+from smskd_search.plan import AugmentSpec, DatasetSpec
+
+
+def _rows(t: torch.Tensor) -> set[bytes]:
+    return {r.numpy().tobytes() for r in t.flatten(1)}
+
+
+def _check_splits(spec: DatasetSpec, n_train_total: int, n_classes: int):
+    d = load_data(spec)
+    assert len(d.train) + len(d.val) == n_train_total
+    assert d.info.num_classes == n_classes
+    assert abs(len(d.val) - spec.val_fraction * n_train_total) <= n_classes
+    # Stratified: every class keeps its share in validation (within one sample of rounding).
+    full = torch.cat([d.train.labels, d.val.labels])
+    for c in range(n_classes):
+        share = (full == c).sum().item() * spec.val_fraction
+        assert abs((d.val.labels == c).sum().item() - share) <= 1.0 + 1e-9
+    # Disjoint train / val.
+    assert not (_rows(d.train.images) & _rows(d.val.images))
+    return d
+
+
+def test_digits_splits_are_seeded_stratified_and_disjoint():
+    spec = DatasetSpec(name="digits", val_fraction=0.35, test_fraction=0.2, split_seed=3)
+    d = _check_splits(spec, 1437, 10)  # 1,797 less the 20% test split
+    again = load_data(spec)
+    assert torch.equal(d.train.images, again.train.images) and torch.equal(d.val.labels, again.val.labels)
+    other = load_data(spec.model_copy(update={"split_seed": 4}))
+    assert not torch.equal(d.val.labels, other.val.labels)
+    assert d.info.in_channels == 1 and d.info.image_size == 8
+
+
+def test_test_split_only_through_the_explicit_call(tmp_path, monkeypatch):
+    log = tmp_path / "test-access.log"
+    monkeypatch.setenv("SMSKD_TEST_ACCESS_LOG", str(log))
+    spec = DatasetSpec(name="digits", val_fraction=0.35, test_fraction=0.2)
+    d = load_data(spec)
+    assert not log.exists()
+    assert not any("test" in f for f in vars(d)) and not any("test" in f for f in vars(d.info))
+    test = load_test_split(spec, d.info)
+    assert log.read_text().count("dataset=digits") == 1
+    assert len(test) == 360
+    # sklearn's indices: the test rows are exactly the ones the train/val API never returns.
+    x, y, _, _ = sources.load_digits_arrays()
+    from smskd_search.data.splits import stratified_split
+
+    keep, held = stratified_split(y, 0.2, spec.split_seed)
+    assert len(set(keep) & set(held)) == 0 and len(keep) == len(d.train) + len(d.val)
+
+
+def _write_idx(path, array: np.ndarray):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_torchvision_layout(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (200, 28, 28)), np.repeat(np.arange(10), 20)
+    xt, yt = rng.integers(0, 256, (50, 28, 28)), np.repeat(np.arange(10), 5)
+    _write_idx(raw / "train-images-idx3-ubyte.gz", x)
+    _write_idx(raw / "train-labels-idx1-ubyte.gz", y)
+    _write_idx(raw / "t10k-images-idx3-ubyte.gz", xt)
+    _write_idx(raw / "t10k-labels-idx1-ubyte.gz", yt)
+    spec = DatasetSpec(name="fashion_mnist", root=str(tmp_path), val_fraction=0.1)
+    d = _check_splits(spec, 200, 10)
+    assert d.info.image_size == 28 and d.info.in_channels == 1
+    test = load_test_split(spec, d.info)
+    assert len(test) == 50 and not (_rows(test.images) & (_rows(d.train.images) | _rows(d.val.images)))
+    # Pixel values survive the IDX reader: undo the normalisation of one image.
+    mean, std = d.info.mean[0], d.info.std[0]
+    assert torch.allclose(test.images[0, 0] * std + mean, torch.from_numpy(xt[0]).float() / 255, atol=1e-5)
+
+
+def _write_cifar(folder, name: str, n_per_file: int, n_classes: int, seed: int):
+    rng = np.random.default_rng(seed)
+    layout = sources.CIFAR_LAYOUT[name]
+    (folder / layout[0]).mkdir(parents=True)
+    for fname in layout[1] + [layout[2]]:
+        data = rng.integers(0, 256, (n_per_file, 3072), dtype=np.uint8)
+        labels = [i % n_classes for i in range(n_per_file)]
+        with open(folder / layout[0] / fname, "wb") as f:
+            pickle.dump({b"data": data, layout[3]: labels}, f)
+
+
+@pytest.mark.parametrize("name, n_classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_torchvision_layout(tmp_path, name, n_classes):
+    per_file = 100 if name == "cifar10" else 500
+    _write_cifar(tmp_path, name, per_file, n_classes, seed=1)
+    spec = DatasetSpec(name=name, root=str(tmp_path), val_fraction=0.2)
+    n_train = per_file * len(sources.CIFAR_LAYOUT[name][1])
+    d = _check_splits(spec, n_train, n_classes)
+    assert d.info.image_size == 32 and d.info.in_channels == 3
+    test = load_test_split(spec, d.info)
+    assert len(test) == per_file and not (_rows(test.images) & _rows(d.train.images))
+
+
+def test_missing_cifar_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError) as exc:
+        load_data(DatasetSpec(name="cifar100", root=str(tmp_path / "nowhere")))
+    msg = str(exc.value)
+    assert "dataset.root" in msg and str(tmp_path / "nowhere") in msg and "\n" not in msg
+
+
+def test_imagefolder(tmp_path):
+    rng = np.random.default_rng(2)
+    classes = ["cat", "dog", "emu"]
+    for split, n in (("train", 12), ("test", 4)):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    spec = DatasetSpec(name="imagefolder", root=str(tmp_path), val_fraction=0.25)
+    d = _check_splits(spec, 36, 3)
+    assert d.info.image_size == 16
+    test = load_test_split(spec, d.info)
+    assert len(test) == 12 and sorted(test.labels.tolist()) == sorted([0, 1, 2] * 4)
+
+
+def test_random_crop_is_a_shift_of_the_padded_image():
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).view(2, 1, 5, 5) + 1
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop(x, 2, gen)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for b in range(2):
+        matches = [(i, j) for i in range(5) for j in range(5) if torch.equal(padded[b, :, i:i + 5, j:j + 5], out[b])]
+        assert matches, "every crop must be a 5x5 window of the zero-padded image"
+
+
+def test_flip_and_determinism():
+    x = torch.randn(64, 3, 4, 4)
+    out = random_flip(x, torch.Generator().manual_seed(1))
+    flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(64)]
+    kept = [torch.equal(out[i], x[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+    again = random_flip(x, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+
+
+def test_loader_visits_every_sample_once_per_epoch():
+    split = TensorSplit(torch.randn(50, 1, 4, 4), torch.arange(50) % 5)
+    loader = TensorLoader(split, 16, shuffle=True, augment=AugmentSpec(crop_padding=1, flip=True),
+                          generator=torch.Generator().manual_seed(0))
+    seen = torch.cat([idx for _, _, idx in loader])
+    assert sorted(seen.tolist()) == list(range(50)) and len(loader) == 4
+    for x, y, idx in loader:
+        assert x.shape[1:] == (1, 4, 4) and torch.equal(y, split.labels[idx])

@@ -1,0 +1,121 @@
+"""Plans and spaces: YAML round trip, validation errors that name the field, the CLI's exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from smskd_search.errors import UserError
+from smskd_search.plan import Plan, load_plan, parse_plan, save_plan
+from smskd_search.space import load_space, make_plan
+
+from conftest import make_plan as plan_of
+
+
+def _plan_dict(problem) -> dict:
+    p = plan_of(problem, [("kd", 2), ("fitnet", 3)], reference={"lambda_ref": 0.5, "weight_mode": "direct"})
+    return p.model_dump(mode="json")
+
+
+def test_round_trip_is_identity(tmp_path, tiny_problem):
+    plan = plan_of(tiny_problem, [("kd", 2), ("dkd", 1), ("at", 4)], seed=7, restart_optimizer=False,
+                   reference={"lambda_ref": 0.3, "normalize": "batch_mean", "loss": "feature_mse"})
+    plan.stages[1].params = {"beta": 2.0, "warmup_epochs": 1}
+    plan.provenance = {"study": "s", "trial": 3}
+    first = save_plan(plan, tmp_path / "a.yaml")
+    loaded = load_plan(first)
+    assert loaded == plan
+    second = save_plan(loaded, tmp_path / "b.yaml")
+    assert first.read_text() == second.read_text()
+    assert load_plan(second) == plan
+    assert loaded.sequence() == "kd(2) -> dkd(1) -> at(4)"
+    assert loaded.total_epochs == 7
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d["stages"][1].update(method="nope"), "stages.1"),
+        (lambda d: d["stages"][0].update(epochs=0), "stages.0.epochs"),
+        (lambda d: d["reference"].update(lambda_ref=-1.0), "reference.lambda_ref"),
+        (lambda d: d["reference"].update(colour="red"), "reference.colour"),
+        (lambda d: d["stages"][0].update(epochs="many"), "stages.0.epochs"),
+        (lambda d: d["reference"].update(weight_mode="sometimes"), "reference.weight_mode"),
+        (lambda d: d["stages"][0].update(params={"T": -1}), "params of kd: T"),
+        (lambda d: d["stages"][0].update(params={"temperature": 4}), "params of kd: temperature"),
+        (lambda d: d["problem"]["student"].update(arch="resnet9000"), "problem.student"),
+    ],
+)
+def test_invalid_plan_names_the_field(tiny_problem, mutate, field):
+    d = _plan_dict(tiny_problem)
+    mutate(d)
+    with pytest.raises(UserError) as exc:
+        parse_plan(d, "p.yaml")
+    msg = str(exc.value)
+    assert msg.startswith("p.yaml: ") and field in msg and "\n" not in msg
+
+
+def test_content_hash_ignores_name_not_seed(tiny_problem):
+    a = plan_of(tiny_problem, [("kd", 2)])
+    assert a.content_hash() == a.model_copy(update={"name": "other"}).content_hash()
+    assert a.content_hash() != a.model_copy(update={"seed": 1}).content_hash()
+
+
+def test_builtin_spaces_load_and_make_valid_plans():
+    for name in ("default", "fashion-mnist", "cifar10", "cifar100-resnet32x4-resnet8x4"):
+        loaded = load_space(name)
+        assert loaded.space.search is not None and len(loaded.sha256) == 64
+        plan = make_plan(loaded.space, [(loaded.space.search.methods[0], 1)])
+        assert isinstance(Plan.model_validate(plan.model_dump()), Plan)
+    cifar = load_space("cifar100-resnet32x4-resnet8x4").space
+    assert (cifar.recipe.lr, cifar.recipe.momentum, cifar.recipe.weight_decay, cifar.recipe.batch_size) == (0.05, 0.9, 5e-4, 64)
+    assert (cifar.recipe.augment.crop_padding, cifar.recipe.augment.flip) == (4, True)
+
+
+def test_default_space_applies_method_params():
+    space = load_space().space
+    plan = make_plan(space, [("dkd", 3), ("kd", 2)], lambda_ref=2.0)
+    assert plan.stages[0].params == space.search.method_params["dkd"]
+    assert plan.reference.lambda_ref == 2.0 and plan.problem == space.problem
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("name: x\nproblem: [1, 2\n", "malformed YAML (line"),
+        ("name: x\nproblem:\n  teacher: {arch: cnn_large}\n  student: {arch: cnn_nano}\nsearch:\n  methods: [kd, bogus]\n", "search.methods.1: unknown method 'bogus'"),
+        ("name: x\nproblem:\n  teacher: {arch: cnn_large}\n  student: {arch: cnn_nano}\n  dataset: {val_fraction: 2}\n", "problem.dataset.val_fraction"),
+        ("name: x\nproblem:\n  teacher: {arch: cnn_large}\n  student: {arch: cnn_nano}\nrecipe: {lr: fast}\n", "recipe.lr"),
+    ],
+)
+def test_malformed_space_names_file_and_field(tmp_path, text, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(UserError) as exc:
+        load_space(f)
+    assert str(exc.value).startswith(str(f)) and needle in str(exc.value)
+
+
+def test_cli_bad_plan_exits_2_with_one_line(tmp_path, tiny_problem):
+    d = _plan_dict(tiny_problem)
+    d["stages"][1]["method"] = "telepathy"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(d))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "train", str(bad), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "stages.1" in lines[0] and "telepathy" in lines[0]
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_cli_malformed_yaml_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [kd\n")
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "train", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "malformed YAML" in proc.stderr and "Traceback" not in proc.stderr
