@@ -23,6 +23,21 @@ def middle_stage(n_stages: int) -> int:
     return max(1, n_stages // 2)
 
 
+def full_precision(like: torch.Tensor):
+    """Autocast off for loss arithmetic on ``like``'s device.
+
+    Under bf16 autocast, matmuls (Gram matrices, similarities, exp(s/tau)) would run in bf16 even on
+    float32 inputs; the relational losses compare small differences of such products.
+    """
+    return torch.autocast(like.device.type, enabled=False)
+
+
+def pool_to_common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the larger map down to the smaller one's spatial size (per dimension)."""
+    hw = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
+    return resize_to(a, hw), resize_to(b, hw)
+
+
 def resize_to(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
