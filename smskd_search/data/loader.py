@@ -2,8 +2,9 @@
 
 Small datasets (digits, Fashion-MNIST, CIFAR) fit in memory, on the GPU where there is one. An
 epoch is then a permutation and a few tensor ops per batch instead of a DataLoader over PIL images.
-Randomness comes from one CPU ``torch.Generator`` so that a run is reproducible and its state can be
-checkpointed; only small index tensors travel to the device.
+Randomness comes from one ``torch.Generator`` on the data's device, so that a run is reproducible
+and no random numbers cross from host to device inside an epoch (a copy from pageable host memory
+waits for the device's queue: one hidden synchronisation per batch).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     """Per-sample random crop of the zero-padded batch (zero is the dataset mean after normalising)."""
     b, _, h, w = x.shape
     xp = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device, non_blocking=True)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device, non_blocking=True)
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=gen.device)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=gen.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
     batch = torch.arange(b, device=x.device)[:, None, None]
@@ -45,7 +46,7 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device, non_blocking=True)
+    mask = torch.rand(x.shape[0], generator=gen, device=gen.device) < 0.5
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
@@ -78,7 +79,10 @@ class TensorLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment if augment is not None and augment.enabled else None
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        device = split.labels.device
+        self.generator = generator if generator is not None else torch.Generator(device).manual_seed(0)
+        if self.generator.device != device:
+            raise ValueError(f"the generator is on {self.generator.device}, the data on {device}")
         self.drop_last = drop_last
 
     def __len__(self) -> int:
@@ -89,7 +93,7 @@ class TensorLoader:
         n = len(self.split)
         device = self.split.labels.device
         if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(device, non_blocking=True)
+            order = torch.randperm(n, generator=self.generator, device=device)
         else:
             order = torch.arange(n, device=device)
         for b in range(len(self)):

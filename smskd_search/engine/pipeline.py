@@ -228,7 +228,7 @@ def run_plan(
             epoch_offset=0 if plan.restart_optimizer else cum_epochs,
         )
         loader = TensorLoader(data.train, plan.recipe.batch_size, shuffle=True, augment=plan.recipe.augment,
-                              generator=torch.Generator().manual_seed(seed))
+                              generator=torch.Generator(dev).manual_seed(seed))
         stage_result = StageResult(k, stage.method, stage.epochs, cum_epochs, 0.0, 0.0, info.num_val,
                                    reference is not None and reference.active)
         val: EvalResult | None = None

@@ -107,7 +107,7 @@ def train_teacher_model(problem: ProblemSpec, data: DataSplits, device: torch.de
     model = precision.prepare_model(model.to(device))
     opt = build_optimizer([{"params": trainable(model.parameters())}], recipe, device)
     loader = TensorLoader(data.train, recipe.batch_size, shuffle=True, augment=recipe.augment,
-                          generator=torch.Generator().manual_seed(recipe.seed))
+                          generator=torch.Generator(device).manual_seed(recipe.seed))
     scaler = precision.grad_scaler()
     for epoch in range(recipe.epochs):
         model.train()
