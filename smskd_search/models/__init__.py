@@ -11,11 +11,7 @@ from smskd_search.models.base import (
     register_model,
 )
 from smskd_search.models import small_cnn  # noqa: F401  (registers the small CNNs)
-
-try:  # the CIFAR benchmark zoo
-    from smskd_search.models import cifar  # noqa: F401
-except ImportError:  # pragma: no cover - only while the zoo is being written
-    pass
+from smskd_search.models import cifar  # noqa: F401  (registers the CIFAR benchmark zoo)
 
 __all__ = [
     "MODELS",
