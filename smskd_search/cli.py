@@ -147,7 +147,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for row in method_rows():
         print(f"{row['name']:<9} {row['family']:<9} {row['reference']}")
         for p in row["params"]:
-            print(f"    {p['name']:<14} = {p['default']!r:<10} {p['description']}")
+            print(f"    {p['name']:<17} = {p['default']!r:<10} {p['description']}")
     return 0
 
 
