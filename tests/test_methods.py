@@ -8,7 +8,6 @@ read only the trained weights of a method's extra modules.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -638,3 +637,30 @@ def test_catalog_lists_every_method_with_described_params():
     assert crd == {"ce_weight": 1.0, "weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07,
                    "nce_m": 0.5, "eps": 1e-7}
     assert {p["name"]: p["default"] for p in rows["kd"]["params"]}["T"] == 4.0
+
+
+def test_ofd_on_a_teacher_without_bn_before_its_preactivations():
+    # ShuffleNetV2's stage outputs are channel shuffles, not BN outputs: OFD estimates those margins.
+    if "shufflenetv2" not in MODELS or "resnet8x4" not in MODELS:
+        pytest.skip("CIFAR zoo not registered yet")
+    teacher = create_model("shufflenetv2", 100, 3, 32).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = create_model("resnet8x4", 100, 3, 32)
+    t_shapes, s_shapes = probe_shapes(teacher, (3, 32, 32)), probe_shapes(student, (3, 32, 32))
+    method = build_method("ofd", {}, MethodContext(s_shapes, t_shapes, teacher, 100, 64, 3))
+    assert "empirical" in method.margin_sources
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    s_logits, s_feats = student(x)
+    with torch.no_grad():
+        t_logits, t_feats = teacher(x)
+    loss = method(KDBatch(s_logits, s_feats, t_logits, t_feats, torch.zeros(4, dtype=torch.long), None, 0))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    for k, src in enumerate(method.margin_sources):
+        margin = getattr(method, f"margin{k}")
+        assert torch.isfinite(margin).all() and (margin <= 0).all()
+        if src == "empirical":
+            assert (margin < 0).any()
+    assert not teacher.training and all(torch.equal(teacher.state_dict()[k], v) for k, v in state.items())

@@ -15,7 +15,6 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
