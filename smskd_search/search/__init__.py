@@ -1,0 +1,28 @@
+"""The search: Optuna samples SMSKD plans define-by-run, Ray Tune runs them, ASHA prunes by stage.
+
+Importing this package does not import Ray; :func:`run_search` does, when it starts a search.
+"""
+
+from smskd_search.search.runner import (
+    LeaderboardRow,
+    ProgressInfo,
+    SearchSummary,
+    format_leaderboard,
+    run_search,
+)
+from smskd_search.search.sampling import Baseline, baseline_plans, plan_from_params, suggest_plan
+from smskd_search.search.storage import StudyInfo, list_studies
+
+__all__ = [
+    "Baseline",
+    "LeaderboardRow",
+    "ProgressInfo",
+    "SearchSummary",
+    "StudyInfo",
+    "baseline_plans",
+    "format_leaderboard",
+    "list_studies",
+    "plan_from_params",
+    "run_search",
+    "suggest_plan",
+]

@@ -1,0 +1,163 @@
+"""Ray Tune's ``OptunaSearch``, with the study states that a stage-pruned search needs.
+
+Stock ``OptunaSearch`` (ray 2.60) does three things wrong for us:
+
+1. A trial stopped by the scheduler reaches ``on_trial_complete`` with its last (partial) result and
+   is told COMPLETE with that value; and Tune never passes the result that triggered the stop to
+   ``on_trial_result`` (``tune_controller.py``: the search algorithm only sees results the
+   scheduler let through). Here a trial is COMPLETE only when its result says ``final``; a stopped
+   one is PRUNED, with the stopping result recorded first.
+2. Intermediate values are keyed by Tune's report counter; here by cumulative epochs, the time
+   axis the scheduler decides on.
+3. After a hard kill the study database is ahead of any Tune snapshot, so telling a trial again
+   raises ``UpdateFinishedTrialError``; that is expected and ignored here.
+
+Trials left RUNNING when Tune stops (Ctrl-C, time budget) are not told anything by Tune;
+:meth:`StageAwareOptunaSearch.fail_unfinished` marks them FAIL after ``fit()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from smskd_search.search import storage as st
+from smskd_search.search._ray import ray  # noqa: F401  (the environment before Ray's import)
+from ray.tune.search.optuna import OptunaSearch
+
+logger = logging.getLogger(__name__)
+
+# Result keys the trainable reports.
+VAL_ACC = "val_acc"
+CUM_EPOCHS = "cum_epochs"
+TOTAL_EPOCHS = "total_epochs"
+FINAL = "final"
+ERROR = "error"
+N_VAL = "n_val"
+REPLAYED = "replayed"
+
+
+class StageAwareOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` for stage-level reports: PRUNED states, epochs as steps, robust resume.
+
+    ``metric``/``mode`` are ``"val_acc"``/``"max"``, or ``["val_acc", "total_epochs"]`` and
+    ``["max", "min"]`` for the accuracy-vs-cost search (no intermediate values there: Optuna does
+    not take them for multi-objective studies).
+    """
+
+    def __init__(self, space: Any, *, metric: str | list[str], mode: str | list[str],
+                 sampler: optuna.samplers.BaseSampler, study_name: str,
+                 storage: optuna.storages.BaseStorage):
+        super().__init__(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study_name,
+                         storage=storage)
+        self._stage_values: dict[str, dict[int, float]] = {}
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    @property
+    def multi_objective(self) -> bool:
+        return isinstance(self.metric, list)
+
+    def _record_stage(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or VAL_ACC not in result or CUM_EPOCHS not in result:
+            return
+        value, step = float(result[VAL_ACC]), int(result[CUM_EPOCHS])
+        history = self._stage_values.setdefault(trial_id, {})
+        if step in history or math.isnan(value):
+            return  # a stage replayed after a recovery: already recorded
+        first = not history
+        history[step] = value
+        steps = sorted(history)
+        try:
+            if not self.multi_objective:
+                ot_trial.report(value, step)
+            ot_trial.set_user_attr(st.ATTR_STAGE_CUM_EPOCHS, steps)
+            ot_trial.set_user_attr(st.ATTR_STAGE_VAL_ACC, [history[s] for s in steps])
+            if first and N_VAL in result:
+                ot_trial.set_user_attr(st.ATTR_N_VAL, int(result[N_VAL]))
+            if result.get(REPLAYED):
+                # Stages taken from an interrupted run's checkpoints rather than trained again.
+                ot_trial.set_user_attr(st.ATTR_REPLAYED_STAGES, sum(1 for s in steps if s <= step))
+        except UpdateFinishedTrialError:
+            # The study already has this trial's outcome (a resume over a stale Tune snapshot).
+            self._completed_trials.add(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or result.get(ERROR):
+            return
+        self._record_stage(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return
+        values: Any = None
+        reason: str | None = None
+        interrupted = False
+        if result and result.get(ERROR):
+            state, reason = TrialState.FAIL, str(result[ERROR])
+        elif error:
+            state = TrialState.FAIL
+            reason = "the trial's worker failed (Ray reported an error; see the Ray session logs)"
+        elif not result or VAL_ACC not in result:
+            state, interrupted = TrialState.FAIL, True
+            reason = "stopped before it reported a stage"
+        else:
+            # The stopping result: Tune gives it to the scheduler and to on_trial_complete only.
+            self._record_stage(trial_id, result)
+            if result.get(FINAL):
+                state = TrialState.COMPLETE
+                val = float(result[VAL_ACC])
+                values = [val, float(result[TOTAL_EPOCHS])] if self.multi_objective else val
+            elif self.multi_objective:
+                # Pruning is off for the Pareto search, so an unfinished run here was cut short.
+                state, interrupted = TrialState.FAIL, True
+                reason = "stopped before its last stage"
+            else:
+                state = TrialState.PRUNED  # Optuna keeps the last intermediate value as its value
+        try:
+            if state == TrialState.FAIL:
+                ot_trial.set_user_attr(st.ATTR_FAIL_REASON, reason)
+                if interrupted:
+                    ot_trial.set_user_attr(st.ATTR_INTERRUPTED, True)
+                if result and result.get("traceback"):
+                    ot_trial.set_user_attr("fail_traceback", str(result["traceback"])[-4000:])
+            self._ot_study.tell(ot_trial, values, state=state)
+        except UpdateFinishedTrialError:
+            logger.debug("trial %s was already finished in the study", ot_trial.number)
+        except Exception as exc:  # noqa: BLE001 - a bad tell must not end the whole search
+            logger.warning("could not record trial %s: %s", ot_trial.number, exc)
+        self._completed_trials.add(trial_id)
+
+    def unfinished_trial_numbers(self) -> list[int]:
+        return [t.number for tid, t in self._ot_trials.items() if tid not in self._completed_trials]
+
+    def fail_unfinished(self, reason: str) -> list[int]:
+        """Mark the trials this searcher started and Tune never finished FAIL (interrupted).
+
+        Call after ``fit()`` returns: Tune leaves the trials running at a Ctrl-C or a time budget
+        without telling the searcher, and TPE's constant liar would avoid their parameters forever.
+        """
+        failed = []
+        storage = self._ot_study._storage
+        for tid, ot_trial in self._ot_trials.items():
+            if tid in self._completed_trials:
+                continue
+            frozen = storage.get_trial(ot_trial._trial_id)
+            if frozen.state == TrialState.RUNNING and st.fail_trial(storage, frozen, reason, interrupted=True):
+                failed.append(frozen.number)
+            self._completed_trials.add(tid)
+        return failed
+
+
+__all__ = ["StageAwareOptunaSearch"]

@@ -1,0 +1,347 @@
+"""Study storage: one SQLite file per study, ``<studies_dir>/<study>.db``, study name = file stem.
+
+The schema and the study are created before Ray starts, so that ``optuna-dashboard`` can open the
+file from the first second (it exits on a file without the schema). Reusing a study name is an
+error unless the caller resumes; a resume checks that the space and the teacher are the ones the
+study was made with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sqlite3
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from smskd_search.errors import UserError
+from smskd_search.space import LoadedSpace
+
+# Trial user attributes written by the search (the export and report commands read them too).
+ATTR_PLAN = "plan"
+ATTR_SEQUENCE = "sequence"
+ATTR_TOTAL_EPOCHS = "total_epochs"
+ATTR_THREADS = "threads"
+ATTR_N_VAL = "n_val"
+ATTR_STAGE_VAL_ACC = "stage_val_acc"
+ATTR_STAGE_CUM_EPOCHS = "stage_cum_epochs"
+ATTR_FAIL_REASON = "fail_reason"
+# Set on trials that ended FAIL because the search stopped under them (not because the plan failed):
+# they do not count against the budget, and a resume runs their plan again.
+ATTR_INTERRUPTED = "interrupted"
+ATTR_RETRY_OF = "retry_of"
+ATTR_RUN_DIR = "run_dir"
+ATTR_REPLAYED_STAGES = "replayed_stages"
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def study_name_from(text: str) -> str:
+    """A study name (and file stem) derived from a space name: safe characters only."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "study"
+    return name
+
+
+def check_study_name(name: str) -> str:
+    if not _NAME_OK.match(name):
+        raise UserError(f"--study: {name!r} is not a valid study name (letters, digits, '_', '.', '-')")
+    return name
+
+
+def db_path(studies_dir: str | Path, study: str) -> Path:
+    return Path(studies_dir) / f"{study}.db"
+
+
+def storage_url(path: str | Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def open_storage(path: str | Path) -> RDBStorage:
+    """The study's storage; a generous lock timeout because the dashboard may read while we write."""
+    return RDBStorage(storage_url(path), engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def is_optuna_db(path: str | Path) -> bool:
+    """True for an SQLite file with Optuna's schema (checked without creating anything)."""
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        return False
+    try:
+        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='version_info'").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return bool(rows)
+
+
+def directions_for(space: LoadedSpace) -> list[str]:
+    search = space.space.search
+    assert search is not None
+    return ["maximize", "minimize"] if search.objective.cost_objective else ["maximize"]
+
+
+def _space_fingerprint(text: str) -> str:
+    """The parsed space, as canonical JSON: comments and formatting do not change it."""
+    import yaml
+
+    try:
+        return json.dumps(yaml.safe_load(text), sort_keys=True, default=str)
+    except yaml.YAMLError:
+        return text
+
+
+def create_study(space: LoadedSpace, studies_dir: str | Path, study: str, *, teacher_path: str,
+                 teacher_sha256: str, seed: int, budget: int) -> optuna.Study:
+    """Create a new study (schema first); a name already in use is a UserError, never a merge."""
+    path = db_path(studies_dir, study)
+    if path.exists() and path.stat().st_size > 0:
+        raise UserError(f"study {study} already exists in {path}; use --resume or another --study")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(path)
+    dirs = directions_for(space)
+    st = optuna.create_study(storage=storage, study_name=study, directions=dirs)
+    text = space.path.read_text()
+    for key, value in {
+        "space_path": str(Path(space.path).resolve()),
+        "space_sha256": space.sha256,
+        "space_yaml": text,
+        "space_name": space.space.name,
+        "teacher_sha256": teacher_sha256,
+        "teacher_path": str(teacher_path),
+        "seed": seed,
+        "budget": budget,
+    }.items():
+        st.set_user_attr(key, value)
+    return st
+
+
+def load_study_for_resume(space: LoadedSpace, studies_dir: str | Path, study: str, *,
+                          teacher_sha256: str, budget: int) -> optuna.Study:
+    """The existing study, checked against this space and teacher, with its budget updated."""
+    path = db_path(studies_dir, study)
+    if not is_optuna_db(path):
+        raise UserError(f"--resume: no study {study} to resume ({path} not found)")
+    storage = open_storage(path)
+    try:
+        st = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        raise UserError(f"--resume: {path} holds no study named {study}") from None
+    attrs = st.user_attrs
+    if attrs.get("space_sha256") != space.sha256 and \
+            _space_fingerprint(attrs.get("space_yaml", "")) != _space_fingerprint(space.path.read_text()):
+        raise UserError(
+            f"--resume: study {study} was made with another space ({attrs.get('space_path')}); "
+            f"resume it with that space, or start a new --study"
+        )
+    want = [d.lower() for d in directions_for(space)]
+    have = [d.name.lower() for d in st.directions]
+    if want != have:
+        raise UserError(f"--resume: study {study} optimises {have}, the space asks for {want}")
+    if attrs.get("teacher_sha256") not in (None, teacher_sha256):
+        raise UserError(
+            f"--resume: study {study} was searched with teacher {str(attrs['teacher_sha256'])[:12]}, "
+            f"the cache now holds {teacher_sha256[:12]}; resume with that teacher or start a new --study"
+        )
+    if attrs.get("budget") != budget:
+        st.set_user_attr("budget", budget)
+    return st
+
+
+class StudyLock:
+    """A pid file beside the study, so that two searches never run one study at once.
+
+    A lock left by a process that no longer runs (killed hard) is taken over.
+    """
+
+    def __init__(self, studies_dir: str | Path, study: str):
+        self.path = Path(studies_dir) / f"{study}.lock"
+        self._held = False
+
+    def _owner(self) -> tuple[str, int] | None:
+        try:
+            host, pid = self.path.read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> "StudyLock":
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner and owner[0] == socket.gethostname() and _pid_alive(owner[1]) and owner[1] != os.getpid():
+                    raise UserError(f"study {self.path.stem} is in use by process {owner[1]} ({self.path})") from None
+                if owner and owner[0] != socket.gethostname():
+                    raise UserError(f"study {self.path.stem} is in use on host {owner[0]} ({self.path}); "
+                                    "delete the lock file if that search is gone") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self._held = True
+            return self
+        raise UserError(f"cannot lock study {self.path.stem} ({self.path})")
+
+    def release(self) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def __enter__(self) -> "StudyLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_trial(storage: optuna.storages.BaseStorage, trial: FrozenTrial, reason: str, *,
+               interrupted: bool) -> bool:
+    """Mark an unfinished trial FAIL with ``reason``; False if it finished meanwhile."""
+    try:
+        storage.set_trial_user_attr(trial._trial_id, ATTR_FAIL_REASON, reason)
+        if interrupted:
+            storage.set_trial_user_attr(trial._trial_id, ATTR_INTERRUPTED, True)
+        return storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def fail_orphans(study: optuna.Study, reason: str) -> list[int]:
+    """Mark every RUNNING trial FAIL (interrupted), returning their numbers.
+
+    Only valid while this process holds the study's lock: then no live search owns those trials.
+    Leaving them RUNNING would make TPE's constant liar steer away from their parameters forever.
+    """
+    done = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if fail_trial(study._storage, t, reason, interrupted=True):
+            done.append(t.number)
+    return done
+
+
+def counts_by_state(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    counts = {s.name: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                  TrialState.RUNNING, TrialState.WAITING)}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def counts_toward_budget(t: FrozenTrial) -> bool:
+    """Finished trials use the budget, except those the search itself cut short (re-run on resume)."""
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED)
+
+
+@dataclass
+class StudyInfo:
+    name: str
+    db_path: Path
+    counts: dict[str, int]
+    n_trials: int
+    best_value: float | None
+    best_trial: int | None
+    best_sequence: str | None
+    budget: int | None
+    space_path: str | None
+    directions: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def study_info(path: str | Path) -> StudyInfo:
+    p = Path(path)
+    name = p.stem
+    storage = open_storage(p)
+    st = optuna.load_study(study_name=name, storage=storage)
+    trials = st.get_trials(deepcopy=False)
+    completed = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    best = max(completed, key=lambda t: t.values[0], default=None)
+    return StudyInfo(
+        name=name,
+        db_path=p,
+        counts=counts_by_state(trials),
+        n_trials=len(trials),
+        best_value=best.values[0] if best else None,
+        best_trial=best.number if best else None,
+        best_sequence=best.user_attrs.get(ATTR_SEQUENCE) if best else None,
+        budget=st.user_attrs.get("budget"),
+        space_path=st.user_attrs.get("space_path"),
+        directions=[d.name.lower() for d in st.directions],
+    )
+
+
+def list_studies(studies_dir: str | Path = Path("studies")) -> list[StudyInfo]:
+    """Every study under ``studies_dir`` (``*.db`` files with Optuna's schema), by name.
+
+    A file that cannot be read is listed with its error instead of raising.
+    """
+    out: list[StudyInfo] = []
+    d = Path(studies_dir)
+    if not d.is_dir():
+        return out
+    for p in sorted(d.glob("*.db")):
+        if not is_optuna_db(p):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out.append(study_info(p))
+        except Exception as exc:  # noqa: BLE001 - one unreadable study must not hide the others
+            out.append(StudyInfo(p.stem, p, {}, 0, None, None, None, None, None, error=str(exc).splitlines()[0]))
+    return out
+
+
+def jsonable(value: Any) -> Any:
+    """Values for user attributes: Optuna stores JSON."""
+    return json.loads(json.dumps(value, default=str))
+
+
+__all__ = [
+    "ATTR_FAIL_REASON",
+    "ATTR_INTERRUPTED",
+    "ATTR_N_VAL",
+    "ATTR_PLAN",
+    "ATTR_RETRY_OF",
+    "ATTR_SEQUENCE",
+    "ATTR_STAGE_CUM_EPOCHS",
+    "ATTR_STAGE_VAL_ACC",
+    "ATTR_THREADS",
+    "ATTR_TOTAL_EPOCHS",
+    "StudyInfo",
+    "StudyLock",
+    "counts_by_state",
+    "counts_toward_budget",
+    "create_study",
+    "db_path",
+    "fail_orphans",
+    "list_studies",
+    "load_study_for_resume",
+    "open_storage",
+    "storage_url",
+    "study_info",
+    "study_name_from",
+]

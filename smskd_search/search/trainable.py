@@ -1,0 +1,154 @@
+"""The Ray Tune function trainable: one trial = one SMSKD plan run by the engine.
+
+The trial's config (made by the define-by-run function on the driver) carries the plan as YAML,
+its run folder and its torch thread count. At each stage end the trial reports validation accuracy
+with cumulative epochs (the scheduler's time axis) and the stage checkpoint; when the scheduler
+stops it, Tune ends the trial inside that report.
+
+Stage checkpoints live in the trial's run folder (``<studies_dir>/<study>/trials/<number>``), which
+is what makes a killed search resumable: a resumed study runs an interrupted trial's plan again
+from its last finished stage. Tune's own checkpoint of the trial (``tune.get_checkpoint()``) is
+used the same way when Tune restarts a trial whose worker died.
+
+A plan that raises is reported as one result carrying ``error`` (and not raised to Tune): the
+searcher stores the message as the trial's ``fail_reason``, and Tune does not retry a plan that
+would fail again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from smskd_search.search._ray import tune
+
+# Per worker process: with reuse_actors the data and the teacher stay loaded across trials.
+_DATA_CACHE: dict[str, Any] = {}
+_TEACHER_CACHE: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a search shares (shipped once through Ray's object store)."""
+
+    teacher_record: dict[str, Any]
+    device: str = "cpu"
+    keep_run_dirs: bool = False
+
+
+def _shared_inputs(plan: Any, context: TrialContext) -> tuple[Any, Any, Any]:
+    from smskd_search.data import load_data
+    from smskd_search.engine import TeacherRecord, load_teacher
+
+    dev = torch.device(context.device)
+    data_key = json.dumps([plan.problem.dataset.model_dump(mode="json"), context.device], sort_keys=True)
+    data = _DATA_CACHE.get(data_key)
+    if data is None:
+        _DATA_CACHE.clear()  # one problem per search: keep memory bounded when a worker is reused
+        data = _DATA_CACHE[data_key] = load_data(plan.problem.dataset, dev)
+    record = TeacherRecord(**context.teacher_record)
+    teacher_key = json.dumps([record.sha256, plan.problem.teacher.arch, data_key], sort_keys=True)
+    teacher = _TEACHER_CACHE.get(teacher_key)
+    if teacher is None:
+        _TEACHER_CACHE.clear()
+        teacher = _TEACHER_CACHE[teacher_key] = load_teacher(plan.problem, record, data.info, dev)
+    return data, teacher, record
+
+
+def _stage_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("stage*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+
+
+def _adopt_checkpoints(src: Path, run_dir: Path) -> None:
+    """Copy stage checkpoints from an earlier attempt that are further along than ours."""
+    mine = {p.name for p in _stage_files(run_dir)}
+    for p in _stage_files(src):
+        if p.name not in mine:
+            tmp = run_dir / (p.name + ".part")
+            shutil.copy2(p, tmp)
+            tmp.replace(run_dir / p.name)  # never a half-copied checkpoint, even if killed here
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def train_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """Run the trial's plan; see the module docstring."""
+    from smskd_search.engine import latest_checkpoint, run_plan
+    from smskd_search.plan import parse_plan
+
+    # Results depend on torch's thread count on the CPU; the trial records the number it used.
+    torch.set_num_threads(max(1, int(config["threads"])))
+    plan = parse_plan(yaml.safe_load(config["plan_yaml"]), source="trial plan")
+    run_dir = Path(config["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            _adopt_checkpoints(Path(d), run_dir)
+    resume_dir = config.get("resume_dir")
+    if resume_dir and Path(resume_dir).is_dir():
+        _adopt_checkpoints(Path(resume_dir), run_dir)
+
+    n_stages, total = len(plan.stages), plan.total_epochs
+
+    def metrics(stage_index: int, cum_epochs: int, val_acc: float, val_loss: float, n_val: int,
+                replayed: bool) -> dict[str, Any]:
+        return {
+            "val_acc": val_acc, "val_loss": val_loss, "cum_epochs": cum_epochs, "stage": stage_index + 1,
+            "n_stages": n_stages, "final": stage_index + 1 == n_stages, "n_val": n_val,
+            "total_epochs": total, "method": plan.stages[stage_index].method, "replayed": replayed,
+        }
+
+    # A resumed plan first reports the stages it already has, so that the new trial carries every
+    # stage value and the scheduler judges it at the same points as any other trial.
+    previous = latest_checkpoint(run_dir, plan.content_hash())
+    for r in (previous or {}).get("results", []):
+        tune.report(metrics(r["index"], r["cum_epochs"], r["val_acc"], r["val_loss"], r["n_val"], True))
+
+    def on_stage_end(stage_index: int, cum_epochs: int, result: Any, checkpoint: Path | None) -> bool:
+        m = metrics(stage_index, cum_epochs, result.val_acc, result.val_loss, result.n_val, False)
+        if checkpoint is None:
+            tune.report(m)
+            return False
+        staging = run_dir / f"tune-stage{stage_index + 1}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        _link_or_copy(checkpoint, staging / checkpoint.name)
+        try:
+            # Tune copies the folder into its storage before report() returns (or stops the trial).
+            tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(staging)))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return False
+
+    try:
+        data, teacher, record = _shared_inputs(plan, context)
+        run_plan(plan, device=context.device, out_dir=run_dir, resume=True, on_stage_end=on_stage_end,
+                 data=data, teacher_model=teacher, teacher_record=record, keep_student=False)
+    except Exception as exc:  # noqa: BLE001 - reported as the trial's failure (SystemExit is Tune's stop)
+        message = f"{type(exc).__name__}: {exc}".strip()
+        tune.report({"val_acc": math.nan, "cum_epochs": 0, "final": False, "total_epochs": total,
+                     "error": message.splitlines()[0][:500] if message else type(exc).__name__,
+                     "traceback": traceback.format_exc()[-4000:]})
+    if not context.keep_run_dirs:
+        # Finished (completed or failed): the checkpoints were only there for a resume.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if resume_dir:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+__all__ = ["TrialContext", "train_trial"]

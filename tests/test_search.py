@@ -1,0 +1,506 @@
+"""The search: sampling (plain Optuna), the searcher's study states (no cluster), and real searches
+with Ray started by the code (address "local") on real SQLite studies.
+
+The Ray searches are module fixtures shared by several tests: each Ray start costs seconds here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+
+from smskd_search.errors import UserError
+from smskd_search.plan import load_plan
+from smskd_search.search import format_leaderboard, list_studies, run_search
+from smskd_search.search import storage as st
+from smskd_search.search.sampling import baseline_plans, plan_from_params, split_epochs, suggest_plan
+from smskd_search.space import load_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+PROBLEM = {
+    "dataset": {"name": "digits", "val_fraction": 0.25},
+    "teacher": {"arch": "cnn_large", "recipe": {"epochs": 2}},
+    "student": {"arch": "cnn_micro"},
+}
+
+
+def write_space(folder: Path, name: str, search: dict, **extra) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "problem": PROBLEM, "search": search, **extra}, sort_keys=False))
+    return path
+
+
+MAIN_SEARCH = {
+    "methods": ["kd", "dkd", "fitnet"],
+    "stages": {"min": 1, "max": 2},
+    "epochs": {"min": 1, "max": 2},
+    "weight_modes": ["inverse", "none"],
+    "normalizations": ["none", "batch_mean"],
+    "lambda_ref": {"low": 0.1, "high": 10.0},
+    "pruning": {"grace_period": 2, "reduction_factor": 2},
+    "sampler": {"kind": "tpe", "n_startup_trials": 4},
+    "baseline_epochs": 2,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: plain Optuna, no Ray
+
+
+def _sample_all(space, sampler, n: int):
+    plans = []
+
+    def objective(trial):
+        plan = suggest_plan(trial, space, "t" * 64)
+        plans.append(plan)
+        return sum(len(s.method) * s.epochs for s in plan.stages) % 7 / 7.0
+
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Optuna raises if one name is suggested with two distributions: running is the check.
+        study.optimize(objective, n_trials=n)
+    return study, plans
+
+
+@pytest.mark.parametrize("sampler_kind", ["random", "tpe"])
+def test_orderings_without_repeats_never_repeat_and_plans_validate(tmp_path, sampler_kind):
+    space = load_space(write_space(tmp_path, "norepeat", {
+        "methods": ["kd", "dkd", "fitnet", "at"],
+        "method_params": {"kd": {"T": 2.0}},
+        "stages": {"min": 1, "max": 4},
+        "epochs": {"min": 1, "max": 5},
+        "weight_modes": ["inverse", "direct", "uniform", "none"],
+        "normalizations": ["none", "batch_mean"],
+    }))
+    if sampler_kind == "random":
+        sampler = optuna.samplers.RandomSampler(seed=1)
+        n = 300
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=1, n_startup_trials=10, multivariate=True, group=True)
+        n = 80
+    study, plans = _sample_all(space, sampler, n)
+    seen_orders = set()
+    for trial, plan in zip(study.trials, plans):
+        methods = [s.method for s in plan.stages]
+        assert len(set(methods)) == len(methods), methods
+        assert 1 <= len(methods) <= 4
+        assert all(1 <= s.epochs <= 5 for s in plan.stages)
+        assert all(s.params == ({"T": 2.0} if s.method == "kd" else {}) for s in plan.stages)
+        type(plan).model_validate(plan.model_dump())
+        assert plan_from_params(trial.params, space, "t" * 64).content_hash() == plan.content_hash()
+        seen_orders.add(tuple(methods))
+    if sampler_kind == "random":
+        assert len(seen_orders) > 30  # the encoding reaches many orderings, not a corner of them
+
+
+def test_total_epochs_split_and_repeats_allowed(tmp_path):
+    space = load_space(write_space(tmp_path, "total", {
+        "methods": ["kd", "dkd"],
+        "allow_repeat": True,
+        "stages": {"min": 1, "max": 4},
+        "total_epochs": 9,
+        "weight_modes": ["inverse"],
+    }))
+    study, plans = _sample_all(space, optuna.samplers.RandomSampler(seed=3), 200)
+    assert all(p.total_epochs == 9 for p in plans)
+    assert any(len({s.method for s in p.stages}) < len(p.stages) for p in plans)  # repeats happen
+    # One weight mode allowed: never suggested, always set.
+    assert all("weight_mode" not in t.params for t in study.trials)
+    assert all(p.reference.weight_mode == "inverse" for p in plans)
+
+
+def test_split_epochs():
+    assert split_epochs(10, [1.0, 1.0]) == [5, 5]
+    assert split_epochs(7, [1.0, 1.0]) == [4, 3]
+    assert split_epochs(3, [0.1, 1.0, 0.5]) == [1, 1, 1]
+    assert split_epochs(12, [0.1, 1.0]) == [2, 10]
+    for total in range(3, 20):
+        assert sum(split_epochs(total, [0.3, 0.9, 0.5])) == total
+
+
+def test_baselines_map_to_their_plans(tmp_path):
+    expressible = load_space(write_space(tmp_path, "main", MAIN_SEARCH))
+    bs = baseline_plans(expressible, "t" * 64)
+    assert [b.label for b in bs] == ["single:kd", "single:dkd", "single:fitnet", "no-reference"]
+    for b in bs:
+        assert b.params is not None  # this space can say every baseline with parameters
+        assert plan_from_params(b.params, expressible, "t" * 64).content_hash() == b.plan.content_hash()
+    assert [s.epochs for s in bs[0].plan.stages] == [2]
+    noref = bs[-1].plan
+    assert noref.reference.weight_mode == "none" and len(noref.stages) == 2 and noref.total_epochs == 2
+
+    # Single methods for 4 epochs do not fit a stage of at most 2: carried as fixed plans.
+    wide = load_space(write_space(tmp_path, "wide", {**MAIN_SEARCH, "baseline_epochs": None}))
+    bs = baseline_plans(wide, "t" * 64)
+    single = bs[0]
+    assert single.params is None and single.plan.sequence() == "kd(4)"
+    assert plan_from_params({}, wide, "t" * 64, user_attrs=single.user_attrs).content_hash() == single.plan.content_hash()
+
+
+def test_space_without_search_part_is_a_user_error(tmp_path):
+    path = tmp_path / "nosearch.yaml"
+    path.write_text(yaml.safe_dump({"name": "nosearch", "problem": PROBLEM}))
+    with pytest.raises(UserError, match="no 'search' part"):
+        run_search(load_space(path), studies_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The searcher's study states, driven directly (Tune's calls, no cluster)
+
+
+def _searcher(storage, multi: bool = False):
+    from smskd_search.search.searcher import StageAwareOptunaSearch
+
+    def space_fn(trial):
+        trial.suggest_int("x", 0, 3)
+        return {}
+
+    optuna.create_study(storage=storage, study_name="s", directions=["maximize", "minimize"] if multi else ["maximize"])
+    return StageAwareOptunaSearch(space_fn, metric=["val_acc", "total_epochs"] if multi else "val_acc",
+                                  mode=["max", "min"] if multi else "max",
+                                  sampler=optuna.samplers.RandomSampler(seed=0), study_name="s", storage=storage)
+
+
+def _result(cum, acc, final=False, **kw):
+    return {"val_acc": acc, "cum_epochs": cum, "final": final, "total_epochs": 6, "n_val": 100, **kw}
+
+
+def test_searcher_prunes_completes_and_fails():
+    storage = optuna.storages.InMemoryStorage()
+    s = _searcher(storage)
+    for tid in "abcde":
+        s.suggest(tid)
+    # a: completes; b: stopped by the scheduler at its second report, which only
+    # on_trial_complete sees; c: its plan raised; d: its worker died; e: never told (a Ctrl-C).
+    s.on_trial_result("a", _result(2, 0.5))
+    s.on_trial_result("a", _result(6, 0.7, final=True))
+    s.on_trial_complete("a", _result(6, 0.7, final=True))
+    s.on_trial_result("b", _result(2, 0.4))
+    s.on_trial_complete("b", _result(4, 0.45))
+    s.on_trial_complete("c", {"val_acc": math.nan, "cum_epochs": 0, "error": "ValueError: boom"})
+    s.on_trial_complete("d", None, error=True)
+    assert s.fail_unfinished("interrupted: test") == [4]
+    s.on_trial_complete("b", _result(4, 0.45))  # repeated calls are ignored
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    a, b, c, d, e = trials
+    assert a.state == TrialState.COMPLETE and a.value == 0.7 and a.intermediate_values == {2: 0.5, 6: 0.7}
+    assert b.state == TrialState.PRUNED and b.intermediate_values == {2: 0.4, 4: 0.45} and b.value == 0.45
+    assert b.user_attrs[st.ATTR_STAGE_CUM_EPOCHS] == [2, 4] and b.user_attrs[st.ATTR_STAGE_VAL_ACC] == [0.4, 0.45]
+    assert c.state == TrialState.FAIL and c.user_attrs[st.ATTR_FAIL_REASON] == "ValueError: boom"
+    assert d.state == TrialState.FAIL and "worker failed" in d.user_attrs[st.ATTR_FAIL_REASON]
+    assert e.state == TrialState.FAIL and e.user_attrs[st.ATTR_INTERRUPTED] is True
+
+
+def test_searcher_multi_objective_and_finished_trials():
+    storage = optuna.storages.InMemoryStorage()
+    s = _searcher(storage, multi=True)
+    s.suggest("a")
+    s.on_trial_result("a", _result(2, 0.5))
+    s.on_trial_complete("a", _result(6, 0.7, final=True))
+    (a,) = optuna.load_study(study_name="s", storage=storage).trials
+    assert a.state == TrialState.COMPLETE and a.values == [0.7, 6.0] and a.intermediate_values == {}
+    assert a.user_attrs[st.ATTR_STAGE_VAL_ACC] == [0.5, 0.7]
+
+    # A stale Tune snapshot (resume after a hard kill) tells a trial the study already finished.
+    s2 = _searcher(optuna.storages.InMemoryStorage())
+    s2.suggest("x")
+    s2._ot_study.tell(s2._ot_trials["x"], 0.3)
+    s2.on_trial_result("x", _result(2, 0.5))
+    s2.on_trial_complete("x", _result(6, 0.9, final=True))  # no UpdateFinishedTrialError
+    assert s2._ot_study.trials[0].value == 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# Real searches (Ray started by the code)
+
+
+@pytest.fixture(scope="module")
+def studies_root(tmp_path_factory) -> Path:
+    # One folder for every search of this file: they share the teacher cache (<root>/teachers).
+    return tmp_path_factory.mktemp("studies")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def access_log(tmp_path_factory):
+    """Every test-split access during this module's searches would land in this file."""
+    log = tmp_path_factory.mktemp("access") / "test-split-access.log"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMSKD_TEST_ACCESS_LOG", str(log))
+        yield log
+
+
+def _trials(db: Path, name: str):
+    return optuna.load_study(study_name=name, storage=st.storage_url(db)).get_trials(deepcopy=False)
+
+
+@pytest.fixture(scope="module")
+def main_search(studies_root):
+    space = load_space(write_space(studies_root, "main", MAIN_SEARCH))
+    progress = []
+    summary = run_search(space, budget=7, studies_dir=studies_root, address="local", max_concurrent=2,
+                         seed=0, on_progress=progress.append)
+    return space, summary, progress
+
+
+@pytest.mark.slow
+def test_search_records_the_expected_study(main_search, studies_root):
+    space, summary, progress = main_search
+    assert summary.study == "main" and summary.db_path == studies_root / "main.db"
+    assert not summary.interrupted and summary.stop_reason == "budget"
+    assert summary.resources_per_trial == {"cpu": 1.0} and summary.max_concurrent == 2
+    trials = _trials(summary.db_path, "main")
+    assert len(trials) == 7 and summary.done == 7
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    teacher_sha = optuna.load_study(study_name="main", storage=summary.storage_url).user_attrs["teacher_sha256"]
+    for t in trials:
+        # Parameters map to the plan the trial ran, and every plan validates.
+        plan = plan_from_params(t.params, space, teacher_sha, user_attrs=t.user_attrs)
+        stored = load_plan_text(t.user_attrs[st.ATTR_PLAN])
+        assert plan.content_hash() == stored.content_hash()
+        assert t.user_attrs[st.ATTR_SEQUENCE] == stored.sequence()
+        assert t.user_attrs[st.ATTR_THREADS] == 1
+        assert t.user_attrs[st.ATTR_N_VAL] > 0
+        # Intermediate values: every reported stage, keyed by cumulative epochs.
+        cum = t.user_attrs[st.ATTR_STAGE_CUM_EPOCHS]
+        assert sorted(t.intermediate_values) == cum
+        assert [t.intermediate_values[c] for c in cum] == t.user_attrs[st.ATTR_STAGE_VAL_ACC]
+        if t.state == TrialState.COMPLETE:
+            assert cum == list(_cumsum(s.epochs for s in stored.stages))
+            assert t.value == t.intermediate_values[cum[-1]]
+    labels = sorted(t.user_attrs["baseline"] for t in trials if "baseline" in t.user_attrs)
+    assert labels == ["no-reference", "single:dkd", "single:fitnet", "single:kd"]
+    # Baselines ran first, as ordinary parameterised trials.
+    assert all("baseline" in t.user_attrs for t in trials[:4])
+    assert all("fixed_plan" not in t.user_attrs for t in trials)
+    assert progress and progress[-1].done == 7 and progress[-1].running == 0
+
+
+def load_plan_text(text: str):
+    from smskd_search.plan import parse_plan
+
+    return parse_plan(yaml.safe_load(text))
+
+
+def _cumsum(xs):
+    total = 0
+    for x in xs:
+        total += x
+        yield total
+
+
+@pytest.mark.slow
+def test_best_plan_loads_and_reproduces_bit_for_bit(main_search, studies_root):
+    from smskd_search.engine import run_plan
+
+    space, summary, _ = main_search
+    assert summary.best_plan_path == studies_root / "main" / "best.yaml"
+    plan = load_plan(summary.best_plan_path)
+    best = summary.top[0]
+    assert plan.sequence() == best.sequence
+    trial = next(t for t in _trials(summary.db_path, "main") if t.number == best.number)
+    assert best.val_acc == trial.value == max(t.value for t in _trials(summary.db_path, "main")
+                                              if t.state == TrialState.COMPLETE)
+    # Same plan, same thread count: the same stage values, bit for bit.
+    torch.set_num_threads(trial.user_attrs[st.ATTR_THREADS])
+    result = run_plan(plan, device="cpu", teacher_cache=studies_root / "teachers", keep_student=False)
+    assert [s.val_acc for s in result.stages] == trial.user_attrs[st.ATTR_STAGE_VAL_ACC]
+
+    text = format_leaderboard(summary, top=5)
+    assert f"optuna-dashboard sqlite:///{summary.db_path.resolve()}" in text
+    assert str(summary.best_plan_path) in text and "[baseline " in text and "(n=" in text
+    assert " -> " in text or all(r.sequence.count("(") == 1 for r in summary.top)
+
+
+@pytest.mark.slow
+def test_reusing_a_study_name_without_resume_is_an_error(main_search, studies_root):
+    space, summary, _ = main_search
+    before = hashlib.sha256(summary.db_path.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match=r"study main already exists in .*main\.db; use --resume or another --study"):
+        run_search(space, budget=3, study="main", studies_dir=studies_root, address="local")
+    assert hashlib.sha256(summary.db_path.read_bytes()).hexdigest() == before
+    assert not (studies_root / "main.lock").exists()
+    infos = {i.name: i for i in list_studies(studies_root)}
+    assert infos["main"].counts["COMPLETE"] + infos["main"].counts["PRUNED"] == 7
+    assert infos["main"].best_value == summary.top[0].val_acc
+
+
+PRUNE_SEARCH = {
+    # Two-epoch stages: cumulative epochs 2, 4, 6 are not the report counts 1, 2, 3.
+    "methods": ["kd", "at", "dkd", "fitnet"],
+    "stages": {"min": 2, "max": 3},
+    "epochs": {"min": 2, "max": 2},
+    "weight_modes": ["inverse"],
+    "pruning": {"grace_period": 2, "reduction_factor": 2},
+    "sampler": {"kind": "random"},
+}
+
+
+@pytest.fixture(scope="module")
+def pruned_search(studies_root):
+    space = load_space(write_space(studies_root, "prune", PRUNE_SEARCH))
+    # One trial at a time: the order trials reach a rung, hence ASHA's decisions, is fixed.
+    return run_search(space, budget=8, studies_dir=studies_root, address="local", max_concurrent=1,
+                      seed=0, baselines=False)
+
+
+@pytest.mark.slow
+def test_pruned_trials_are_pruned_with_stage_values(pruned_search):
+    trials = _trials(pruned_search.db_path, pruned_search.study)
+    assert len(trials) == 8
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned, [(t.user_attrs[st.ATTR_SEQUENCE], t.intermediate_values) for t in trials]
+    assert len(pruned) + len(complete) == 8
+    for t in pruned:
+        n_stages = len(load_plan_text(t.user_attrs[st.ATTR_PLAN]).stages)
+        iv = t.intermediate_values
+        # Every stage it ran, including the one ASHA stopped it at (rungs at 2 and 4 epochs).
+        assert iv and sorted(iv) == [2, 4][: len(iv)] and len(iv) < n_stages
+        assert max(iv) in (2, 4)
+        assert t.value == iv[max(iv)]
+        assert t.user_attrs[st.ATTR_STAGE_VAL_ACC] == [iv[k] for k in sorted(iv)]
+    for t in complete:
+        n_stages = len(load_plan_text(t.user_attrs[st.ATTR_PLAN]).stages)
+        assert sorted(t.intermediate_values) == [2 * (k + 1) for k in range(n_stages)]
+    assert pruned_search.counts["PRUNED"] == len(pruned)
+
+
+RESUME_SEARCH = {**MAIN_SEARCH, "methods": ["kd", "dkd"], "baseline_epochs": None}
+
+_KILLED_SEARCH = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from smskd_search.space import load_space
+    from smskd_search.search import run_search
+    run_search(load_space(sys.argv[1]), budget=int(sys.argv[2]), studies_dir=Path(sys.argv[3]),
+               address="local", max_concurrent=2, seed=0)
+""")
+
+
+def _finished(db: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("SELECT COUNT(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def _running_with_a_stage(db: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute(
+                "SELECT COUNT(DISTINCT t.trial_id) FROM trials t JOIN trial_intermediate_values v"
+                " ON v.trial_id = t.trial_id WHERE t.state = 'RUNNING'").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def _snapshot(t):
+    return (t.number, t.state, t.values, t.params, t.intermediate_values,
+            {k: v for k, v in t.user_attrs.items()})
+
+
+@pytest.fixture(scope="module")
+def resumed_search(studies_root):
+    space_path = write_space(studies_root, "resume", RESUME_SEARCH)
+    db = studies_root / "resume.db"
+    budget = 6
+    # A search in its own process group, killed hard (SIGKILL: no cleanup of any kind) once two
+    # trials have finished and, if it comes in time, while a trial is between two stages; its Ray
+    # processes go with the group.
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SEARCH, str(space_path), str(budget), str(studies_root)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = _finished(db)
+            if (done >= 2 and _running_with_a_stage(db)) or done >= 4:
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+    assert _finished(db) >= 2, err.decode()[-3000:]
+    before = _trials(db, "resume")
+    summary = run_search(load_space(space_path), budget=budget, studies_dir=studies_root, address="local",
+                         max_concurrent=2, seed=0, resume=True)
+    return before, summary
+
+
+@pytest.mark.slow
+def test_resume_after_a_hard_kill_finishes_the_budget(resumed_search, studies_root):
+    from smskd_search.engine import run_plan
+
+    before, summary = resumed_search
+    after = _trials(summary.db_path, "resume")
+    assert not summary.interrupted and summary.done == 6
+    assert sum(st.counts_toward_budget(t) for t in after) == 6
+    assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # Finished trials are untouched.
+    finished_before = [t for t in before if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    by_number = {t.number: t for t in after}
+    assert [_snapshot(t) for t in finished_before] == [_snapshot(by_number[t.number]) for t in finished_before]
+    # Trials the kill left RUNNING are FAIL (interrupted) with a reason, and their plans ran again.
+    orphans = [t for t in before if t.state == TrialState.RUNNING]
+    retries = {t.user_attrs.get(st.ATTR_RETRY_OF): t for t in after if st.ATTR_RETRY_OF in t.user_attrs}
+    for o in orphans:
+        now = by_number[o.number]
+        assert now.state == TrialState.FAIL and now.user_attrs[st.ATTR_INTERRUPTED] is True
+        assert "interrupted" in now.user_attrs[st.ATTR_FAIL_REASON]
+        rerun = retries[o.number]
+        assert rerun.user_attrs[st.ATTR_PLAN] == o.user_attrs[st.ATTR_PLAN].replace(
+            f"trial{o.number}", f"trial{rerun.number}")
+        if o.intermediate_values:
+            # It went on from the orphan's stage checkpoints instead of training those stages again.
+            assert rerun.user_attrs[st.ATTR_REPLAYED_STAGES] >= len(o.intermediate_values)
+            assert all(rerun.intermediate_values[k] == v for k, v in o.intermediate_values.items())
+        if rerun.state == TrialState.COMPLETE:
+            # Continued from the orphan's last stage checkpoint or not, the values are the plan's.
+            plan = load_plan_text(rerun.user_attrs[st.ATTR_PLAN])
+            torch.set_num_threads(rerun.user_attrs[st.ATTR_THREADS])
+            result = run_plan(plan, device="cpu", teacher_cache=studies_root / "teachers", keep_student=False)
+            assert [s.val_acc for s in result.stages] == rerun.user_attrs[st.ATTR_STAGE_VAL_ACC]
+    # Stage checkpoints are only kept while a resume may need them.
+    runs = studies_root / "resume" / "trials"
+    assert not runs.exists() or not any(runs.iterdir())
+    assert not (studies_root / "resume.lock").exists()
+
+
+@pytest.mark.slow
+def test_the_test_split_is_never_touched(main_search, pruned_search, resumed_search, access_log, tmp_path, monkeypatch):
+    assert not access_log.exists(), access_log.read_text()
+    # The instrument works: an explicit test-split access is logged.
+    from smskd_search.data import load_data, load_test_split
+    from smskd_search.plan import DatasetSpec
+
+    probe = tmp_path / "probe.log"
+    monkeypatch.setenv("SMSKD_TEST_ACCESS_LOG", str(probe))
+    spec = DatasetSpec(name="digits", val_fraction=0.25)
+    load_test_split(spec, load_data(spec).info)
+    assert probe.exists()
