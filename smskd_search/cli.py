@@ -4,6 +4,11 @@
     smskd-search teacher --space FILE                    train / check and cache the space's teacher
     smskd-search train PLAN.yaml | --method M --epochs N --space S
     smskd-search methods                                 the KD methods with their parameters
+    smskd-search studies                                 the studies with trial counts and best value
+    smskd-search dashboard [STUDY] [--port P]            optuna-dashboard on a study
+    smskd-search export STUDY [--top K | --trial N]      best completed plans as YAML
+    smskd-search verify PLAN.yaml [--seeds 3]            plan vs single methods on test, several seeds
+    smskd-search report STUDY [--out FILE]               one self-contained HTML page
 """
 
 from __future__ import annotations
@@ -176,13 +181,96 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------- inspect: dashboard, export, verify, report
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from smskd_search.dashboard import run_until_stopped, start_dashboard
+
+    dash = start_dashboard(STUDIES_DIR, args.study, host=args.host, port=args.port)
+    print(f"optuna-dashboard on study {dash.db.stem} ({dash.db}): {dash.url}  (Ctrl-C stops it)", flush=True)
+    return run_until_stopped(dash)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from smskd_search.export import export_plans
+
+    for e in export_plans(STUDIES_DIR, args.study, top=args.top, out=args.out, trial=args.trial):
+        n = f" (n={e.n_val})" if e.n_val else ""
+        tag = f"  [baseline {e.baseline}]" if e.baseline else ""
+        where = f"rank {e.rank}" if e.rank is not None else "chosen"
+        print(f"{where}: trial #{e.trial}  val acc {_pct(e.val_acc)}{n}  {e.sequence}{tag}  -> {e.path}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from smskd_search.plan import load_plan
+    from smskd_search.verify import format_table, run_verify, to_dict
+
+    plan = load_plan(args.plan)
+    threads = args.threads or (plan.provenance or {}).get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    line = Line()
+
+    def on_run(label: str, seed: int, i: int, total: int) -> None:
+        line.update(f"  run {i}/{total}: {label} seed {seed}")
+
+    rows, verdict = run_verify(plan, seeds=args.seeds, device=args.device, teacher_cache=STUDIES_DIR / "teachers",
+                               on_run=on_run)
+    line.done()
+    print(f"plan {plan.name}: {plan.sequence()}  ({plan.total_epochs} epochs, {args.seeds} seed(s), "
+          f"threads {torch.get_num_threads()}); test accuracy:")
+    print(format_table(rows, verdict))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(to_dict(rows, verdict), indent=2))
+        print(f"results: {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from smskd_search.report import write_report
+
+    path = write_report(STUDIES_DIR, args.study, out=args.out)
+    print(f"report: {path} (open it in a browser; it loads nothing from the network)")
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from smskd_search.export import trial_n_val
+    from smskd_search.search.storage import list_studies
+
+    infos = list_studies(STUDIES_DIR)
+    if not infos:
+        print(f"no studies in {STUDIES_DIR}")
+        return 0
+    for s in infos:
+        if s.error:
+            print(f"{s.name:<24} unreadable: {s.error}")
+            continue
+        c = s.counts
+        budget = f"/{s.budget}" if s.budget else ""
+        best = "best -"
+        if s.best_value is not None and s.best_trial is not None:
+            n = trial_n_val(s.db_path, s.best_trial)
+            best = f"best {_pct(s.best_value)}{f' (n={n})' if n else ''} #{s.best_trial} {s.best_sequence or ''}"
+        print(f"{s.name:<24} {s.n_trials}{budget} trials: {c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, "
+              f"{c.get('FAIL', 0)} failed, {c.get('RUNNING', 0)} running  {best}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
 def _search_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Search SMSKD stage sequences (Ray Tune + Optuna).",
-                                epilog="other commands: teacher, train, methods (smskd-search COMMAND --help)")
+                                epilog="other commands: teacher, train, methods, studies, dashboard, export, verify, report "
+                                       "(smskd-search COMMAND --help)")
     p.add_argument("--space", default=None, help="space file or built-in name (default: spaces/default.yaml)")
     p.add_argument("--budget", type=int, default=50, help="number of trials (default 50)")
     p.add_argument("--study", default=None, help="study name (default: derived from the space)")
@@ -226,6 +314,42 @@ def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
     p = argparse.ArgumentParser(prog=f"{prog} methods", description="List the KD methods and their parameters.")
     p.set_defaults(func=cmd_methods)
     parsers["methods"] = p
+
+    p = argparse.ArgumentParser(prog=f"{prog} dashboard", description="Start optuna-dashboard on a study.")
+    p.add_argument("study", nargs="?", default=None, help="study name (default: the most recently modified study)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.set_defaults(func=cmd_dashboard)
+    parsers["dashboard"] = p
+
+    p = argparse.ArgumentParser(prog=f"{prog} export", description="Write a study's best completed plans as YAML.")
+    p.add_argument("study", help="study name (see `smskd-search studies`)")
+    p.add_argument("--top", type=int, default=3, help="how many plans, best first (default 3)")
+    p.add_argument("--out", default=None, help="folder (default: studies/<study>/plans/)")
+    p.add_argument("--trial", type=int, default=None, help="export this completed trial only (trial<N>.yaml)")
+    p.set_defaults(func=cmd_export)
+    parsers["export"] = p
+
+    p = argparse.ArgumentParser(prog=f"{prog} verify",
+                                description="Re-run a plan and its equal-epoch single-method baselines on "
+                                            "several seeds; compare test accuracy against the noise.")
+    p.add_argument("plan", help="plan YAML (e.g. studies/NAME/plans/rank1.yaml)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the plan's recorded count)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.set_defaults(func=cmd_verify)
+    parsers["verify"] = p
+
+    p = argparse.ArgumentParser(prog=f"{prog} report", description="Write one self-contained HTML page about a study.")
+    p.add_argument("study", help="study name")
+    p.add_argument("--out", default=None, help="HTML file (default: studies/<study>/report.html)")
+    p.set_defaults(func=cmd_report)
+    parsers["report"] = p
+
+    p = argparse.ArgumentParser(prog=f"{prog} studies", description="List the studies with trial counts and best value.")
+    p.set_defaults(func=cmd_studies)
+    parsers["studies"] = p
     return parsers
 
 
