@@ -12,6 +12,7 @@ even while a search is writing to it. The helpers that read a study live here an
 from __future__ import annotations
 
 import math
+import sqlite3
 import urllib.parse
 import warnings
 from dataclasses import dataclass
@@ -67,9 +68,15 @@ def find_study_db(studies_dir: str | Path, study: str) -> Path:
 
 def readonly_storage(path: str | Path) -> RDBStorage:
     """Storage on the study file that cannot write to it (SQLite ``mode=ro``)."""
-    uri = urllib.parse.quote(str(Path(path).resolve()))
-    return RDBStorage(f"sqlite:///file:{uri}?mode=ro&uri=true", skip_table_creation=True,
-                      engine_kwargs={"connect_args": {"timeout": 60}})
+    real = Path(path).resolve()
+    uri = f"file:{urllib.parse.quote(str(real))}?mode=ro"
+
+    # Our own connect: SQLAlchemy would percent-decode a URI given in the URL, breaking paths with
+    # characters such as '#' or '?'.
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
+
+    return RDBStorage(f"sqlite:///{real}", skip_table_creation=True, engine_kwargs={"creator": connect})
 
 
 def open_study(path: str | Path, name: str | None = None) -> optuna.Study:

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import sqlite3
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,8 @@ def is_optuna_db(path: str | Path) -> bool:
     if not p.is_file() or p.stat().st_size == 0:
         return False
     try:
-        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=5)
+        # Quoted: a '#' or '?' in the folder name would otherwise end the URI's path.
+        con = sqlite3.connect(f"file:{urllib.parse.quote(str(p.resolve()))}?mode=ro", uri=True, timeout=5)
         try:
             rows = con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='version_info'").fetchall()
         finally:
