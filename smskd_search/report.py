@@ -26,7 +26,7 @@ import plotly.io as pio
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from smskd_search.export import describe_state, find_study_db, open_study, ranked_trials, stage_values, stderr, val_acc
+from smskd_search.export import find_study_db, open_study, ranked_trials, stage_values, stderr, val_acc
 from smskd_search.search.sampling import BASELINE_ATTR
 from smskd_search.search.storage import (
     ATTR_FAIL_REASON,
