@@ -386,13 +386,14 @@ def test_pruned_trials_are_pruned_with_stage_values(pruned_search):
 
 RESUME_SEARCH = {**MAIN_SEARCH, "methods": ["kd", "dkd"], "baseline_epochs": None}
 
-_KILLED_SEARCH = textwrap.dedent("""
+_SEARCH_PROCESS = textwrap.dedent("""
     import sys
     from pathlib import Path
     from smskd_search.space import load_space
     from smskd_search.search import run_search
-    run_search(load_space(sys.argv[1]), budget=int(sys.argv[2]), studies_dir=Path(sys.argv[3]),
-               address="local", max_concurrent=2, seed=0)
+    summary = run_search(load_space(sys.argv[1]), budget=int(sys.argv[2]), studies_dir=Path(sys.argv[3]),
+                         address="local", max_concurrent=2, seed=0, resume=sys.argv[4] == "resume")
+    print("stop_reason", summary.stop_reason, "interrupted", summary.interrupted)
 """)
 
 
@@ -420,6 +421,25 @@ def _running_with_a_stage(db: Path) -> int:
         return 0
 
 
+def _search_until(args: list[str], db: Path, stop_when, sig: int) -> tuple[int, str]:
+    """Run a search in its own process group and send ``sig`` to the group once ``stop_when()``.
+
+    SIGINT to the group is what a terminal's Ctrl-C does; SIGKILL ends the driver and the Ray
+    processes of its group with no cleanup of any kind.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", _SEARCH_PROCESS, *args], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not stop_when():
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+        out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out.decode()
+
+
 def _snapshot(t):
     return (t.number, t.state, t.values, t.params, t.intermediate_values,
             {k: v for k, v in t.user_attrs.items()})
@@ -427,53 +447,64 @@ def _snapshot(t):
 
 @pytest.fixture(scope="module")
 def resumed_search(studies_root):
+    """Ctrl-C a search, resume it and kill that hard, then resume it to its budget."""
     space_path = write_space(studies_root, "resume", RESUME_SEARCH)
     db = studies_root / "resume.db"
-    budget = 6
-    # A search in its own process group, killed hard (SIGKILL: no cleanup of any kind) once two
-    # trials have finished and, if it comes in time, while a trial is between two stages; its Ray
-    # processes go with the group.
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SEARCH, str(space_path), str(budget), str(studies_root)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = _finished(db)
-            if (done >= 2 and _running_with_a_stage(db)) or done >= 4:
-                break
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-    assert _finished(db) >= 2, err.decode()[-3000:]
+    budget = 7
+    args = [str(space_path), str(budget), str(studies_root)]
+    rc, out = _search_until([*args, "new"], db, lambda: _finished(db) >= 1, signal.SIGINT)
+    after_ctrl_c = _trials(db, "resume")
+    rc2, out2 = _search_until(
+        [*args, "resume"], db,
+        # If it comes in time, while a trial is between two stages: its rerun must go on from there.
+        lambda: (_finished(db) >= 3 and _running_with_a_stage(db)) or _finished(db) >= 5, signal.SIGKILL)
+    assert rc2 == -signal.SIGKILL, out2[-3000:]
     before = _trials(db, "resume")
     summary = run_search(load_space(space_path), budget=budget, studies_dir=studies_root, address="local",
                          max_concurrent=2, seed=0, resume=True)
-    return before, summary
+    return (rc, out, after_ctrl_c), before, summary
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_keeping_what_finished(resumed_search, studies_root):
+    (rc, out, trials), _, _ = resumed_search
+    assert rc == 0, out[-3000:]
+    assert "stop_reason interrupted interrupted True" in out
+    assert "Traceback" not in out
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+    # Nothing left RUNNING: the trials the stop cut short are FAIL (interrupted), with a reason.
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs[st.ATTR_INTERRUPTED] is True and "interrupted" in t.user_attrs[st.ATTR_FAIL_REASON]
 
 
 @pytest.mark.slow
 def test_resume_after_a_hard_kill_finishes_the_budget(resumed_search, studies_root):
     from smskd_search.engine import run_plan
 
-    before, summary = resumed_search
+    (_, _, after_ctrl_c), before, summary = resumed_search
     after = _trials(summary.db_path, "resume")
-    assert not summary.interrupted and summary.done == 6
-    assert sum(st.counts_toward_budget(t) for t in after) == 6
+    assert not summary.interrupted and summary.done == 7
+    assert sum(st.counts_toward_budget(t) for t in after) == 7
     assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    # Finished trials are untouched.
-    finished_before = [t for t in before if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    # Finished trials are untouched, through both interruptions.
     by_number = {t.number: t for t in after}
-    assert [_snapshot(t) for t in finished_before] == [_snapshot(by_number[t.number]) for t in finished_before]
-    # Trials the kill left RUNNING are FAIL (interrupted) with a reason, and their plans ran again.
-    orphans = [t for t in before if t.state == TrialState.RUNNING]
-    retries = {t.user_attrs.get(st.ATTR_RETRY_OF): t for t in after if st.ATTR_RETRY_OF in t.user_attrs}
-    for o in orphans:
+    for earlier in (after_ctrl_c, before):
+        finished = [t for t in earlier if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert [_snapshot(t) for t in finished] == [_snapshot(by_number[t.number]) for t in finished]
+    # Trials left RUNNING (the hard kill) or cut short (the Ctrl-C) are FAIL (interrupted) with a
+    # reason, and their plans ran again.
+    cut_short = [t for t in before if t.state == TrialState.RUNNING]
+    cut_short += [t for t in after_ctrl_c if t.state == TrialState.FAIL]
+    assert cut_short
+    for o in cut_short:
         now = by_number[o.number]
         assert now.state == TrialState.FAIL and now.user_attrs[st.ATTR_INTERRUPTED] is True
         assert "interrupted" in now.user_attrs[st.ATTR_FAIL_REASON]
-        rerun = retries[o.number]
+        # The rerun that finished (a rerun may have been interrupted too, and rerun in turn).
+        (rerun,) = [t for t in after if o.number in t.user_attrs.get(st.ATTR_RESUME_FROM, [])
+                    and st.counts_toward_budget(t)]
         assert rerun.user_attrs[st.ATTR_PLAN] == o.user_attrs[st.ATTR_PLAN].replace(
             f"trial{o.number}", f"trial{rerun.number}")
         if o.intermediate_values:
@@ -481,7 +512,7 @@ def test_resume_after_a_hard_kill_finishes_the_budget(resumed_search, studies_ro
             assert rerun.user_attrs[st.ATTR_REPLAYED_STAGES] >= len(o.intermediate_values)
             assert all(rerun.intermediate_values[k] == v for k, v in o.intermediate_values.items())
         if rerun.state == TrialState.COMPLETE:
-            # Continued from the orphan's last stage checkpoint or not, the values are the plan's.
+            # Continued from a stage checkpoint or not, the values are the plan's, bit for bit.
             plan = load_plan_text(rerun.user_attrs[st.ATTR_PLAN])
             torch.set_num_threads(rerun.user_attrs[st.ATTR_THREADS])
             result = run_plan(plan, device="cpu", teacher_cache=studies_root / "teachers", keep_student=False)

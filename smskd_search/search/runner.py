@@ -52,6 +52,14 @@ class ProgressInfo:
     best_sequence: str | None
     elapsed_s: float
 
+    @property
+    def completed(self) -> int:  # the name the CLI reads: trials done, whatever their state
+        return self.done
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_s
+
     def line(self) -> str:
         best = f"best {self.best_value:.4f} {self.best_sequence}" if self.best_value is not None else "best -"
         return (f"{self.done}/{self.budget} done ({self.pruned} pruned, {self.failed} failed), "
@@ -70,6 +78,7 @@ class LeaderboardRow:
     n_val: int | None
     total_epochs: int | None
     baseline: str | None
+    pareto: bool = False  # on the accuracy-vs-epochs front (multi-objective studies only)
 
 
 @dataclass
@@ -117,11 +126,10 @@ class _DefineByRun:
             st.ATTR_RUN_DIR: str(run_dir),
         }.items():
             trial.set_user_attr(key, value)
-        retry_of = trial.user_attrs.get(st.ATTR_RETRY_OF)
         return {
             "plan_yaml": plan.to_yaml(),
             "run_dir": str(run_dir),
-            "resume_dir": str(self.runs_dir / f"{int(retry_of):05d}") if retry_of is not None else None,
+            "resume_dirs": [str(self.runs_dir / f"{int(n):05d}") for n in trial.user_attrs.get(st.ATTR_RESUME_FROM, [])],
             "threads": self.threads,
         }
 
@@ -148,11 +156,9 @@ def _make_sampler(space: Space, seed: int) -> optuna.samplers.BaseSampler:
                                           multivariate=True, group=True, constant_liar=True)
 
 
-def _retried(trials: list[FrozenTrial], started_only: bool = False) -> set[int]:
-    """Numbers of interrupted trials that have a rerun (with ``started_only``: one that began)."""
-    return {int(t.user_attrs[st.ATTR_RETRY_OF]) for t in trials
-            if t.user_attrs.get(st.ATTR_RETRY_OF) is not None
-            and not (started_only and t.state == TrialState.WAITING)}
+def _retried(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of interrupted trials that have a rerun (in any state)."""
+    return {int(t.user_attrs[st.ATTR_RETRY_OF]) for t in trials if t.user_attrs.get(st.ATTR_RETRY_OF) is not None}
 
 
 def _enqueue_retries(study: optuna.Study) -> list[int]:
@@ -164,6 +170,7 @@ def _enqueue_retries(study: optuna.Study) -> list[int]:
         if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INTERRUPTED) and t.number not in retried:
             attrs = {k: t.user_attrs[k] for k in (BASELINE_ATTR, FIXED_PLAN_ATTR) if k in t.user_attrs}
             attrs[st.ATTR_RETRY_OF] = t.number
+            attrs[st.ATTR_RESUME_FROM] = [t.number, *t.user_attrs.get(st.ATTR_RESUME_FROM, [])]
             study.enqueue_trial(t.params, user_attrs=attrs)
             out.append(t.number)
     return out
@@ -174,13 +181,13 @@ def _clean_run_dirs(study: optuna.Study, runs_dir: Path) -> None:
     if not runs_dir.is_dir():
         return
     trials = study.get_trials(deepcopy=False)
-    # A rerun copies the interrupted trial's checkpoints when it starts; until then they must stay.
-    retried = _retried(trials, started_only=True)
+    # An interrupted trial's checkpoints stay until a rerun of its plan has finished for good.
+    settled = {int(n) for t in trials if st.counts_toward_budget(t) for n in t.user_attrs.get(st.ATTR_RESUME_FROM, [])}
     for t in trials:
         d = runs_dir / f"{t.number:05d}"
         if not d.exists() or t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
-        if t.user_attrs.get(st.ATTR_INTERRUPTED) and t.number not in retried:
+        if t.user_attrs.get(st.ATTR_INTERRUPTED) and t.number not in settled:
             continue
         shutil.rmtree(d, ignore_errors=True)
 
@@ -506,6 +513,10 @@ def _run_tune(space: LoadedSpace, study_obj: optuna.Study, *, name: str, studies
             tuner.fit()
         except KeyboardInterrupt:  # a second Ctrl-C while Tune was winding down
             interrupted = True
+        # Tune's copies of the stage checkpoints only serve its failure recovery during the run
+        # (a resume works from the study and the trial folders).
+        for ckpt in (studies_dir / name / "ray").glob("run-*/*/checkpoint_*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
         return interrupted, {"resources_per_trial": resources, "max_concurrent": concurrent}
     finally:
         if searcher is not None:
@@ -533,6 +544,7 @@ def _reference_fields(plan_yaml: str | None) -> tuple[float | None, str | None, 
 
 def _leaderboard(study_obj: optuna.Study, trials: list[FrozenTrial], multi: bool) -> list[LeaderboardRow]:
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    front: set[int] = set()
     if multi:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -549,6 +561,7 @@ def _leaderboard(study_obj: optuna.Study, trials: list[FrozenTrial], multi: bool
             rank=rank, number=t.number, sequence=t.user_attrs.get(st.ATTR_SEQUENCE, "?"), lambda_ref=lam,
             weight_mode=mode, normalize=norm, val_acc=float(t.values[0]), n_val=t.user_attrs.get(st.ATTR_N_VAL),
             total_epochs=t.user_attrs.get(st.ATTR_TOTAL_EPOCHS, total), baseline=t.user_attrs.get(BASELINE_ATTR),
+            pareto=multi and t.number in front,
         ))
     return rows
 
@@ -580,31 +593,31 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
     lines: list[str] = []
     rows = summary.top[:top]
     if rows:
-        acc_cells = []
-        for r in rows:
+        def acc_cell(r: LeaderboardRow) -> str:
             se = _stderr(r.val_acc, r.n_val)
-            acc_cells.append(f"{r.val_acc:.4f}" + (f" ± {se:.4f}" if se is not None else "")
-                             + (f" (n={r.n_val})" if r.n_val else ""))
-        lam_cells = ["-" if r.lambda_ref is None else f"{r.lambda_ref:.3g}" for r in rows]
-        mode_cells = [(r.weight_mode or "-") + ("+bm" if r.normalize == "batch_mean" else "") for r in rows]
-        w_acc = max(len("val acc"), *(len(c) for c in acc_cells))
-        w_lam = max(len("lambda_ref"), *(len(c) for c in lam_cells))
-        w_mode = max(len("mode"), *(len(c) for c in mode_cells))
-        w_trial = max(len("trial"), *(len(f"#{r.number}") for r in rows))
-        header = f"{'rank':>4}  {'trial':<{w_trial}}  {'val acc':<{w_acc}}  {'lambda_ref':<{w_lam}}  {'mode':<{w_mode}}  stages"
+            return (f"{r.val_acc:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+                    + (f" (n={r.n_val})" if r.n_val else ""))
+
+        columns: list[tuple[str, list[str], str]] = [
+            ("rank", [f"{r.rank}{'*' if r.pareto else ''}" for r in rows], ">"),
+            ("trial", [f"#{r.number}" for r in rows], "<"),
+            ("val acc", [acc_cell(r) for r in rows], "<"),
+            ("epochs", ["-" if r.total_epochs is None else str(r.total_epochs) for r in rows], ">"),
+            ("lambda_ref", ["-" if r.lambda_ref is None else f"{r.lambda_ref:.3g}" for r in rows], "<"),
+            ("mode", [(r.weight_mode or "-") + ("+bm" if r.normalize == "batch_mean" else "") for r in rows], "<"),
+        ]
+        widths = [max(len(title), *(len(c) for c in cells)) for title, cells, _ in columns]
+        lines.append("  ".join(f"{title:{align}{w}}" for (title, _, align), w in zip(columns, widths)) + "  stages")
+        for i, r in enumerate(rows):
+            cells = "  ".join(f"{col[1][i]:{col[2]}{w}}" for col, w in zip(columns, widths))
+            lines.append(f"{cells}  {r.sequence}" + (f"   [baseline {r.baseline}]" if r.baseline else ""))
         if summary.multi_objective:
-            header += "  (epochs)"
-        lines.append(header)
-        for r, acc, lam, mode in zip(rows, acc_cells, lam_cells, mode_cells):
-            line = f"{r.rank:>4}  {'#' + str(r.number):<{w_trial}}  {acc:<{w_acc}}  {lam:<{w_lam}}  {mode:<{w_mode}}  {r.sequence}"
-            if r.baseline:
-                line += f"   [baseline {r.baseline}]"
-            lines.append(line)
-        best = rows[0]
+            lines.append("* on the Pareto front of val accuracy (max) vs total epochs (min)")
+        best = max(rows, key=lambda r: r.val_acc)
         baselines = [r for r in summary.top if r.baseline]
         se = _stderr(best.val_acc, best.n_val)
         if baselines and not best.baseline and se is not None:
-            rival = baselines[0]
+            rival = max(baselines, key=lambda r: r.val_acc)
             margin = best.val_acc - rival.val_acc
             # Two independent accuracies on the same split size: the s.e. of the difference.
             se_diff = math.sqrt(se**2 + (_stderr(rival.val_acc, rival.n_val) or 0.0) ** 2)

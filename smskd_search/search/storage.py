@@ -39,6 +39,9 @@ ATTR_FAIL_REASON = "fail_reason"
 # they do not count against the budget, and a resume runs their plan again.
 ATTR_INTERRUPTED = "interrupted"
 ATTR_RETRY_OF = "retry_of"
+# The interrupted trials a rerun may take stage checkpoints from, nearest first (a rerun can be
+# interrupted too, before or after it copied its predecessor's checkpoints).
+ATTR_RESUME_FROM = "resume_from"
 ATTR_RUN_DIR = "run_dir"
 ATTR_REPLAYED_STAGES = "replayed_stages"
 
@@ -327,6 +330,7 @@ __all__ = [
     "ATTR_INTERRUPTED",
     "ATTR_N_VAL",
     "ATTR_PLAN",
+    "ATTR_RESUME_FROM",
     "ATTR_RETRY_OF",
     "ATTR_SEQUENCE",
     "ATTR_STAGE_CUM_EPOCHS",

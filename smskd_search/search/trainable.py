@@ -99,9 +99,10 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             _adopt_checkpoints(Path(d), run_dir)
-    resume_dir = config.get("resume_dir")
-    if resume_dir and Path(resume_dir).is_dir():
-        _adopt_checkpoints(Path(resume_dir), run_dir)
+    resume_dirs = [Path(d) for d in config.get("resume_dirs") or []]
+    for d in resume_dirs:  # nearest first; stage files of one plan are the same in all of them
+        if d.is_dir():
+            _adopt_checkpoints(d, run_dir)
 
     n_stages, total = len(plan.stages), plan.total_epochs
 
@@ -146,9 +147,8 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
                      "traceback": traceback.format_exc()[-4000:]})
     if not context.keep_run_dirs:
         # Finished (completed or failed): the checkpoints were only there for a resume.
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if resume_dir:
-            shutil.rmtree(resume_dir, ignore_errors=True)
+        for d in [run_dir, *resume_dirs]:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 __all__ = ["TrialContext", "train_trial"]
