@@ -163,6 +163,17 @@ def test_space_without_search_part_is_a_user_error(tmp_path):
         run_search(load_space(path), studies_dir=tmp_path)
 
 
+def test_a_failed_start_leaves_no_study_behind(tmp_path):
+    path = tmp_path / "badteacher.yaml"
+    problem = {**PROBLEM, "teacher": {"arch": "cnn_large", "checkpoint": str(tmp_path / "missing.pt")}}
+    path.write_text(yaml.safe_dump({"name": "badteacher", "problem": problem, "search": MAIN_SEARCH}))
+    with pytest.raises(UserError, match="teacher.checkpoint"):
+        run_search(load_space(path), studies_dir=tmp_path)
+    assert not (tmp_path / "badteacher.db").exists() and not (tmp_path / "badteacher.lock").exists()
+    with pytest.raises(UserError, match="no study badteacher to resume"):
+        run_search(load_space(path), studies_dir=tmp_path, resume=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The searcher's study states, driven directly (Tune's calls, no cluster)
 
@@ -227,6 +238,78 @@ def test_searcher_multi_objective_and_finished_trials():
     s2.on_trial_result("x", _result(2, 0.5))
     s2.on_trial_complete("x", _result(6, 0.9, final=True))  # no UpdateFinishedTrialError
     assert s2._ot_study.trials[0].value == 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable's logic with a stand-in for Tune's session (no cluster)
+
+
+class _FakeTune:
+    """Records ``report`` calls; ``stop_after`` reports, raises like a process dying there."""
+
+    class Checkpoint:
+        @staticmethod
+        def from_directory(path):
+            return sorted(os.listdir(path))
+
+    def __init__(self, stop_after: int | None = None):
+        self.reports: list[tuple[dict, list | None]] = []
+        self.stop_after = stop_after
+
+    def report(self, metrics, checkpoint=None):
+        self.reports.append((dict(metrics), checkpoint))
+        if self.stop_after is not None and len(self.reports) >= self.stop_after:
+            raise SystemExit(0)
+
+    def get_checkpoint(self):
+        return None
+
+
+def test_trainable_reports_resumes_and_fails_cleanly(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from smskd_search.engine import ensure_teacher
+    from smskd_search.plan import ProblemSpec
+    from smskd_search.search import trainable as tr
+    from smskd_search.search.sampling import build_plan
+
+    problem = {**PROBLEM, "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}}
+    space = load_space(write_space(tmp_path, "trainable", {**MAIN_SEARCH, "methods": ["kd", "dkd"]}))
+    space.space.problem = ProblemSpec.model_validate(problem)
+    record = ensure_teacher(space.space.problem, cache_root=tmp_path / "teachers")
+    context = tr.TrialContext(teacher_record=asdict(record))
+    plan = build_plan(space, [("kd", 1), ("dkd", 2)], weight_mode="inverse", teacher_sha256=record.sha256)
+
+    def run(fake, run_dir, resume_dirs=(), the_plan=plan):
+        monkeypatch.setattr(tr, "tune", fake)
+        config = {"plan_yaml": the_plan.to_yaml(), "run_dir": str(run_dir),
+                  "resume_dirs": [str(d) for d in resume_dirs], "threads": 1}
+        try:
+            tr.train_trial(config, context)
+        except SystemExit:
+            pass
+        return fake.reports
+
+    whole = run(_FakeTune(), tmp_path / "a")
+    assert [(m["stage"], m["cum_epochs"], m["final"], m["replayed"]) for m, _ in whole] == [(1, 1, False, False), (2, 3, True, False)]
+    assert [c for _, c in whole] == [["stage1.pt"], ["stage2.pt"]]
+    assert all(m["n_val"] > 0 and m["total_epochs"] == 3 for m, _ in whole)
+    assert not (tmp_path / "a").exists()  # finished: nothing kept for a resume
+
+    # Stopped inside its first report (a kill or Ctrl-C there): the stage checkpoint stays.
+    cut = run(_FakeTune(stop_after=1), tmp_path / "b")
+    assert len(cut) == 1 and (tmp_path / "b" / "stage1.pt").exists()
+    # Its rerun replays stage 1 from the checkpoint, trains stage 2, and lands on the same values.
+    rerun = run(_FakeTune(), tmp_path / "c", resume_dirs=[tmp_path / "b"])
+    assert [(m["stage"], m["replayed"]) for m, _ in rerun] == [(1, True), (2, False)]
+    assert [m["val_acc"] for m, _ in rerun] == [m["val_acc"] for m, _ in whole]
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+    # A plan that raises: one result that carries the error, nothing raised to Tune.
+    bad = plan.model_copy(update={"teacher_sha256": "0" * 64})
+    (failed, _), = run(_FakeTune(), tmp_path / "d", the_plan=bad)
+    assert failed["error"].startswith("UserError: teacher_sha256") and math.isnan(failed["val_acc"])
+    assert failed["cum_epochs"] == 0 and not failed["final"]
 
 
 # ---------------------------------------------------------------------------------------------

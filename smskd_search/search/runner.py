@@ -371,17 +371,23 @@ def run_search(
     try:
         from smskd_search.engine import ensure_teacher, pick_device
 
-        teacher = ensure_teacher(sp.problem, cache_root=studies_dir / "teachers", device=pick_device(None))
+        # The study file first, so that the dashboard can open it while the teacher trains.
         if resume:
-            study_obj = st.load_study_for_resume(space, studies_dir, name, teacher_sha256=teacher.sha256,
-                                                 budget=budget)
+            study_obj = st.load_study_for_resume(space, studies_dir, name, budget=budget)
+        else:
+            study_obj = st.create_study(space, studies_dir, name, seed=seed, budget=budget)
+        try:
+            teacher = ensure_teacher(sp.problem, cache_root=studies_dir / "teachers", device=pick_device(None))
+        except BaseException:
+            if not resume and not study_obj.get_trials(deepcopy=False):
+                path.unlink(missing_ok=True)  # nothing ran: the name stays free for the next attempt
+            raise
+        st.bind_teacher(study_obj, teacher_path=teacher.path, teacher_sha256=teacher.sha256)
+        if resume:
             orphans = st.fail_orphans(study_obj, "interrupted: the search process ended while this trial ran")
             if orphans:
                 notes.append(f"marked {len(orphans)} trial(s) left running by the previous process FAIL "
                              f"(interrupted): {orphans}")
-        else:
-            study_obj = st.create_study(space, studies_dir, name, teacher_path=teacher.path,
-                                        teacher_sha256=teacher.sha256, seed=seed, budget=budget)
         runs_dir = (studies_dir / name / "trials").resolve()
         before = study_obj.get_trials(deepcopy=False)
         remaining = budget - _budget_done(before)

@@ -106,8 +106,8 @@ def _space_fingerprint(text: str) -> str:
         return text
 
 
-def create_study(space: LoadedSpace, studies_dir: str | Path, study: str, *, teacher_path: str,
-                 teacher_sha256: str, seed: int, budget: int) -> optuna.Study:
+def create_study(space: LoadedSpace, studies_dir: str | Path, study: str, *, seed: int, budget: int,
+                 teacher_path: str | None = None, teacher_sha256: str | None = None) -> optuna.Study:
     """Create a new study (schema first); a name already in use is a UserError, never a merge."""
     path = db_path(studies_dir, study)
     if path.exists() and path.stat().st_size > 0:
@@ -122,18 +122,34 @@ def create_study(space: LoadedSpace, studies_dir: str | Path, study: str, *, tea
         "space_sha256": space.sha256,
         "space_yaml": text,
         "space_name": space.space.name,
-        "teacher_sha256": teacher_sha256,
-        "teacher_path": str(teacher_path),
         "seed": seed,
         "budget": budget,
     }.items():
         st.set_user_attr(key, value)
+    if teacher_sha256 is not None:
+        bind_teacher(st, teacher_path=str(teacher_path), teacher_sha256=teacher_sha256)
     return st
 
 
+def bind_teacher(study: optuna.Study, *, teacher_path: str, teacher_sha256: str) -> None:
+    """Record the study's teacher, or check that it is the one the study was searched with."""
+    known = study.user_attrs.get("teacher_sha256")
+    if known is None:
+        study.set_user_attr("teacher_sha256", teacher_sha256)
+        study.set_user_attr("teacher_path", str(teacher_path))
+    elif known != teacher_sha256:
+        raise UserError(
+            f"--resume: study {study.study_name} was searched with teacher {str(known)[:12]}, the cache "
+            f"now holds {teacher_sha256[:12]} ({teacher_path}); resume with that teacher or start a new --study"
+        )
+
+
 def load_study_for_resume(space: LoadedSpace, studies_dir: str | Path, study: str, *,
-                          teacher_sha256: str, budget: int) -> optuna.Study:
-    """The existing study, checked against this space and teacher, with its budget updated."""
+                          budget: int) -> optuna.Study:
+    """The existing study, checked against this space, with its budget updated.
+
+    The teacher is checked by :func:`bind_teacher` once it is ensured.
+    """
     path = db_path(studies_dir, study)
     if not is_optuna_db(path):
         raise UserError(f"--resume: no study {study} to resume ({path} not found)")
@@ -153,11 +169,6 @@ def load_study_for_resume(space: LoadedSpace, studies_dir: str | Path, study: st
     have = [d.name.lower() for d in st.directions]
     if want != have:
         raise UserError(f"--resume: study {study} optimises {have}, the space asks for {want}")
-    if attrs.get("teacher_sha256") not in (None, teacher_sha256):
-        raise UserError(
-            f"--resume: study {study} was searched with teacher {str(attrs['teacher_sha256'])[:12]}, "
-            f"the cache now holds {teacher_sha256[:12]}; resume with that teacher or start a new --study"
-        )
     if attrs.get("budget") != budget:
         st.set_user_attr("budget", budget)
     return st
@@ -339,6 +350,7 @@ __all__ = [
     "ATTR_TOTAL_EPOCHS",
     "StudyInfo",
     "StudyLock",
+    "bind_teacher",
     "counts_by_state",
     "counts_toward_budget",
     "create_study",
