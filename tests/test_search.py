@@ -174,6 +174,32 @@ def test_a_failed_start_leaves_no_study_behind(tmp_path):
         run_search(load_space(path), studies_dir=tmp_path, resume=True)
 
 
+def test_resume_checks_the_space_and_the_lock_guards_a_live_study(tmp_path):
+    import socket
+
+    space = load_space(write_space(tmp_path, "s1", MAIN_SEARCH))
+    st.create_study(space, tmp_path, "s1", seed=0, budget=5, teacher_path="t.pt", teacher_sha256="a" * 64)
+    # Comments and resources may change between a search and its resume; the ranges may not.
+    space.path.write_text("# a comment\n" + space.path.read_text() + "runtime: {cpus_per_trial: 2}\n")
+    study = st.load_study_for_resume(load_space(space.path), tmp_path, "s1", budget=9)
+    assert study.user_attrs["budget"] == 9
+    with pytest.raises(UserError, match="searched with teacher aaaaaaaaaaaa"):
+        st.bind_teacher(study, teacher_path="u.pt", teacher_sha256="b" * 64)
+    changed = write_space(tmp_path, "s1", {**MAIN_SEARCH, "methods": ["kd", "dkd"]})
+    with pytest.raises(UserError, match="made with another space"):
+        st.load_study_for_resume(load_space(changed), tmp_path, "s1", budget=9)
+
+    lock = tmp_path / "s1.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process holds it
+    with pytest.raises(UserError, match="in use by process"):
+        st.StudyLock(tmp_path, "s1").acquire()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()} {dead.pid}")  # left by a killed search: taken over
+    st.StudyLock(tmp_path, "s1").acquire().release()
+    assert not lock.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The searcher's study states, driven directly (Tune's calls, no cluster)
 
@@ -225,11 +251,15 @@ def test_searcher_multi_objective_and_finished_trials():
     storage = optuna.storages.InMemoryStorage()
     s = _searcher(storage, multi=True)
     s.suggest("a")
+    s.suggest("b")
     s.on_trial_result("a", _result(2, 0.5))
     s.on_trial_complete("a", _result(6, 0.7, final=True))
-    (a,) = optuna.load_study(study_name="s", storage=storage).trials
+    # No pruning in a Pareto search: a trial ending before its last stage was cut short.
+    s.on_trial_complete("b", _result(2, 0.6))
+    a, b = optuna.load_study(study_name="s", storage=storage).trials
     assert a.state == TrialState.COMPLETE and a.values == [0.7, 6.0] and a.intermediate_values == {}
     assert a.user_attrs[st.ATTR_STAGE_VAL_ACC] == [0.5, 0.7]
+    assert b.state == TrialState.FAIL and b.user_attrs[st.ATTR_INTERRUPTED] is True
 
     # A stale Tune snapshot (resume after a hard kill) tells a trial the study already finished.
     s2 = _searcher(optuna.storages.InMemoryStorage())
@@ -318,7 +348,9 @@ def test_trainable_reports_resumes_and_fails_cleanly(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def studies_root(tmp_path_factory) -> Path:
-    # One folder for every search of this file: they share the teacher cache (<root>/teachers).
+    # One folder for every search of this file: they share the teacher cache (<root>/teachers),
+    # trained in this process with a fixed thread count so that its numbers do not vary by machine.
+    torch.set_num_threads(1)
     return tmp_path_factory.mktemp("studies")
 
 

@@ -472,14 +472,6 @@ def _run_tune(space: LoadedSpace, study_obj: optuna.Study, *, name: str, studies
                                                    max_concurrent, notes)
         threads = max(1, int(resources["cpu"]))
         define = _DefineByRun(sp, teacher.sha256, threads, runs_dir, name)
-        searcher = StageAwareOptunaSearch(
-            define,
-            metric=["val_acc", "total_epochs"] if multi else "val_acc",
-            mode=["max", "min"] if multi else "max",
-            sampler=_make_sampler(sp, seed),
-            study_name=name,
-            storage=st.open_storage(st.db_path(studies_dir, name)),
-        )
         scheduler = None
         if prune and search.pruning.enabled and not multi:
             max_t = search.max_total_epochs
@@ -488,6 +480,15 @@ def _run_tune(space: LoadedSpace, study_obj: optuna.Study, *, name: str, studies
                                       reduction_factor=search.pruning.reduction_factor)
         elif prune and multi:
             notes.append("pruning is off for the accuracy-vs-cost (multi-objective) search")
+        searcher = StageAwareOptunaSearch(
+            define,
+            metric=["val_acc", "total_epochs"] if multi else "val_acc",
+            mode=["max", "min"] if multi else "max",
+            sampler=_make_sampler(sp, seed),
+            study_name=name,
+            storage=st.open_storage(st.db_path(studies_dir, name)),
+            pruning=scheduler is not None,
+        )
         context = TrialContext(teacher_record=asdict(teacher), device=device)
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources)
         time_budget = None

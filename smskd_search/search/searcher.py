@@ -47,14 +47,17 @@ class StageAwareOptunaSearch(OptunaSearch):
 
     ``metric``/``mode`` are ``"val_acc"``/``"max"``, or ``["val_acc", "total_epochs"]`` and
     ``["max", "min"]`` for the accuracy-vs-cost search (no intermediate values there: Optuna does
-    not take them for multi-objective studies).
+    not take them for multi-objective studies, and no pruning). ``pruning`` says whether a scheduler
+    may stop trials: only then is a trial that ends before its last stage PRUNED.
     """
 
     def __init__(self, space: Any, *, metric: str | list[str], mode: str | list[str],
                  sampler: optuna.samplers.BaseSampler, study_name: str,
-                 storage: optuna.storages.BaseStorage):
+                 storage: optuna.storages.BaseStorage, pruning: bool = True):
         super().__init__(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study_name,
                          storage=storage)
+        # Without a pruning scheduler an unfinished trial was cut short by the search, not pruned.
+        self._pruning = pruning and not isinstance(metric, list)
         self._stage_values: dict[str, dict[int, float]] = {}
 
     @property
@@ -119,8 +122,7 @@ class StageAwareOptunaSearch(OptunaSearch):
                 state = TrialState.COMPLETE
                 val = float(result[VAL_ACC])
                 values = [val, float(result[TOTAL_EPOCHS])] if self.multi_objective else val
-            elif self.multi_objective:
-                # Pruning is off for the Pareto search, so an unfinished run here was cut short.
+            elif not self._pruning:
                 state, interrupted = TrialState.FAIL, True
                 reason = "stopped before its last stage"
             else:

@@ -97,13 +97,20 @@ def directions_for(space: LoadedSpace) -> list[str]:
 
 
 def _space_fingerprint(text: str) -> str:
-    """The parsed space, as canonical JSON: comments and formatting do not change it."""
+    """What in a space changes the trials, as canonical JSON.
+
+    Comments, formatting, the description and the runtime defaults (resources) may change
+    between a search and its resume; the problem, recipes and search ranges may not.
+    """
     import yaml
 
     try:
-        return json.dumps(yaml.safe_load(text), sort_keys=True, default=str)
+        data = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in ("name", "description", "runtime")}
+    return json.dumps(data, sort_keys=True, default=str)
 
 
 def create_study(space: LoadedSpace, studies_dir: str | Path, study: str, *, seed: int, budget: int,
