@@ -32,8 +32,15 @@ class Line:
         self.stream = stream
         self.tty = stream.isatty()
         self.width = 0
+        self.last_key: object = None
 
-    def update(self, text: str) -> None:
+    def update(self, text: str, key: object = None) -> None:
+        """Show ``text``. Off a terminal, a line whose ``key`` equals the previous one is skipped
+        (a log gets one line per change of state, not one per tick)."""
+        if not self.tty and key is not None:
+            if key == self.last_key:
+                return
+            self.last_key = key
         if self.tty:
             pad = " " * max(0, self.width - len(text))
             self.stream.write("\r" + text + pad)
@@ -167,14 +174,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     def on_progress(p) -> None:
         best = f"best {_pct(p.best_value)}" if p.best_value is not None else "best -"
         line.update(f"[{p.elapsed:5.0f}s] done {p.completed}/{p.budget}  running {p.running}  "
-                    f"pruned {p.pruned}  failed {p.failed}  {best}")
+                    f"pruned {p.pruned}  failed {p.failed}  {best}",
+                    key=(p.completed, p.running, p.pruned, p.failed, p.best_value))
+
+    def on_teacher_epoch(epoch: int, epochs: int, loss: float, val_acc: float) -> None:
+        line.update(f"training the teacher {loaded.space.problem.teacher.arch} (once, cached): epoch {epoch}/{epochs}"
+                    f"  loss {loss:.4f}  val acc {_pct(val_acc)}")
+        if epoch == epochs:
+            line.done()
 
     summary = run_search(
         loaded, budget=args.budget, study=args.study, studies_dir=STUDIES_DIR,
         max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, address=args.address, seed=args.seed,
         timeout=args.timeout, resume=args.resume, prune=not args.no_prune,
-        baselines=not args.no_baselines, on_progress=on_progress,
+        baselines=not args.no_baselines, on_progress=on_progress, on_teacher_epoch=on_teacher_epoch,
     )
     line.done()
     print(format_leaderboard(summary))

@@ -341,6 +341,7 @@ def run_search(
     prune: bool = True,
     baselines: bool = True,
     on_progress: Callable[[ProgressInfo], None] | None = None,
+    on_teacher_epoch: Callable[[int, int, float, float], None] | None = None,
 ) -> SearchSummary:
     """Search the space's plans; see the module docstring. Returns the study's summary.
 
@@ -377,7 +378,8 @@ def run_search(
         else:
             study_obj = st.create_study(space, studies_dir, name, seed=seed, budget=budget)
         try:
-            teacher = ensure_teacher(sp.problem, cache_root=studies_dir / "teachers", device=pick_device(None))
+            teacher = ensure_teacher(sp.problem, cache_root=studies_dir / "teachers", device=pick_device(None),
+                                     on_epoch=on_teacher_epoch)
         except BaseException:
             if not resume and not study_obj.get_trials(deepcopy=False):
                 path.unlink(missing_ok=True)  # nothing ran: the name stays free for the next attempt

@@ -84,6 +84,8 @@ class StageAwareOptunaSearch(OptunaSearch):
                 ot_trial.report(value, step)
             ot_trial.set_user_attr(st.ATTR_STAGE_CUM_EPOCHS, steps)
             ot_trial.set_user_attr(st.ATTR_STAGE_VAL_ACC, [history[s] for s in steps])
+            if "trial_seconds" in result:
+                ot_trial.set_user_attr(st.ATTR_TRIAL_SECONDS, round(float(result["trial_seconds"]), 3))
             if first and N_VAL in result:
                 ot_trial.set_user_attr(st.ATTR_N_VAL, int(result[N_VAL]))
             if result.get(REPLAYED):

@@ -35,6 +35,7 @@ ATTR_N_VAL = "n_val"
 ATTR_STAGE_VAL_ACC = "stage_val_acc"
 ATTR_STAGE_CUM_EPOCHS = "stage_cum_epochs"
 ATTR_FAIL_REASON = "fail_reason"
+ATTR_TRIAL_SECONDS = "trial_seconds"  # time inside the trainable up to the last stage reported
 # Set on trials that ended FAIL because the search stopped under them (not because the plan failed):
 # they do not count against the budget, and a resume runs their plan again.
 ATTR_INTERRUPTED = "interrupted"
