@@ -198,13 +198,13 @@ def resolve_space_path(name_or_path: str | Path | None) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
-    builtin = SPACES_DIR / f"{p.stem if p.suffix else p.name}.yaml"
-    if p.suffix == "" and builtin.is_file():
+    # A built-in space by name ("cifar10") or by its path in the source tree ("spaces/cifar10.yaml"),
+    # from any working directory.
+    builtin = SPACES_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if builtin.is_file() and (len(p.parts) == 1 or p.parent.name == "spaces"):
         return builtin
-    if not p.is_file():
-        known = ", ".join(sorted(x.stem for x in SPACES_DIR.glob("*.yaml"))) if SPACES_DIR.is_dir() else ""
-        raise UserError(f"space: no such file {str(p)!r} (built-in spaces: {known})")
-    return p
+    known = ", ".join(sorted(x.stem for x in SPACES_DIR.glob("*.yaml"))) if SPACES_DIR.is_dir() else ""
+    raise UserError(f"space: no such file {str(p)!r} (built-in spaces: {known})")
 
 
 def load_space(name_or_path: str | Path | None = None) -> LoadedSpace:
