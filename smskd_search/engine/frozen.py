@@ -9,6 +9,7 @@ forward pass per step.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -83,5 +84,35 @@ class FrozenForward:
         logits, feats = self.cache
         if feats is None:
             return logits.index_select(0, idx), None
-        pick = lambda t: t.index_select(0, idx)  # noqa: E731
-        return pick(logits), Features([pick(t) for t in feats.stages], [pick(t) for t in feats.preact], pick(feats.pooled))
+        # Stage and pre-activation maps are gathered when a method reads them, not before: a logit
+        # method (KD, DKD) would otherwise copy every cached feature map of the batch each step
+        # (about 19k floats per sample for cnn_large, ~0.4 ms of a ~4.5 ms digits step).
+        return (logits.index_select(0, idx),
+                Features(_Gathered(feats.stages, idx), _Gathered(feats.preact, idx), feats.pooled.index_select(0, idx)))
+
+
+class _Gathered(Sequence):
+    """The rows ``idx`` of each cached tensor, gathered on first access (a read-only list)."""
+
+    __slots__ = ("_src", "_idx", "_out")
+
+    def __init__(self, src: list[torch.Tensor], idx: torch.Tensor):
+        self._src, self._idx = src, idx
+        self._out: list[torch.Tensor | None] = [None] * len(src)
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self._src)))]
+        t = self._out[i]
+        if t is None:
+            t = self._out[i] = self._src[i].index_select(0, self._idx)
+        return t
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+    def __radd__(self, other):
+        return list(other) + list(self)
