@@ -16,6 +16,7 @@ One run does, on the space given (default: the built-in default space):
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shutil
 import tempfile
@@ -34,7 +35,7 @@ from smskd_search.space import load_space  # noqa: E402
 
 
 def measure(space, studies: Path, name: str, budget: int, prune: bool, seed: int) -> dict:
-    t0 = time.perf_counter()
+    t0, t0_clock = time.perf_counter(), datetime.datetime.now()
     summary = run_search(space, budget=budget, study=name, studies_dir=studies, prune=prune, seed=seed)
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=st.open_storage(st.db_path(studies, name)))
@@ -43,7 +44,11 @@ def measure(space, studies: Path, name: str, budget: int, prune: bool, seed: int
     busy = sum(t.user_attrs.get(st.ATTR_TRIAL_SECONDS, 0.0) for t in trials)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(done, key=lambda t: t.value) if done else None
+    first = min(t.datetime_start for t in trials if t.datetime_start)
+    last = max(t.datetime_complete for t in trials if t.datetime_complete)
     return {
+        "startup": (first - t0_clock).total_seconds(),
+        "span": (last - first).total_seconds(),
         "wall": wall,
         "states": {s.name: sum(1 for t in trials if t.state == s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
         "epochs": epochs,
@@ -79,9 +84,14 @@ def main() -> None:
                   f"{r['best']:.4f} (n={r['n_val']}) {r['best_seq']}")
         print(f"\nepochs trained, pruning / no pruning: {pruned['epochs'] / max(full['epochs'], 1):.2f}x (target <= 0.6)")
         print(f"best val acc, pruning - no pruning: {100 * (pruned['best'] - full['best']):+.2f} points (target within 0.5)")
-        share = 1.0 - pruned["busy"] / (pruned["slots"] * pruned["wall"])
-        print(f"time inside trials {pruned['busy']:.1f}s over {pruned['slots']} slots x {pruned['wall']:.1f}s wall: "
+        p = pruned
+        share = 1.0 - p["busy"] / (p["slots"] * p["wall"])
+        print(f"time inside trials {p['busy']:.1f}s over {p['slots']} slots x {p['wall']:.1f}s wall: "
               f"Ray/scheduling overhead share {100 * share:.1f}% (target <= 10%)")
+        span_share = 1.0 - p["busy"] / (p["slots"] * p["span"])
+        print(f"  of which: start (Ray, Tune, first trial) {p['startup']:.1f}s, trials {p['span']:.1f}s "
+              f"(overhead between trials {100 * span_share:.1f}% of the slots), end "
+              f"{p['wall'] - p['startup'] - p['span']:.1f}s")
         print(f"a first `smskd-search --budget {args.budget}` on this machine: about {teacher_s + pruned['wall']:.0f}s "
               f"(teacher {teacher_s:.0f}s + search {pruned['wall']:.0f}s)")
     finally:

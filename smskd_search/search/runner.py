@@ -515,7 +515,9 @@ def _run_tune(space: LoadedSpace, study_obj: optuna.Study, *, name: str, studies
                 verbose=0,
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=1),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # No num_to_keep: with it, Tune snapshots the whole experiment (searcher included)
+                # whenever a trial has checkpointed that many times, i.e. at almost every stage end.
+                checkpoint_config=tune.CheckpointConfig(),
             ),
         )
         try:
