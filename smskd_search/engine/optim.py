@@ -38,6 +38,19 @@ def step_progress(epoch: int, step: int, steps_per_epoch: int, span_epochs: int,
     return (epoch + step / steps_per_epoch) / span_epochs
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None) -> None:
+    """zero_grad, backward, step; through the grad scaler when fp16 needs one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -17,7 +17,7 @@ from smskd_search.data import DataSplits, TensorLoader, load_data, load_test_spl
 from smskd_search.engine.device import Precision, pick_precision
 from smskd_search.engine.evaluate import evaluate
 from smskd_search.engine.frozen import freeze
-from smskd_search.engine.optim import build_optimizer, lr_at, set_lr, step_progress, trainable
+from smskd_search.engine.optim import backward_and_step, build_optimizer, lr_at, set_lr, step_progress, trainable
 from smskd_search.errors import UserError
 from smskd_search.models import create_model
 from smskd_search.plan import ProblemSpec
@@ -117,14 +117,7 @@ def train_teacher_model(problem: ProblemSpec, data: DataSplits, device: torch.de
             with precision.autocast():
                 logits, _ = model(precision.prepare_input(x))
                 loss = torch.nn.functional.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            backward_and_step(loss, opt, scaler)
             loss_sum += loss.detach().double() * y.shape[0]
         if on_epoch is not None:
             val = evaluate(model, data.val, precision, recipe.eval_batch_size)

@@ -15,7 +15,7 @@ from torch import nn
 from smskd_search.data import TensorLoader
 from smskd_search.engine.device import Precision
 from smskd_search.engine.frozen import FrozenForward
-from smskd_search.engine.optim import lr_at, set_lr, step_progress
+from smskd_search.engine.optim import backward_and_step, lr_at, set_lr, step_progress
 from smskd_search.engine.tcp import reference_loss, tcp_weights
 from smskd_search.methods import KDBatch, Method
 from smskd_search.plan import ReferenceSpec, ScheduleSpec
@@ -96,14 +96,7 @@ def train_epoch(
                 loss = loss + ref_spec.lambda_ref * ref
             else:
                 ref = torch.zeros((), device=device)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         method.on_step_end(batch)
         b = y.shape[0]
         with torch.no_grad():

@@ -14,7 +14,7 @@ Models also expose ``preact_bns()``: for each entry of ``preact``, the BatchNorm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -51,6 +51,20 @@ class ZooModel(nn.Module):
         return probe_shapes(self, input_shape or self.input_shape)
 
     input_shape: tuple[int, int, int] = (3, 32, 32)
+
+
+def relu_stages(stem_pre: torch.Tensor, stages: Iterable[Iterable[nn.Module]]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The common body of models whose blocks return pre-ReLU outputs: ReLU after the stem and
+    after every block; returns the last output, the stage outputs and their pre-activations."""
+    out = torch.relu(stem_pre)
+    outs, pres = [out], [stem_pre]
+    for blocks in stages:
+        for block in blocks:
+            pre = block(out)
+            out = torch.relu(pre)
+        outs.append(out)
+        pres.append(pre)
+    return out, outs, pres
 
 
 ModelFactory = Callable[..., ZooModel]

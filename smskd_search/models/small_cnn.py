@@ -7,7 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from smskd_search.models.base import Features, ZooModel, register_model
+from smskd_search.models.base import Features, ZooModel, register_model, relu_stages
 
 
 class ConvBN(nn.Sequential):
@@ -28,15 +28,7 @@ class SmallCNN(ZooModel):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
-        pre = self.stem(x)
-        out = F.relu(pre)
-        stages, preact = [out], [pre]
-        for blocks in self.stages:
-            for block in blocks:
-                pre = block(out)
-                out = F.relu(pre)
-            stages.append(out)
-            preact.append(pre)
+        out, stages, preact = relu_stages(self.stem(x), self.stages)
         pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return self.fc(pooled), Features(stages, preact, pooled)
 

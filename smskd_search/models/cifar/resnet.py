@@ -7,7 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from smskd_search.models.base import Features, ZooModel, register_model
+from smskd_search.models.base import Features, ZooModel, register_model, relu_stages
 from smskd_search.models.cifar.common import init_weights, pool_flatten
 
 
@@ -45,15 +45,7 @@ class ResNet(ZooModel):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
-        pre = self.bn1(self.conv1(x))
-        out = F.relu(pre)
-        stages, preact = [out], [pre]
-        for stage in self.stages:
-            for block in stage:
-                pre = block(out)
-                out = F.relu(pre)
-            stages.append(out)
-            preact.append(pre)
+        out, stages, preact = relu_stages(self.bn1(self.conv1(x)), self.stages)
         pooled = pool_flatten(out)
         return self.fc(pooled), Features(stages, preact, pooled)
 

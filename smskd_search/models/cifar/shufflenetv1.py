@@ -7,7 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from smskd_search.models.base import Features, ZooModel, register_model
+from smskd_search.models.base import Features, ZooModel, register_model, relu_stages
 from smskd_search.models.cifar.common import pool_flatten
 
 
@@ -56,15 +56,7 @@ class ShuffleNetV1(ZooModel):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
-        pre = self.bn1(self.conv1(x))
-        out = F.relu(pre)
-        stages, preact = [out], [pre]
-        for stage in self.stages:
-            for unit in stage:
-                pre = unit(out)
-                out = F.relu(pre)
-            stages.append(out)
-            preact.append(pre)
+        out, stages, preact = relu_stages(self.bn1(self.conv1(x)), self.stages)
         pooled = pool_flatten(out)
         return self.fc(pooled), Features(stages, preact, pooled)
 

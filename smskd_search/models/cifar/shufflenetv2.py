@@ -7,7 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from smskd_search.models.base import Features, ZooModel, register_model
+from smskd_search.models.base import Features, ZooModel, register_model, relu_stages
 from smskd_search.models.cifar.common import pool_flatten
 from smskd_search.models.cifar.shufflenetv1 import channel_shuffle
 
@@ -58,15 +58,7 @@ class ShuffleNetV2(ZooModel):
         self.fc = nn.Linear(head, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
-        pre = self.stem(x)
-        out = F.relu(pre)
-        stages, preact = [out], [pre]
-        for stage in self.stages:
-            for unit in stage:
-                pre = unit(out)
-                out = F.relu(pre)
-            stages.append(out)
-            preact.append(pre)
+        out, stages, preact = relu_stages(self.stem(x), self.stages)
         pooled = pool_flatten(F.relu(self.head(out)))
         return self.fc(pooled), Features(stages, preact, pooled)
 
