@@ -175,7 +175,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         best = f"best {_pct(p.best_value)}" if p.best_value is not None else "best -"
         line.update(f"[{p.elapsed:5.0f}s] done {p.completed}/{p.budget}  running {p.running}  "
                     f"pruned {p.pruned}  failed {p.failed}  {best}",
-                    key=(p.completed, p.running, p.pruned, p.failed, p.best_value))
+                    key=(p.completed, p.pruned, p.failed, p.best_value))
 
     def on_teacher_epoch(epoch: int, epochs: int, loss: float, val_acc: float) -> None:
         line.update(f"training the teacher {loaded.space.problem.teacher.arch} (once, cached): epoch {epoch}/{epochs}"
