@@ -6,8 +6,16 @@ One run does, on the space given (default: the built-in default space):
   3. for each: wall time, trials by state, epochs actually trained (sum over trials of the last
      cumulative epoch each reached), best val accuracy with its n;
   4. the ratio of epochs trained (pruned / unpruned) and the difference of the best val accuracies;
-  5. Ray's overhead share of the pruned search: 1 - (time spent inside the trainables) /
-     (concurrent slots x the search's wall time after the teacher).
+  5. where the pruned search's wall time goes, from the times each trial recorded (its function's
+     start, and its seconds up to its last report):
+     - start: from the call to the first trial's function (ray.init, Tune, a worker process per
+       slot, which imports torch and the trainable);
+     - per trial: when a trial ends, the time until the next one starts on the freed slot (Tune's
+       bookkeeping, the searcher's tell and ask, resetting the reused actor); summed over trials and
+       divided by (slots x wall) it is Ray's per-trial overhead share;
+     - end: from the last trial's end to the return (Tune's wind-down, ray.shutdown, the summary);
+     - all together: 1 - (time inside trials) / (slots x wall).
+     Time a trial spends blocked in a stage report (the driver's round trip) counts as inside.
 
     python benchmarks/search_budget.py                  # budget 50, default space
     python benchmarks/search_budget.py --budget 12      # quicker
@@ -42,12 +50,23 @@ def measure(space, studies: Path, name: str, budget: int, prune: bool, seed: int
     trials = study.get_trials(deepcopy=False)
     epochs = sum((t.user_attrs.get(st.ATTR_STAGE_CUM_EPOCHS) or [0])[-1] for t in trials)
     busy = sum(t.user_attrs.get(st.ATTR_TRIAL_SECONDS, 0.0) for t in trials)
+    # Each trial's [start, end) inside its function, wall clock.
+    spans = sorted((t.user_attrs[st.ATTR_TRIAL_STARTED_AT],
+                    t.user_attrs[st.ATTR_TRIAL_STARTED_AT] + t.user_attrs.get(st.ATTR_TRIAL_SECONDS, 0.0))
+                   for t in trials if st.ATTR_TRIAL_STARTED_AT in t.user_attrs)
+    slots = summary.max_concurrent
+    starts, ends = [a for a, _ in spans], sorted(b for _, b in spans)
+    # The j-th trial to end frees the slot that the (slots + j)-th trial to start takes.
+    handover = [starts[slots + j] - ends[j] for j in range(len(spans) - slots)]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(done, key=lambda t: t.value) if done else None
     first = min(t.datetime_start for t in trials if t.datetime_start)
     last = max(t.datetime_complete for t in trials if t.datetime_complete)
     return {
         "startup": (first - t0_clock).total_seconds(),
+        "to_first_start": starts[0] - t0_clock.timestamp() if starts else float("nan"),
+        "after_last_end": t0_clock.timestamp() + wall - ends[-1] if ends else float("nan"),
+        "handover": handover,
         "span": (last - first).total_seconds(),
         "wall": wall,
         "states": {s.name: sum(1 for t in trials if t.state == s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
@@ -85,13 +104,19 @@ def main() -> None:
         print(f"\nepochs trained, pruning / no pruning: {pruned['epochs'] / max(full['epochs'], 1):.2f}x (target <= 0.6)")
         print(f"best val acc, pruning - no pruning: {100 * (pruned['best'] - full['best']):+.2f} points (target within 0.5)")
         p = pruned
-        share = 1.0 - p["busy"] / (p["slots"] * p["wall"])
-        print(f"time inside trials {p['busy']:.1f}s over {p['slots']} slots x {p['wall']:.1f}s wall: "
-              f"Ray/scheduling overhead share {100 * share:.1f}% (target <= 10%)")
-        span_share = 1.0 - p["busy"] / (p["slots"] * p["span"])
-        print(f"  of which: start (Ray, Tune, first trial) {p['startup']:.1f}s, trials {p['span']:.1f}s "
-              f"(overhead between trials {100 * span_share:.1f}% of the slots), end "
-              f"{p['wall'] - p['startup'] - p['span']:.1f}s")
+        slot_s = p["slots"] * p["wall"]
+        h = p["handover"]
+        print(f"\nwhere the pruned search's {p['wall']:.1f}s went ({p['slots']} slots, {slot_s:.1f} slot-seconds):")
+        print(f"  inside trials                {p['busy']:7.1f} slot-s")
+        print(f"  start (ray.init, Tune, worker boot), to the first trial  {p['to_first_start']:.1f}s "
+              f"(first ask after {p['startup']:.1f}s)")
+        if h:
+            print(f"  per trial: slot freed -> next trial started  {sum(h):.1f} slot-s over {len(h)} handovers, "
+                  f"median {1000 * sorted(h)[len(h) // 2]:.0f} ms, max {1000 * max(h):.0f} ms: "
+                  f"Ray's per-trial overhead share {100 * sum(h) / slot_s:.1f}% of the wall (target <= 10%)")
+        print(f"  end (wind-down, ray.shutdown, summary)  {p['after_last_end']:.1f}s")
+        share = 1.0 - p["busy"] / slot_s
+        print(f"  all outside trials (start, handovers, idle slots at the tail, end): {100 * share:.1f}% of the slots")
         print(f"a first `smskd-search --budget {args.budget}` on this machine: about {teacher_s + pruned['wall']:.0f}s "
               f"(teacher {teacher_s:.0f}s + search {pruned['wall']:.0f}s)")
     finally:

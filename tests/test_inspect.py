@@ -252,6 +252,20 @@ def test_export_refuses_a_study_without_completed_trials(synthetic_root, tmp_pat
     assert sha256(synthetic_root / "nocomplete.db") == before
 
 
+def test_study_file_is_wal_and_a_reader_sees_what_the_open_writer_committed(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "live.db"
+    writer = optuna.create_study(study_name="live", storage=st.open_storage(db), direction="maximize")
+    writer.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5))
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # The writer's connection stays open, as during a search; its commits sit in the WAL log.
+    assert [t.value for t in open_study(db).get_trials(deepcopy=False)] == [0.5]
+    writer.add_trial(create_trial(state=TrialState.COMPLETE, value=0.75))
+    assert [t.value for t in open_study(db).get_trials(deepcopy=False)] == [0.5, 0.75]
+
+
 def test_export_ranks_completed_trials_only_and_refuses_other_states(synthetic_root, tmp_path):
     out = tmp_path / "plans"
     written = export_plans(synthetic_root, "mixed", top=10, out=out)

@@ -88,6 +88,8 @@ class StageAwareOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(st.ATTR_TRIAL_SECONDS, round(float(result["trial_seconds"]), 3))
             if first and N_VAL in result:
                 ot_trial.set_user_attr(st.ATTR_N_VAL, int(result[N_VAL]))
+            if first and "trial_started_at" in result:
+                ot_trial.set_user_attr(st.ATTR_TRIAL_STARTED_AT, round(float(result["trial_started_at"]), 3))
             if result.get(REPLAYED):
                 # Stages taken from an interrupted run's checkpoints rather than trained again.
                 ot_trial.set_user_attr(st.ATTR_REPLAYED_STAGES, sum(1 for s in steps if s <= step))

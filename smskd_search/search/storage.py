@@ -36,6 +36,7 @@ ATTR_STAGE_VAL_ACC = "stage_val_acc"
 ATTR_STAGE_CUM_EPOCHS = "stage_cum_epochs"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_TRIAL_SECONDS = "trial_seconds"  # time inside the trainable up to the last stage reported
+ATTR_TRIAL_STARTED_AT = "trial_started_at"  # unix time the trainable started (Optuna's start is the ask)
 # Set on trials that ended FAIL because the search stopped under them (not because the plan failed):
 # they do not count against the budget, and a resume runs their plan again.
 ATTR_INTERRUPTED = "interrupted"
@@ -69,9 +70,29 @@ def storage_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
+@dataclass(frozen=True)
+class _WalConnect:
+    """SQLAlchemy ``creator`` for the study file: WAL journal, ``synchronous=NORMAL``.
+
+    A stage report writes several rows, and in the default rollback-journal mode every commit
+    waits for an fsync; in WAL mode with NORMAL sync a commit is a write to the log. The database
+    stays consistent if the process (or the machine) dies; a power cut may lose the last commits.
+    A class, not a closure: Tune pickles the searcher and its storage.
+    """
+
+    path: str
+
+    def __call__(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        return con
+
+
 def open_storage(path: str | Path) -> RDBStorage:
     """The study's storage; a generous lock timeout because the dashboard may read while we write."""
-    return RDBStorage(storage_url(path), engine_kwargs={"connect_args": {"timeout": 60}})
+    real = Path(path).resolve()
+    return RDBStorage(storage_url(real), engine_kwargs={"creator": _WalConnect(str(real))})
 
 
 def is_optuna_db(path: str | Path) -> bool:

@@ -91,7 +91,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     from smskd_search.engine import latest_checkpoint, run_plan
     from smskd_search.plan import parse_plan
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     # Results depend on torch's thread count on the CPU; the trial records the number it used.
     torch.set_num_threads(max(1, int(config["threads"])))
     plan = parse_plan(yaml.safe_load(config["plan_yaml"]), source="trial plan")
@@ -115,7 +115,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
             "n_stages": n_stages, "final": stage_index + 1 == n_stages, "n_val": n_val,
             "total_epochs": total, "method": plan.stages[stage_index].method, "replayed": replayed,
             # Seconds inside this function so far: Ray's overhead is the search's wall time less this.
-            "trial_seconds": time.perf_counter() - started,
+            "trial_seconds": time.perf_counter() - started, "trial_started_at": started_at,
         }
 
     # A resumed plan first reports the stages it already has, so that the new trial carries every
