@@ -28,6 +28,7 @@ import argparse
 import datetime
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -62,18 +63,16 @@ def measure(space, studies: Path, name: str, budget: int, prune: bool, seed: int
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(done, key=lambda t: t.value) if done else None
     first = min(t.datetime_start for t in trials if t.datetime_start)
-    last = max(t.datetime_complete for t in trials if t.datetime_complete)
     return {
         "startup": (first - t0_clock).total_seconds(),
         "to_first_start": starts[0] - t0_clock.timestamp() if starts else float("nan"),
         "after_last_end": t0_clock.timestamp() + wall - ends[-1] if ends else float("nan"),
         "handover": handover,
-        "span": (last - first).total_seconds(),
         "wall": wall,
         "states": {s.name: sum(1 for t in trials if t.state == s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
         "epochs": epochs,
         "busy": busy,
-        "slots": summary.max_concurrent,
+        "slots": slots,
         "best": best.value if best else float("nan"),
         "best_seq": best.user_attrs.get(st.ATTR_SEQUENCE) if best else "-",
         "n_val": best.user_attrs.get(st.ATTR_N_VAL) if best else None,
@@ -86,8 +85,6 @@ def _pruning_over_seeds(space, studies: Path, budget: int, seeds: list[int], don
     A single pair compares two different TPE paths, so its best-accuracy difference is one draw of
     a noisy quantity; the spread over seeds says how noisy.
     """
-    import statistics
-
     rows = []
     for seed in seeds:
         if seed not in done:

@@ -40,6 +40,8 @@ FINAL = "final"
 ERROR = "error"
 N_VAL = "n_val"
 REPLAYED = "replayed"
+TRIAL_SECONDS = "trial_seconds"
+TRIAL_STARTED_AT = "trial_started_at"
 
 
 class StageAwareOptunaSearch(OptunaSearch):
@@ -84,12 +86,12 @@ class StageAwareOptunaSearch(OptunaSearch):
                 ot_trial.report(value, step)
             ot_trial.set_user_attr(st.ATTR_STAGE_CUM_EPOCHS, steps)
             ot_trial.set_user_attr(st.ATTR_STAGE_VAL_ACC, [history[s] for s in steps])
-            if "trial_seconds" in result:
-                ot_trial.set_user_attr(st.ATTR_TRIAL_SECONDS, round(float(result["trial_seconds"]), 3))
+            if TRIAL_SECONDS in result:
+                ot_trial.set_user_attr(st.ATTR_TRIAL_SECONDS, round(float(result[TRIAL_SECONDS]), 3))
             if first and N_VAL in result:
                 ot_trial.set_user_attr(st.ATTR_N_VAL, int(result[N_VAL]))
-            if first and "trial_started_at" in result:
-                ot_trial.set_user_attr(st.ATTR_TRIAL_STARTED_AT, round(float(result["trial_started_at"]), 3))
+            if first and TRIAL_STARTED_AT in result:
+                ot_trial.set_user_attr(st.ATTR_TRIAL_STARTED_AT, round(float(result[TRIAL_STARTED_AT]), 3))
             if result.get(REPLAYED):
                 # Stages taken from an interrupted run's checkpoints rather than trained again.
                 ot_trial.set_user_attr(st.ATTR_REPLAYED_STAGES, sum(1 for s in steps if s <= step))
