@@ -407,6 +407,9 @@ def test_search_records_the_expected_study(main_search, studies_root):
     assert all("baseline" in t.user_attrs for t in trials[:4])
     assert all("fixed_plan" not in t.user_attrs for t in trials)
     assert progress and progress[-1].done == 7 and progress[-1].running == 0
+    # A trial that just ended is no longer counted as running, and at most max_concurrent run.
+    assert all(p.running == 0 for p in progress if p.done == 7)
+    assert all(p.done + p.running <= 7 and p.running <= 2 for p in progress)
 
 
 def load_plan_text(text: str):

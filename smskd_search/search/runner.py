@@ -243,10 +243,15 @@ def _progress_callback_class():
                 except Exception:  # noqa: BLE001 - a display problem must not stop the search
                     logger.debug("progress callback failed", exc_info=True)
 
+        def _count_running(self, trials: list, ended: Any = None) -> None:
+            # Tune calls the trial hooks before it changes the ended trial's status.
+            self.running = sum(1 for t in trials if t.status == "RUNNING" and t is not ended)
+
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if trial.trial_id in self._seen:
                 return
             self._seen.add(trial.trial_id)
+            self._count_running(trials, trial)
             r = trial.last_result or {}
             if r.get("error"):
                 self.failed += 1
@@ -265,14 +270,14 @@ def _progress_callback_class():
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if trial.trial_id not in self._seen:
                 self._seen.add(trial.trial_id)
+                self._count_running(trials, trial)
                 self.failed += 1
                 self._send(force=True)
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-            running = sum(1 for t in trials if t.status == "RUNNING")
-            changed = running != self.running
-            self.running = running
-            self._send(force=changed)
+            before = self.running
+            self._count_running(trials)
+            self._send(force=self.running != before)
 
     return _Progress
 
