@@ -19,7 +19,8 @@ One run does, on the space given (default: the built-in default space):
 
     python benchmarks/search_budget.py                  # budget 50, default space
     python benchmarks/search_budget.py --budget 12      # quicker
-    python benchmarks/search_budget.py --seeds 0,1,2    # pruning's effect over several sampler seeds
+
+Pruning's effect over several sampler seeds, and pruning variants: benchmarks/pruning_seeds.py.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import argparse
 import datetime
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +50,7 @@ def measure(space, studies: Path, name: str, budget: int, prune: bool, seed: int
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=st.open_storage(st.db_path(studies, name)))
     trials = study.get_trials(deepcopy=False)
-    epochs = sum((t.user_attrs.get(st.ATTR_STAGE_CUM_EPOCHS) or [0])[-1] for t in trials)
+    epochs = sum(st.epochs_trained(t) for t in trials)
     busy = sum(t.user_attrs.get(st.ATTR_TRIAL_SECONDS, 0.0) for t in trials)
     # Each trial's [start, end) inside its function, wall clock.
     spans = sorted((t.user_attrs[st.ATTR_TRIAL_STARTED_AT],
@@ -79,36 +79,11 @@ def measure(space, studies: Path, name: str, budget: int, prune: bool, seed: int
     }
 
 
-def _pruning_over_seeds(space, studies: Path, budget: int, seeds: list[int], done: dict) -> None:
-    """One pruned and one unpruned search per seed; the mean and spread of both ratios.
-
-    A single pair compares two different TPE paths, so its best-accuracy difference is one draw of
-    a noisy quantity; the spread over seeds says how noisy.
-    """
-    rows = []
-    for seed in seeds:
-        if seed not in done:
-            done[seed] = (measure(space, studies, f"with-pruning-s{seed}", budget, True, seed),
-                          measure(space, studies, f"no-pruning-s{seed}", budget, False, seed))
-        p, f = done[seed]
-        rows.append((seed, p["epochs"] / max(f["epochs"], 1), 100 * (p["best"] - f["best"]), p["wall"], f["wall"]))
-    print(f"\npruning over sampler seeds (budget {budget}):")
-    print(f"{'seed':>6}{'epochs ratio':>14}{'best diff (points)':>20}{'wall pruned':>13}{'wall unpruned':>15}")
-    for seed, ratio, diff, wp, wf in rows:
-        print(f"{seed:>6}{ratio:>13.2f}x{diff:>+20.2f}{wp:>12.1f}s{wf:>14.1f}s")
-    ratios, diffs = [r[1] for r in rows], [r[2] for r in rows]
-    sd = (lambda v: statistics.stdev(v) if len(v) > 1 else float("nan"))
-    print(f"{'mean':>6}{statistics.mean(ratios):>13.2f}x{statistics.mean(diffs):>+20.2f}   "
-          f"(s.d. over seeds: {sd(ratios):.2f}x, {sd(diffs):.2f} points; targets <= 0.6x, within 0.5 points)")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--space", default=None)
     ap.add_argument("--budget", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--seeds", default=None,
-                    help="comma-separated sampler seeds: also compare pruning over these (one pair each)")
     ap.add_argument("--keep", action="store_true", help="keep the studies folder")
     args = ap.parse_args()
 
@@ -144,9 +119,6 @@ def main() -> None:
         print(f"  all outside trials (start, handovers, idle slots at the tail, end): {100 * share:.1f}% of the slots")
         print(f"a first `smskd-search --budget {args.budget}` on this machine: about {teacher_s + pruned['wall']:.0f}s "
               f"(teacher {teacher_s:.0f}s + search {pruned['wall']:.0f}s)")
-        if args.seeds:
-            _pruning_over_seeds(space, studies, args.budget, [int(x) for x in args.seeds.split(",")],
-                                {args.seed: (pruned, full)})
     finally:
         if args.keep:
             print(f"studies kept in {studies}")

@@ -147,9 +147,10 @@ def trial_plan(study: optuna.Study, t: FrozenTrial) -> Plan:
 
 def describe_state(t: FrozenTrial) -> str:
     if t.state == TrialState.PRUNED:
-        stages = stage_values(t)
-        ep = stages[-1][0] if stages else 0
-        where = f" after {ep} epoch{'s' if ep != 1 else ''} at val acc {stages[-1][1]:.4f}" if stages else ""
+        # Where it stopped: its last report (a stage end, or a rung inside a stage).
+        points = sorted(t.intermediate_values.items()) or stage_values(t)
+        ep = points[-1][0] if points else 0
+        where = f" after {ep} epoch{'s' if ep != 1 else ''} at val acc {points[-1][1]:.4f}" if points else ""
         return f"PRUNED (stopped{where})"
     if t.state == TrialState.FAIL:
         return f"FAIL ({t.user_attrs.get(ATTR_FAIL_REASON, 'no reason recorded')})"

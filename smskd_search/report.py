@@ -105,13 +105,19 @@ def trial_row(t: FrozenTrial) -> TrialRow:
     mode = ref.get("weight_mode") if len(stages) > 1 else None
     acting = mode is not None and mode != "none"
     reason = t.user_attrs.get(ATTR_FAIL_REASON) if t.state == TrialState.FAIL else None
+    points = stage_values(t)
+    if t.state == TrialState.PRUNED and t.intermediate_values:
+        # Stopped at a rung inside a stage: the curve ends where the scheduler stopped it.
+        last = max(t.intermediate_values)
+        if not points or last > points[-1][0]:
+            points.append((int(last), float(t.intermediate_values[last])))
     return TrialRow(
         number=t.number, state=t.state.name, value=val_acc(t), n_val=t.user_attrs.get(ATTR_N_VAL),
         sequence=t.user_attrs.get(ATTR_SEQUENCE) or " -> ".join(f"{m}({e})" for m, e in zip(methods, epochs)) or "?",
         methods=methods, epochs=epochs, total_epochs=t.user_attrs.get(ATTR_TOTAL_EPOCHS, sum(epochs) or None),
         lambda_ref=float(ref["lambda_ref"]) if acting and "lambda_ref" in ref else None,
         weight_mode=mode, normalize=ref.get("normalize") if acting else None,
-        baseline=t.user_attrs.get(BASELINE_ATTR), stages=stage_values(t), reason=reason,
+        baseline=t.user_attrs.get(BASELINE_ATTR), stages=points, reason=reason,
     )
 
 

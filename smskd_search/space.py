@@ -60,6 +60,13 @@ class PruningSpec(Strict):
     # In cumulative epochs: no trial is judged before it has trained this many.
     grace_period: int = Field(4, ge=1)
     reduction_factor: int = Field(2, ge=2)
+    # Stop a trial only when it is behind the rung's cutoff by more than this many standard errors
+    # of the difference of two validation accuracies (0: the stock ASHA rule).
+    noise_margin: float = Field(0.0, ge=0.0, le=10.0)
+    # Where the scheduler decides: at the stage ends a trial reaches (a stage that jumps over a rung
+    # is judged at its end, after more epochs than the rung), or at the rungs themselves (a trial also
+    # reports its validation accuracy after exactly that many cumulative epochs, mid-stage if need be).
+    decide_at: Literal["stage_ends", "rungs"] = "stage_ends"
 
 
 class ObjectiveSpec(Strict):
@@ -188,6 +195,7 @@ class LoadedSpace:
     def __init__(self, space: Space, path: Path, text: str):
         self.space = space
         self.path = path
+        self.text = text  # what was validated (a study stores it, not whatever the file holds later)
         self.sha256 = hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -310,10 +310,10 @@ def test_trainable_reports_resumes_and_fails_cleanly(tmp_path, monkeypatch):
     context = tr.TrialContext(teacher_record=asdict(record))
     plan = build_plan(space, [("kd", 1), ("dkd", 2)], weight_mode="inverse", teacher_sha256=record.sha256)
 
-    def run(fake, run_dir, resume_dirs=(), the_plan=plan):
+    def run(fake, run_dir, resume_dirs=(), the_plan=plan, **extra):
         monkeypatch.setattr(tr, "tune", fake)
         config = {"plan_yaml": the_plan.to_yaml(), "run_dir": str(run_dir),
-                  "resume_dirs": [str(d) for d in resume_dirs], "threads": 1}
+                  "resume_dirs": [str(d) for d in resume_dirs], "threads": 1, **extra}
         try:
             tr.train_trial(config, context)
         except SystemExit:
@@ -334,6 +334,19 @@ def test_trainable_reports_resumes_and_fails_cleanly(tmp_path, monkeypatch):
     assert [(m["stage"], m["replayed"]) for m, _ in rerun] == [(1, True), (2, False)]
     assert [m["val_acc"] for m, _ in rerun] == [m["val_acc"] for m, _ in whole]
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+    # Pruning at the rungs (1 and 2 epochs): 1 is a stage end (reported once, as such), 2 falls
+    # inside stage 2 and is reported there without a checkpoint, with the value of that epoch.
+    at_rungs = run(_FakeTune(), tmp_path / "e", rung_epochs=[1, 2])
+    assert [(m["cum_epochs"], m["stage_end"], m["final"]) for m, _ in at_rungs] == \
+        [(1, True, False), (2, False, False), (3, True, True)]
+    assert at_rungs[1][1] is None and at_rungs[1][0]["epoch_val_acc"] == [at_rungs[2][0]["epoch_val_acc"][0]]
+    assert [m["val_acc"] for m, _ in at_rungs if m["stage_end"]] == [m["val_acc"] for m, _ in whole]
+    # A rerun from the stage-1 checkpoint reports the same points, the replayed one first.
+    run(_FakeTune(stop_after=1), tmp_path / "b2")
+    rerun = run(_FakeTune(), tmp_path / "f", resume_dirs=[tmp_path / "b2"], rung_epochs=[1, 2])
+    assert [(m["cum_epochs"], m["replayed"]) for m, _ in rerun] == [(1, True), (2, False), (3, False)]
+    assert [m["val_acc"] for m, _ in rerun] == [m["val_acc"] for m, _ in at_rungs]
 
     # A plan that raises: one result that carries the error, nothing raised to Tune.
     bad = plan.model_copy(update={"teacher_sha256": "0" * 64})
@@ -496,10 +509,54 @@ def test_pruned_trials_are_pruned_with_stage_values(pruned_search):
         assert max(iv) in (2, 4)
         assert t.value == iv[max(iv)]
         assert t.user_attrs[st.ATTR_STAGE_VAL_ACC] == [iv[k] for k in sorted(iv)]
+        # The scheduler's reason names the rung it was stopped at and the value it fell short with.
+        assert t.user_attrs[st.ATTR_PRUNED_REASON].startswith(f"stopped at rung {max(iv)} (epoch {max(iv)}): "
+                                                              f"val acc {t.value:.4f} < ")
     for t in complete:
         n_stages = len(load_plan_text(t.user_attrs[st.ATTR_PLAN]).stages)
         assert sorted(t.intermediate_values) == [2 * (k + 1) for k in range(n_stages)]
     assert pruned_search.counts["PRUNED"] == len(pruned)
+
+
+RUNG_SEARCH = {
+    # Three-epoch stages with rungs at 2 and 4 epochs: every trial is judged inside its stages.
+    "methods": ["kd", "at", "dkd", "fitnet"],
+    "stages": {"min": 2, "max": 2},
+    "epochs": {"min": 3, "max": 3},
+    "weight_modes": ["inverse"],
+    "pruning": {"grace_period": 2, "reduction_factor": 2, "decide_at": "rungs"},
+    "sampler": {"kind": "random"},
+}
+
+
+@pytest.fixture(scope="module")
+def rung_search(studies_root):
+    space = load_space(write_space(studies_root, "rungs", RUNG_SEARCH))
+    return run_search(space, budget=6, studies_dir=studies_root, address="local", max_concurrent=1,
+                      seed=1, baselines=False)
+
+
+@pytest.mark.slow
+def test_pruning_at_the_rungs_judges_trials_mid_stage(rung_search):
+    trials = _trials(rung_search.db_path, rung_search.study)
+    assert len(trials) == 6 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, [(t.user_attrs[st.ATTR_SEQUENCE], t.intermediate_values) for t in trials]
+    for t in trials:
+        iv = t.intermediate_values
+        if t.state == TrialState.COMPLETE:
+            # The rungs (2, 4: mid-stage) and the stage ends (3, 6), each an intermediate value.
+            assert sorted(iv) == [2, 3, 4, 6] and t.value == iv[6]
+            assert t.user_attrs[st.ATTR_STAGE_CUM_EPOCHS] == [3, 6]
+        else:
+            # Stopped at a rung, mid-stage: its last value is the rung's; only whole stages are stages.
+            assert sorted(iv) in ([2], [2, 3, 4]) and t.value == iv[max(iv)]
+            assert t.user_attrs[st.ATTR_STAGE_CUM_EPOCHS] == [3][: len(iv) // 2]
+            assert t.user_attrs[st.ATTR_PRUNED_REASON].startswith(f"stopped at rung {max(iv)} (epoch {max(iv)})")
+        # The learning curve has a value for every epoch trained.
+        curve = t.user_attrs[st.ATTR_EPOCH_VAL_ACC]
+        assert len(curve) == max(iv) and all(curve[e - 1] == v for e, v in iv.items())
+    assert st.epochs_trained(pruned[0]) == max(pruned[0].intermediate_values)
 
 
 RESUME_SEARCH = {**MAIN_SEARCH, "methods": ["kd", "dkd"], "baseline_epochs": None}
@@ -647,7 +704,7 @@ def test_resume_after_a_hard_kill_finishes_the_budget(resumed_search, studies_ro
 
 
 @pytest.mark.slow
-def test_the_test_split_is_never_touched(main_search, pruned_search, resumed_search, access_log, tmp_path, monkeypatch):
+def test_the_test_split_is_never_touched(main_search, pruned_search, rung_search, resumed_search, access_log, tmp_path, monkeypatch):
     assert not access_log.exists(), access_log.read_text()
     # The instrument works: an explicit test-split access is logged.
     from smskd_search.data import load_data, load_test_split

@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from smskd_search.errors import UserError
 from smskd_search.plan import parse_plan, save_plan
 from smskd_search.search import storage as st
+from smskd_search.search.pruning import StageRungs
 from smskd_search.search.sampling import BASELINE_ATTR, FIXED_PLAN_ATTR, baseline_plans, suggest_plan
 from smskd_search.space import LoadedSpace, Space
 
@@ -108,12 +109,14 @@ class SearchSummary:
 class _DefineByRun:
     """The define-by-run space handed to Optuna through Tune (a class: Tune pickles its searcher)."""
 
-    def __init__(self, space: Space, teacher_sha256: str, threads: int, runs_dir: Path, study: str):
+    def __init__(self, space: Space, teacher_sha256: str, threads: int, runs_dir: Path, study: str,
+                 rung_epochs: list[int] | None = None):
         self.space = space
         self.teacher_sha256 = teacher_sha256
         self.threads = threads
         self.runs_dir = runs_dir
         self.study = study
+        self.rung_epochs = list(rung_epochs or [])
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         plan = suggest_plan(trial, self.space, self.teacher_sha256, name=f"{self.study}-trial{trial.number}")
@@ -131,6 +134,10 @@ class _DefineByRun:
             "run_dir": str(run_dir),
             "resume_dirs": [str(self.runs_dir / f"{int(n):05d}") for n in trial.user_attrs.get(st.ATTR_RESUME_FROM, [])],
             "threads": self.threads,
+            # A baseline is measured in full: it is what the sequences must beat, never pruned.
+            "baseline": trial.user_attrs.get(BASELINE_ATTR),
+            # Cumulative epochs at which the trial also reports mid-stage (pruning at the rungs).
+            "rung_epochs": self.rung_epochs,
         }
 
 
@@ -462,9 +469,9 @@ def _run_tune(space: LoadedSpace, study_obj: optuna.Study, *, name: str, studies
     from dataclasses import asdict
 
     from smskd_search.search._ray import ray, tune
+    from smskd_search.search.scheduler import StageASHAScheduler
     from smskd_search.search.searcher import StageAwareOptunaSearch
     from smskd_search.search.trainable import TrialContext, train_trial
-    from ray.tune.schedulers import ASHAScheduler
 
     sp = space.space
     search = sp.search
@@ -478,15 +485,14 @@ def _run_tune(space: LoadedSpace, study_obj: optuna.Study, *, name: str, studies
         resources, device, concurrent = _resources(ray.cluster_resources(), sp, cpus_per_trial, gpus_per_trial,
                                                    max_concurrent, notes)
         threads = max(1, int(resources["cpu"]))
-        define = _DefineByRun(sp, teacher.sha256, threads, runs_dir, name)
         scheduler = None
         if prune and search.pruning.enabled and not multi:
-            max_t = search.max_total_epochs
-            scheduler = ASHAScheduler(time_attr="cum_epochs", metric="val_acc", mode="max", max_t=max_t,
-                                      grace_period=min(search.pruning.grace_period, max_t),
-                                      reduction_factor=search.pruning.reduction_factor)
+            scheduler = StageASHAScheduler(_rungs_for(search, before))
         elif prune and multi:
             notes.append("pruning is off for the accuracy-vs-cost (multi-objective) search")
+        rung_epochs = (scheduler.rungs.milestones
+                       if scheduler is not None and search.pruning.decide_at == "rungs" else [])
+        define = _DefineByRun(sp, teacher.sha256, threads, runs_dir, name, rung_epochs)
         searcher = StageAwareOptunaSearch(
             define,
             metric=["val_acc", "total_epochs"] if multi else "val_acc",
@@ -495,6 +501,7 @@ def _run_tune(space: LoadedSpace, study_obj: optuna.Study, *, name: str, studies
             study_name=name,
             storage=st.open_storage(st.db_path(studies_dir, name)),
             pruning=scheduler is not None,
+            stop_reason=scheduler.stop_reason if scheduler is not None else None,
         )
         context = TrialContext(teacher_record=asdict(teacher), device=device)
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources)
@@ -541,6 +548,27 @@ def _run_tune(space: LoadedSpace, study_obj: optuna.Study, *, name: str, studies
                 notes.append(f"{len(left)} trial(s) cut short by the stop: {left} (a --resume re-runs them)")
         if started:
             ray.shutdown()
+
+
+def _rungs_for(search: Any, before: list[FrozenTrial]) -> StageRungs:
+    """The space's rung rule, with the stage values of the study's finished trials already recorded.
+
+    A resumed search then judges new trials by the standard the earlier runs set, not against empty
+    rungs (which would let the first trial at each rung through whatever it scored).
+    """
+    max_t = search.max_total_epochs
+    rungs = StageRungs(grace_period=min(search.pruning.grace_period, max_t),
+                       reduction_factor=search.pruning.reduction_factor, max_t=max_t,
+                       noise_margin=search.pruning.noise_margin)
+    history = []
+    for t in sorted(before, key=lambda t: t.number):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            # Every report the scheduler saw (rung reports included), else the stage values.
+            points = sorted(t.intermediate_values.items()) or list(zip(
+                t.user_attrs.get(st.ATTR_STAGE_CUM_EPOCHS) or [], t.user_attrs.get(st.ATTR_STAGE_VAL_ACC) or []))
+            history.append((f"study-trial-{t.number}", points))
+    rungs.replay(history)
+    return rungs
 
 
 def _reference_fields(plan_yaml: str | None) -> tuple[float | None, str | None, str | None, int | None]:

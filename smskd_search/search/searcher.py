@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+import time
+from typing import Any, Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -42,6 +43,8 @@ N_VAL = "n_val"
 REPLAYED = "replayed"
 TRIAL_SECONDS = "trial_seconds"
 TRIAL_STARTED_AT = "trial_started_at"
+EPOCH_VAL_ACC = "epoch_val_acc"
+STAGE_END = "stage_end"
 
 
 class StageAwareOptunaSearch(OptunaSearch):
@@ -50,17 +53,25 @@ class StageAwareOptunaSearch(OptunaSearch):
     ``metric``/``mode`` are ``"val_acc"``/``"max"``, or ``["val_acc", "total_epochs"]`` and
     ``["max", "min"]`` for the accuracy-vs-cost search (no intermediate values there: Optuna does
     not take them for multi-objective studies, and no pruning). ``pruning`` says whether a scheduler
-    may stop trials: only then is a trial that ends before its last stage PRUNED.
+    may stop trials: only then is a trial that ends before its last stage PRUNED. ``stop_reason``,
+    the scheduler's account of a trial it stopped, is stored on the pruned trial; given, it also
+    tells a pruned trial from one the search cut short (no reason: FAIL, interrupted).
     """
 
     def __init__(self, space: Any, *, metric: str | list[str], mode: str | list[str],
                  sampler: optuna.samplers.BaseSampler, study_name: str,
-                 storage: optuna.storages.BaseStorage, pruning: bool = True):
+                 storage: optuna.storages.BaseStorage, pruning: bool = True,
+                 stop_reason: Callable[[str], str | None] | None = None):
         super().__init__(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study_name,
                          storage=storage)
         # Without a pruning scheduler an unfinished trial was cut short by the search, not pruned.
         self._pruning = pruning and not isinstance(metric, list)
+        # The scheduler's account of why it stopped a trial (stored on the PRUNED trial).
+        self._stop_reason = stop_reason
+        self._reported: dict[str, set[int]] = {}
         self._stage_values: dict[str, dict[int, float]] = {}
+        self._stage_times: dict[str, dict[int, float]] = {}
+        self._epoch_values: dict[str, dict[int, float]] = {}
 
     @property
     def study(self) -> optuna.Study:
@@ -71,21 +82,36 @@ class StageAwareOptunaSearch(OptunaSearch):
         return isinstance(self.metric, list)
 
     def _record_stage(self, trial_id: str, result: dict) -> None:
+        """One report: an intermediate value at its cumulative epochs; stage ends also as attrs."""
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or VAL_ACC not in result or CUM_EPOCHS not in result:
             return
         value, step = float(result[VAL_ACC]), int(result[CUM_EPOCHS])
+        reported = self._reported.setdefault(trial_id, set())
+        if step in reported or math.isnan(value):
+            return  # replayed after a recovery: already recorded
+        first = not reported
+        reported.add(step)
+        curve = self._epoch_values.setdefault(trial_id, {})
+        for i, v in enumerate(reversed(result.get(EPOCH_VAL_ACC) or [])):
+            curve[step - i] = float(v)
+        stage_end = result.get(STAGE_END, True)  # a rung report (mid-stage) is an intermediate value only
         history = self._stage_values.setdefault(trial_id, {})
-        if step in history or math.isnan(value):
-            return  # a stage replayed after a recovery: already recorded
-        first = not history
-        history[step] = value
+        received = self._stage_times.setdefault(trial_id, {})
+        if stage_end:
+            history[step] = value
+            received[step] = round(time.time(), 3)
         steps = sorted(history)
         try:
             if not self.multi_objective:
                 ot_trial.report(value, step)
-            ot_trial.set_user_attr(st.ATTR_STAGE_CUM_EPOCHS, steps)
-            ot_trial.set_user_attr(st.ATTR_STAGE_VAL_ACC, [history[s] for s in steps])
+            if stage_end or first:  # (empty lists when stopped before its first stage end)
+                ot_trial.set_user_attr(st.ATTR_STAGE_CUM_EPOCHS, steps)
+                ot_trial.set_user_attr(st.ATTR_STAGE_VAL_ACC, [history[s] for s in steps])
+                # The order the scheduler saw the reports in: a benchmark replays pruning rules on it.
+                ot_trial.set_user_attr(st.ATTR_STAGE_REPORTED_AT, [received[s] for s in steps])
+            if curve:
+                ot_trial.set_user_attr(st.ATTR_EPOCH_VAL_ACC, [curve.get(e) for e in range(1, max(curve) + 1)])
             if TRIAL_SECONDS in result:
                 ot_trial.set_user_attr(st.ATTR_TRIAL_SECONDS, round(float(result[TRIAL_SECONDS]), 3))
             if first and N_VAL in result:
@@ -128,12 +154,17 @@ class StageAwareOptunaSearch(OptunaSearch):
                 state = TrialState.COMPLETE
                 val = float(result[VAL_ACC])
                 values = [val, float(result[TOTAL_EPOCHS])] if self.multi_objective else val
-            elif not self._pruning:
-                state, interrupted = TrialState.FAIL, True
-                reason = "stopped before its last stage"
             else:
-                state = TrialState.PRUNED  # Optuna keeps the last intermediate value as its value
+                why = self._stop_reason(trial_id) if self._stop_reason is not None else None
+                if not self._pruning or (self._stop_reason is not None and why is None):
+                    # Cut short by the search (a stop, a time budget), not by the scheduler.
+                    state, interrupted = TrialState.FAIL, True
+                    reason = "stopped before its last stage"
+                else:
+                    state, reason = TrialState.PRUNED, why  # Optuna keeps the last intermediate value
         try:
+            if state == TrialState.PRUNED and reason:
+                ot_trial.set_user_attr(st.ATTR_PRUNED_REASON, reason)
             if state == TrialState.FAIL:
                 ot_trial.set_user_attr(st.ATTR_FAIL_REASON, reason)
                 if interrupted:

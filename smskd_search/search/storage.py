@@ -34,7 +34,10 @@ ATTR_THREADS = "threads"
 ATTR_N_VAL = "n_val"
 ATTR_STAGE_VAL_ACC = "stage_val_acc"
 ATTR_STAGE_CUM_EPOCHS = "stage_cum_epochs"
+ATTR_STAGE_REPORTED_AT = "stage_reported_at"  # unix times the driver received each stage's report
+ATTR_EPOCH_VAL_ACC = "epoch_val_acc"  # val accuracy after every epoch 1..last (the learning curve)
 ATTR_FAIL_REASON = "fail_reason"
+ATTR_PRUNED_REASON = "pruned_reason"  # the rung, the trial's value and the cutoff it fell below
 ATTR_TRIAL_SECONDS = "trial_seconds"  # time inside the trainable up to the last stage reported
 ATTR_TRIAL_STARTED_AT = "trial_started_at"  # unix time the trainable started (Optuna's start is the ask)
 # Set on trials that ended FAIL because the search stopped under them (not because the plan failed):
@@ -145,7 +148,7 @@ def create_study(space: LoadedSpace, studies_dir: str | Path, study: str, *, see
     storage = open_storage(path)
     dirs = directions_for(space)
     st = optuna.create_study(storage=storage, study_name=study, directions=dirs)
-    text = space.path.read_text()
+    text = space.text
     for key, value in {
         "space_path": str(Path(space.path).resolve()),
         "space_sha256": space.sha256,
@@ -189,7 +192,7 @@ def load_study_for_resume(space: LoadedSpace, studies_dir: str | Path, study: st
         raise UserError(f"--resume: {path} holds no study named {study}") from None
     attrs = st.user_attrs
     if attrs.get("space_sha256") != space.sha256 and \
-            _space_fingerprint(attrs.get("space_yaml", "")) != _space_fingerprint(space.path.read_text()):
+            _space_fingerprint(attrs.get("space_yaml", "")) != _space_fingerprint(space.text):
         raise UserError(
             f"--resume: study {study} was made with another space ({attrs.get('space_path')}); "
             f"resume it with that space, or start a new --study"
@@ -295,6 +298,12 @@ def counts_by_state(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     return counts
 
 
+def epochs_trained(t: FrozenTrial) -> int:
+    """Cumulative epochs a trial actually trained: its last report (a pruned trial may stop mid-stage)."""
+    steps = list(t.intermediate_values) or (t.user_attrs.get(ATTR_STAGE_CUM_EPOCHS) or [0])
+    return int(max(steps))
+
+
 def counts_toward_budget(t: FrozenTrial) -> bool:
     """Finished trials use the budget, except those the search itself cut short (re-run on resume)."""
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -367,13 +376,16 @@ def jsonable(value: Any) -> Any:
 
 __all__ = [
     "ATTR_FAIL_REASON",
+    "ATTR_PRUNED_REASON",
     "ATTR_INTERRUPTED",
     "ATTR_N_VAL",
     "ATTR_PLAN",
     "ATTR_RESUME_FROM",
     "ATTR_RETRY_OF",
     "ATTR_SEQUENCE",
+    "ATTR_EPOCH_VAL_ACC",
     "ATTR_STAGE_CUM_EPOCHS",
+    "ATTR_STAGE_REPORTED_AT",
     "ATTR_STAGE_VAL_ACC",
     "ATTR_THREADS",
     "ATTR_TOTAL_EPOCHS",
@@ -382,6 +394,7 @@ __all__ = [
     "bind_teacher",
     "counts_by_state",
     "counts_toward_budget",
+    "epochs_trained",
     "create_study",
     "db_path",
     "fail_orphans",

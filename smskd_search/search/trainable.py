@@ -3,7 +3,9 @@
 The trial's config (made by the define-by-run function on the driver) carries the plan as YAML,
 its run folder and its torch thread count. At each stage end the trial reports validation accuracy
 with cumulative epochs (the scheduler's time axis) and the stage checkpoint; when the scheduler
-stops it, Tune ends the trial inside that report.
+stops it, Tune ends the trial inside that report. Where the space prunes at the rungs
+(``pruning.decide_at: rungs``), the trial also reports, without a checkpoint, after exactly each
+rung's number of cumulative epochs when that falls inside a stage.
 
 Stage checkpoints live in the trial's run folder (``<studies_dir>/<study>/trials/<number>``), which
 is what makes a killed search resumable: a resumed study runs an interrupted trial's plan again
@@ -88,7 +90,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Run the trial's plan; see the module docstring."""
-    from smskd_search.engine import latest_checkpoint, run_plan
+    from smskd_search.engine import EpochMetrics, latest_checkpoint, run_plan
     from smskd_search.plan import parse_plan
 
     started, started_at = time.perf_counter(), time.time()
@@ -107,25 +109,49 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
             _adopt_checkpoints(d, run_dir)
 
     n_stages, total = len(plan.stages), plan.total_epochs
+    rung_epochs = set(config.get("rung_epochs") or [])
 
     def metrics(stage_index: int, cum_epochs: int, val_acc: float, val_loss: float, n_val: int,
-                replayed: bool) -> dict[str, Any]:
+                replayed: bool, epoch_val_acc: list[float], stage_end: bool = True) -> dict[str, Any]:
         return {
             "val_acc": val_acc, "val_loss": val_loss, "cum_epochs": cum_epochs, "stage": stage_index + 1,
-            "n_stages": n_stages, "final": stage_index + 1 == n_stages, "n_val": n_val,
+            "n_stages": n_stages, "final": stage_end and stage_index + 1 == n_stages, "n_val": n_val,
+            "stage_end": stage_end,
             "total_epochs": total, "method": plan.stages[stage_index].method, "replayed": replayed,
             # Seconds inside this function so far: Ray's overhead is the search's wall time less this.
             "trial_seconds": time.perf_counter() - started, "trial_started_at": started_at,
+            "baseline": bool(config.get("baseline")),
+            # The learning curve up to here (the engine evaluates every epoch); the study keeps it.
+            "epoch_val_acc": [float(v) for v in epoch_val_acc],
         }
+
+    def rung_metrics(stage_index: int, em: Any, n_val: int, replayed: bool) -> dict[str, Any] | None:
+        """A mid-stage report where the trial crosses a rung (pruning decided at the rungs)."""
+        if em.cum_epochs not in rung_epochs or em.epoch == plan.stages[stage_index].epochs:
+            return None  # not a rung, or a stage end (reported as such)
+        return metrics(stage_index, em.cum_epochs, em.val_acc, em.val_loss, n_val, replayed, [em.val_acc],
+                       stage_end=False)
 
     # A resumed plan first reports the stages it already has, so that the new trial carries every
     # stage value and the scheduler judges it at the same points as any other trial.
     previous = latest_checkpoint(run_dir, plan.content_hash())
     for r in (previous or {}).get("results", []):
-        tune.report(metrics(r["index"], r["cum_epochs"], r["val_acc"], r["val_loss"], r["n_val"], True))
+        curve = [EpochMetrics(**m) for m in r.get("epoch_metrics", [])]
+        for em in curve:
+            m = rung_metrics(r["index"], em, r["n_val"], True)
+            if m is not None:
+                tune.report(m)
+        tune.report(metrics(r["index"], r["cum_epochs"], r["val_acc"], r["val_loss"], r["n_val"], True,
+                            [em.val_acc for em in curve]))
+
+    def on_epoch_end(stage_index: int, em: Any) -> None:
+        m = rung_metrics(stage_index, em, data.info.num_val, False)
+        if m is not None:
+            tune.report(m)
 
     def on_stage_end(stage_index: int, cum_epochs: int, result: Any, checkpoint: Path | None) -> bool:
-        m = metrics(stage_index, cum_epochs, result.val_acc, result.val_loss, result.n_val, False)
+        m = metrics(stage_index, cum_epochs, result.val_acc, result.val_loss, result.n_val, False,
+                    [em.val_acc for em in result.epoch_metrics])
         if checkpoint is None:
             tune.report(m)
             return False
@@ -143,6 +169,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     try:
         data, teacher, record = _shared_inputs(plan, context)
         run_plan(plan, device=context.device, out_dir=run_dir, resume=True, on_stage_end=on_stage_end,
+                 on_epoch_end=on_epoch_end if rung_epochs else None,
                  data=data, teacher_model=teacher, teacher_record=record, keep_student=False)
     except Exception as exc:  # noqa: BLE001 - reported as the trial's failure (SystemExit is Tune's stop)
         message = f"{type(exc).__name__}: {exc}".strip()
