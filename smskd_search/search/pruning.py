@@ -82,7 +82,7 @@ class StageRungs:
         """One stage-end report. Returns the decision taken at a rung, or None if none was due."""
         if value is None or math.isnan(value):
             return None
-        rung = next((m for m in reversed(self.milestones) if m <= cum_epochs), None)
+        rung = self._rung_of(cum_epochs)
         if rung is None or key in self._recorded[rung]:
             return None
         others = self._recorded[rung]
@@ -103,9 +103,13 @@ class StageRungs:
         """
         for key, stages in history:
             for cum_epochs, value in stages:
-                rung = next((m for m in reversed(self.milestones) if m <= cum_epochs), None)
+                rung = self._rung_of(cum_epochs)
                 if rung is not None and key not in self._recorded[rung] and not math.isnan(value):
                     self._recorded[rung][key] = float(value)
+
+    def _rung_of(self, cum_epochs: float) -> int | None:
+        """The highest milestone reached (a report that jumps over rungs counts at the last one)."""
+        return next((m for m in reversed(self.milestones) if m <= cum_epochs), None)
 
     def _margin(self, value: float, cutoff: float, n: int | None) -> float:
         if not self.noise_margin or not n:
