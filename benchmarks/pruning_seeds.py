@@ -44,14 +44,6 @@ from smskd_search.search.pruning import StageRungs  # noqa: E402
 from smskd_search.space import LoadedSpace, Space, load_space  # noqa: E402
 
 
-def with_pruning(space: LoadedSpace, variant: Variant) -> LoadedSpace:
-    data = space.space.model_dump(mode="json")
-    data["search"]["pruning"].update(grace_period=variant.grace, reduction_factor=variant.rf,
-                                     noise_margin=variant.z, decide_at=variant.at, enabled=True)
-    text = yaml.safe_dump(data, sort_keys=False)
-    return LoadedSpace(Space.model_validate(data), space.path, text)
-
-
 @dataclass(frozen=True)
 class Variant:
     """A pruning setting, parsed from "grace,rf,z" or "grace,rf,z,decide_at" ("2,4,2", "2,3,1,rungs")."""
@@ -74,6 +66,14 @@ class Variant:
 
     def __str__(self) -> str:
         return f"({self.grace}, {self.rf}, {self.z:g}, {self.at})"
+
+
+def with_pruning(space: LoadedSpace, variant: Variant) -> LoadedSpace:
+    data = space.space.model_dump(mode="json")
+    data["search"]["pruning"].update(grace_period=variant.grace, reduction_factor=variant.rf,
+                                     noise_margin=variant.z, decide_at=variant.at, enabled=True)
+    text = yaml.safe_dump(data, sort_keys=False)
+    return LoadedSpace(Space.model_validate(data), space.path, text)
 
 
 def finished(studies: Path, name: str) -> list:
@@ -121,7 +121,7 @@ def replay(trials: list, search, variant: Variant) -> tuple[int, float] | None:
                          final=last or bool(t.user_attrs.get("baseline")))
         if d is not None and d.stop:
             stopped[number] = c
-    epochs = sum(stopped.get(t.number, t.user_attrs[st.ATTR_STAGE_CUM_EPOCHS][-1]) for t in trials)
+    epochs = sum(stopped.get(t.number, st.epochs_trained(t)) for t in trials)
     best = max(t.value for t in trials if t.number not in stopped and t.state == TrialState.COMPLETE)
     return epochs, best
 

@@ -485,12 +485,16 @@ PRUNE_SEARCH = {
 }
 
 
+def _one_at_a_time(studies_root, name: str, search: dict, budget: int, seed: int):
+    space = load_space(write_space(studies_root, name, search))
+    # One trial at a time: the order trials reach a rung, hence the scheduler's decisions, is fixed.
+    return run_search(space, budget=budget, studies_dir=studies_root, address="local", max_concurrent=1,
+                      seed=seed, baselines=False)
+
+
 @pytest.fixture(scope="module")
 def pruned_search(studies_root):
-    space = load_space(write_space(studies_root, "prune", PRUNE_SEARCH))
-    # One trial at a time: the order trials reach a rung, hence ASHA's decisions, is fixed.
-    return run_search(space, budget=8, studies_dir=studies_root, address="local", max_concurrent=1,
-                      seed=0, baselines=False)
+    return _one_at_a_time(studies_root, "prune", PRUNE_SEARCH, budget=8, seed=0)
 
 
 @pytest.mark.slow
@@ -531,9 +535,7 @@ RUNG_SEARCH = {
 
 @pytest.fixture(scope="module")
 def rung_search(studies_root):
-    space = load_space(write_space(studies_root, "rungs", RUNG_SEARCH))
-    return run_search(space, budget=6, studies_dir=studies_root, address="local", max_concurrent=1,
-                      seed=1, baselines=False)
+    return _one_at_a_time(studies_root, "rungs", RUNG_SEARCH, budget=6, seed=1)
 
 
 @pytest.mark.slow

@@ -79,7 +79,8 @@ class StageRungs:
 
     def report(self, key: Hashable, cum_epochs: float, value: float, *, n: int | None = None,
                final: bool = False) -> RungDecision | None:
-        """One stage-end report. Returns the decision taken at a rung, or None if none was due."""
+        """One report (a stage end, or a rung inside a stage). Returns the decision taken at a rung,
+        or None if none was due."""
         if value is None or math.isnan(value):
             return None
         rung = self._rung_of(cum_epochs)

@@ -560,14 +560,10 @@ def _rungs_for(search: Any, before: list[FrozenTrial]) -> StageRungs:
     rungs = StageRungs(grace_period=min(search.pruning.grace_period, max_t),
                        reduction_factor=search.pruning.reduction_factor, max_t=max_t,
                        noise_margin=search.pruning.noise_margin)
-    history = []
-    for t in sorted(before, key=lambda t: t.number):
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            # Every report the scheduler saw (rung reports included), else the stage values.
-            points = sorted(t.intermediate_values.items()) or list(zip(
-                t.user_attrs.get(st.ATTR_STAGE_CUM_EPOCHS) or [], t.user_attrs.get(st.ATTR_STAGE_VAL_ACC) or []))
-            history.append((f"study-trial-{t.number}", points))
-    rungs.replay(history)
+    # Every report the scheduler saw (rung reports included) is an intermediate value of the trial.
+    rungs.replay((f"study-trial-{t.number}", sorted(t.intermediate_values.items()))
+                 for t in sorted(before, key=lambda t: t.number)
+                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
     return rungs
 
 

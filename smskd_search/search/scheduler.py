@@ -9,7 +9,6 @@ study.
 
 from __future__ import annotations
 
-import math
 import pickle
 from typing import Any
 
@@ -37,11 +36,9 @@ class StageASHAScheduler(FIFOScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if result.get("error") or self._time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
-        value = float(result[self._metric])
-        if math.isnan(value):
-            return TrialScheduler.CONTINUE
         n = result.get(self._n_attr)
-        decision = self.rungs.report(trial.trial_id, result[self._time_attr], value,
+        # A NaN value (a failed plan's report) is no stage value: the rungs answer None to it.
+        decision = self.rungs.report(trial.trial_id, result[self._time_attr], float(result[self._metric]),
                                      n=int(n) if n else None,
                                      final=bool(result.get(self._final_attr) or result.get(self._exempt_attr)))
         if decision is None:
