@@ -13,7 +13,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -112,7 +112,7 @@ class Stopwatch:
         self.device = device
         self.seconds = 0.0
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         sync(self.device)
         self._t0 = time.perf_counter()
         return self

@@ -96,8 +96,7 @@ def digits_train():
 
 def cycle(make_iter):
     while True:
-        for batch in make_iter():
-            yield batch
+        yield from make_iter()
 
 
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer):

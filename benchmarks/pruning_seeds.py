@@ -54,7 +54,7 @@ class Variant:
     at: str = "stage_ends"
 
     @classmethod
-    def parse(cls, text: str) -> "Variant":
+    def parse(cls, text: str) -> Variant:
         parts = text.split(",")
         at = parts[3] if len(parts) > 3 else "stage_ends"
         if len(parts) < 3 or at not in ("stage_ends", "rungs"):

@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 from smskd_search.errors import UserError
 
@@ -107,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from smskd_search.engine import evaluate_test, pick_device, run_plan, write_results
     from smskd_search.engine.teacher import describe
-    from smskd_search.plan import load_plan
+    from smskd_search.validate import load_plan
 
     if args.plan is not None and args.method is not None:
         raise UserError("train: give either PLAN.yaml or --method/--epochs/--space, not both")
@@ -165,17 +164,15 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- search
 def cmd_search(args: argparse.Namespace) -> int:
-    from smskd_search.search import format_leaderboard, run_search
+    from smskd_search.search import ProgressInfo, run_search
     from smskd_search.space import load_space
+    from smskd_search.summary_text import format_leaderboard, progress_line
 
     loaded = load_space(args.space)
     line = Line()
 
-    def on_progress(p) -> None:
-        best = f"best {_pct(p.best_value)}" if p.best_value is not None else "best -"
-        line.update(f"[{p.elapsed:5.0f}s] done {p.completed}/{p.budget}  running {p.running}  "
-                    f"pruned {p.pruned}  failed {p.failed}  {best}",
-                    key=(p.completed, p.pruned, p.failed, p.best_value))
+    def on_progress(p: ProgressInfo) -> None:
+        line.update(progress_line(p), key=(p.done, p.pruned, p.failed, p.best_value))
 
     def on_teacher_epoch(epoch: int, epochs: int, loss: float, val_acc: float) -> None:
         line.update(f"training the teacher {loaded.space.problem.teacher.arch} (once, cached): epoch {epoch}/{epochs}"
@@ -220,7 +217,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     import torch
 
-    from smskd_search.plan import load_plan
+    from smskd_search.validate import load_plan
     from smskd_search.verify import format_table, run_verify, to_dict
 
     plan = load_plan(args.plan)
@@ -278,9 +275,6 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ main
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
 def _search_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Search SMSKD stage sequences (Ray Tune + Optuna).",
                                 epilog="other commands: teacher, train, methods, studies, dashboard, export, verify, report "

@@ -11,7 +11,6 @@ even while a search is writing to it. The helpers that read a study live here an
 
 from __future__ import annotations
 
-import math
 import sqlite3
 import urllib.parse
 import warnings
@@ -39,6 +38,7 @@ from smskd_search.search.storage import (
     db_path,
     is_optuna_db,
 )
+from smskd_search.stats import binomial_se
 
 DEFAULT_TOP = 3
 
@@ -118,13 +118,6 @@ def trial_n_val(db: str | Path, number: int) -> int | None:
     return t.user_attrs.get(ATTR_N_VAL) if t is not None else None
 
 
-def stderr(p: float, n: int | None) -> float | None:
-    """Binomial standard error of an accuracy p measured on n samples."""
-    if not n:
-        return None
-    return math.sqrt(max(p * (1.0 - p), 0.0) / n)
-
-
 def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
     """COMPLETE trials, best val accuracy first; ties go to fewer epochs, then the earlier trial."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
@@ -181,7 +174,7 @@ def provenance(study: optuna.Study, db: Path, t: FrozenTrial, plan: Plan, rank: 
         "rank": rank,
         "val_acc": acc,
         "n_val": n_val,
-        "val_acc_stderr": stderr(acc, n_val),
+        "val_acc_stderr": binomial_se(acc, n_val),
         "sequence": t.user_attrs.get(ATTR_SEQUENCE, plan.sequence()),
         # Per stage end: method, cumulative epochs, val accuracy (exact floats: `train` must match).
         "stages": [
@@ -267,7 +260,6 @@ __all__ = [
     "ranked_trials",
     "readonly_storage",
     "stage_values",
-    "stderr",
     "trial_n_val",
     "trial_plan",
     "val_acc",

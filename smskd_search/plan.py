@@ -1,8 +1,10 @@
 """Plans: plain typed data that says everything needed to re-run one SMSKD pipeline.
 
-A plan is a versioned YAML document. ``load_plan(path)`` validates it (structure, ranges, method
-names and method parameters) and raises :class:`UserError` with one line naming the field path.
-``save_plan`` writes it back; load -> save -> load is the identity.
+A plan is a versioned YAML document. ``parse_plan``/``load_plan`` here validate its structure and
+ranges and raise :class:`UserError` with one line naming the field path; the names it refers to
+(models, methods, method parameters) are checked by :mod:`smskd_search.validate`, which sits above
+the registries (``smskd_search.load_plan`` does both). ``save_plan`` writes a plan back;
+load -> save -> load is the identity. This module imports nothing of the project but ``errors``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from smskd_search.errors import UserError, format_validation_error
 
-PLAN_VERSION = 1
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
+PLAN_VERSION: Literal[1] = 1
 
 
 class Strict(BaseModel):
@@ -92,15 +93,6 @@ class ProblemSpec(Strict):
     teacher: TeacherSpec
     student: StudentSpec
 
-    @field_validator("teacher", "student", mode="after")
-    @classmethod
-    def _known_arch(cls, v: Any) -> Any:
-        from smskd_search.models import MODELS  # late: models sit above plan in the layering
-
-        if v.arch not in MODELS:
-            raise ValueError(f"unknown arch {v.arch!r}; known: {', '.join(sorted(MODELS))}")
-        return v
-
 
 WEIGHT_MODES = ("inverse", "direct", "uniform", "none")
 NORMALIZATIONS = ("none", "batch_mean")
@@ -121,20 +113,21 @@ class StageSpec(Strict):
     epochs: int = Field(ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _known_method(self) -> "StageSpec":
-        from smskd_search.methods import METHODS  # late: methods sit above plan in the layering
-
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}")
-        try:
-            METHODS[self.method].Params.model_validate(self.params)
-        except ValidationError as exc:
-            raise ValueError(format_validation_error(f"params of {self.method}", exc)) from None
-        return self
-
 
 class Plan(Strict):
+    """Everything needed to re-run one SMSKD pipeline: problem, recipe, reference, stages, seed.
+
+    Build one with :func:`smskd_search.make_plan` (from a space) or load one with
+    :func:`smskd_search.load_plan`; ``to_yaml``/:func:`save_plan` write it back.
+
+    Example:
+
+        >>> from smskd_search import load_space, make_plan
+        >>> plan = make_plan(load_space("default"), [("kd", 3), ("fitnet", 2)])
+        >>> plan.total_epochs, plan.sequence()
+        (5, 'kd(3) -> fitnet(2)')
+    """
+
     version: Literal[1] = PLAN_VERSION
     name: str = "plan"
     problem: ProblemSpec
@@ -190,10 +183,20 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_plan(path: str | Path) -> Plan:
+    """A plan file, checked in structure and ranges (:func:`smskd_search.load_plan` checks names too)."""
     return parse_plan(read_yaml(path), str(path))
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
+    """Write ``plan`` as YAML to ``path`` (folders made as needed); load -> save -> load is the identity.
+
+    Args:
+        plan: The plan.
+        path: The file to write.
+
+    Returns:
+        ``path``.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(plan.to_yaml())

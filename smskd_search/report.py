@@ -4,7 +4,7 @@ Every figure sits in ``<div id="fig-...">`` with its figure JSON beside it in
 ``<script type="application/json" id="fig-...-json">``, drawn by one inline script: the page opens
 offline, and tests (or users) can read each figure's data without a browser.
 
-The page puts the noise floor first (DESIGN.md section 5): a search on a validation split of a few
+The page puts the noise floor first (README, "Honest numbers"): a search on a validation split of a few
 hundred images can crown noise, so the winner's margin over the best enqueued baseline is set
 against the binomial standard error of the gap, in words.
 """
@@ -16,9 +16,10 @@ import html
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import optuna
 import plotly.graph_objects as go
@@ -26,7 +27,7 @@ import plotly.io as pio
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from smskd_search.export import find_study_db, open_study, ranked_trials, stage_values, stderr, val_acc
+from smskd_search.export import find_study_db, open_study, ranked_trials, stage_values, val_acc
 from smskd_search.search.sampling import BASELINE_ATTR
 from smskd_search.search.storage import (
     ATTR_FAIL_REASON,
@@ -37,6 +38,7 @@ from smskd_search.search.storage import (
     ATTR_TOTAL_EPOCHS,
     counts_by_state,
 )
+from smskd_search.stats import binomial_se, difference_se
 
 TOP_K = 10
 # fANOVA on fewer completed trials than this says more about the sampler than about the space.
@@ -88,7 +90,7 @@ class TrialRow:
 
     @property
     def se(self) -> float | None:
-        return stderr(self.value, self.n_val) if self.value is not None else None
+        return binomial_se(self.value, self.n_val) if self.value is not None else None
 
     @property
     def label(self) -> str:
@@ -175,7 +177,7 @@ def noise_floor(ranked: Sequence[TrialRow], baselines: Sequence[TrialRow]) -> No
         return NoiseFloor("no-baseline", f"The winner #{win.number} leads baseline {rival.baseline} by "
                           f"{_pts(margin)} points, but the validation size is not recorded, so its noise floor "
                           "is unknown.", winner=win, rival=rival, margin=margin, notes=notes)
-    se_gap = math.sqrt(se_w**2 + se_r**2)
+    se_gap = difference_se(win.value, win.n_val, rival.value, rival.n_val)
     head = (f"The winner #{win.number} ({win.sequence}, val acc {_pts(win.value)}%) leads the best baseline "
             f"{rival.baseline} (#{rival.number}, {_pts(rival.value)}%) by {_pts(margin)} points; the binomial "
             f"standard error of one accuracy here is {floor}, and of the gap {_pts(se_gap)} points.")
@@ -486,7 +488,7 @@ def _top_table(ranked: Sequence[TrialRow], noise: NoiseFloor, top_k: int) -> str
             g = r.value - noise.rival.value
             gap = f"{'+' if g >= 0 else ''}{_pts(g)} pts"
             if r.se is not None and noise.rival.se is not None and (r.se or noise.rival.se):
-                gap_se = f"{g / math.sqrt(r.se**2 + noise.rival.se**2):+.2f}"
+                gap_se = f"{g / difference_se(r.value, r.n_val, noise.rival.value, noise.rival.n_val):+.2f}"
         kind = f' <span class="tag">{_cell(r.baseline)}</span>' if r.baseline else ""
         body.append(f"<tr><td>{i}</td><td>#{r.number}</td><td>{_cell(r.sequence)}{kind}</td><td>{_cell(r.total_epochs)}</td>"
                     f"<td>{_cell(_ref_cell(r))}</td><td>{_cell(_acc_cell(r))}</td><td>{gap}</td><td>{gap_se}</td></tr>")

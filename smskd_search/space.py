@@ -21,10 +21,13 @@ from smskd_search.plan import (
     ProblemSpec,
     RecipeSpec,
     ReferenceSpec,
-    StageSpec,
     Strict,
     read_yaml,
 )
+from smskd_search.validate import check_space, parse_plan, search_names_error
+
+WeightMode = Literal["inverse", "direct", "uniform", "none"]
+Normalization = Literal["none", "batch_mean"]
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 DEFAULT_SPACE = "default"
@@ -35,7 +38,7 @@ class IntRange(Strict):
     max: int = Field(ge=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "IntRange":
+    def _ordered(self) -> IntRange:
         if self.max < self.min:
             raise ValueError("max must be >= min")
         return self
@@ -47,7 +50,7 @@ class FloatRange(Strict):
     log: bool = True
 
     @model_validator(mode="after")
-    def _ordered(self) -> "FloatRange":
+    def _ordered(self) -> FloatRange:
         if self.high < self.low:
             raise ValueError("high must be >= low")
         if self.log and self.low <= 0.0:
@@ -93,10 +96,8 @@ class SearchSpec(Strict):
     epochs: IntRange = Field(default_factory=lambda: IntRange(min=2, max=8))
     total_epochs: int | None = Field(None, ge=1)
     lambda_ref: FloatRange = Field(default_factory=lambda: FloatRange(low=0.1, high=10.0))
-    weight_modes: list[Literal["inverse", "direct", "uniform", "none"]] = Field(
-        default_factory=lambda: ["inverse"]
-    )
-    normalizations: list[Literal["none", "batch_mean"]] = Field(default_factory=lambda: ["none"])
+    weight_modes: list[WeightMode] = Field(default_factory=lambda: list[WeightMode](["inverse"]))
+    normalizations: list[Normalization] = Field(default_factory=lambda: list[Normalization](["none"]))
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
@@ -104,19 +105,10 @@ class SearchSpec(Strict):
     baseline_epochs: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SearchSpec":
-        from smskd_search.methods import METHODS
-
-        for i, name in enumerate(self.methods):
-            if name not in METHODS:
-                raise ValueError(f"methods.{i}: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
-        for name, params in self.method_params.items():
-            if name not in METHODS:
-                raise ValueError(f"method_params.{name}: unknown method")
-            try:
-                METHODS[name].Params.model_validate(params)
-            except ValidationError as exc:
-                raise ValueError(format_validation_error(f"method_params.{name}", exc)) from None
+    def _consistent(self) -> SearchSpec:
+        why = search_names_error(self.methods, self.method_params)
+        if why is not None:
+            raise ValueError(why)
         if not self.allow_repeat and self.stages.max > len(self.methods):
             raise ValueError(
                 f"stages.max ({self.stages.max}) exceeds the number of methods ({len(self.methods)})"
@@ -152,6 +144,8 @@ class RuntimeSpec(Strict):
 
 
 class Space(Strict):
+    """A search space: the problem and recipe every plan of it shares, and the search ranges."""
+
     name: str
     description: str = ""
     problem: ProblemSpec
@@ -162,8 +156,21 @@ class Space(Strict):
     seed: int = 0
 
 
+def reference_defaults(space: Space) -> dict[str, Any]:
+    """The space's reference settings, with weight mode and normalisation among those it searches."""
+    ref = space.reference
+    search = space.search
+    out: dict[str, Any] = {"lambda_ref": ref.lambda_ref, "weight_mode": ref.weight_mode, "normalize": ref.normalize}
+    if search is not None:
+        if ref.weight_mode not in search.weight_modes:
+            out["weight_mode"] = search.weight_modes[0]
+        if ref.normalize not in search.normalizations:
+            out["normalize"] = search.normalizations[0]
+    return out
+
+
 def make_plan(
-    space: Space,
+    space: Space | LoadedSpace,
     stages: list[tuple[str, int]],
     *,
     name: str | None = None,
@@ -173,20 +180,45 @@ def make_plan(
 ) -> Plan:
     """A plan of this space's problem and recipe with the given (method, epochs) stages.
 
-    The space's ``method_params`` apply to every stage of that method; keyword arguments override
-    the space's reference settings (``lambda_ref``, ``weight_mode``...).
+    The one plan builder: the search's sampling, its baselines, ``train --method`` and notebooks
+    all build plans here.
+
+    Args:
+        space: The space (or a loaded space).
+        stages: ``(method, epochs)`` per stage, in order.
+        name: The plan's name (default: the methods joined by ``-``).
+        seed: The plan's seed (default: the space's).
+        teacher_sha256: The teacher the plan is bound to (checked when it runs).
+        **reference: Reference settings (``lambda_ref``, ``weight_mode``, ``normalize``,
+            ``temperature``...) over the space's; weight mode and normalisation default to ones the
+            space searches.
+
+    Returns:
+        The validated plan; the space's ``method_params`` apply to every stage of that method. A
+        bad combination is a :class:`UserError` naming the field.
+
+    Example:
+
+        >>> from smskd_search import load_space, make_plan
+        >>> plan = make_plan(load_space("default"), [("kd", 4), ("dkd", 4)], lambda_ref=2.0)
+        >>> plan.sequence(), plan.total_epochs, plan.reference.lambda_ref
+        ('kd(4) -> dkd(4)', 8, 2.0)
     """
-    overrides = space.search.method_params if space.search is not None else {}
-    ref = space.reference.model_copy(update=reference) if reference else space.reference
-    return Plan(
-        name=name or "-".join(m for m, _ in stages),
-        problem=space.problem,
-        recipe=space.recipe,
-        reference=ReferenceSpec.model_validate(ref.model_dump()),
-        stages=[StageSpec(method=m, epochs=e, params=dict(overrides.get(m, {}))) for m, e in stages],
-        seed=space.seed if seed is None else seed,
-        teacher_sha256=teacher_sha256,
-    )
+    sp = space.space if isinstance(space, LoadedSpace) else space
+    overrides = sp.search.method_params if sp.search is not None else {}
+    ref = {**sp.reference.model_dump(mode="json"), **reference_defaults(sp),
+           **{k: v for k, v in reference.items() if v is not None}}
+    data = {
+        "name": name or "-".join(m for m, _ in stages),
+        "problem": sp.problem.model_dump(mode="json"),
+        "recipe": sp.recipe.model_dump(mode="json"),
+        "reference": ref,
+        "stages": [{"method": m, "epochs": e, "params": dict(overrides.get(m, {}))} for m, e in stages],
+        "seed": sp.seed if seed is None else seed,
+        "teacher_sha256": teacher_sha256,
+    }
+    # Through the validating parser, so that a bad combination is a UserError naming the field.
+    return parse_plan(data, source=f"space {sp.name!r}")
 
 
 class LoadedSpace:
@@ -216,6 +248,22 @@ def resolve_space_path(name_or_path: str | Path | None) -> Path:
 
 
 def load_space(name_or_path: str | Path | None = None) -> LoadedSpace:
+    """A space file, or a built-in space by name, validated (one-line UserError naming the field).
+
+    Args:
+        name_or_path: A path, or the name of a built-in space (``default``, ``cifar10``...);
+            None: the default space.
+
+    Returns:
+        The :class:`LoadedSpace`: the validated space, its path and the hash of its text.
+
+    Example:
+
+        >>> from smskd_search import load_space
+        >>> space = load_space("default")
+        >>> space.space.problem.dataset.name, space.path.name
+        ('digits', 'default.yaml')
+    """
     path = resolve_space_path(name_or_path)
     text = path.read_text()
     data = read_yaml(path)
@@ -225,7 +273,7 @@ def load_space(name_or_path: str | Path | None = None) -> LoadedSpace:
         space = Space.model_validate(data)
     except ValidationError as exc:
         raise UserError(format_validation_error(str(path), exc)) from None
-    return LoadedSpace(space, path, text)
+    return LoadedSpace(check_space(space, str(path)), path, text)
 
 
 __all__ = [
@@ -234,6 +282,7 @@ __all__ = [
     "LoadedSpace",
     "load_space",
     "make_plan",
+    "reference_defaults",
     "resolve_space_path",
     "WEIGHT_MODES",
     "NORMALIZATIONS",

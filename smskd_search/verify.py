@@ -17,13 +17,13 @@ seed-to-seed spread (the larger seed std of the two rows). One seed gives no spr
 
 from __future__ import annotations
 
-import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from smskd_search.plan import Plan, StageSpec
+from smskd_search.stats import binomial_se, difference_se
 
 DEFAULT_SEEDS = 3
 
@@ -50,7 +50,7 @@ class VerifyRow:
     @property
     def se_binomial(self) -> float:
         """Binomial s.e. of one test accuracy at this mean: the split's own noise."""
-        return math.sqrt(max(self.mean * (1 - self.mean), 0.0) / max(self.n_test or 1, 1))
+        return binomial_se(self.mean, max(self.n_test or 1, 1)) or 0.0
 
 
 @dataclass
@@ -94,7 +94,7 @@ def judge(rows: list[VerifyRow]) -> Verdict:
                        "the plan is a single method: there is no other single method to compare with")
     rival = max(singles, key=lambda r: r.mean)
     margin = plan.mean - rival.mean
-    se_gap = math.sqrt(plan.se_binomial**2 + rival.se_binomial**2)
+    se_gap = difference_se(plan.mean, max(plan.n_test or 1, 1), rival.mean, max(rival.n_test or 1, 1))
     stds = [s for s in (plan.std, rival.std) if s is not None]
     seed_std = max(stds) if len(stds) == 2 else None
     head = (f"plan vs best single method ({rival.label}): {100 * margin:+.2f} points; binomial s.e. of the gap "

@@ -9,7 +9,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pytest
 import torch
 
-from smskd_search.plan import DatasetSpec, Plan, ProblemSpec, RecipeSpec, StageSpec, StudentSpec, TeacherRecipe, TeacherSpec
+from smskd_search.plan import DatasetSpec, Plan, ProblemSpec, RecipeSpec, StudentSpec, TeacherRecipe, TeacherSpec
+from smskd_search.space import Space
+from smskd_search.space import make_plan as build_plan
 
 
 @pytest.fixture(autouse=True)
@@ -35,11 +37,8 @@ def tiny_problem() -> ProblemSpec:
 
 
 def make_plan(problem: ProblemSpec, stages: list[tuple[str, int]], **kw) -> Plan:
-    ref = kw.pop("reference", {})
-    return Plan(
-        problem=problem,
-        recipe=kw.pop("recipe", RecipeSpec(lr=0.05)),
-        reference=ref,
-        stages=[StageSpec(method=m, epochs=e) for m, e in stages],
-        **kw,
-    )
+    """The library's plan builder on a space of just this problem (recipe lr 0.05 unless given)."""
+    space = Space(name="test", problem=problem, recipe=kw.pop("recipe", RecipeSpec(lr=0.05)))
+    plan = build_plan(space, stages, name=kw.pop("name", "plan"), seed=kw.pop("seed", None),
+                      **kw.pop("reference", {}))
+    return plan.model_copy(update=kw) if kw else plan

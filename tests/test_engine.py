@@ -12,18 +12,17 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_plan
 
+from smskd_search.data import TensorLoader, load_data
 from smskd_search.engine import pipeline, run_plan, tcp_weights
 from smskd_search.engine.device import pick_precision
 from smskd_search.engine.frozen import FrozenForward, frozen_copy
 from smskd_search.engine.tcp import reference_loss
 from smskd_search.engine.trainer import ReferenceTerm, Schedule, train_epoch
-from smskd_search.data import TensorLoader, load_data
 from smskd_search.methods import MethodContext, build_method
 from smskd_search.models import create_model, probe_shapes
 from smskd_search.plan import ReferenceSpec, ScheduleSpec, save_plan
-
-from conftest import make_plan
 
 # Teacher logits whose softmax true-class probabilities are easy to write out:
 # row 0: logits (ln 3, 0, 0) -> p = (0.6, 0.2, 0.2), label 0 -> p_true = 0.6

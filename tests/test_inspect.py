@@ -26,11 +26,11 @@ from optuna.trial import TrialState, create_trial
 
 from smskd_search.errors import UserError
 from smskd_search.export import export_plans, open_study
-from smskd_search.plan import load_plan
 from smskd_search.search import run_search
 from smskd_search.search import storage as st
 from smskd_search.search.sampling import BASELINE_ATTR
 from smskd_search.space import load_space, make_plan
+from smskd_search.validate import load_plan
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -237,7 +237,7 @@ def test_export_then_train_reproduces_the_stage_values_bit_for_bit(tiny_study, s
 
 
 def load_plan_text(text: str):
-    from smskd_search.plan import parse_plan
+    from smskd_search.validate import parse_plan
 
     return parse_plan(yaml.safe_load(text))
 

@@ -284,7 +284,7 @@ def test_ofd_margins_and_loss_against_plain():
             continue
         expected = [normal_margin_numeric(float(g), float(b)) for g, b in zip(d(bns[j].weight), d(bns[j].bias))]
         assert_close(d(getattr(m, f"margin{k}")), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-5)
-    assert float(getattr(m, "margin0")[0]) == pytest.approx(-1.5)  # the -3 gamma branch
+    assert float(m.margin0[0]) == pytest.approx(-1.5)  # the -3 gamma branch
 
     batch = make_batch()
     total = 0.0
@@ -324,11 +324,11 @@ def plain_abf(abf, x, deeper, out_hw):
 
 def plain_hcl(fs, ft):
     loss, w, tot = ((fs - ft) ** 2).mean(), 1.0, 1.0
-    for l in (4, 2, 1):
-        if l >= fs.shape[-1]:
+    for size in (4, 2, 1):
+        if size >= fs.shape[-1]:
             continue
         w /= 2
-        loss = loss + w * ((block_mean(fs, (l, l)) - block_mean(ft, (l, l))) ** 2).mean()
+        loss = loss + w * ((block_mean(fs, (size, size)) - block_mean(ft, (size, size))) ** 2).mean()
         tot += w
     return loss / tot
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from smskd_search.models import MODELS, count_parameters, create_model, probe_shapes
 

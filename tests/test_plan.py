@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import yaml
+from conftest import make_plan as plan_of
 
 from smskd_search.errors import UserError
-from smskd_search.plan import Plan, load_plan, parse_plan, save_plan
+from smskd_search.plan import Plan, save_plan
 from smskd_search.space import load_space, make_plan
-
-from conftest import make_plan as plan_of
+from smskd_search.validate import load_plan, parse_plan
 
 
 def _plan_dict(problem) -> dict:
@@ -82,13 +82,17 @@ def test_default_space_applies_method_params():
     assert plan.reference.lambda_ref == 2.0 and plan.problem == space.problem
 
 
+PROBLEM_YAML = "name: x\nproblem:\n  teacher: {arch: cnn_large}\n  student: {arch: cnn_nano}\n"
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [
         ("name: x\nproblem: [1, 2\n", "malformed YAML (line"),
-        ("name: x\nproblem:\n  teacher: {arch: cnn_large}\n  student: {arch: cnn_nano}\nsearch:\n  methods: [kd, bogus]\n", "search.methods.1: unknown method 'bogus'"),
-        ("name: x\nproblem:\n  teacher: {arch: cnn_large}\n  student: {arch: cnn_nano}\n  dataset: {val_fraction: 2}\n", "problem.dataset.val_fraction"),
-        ("name: x\nproblem:\n  teacher: {arch: cnn_large}\n  student: {arch: cnn_nano}\nrecipe: {lr: fast}\n", "recipe.lr"),
+        (PROBLEM_YAML + "search:\n  methods: [kd, bogus]\n", "search.methods.1: unknown method 'bogus'"),
+        (PROBLEM_YAML + "  dataset: {val_fraction: 2}\n", "problem.dataset.val_fraction"),
+        (PROBLEM_YAML + "recipe: {lr: fast}\n", "recipe.lr"),
+        (PROBLEM_YAML.replace("cnn_nano", "cnn_9000"), "problem.student: unknown arch 'cnn_9000'"),
     ],
 )
 def test_malformed_space_names_file_and_field(tmp_path, text, needle):

@@ -90,7 +90,7 @@ def test_replay_records_without_deciding():
 
 
 def test_rungs_of_a_resumed_search_start_from_the_study():
-    from smskd_search.search.runner import _rungs_for
+    from smskd_search.search.tune_run import rungs_for
     from smskd_search.space import SearchSpec
 
     search = SearchSpec.model_validate({"methods": ["kd", "dkd"], "stages": {"min": 1, "max": 2},
@@ -107,15 +107,15 @@ def test_rungs_of_a_resumed_search_start_from_the_study():
     study.add_trial(trial(0, TrialState.COMPLETE, [2, 5], [0.5, 0.8]))
     study.add_trial(trial(1, TrialState.PRUNED, [3], [0.4]))
     study.add_trial(trial(2, TrialState.FAIL, [4], [0.99]))  # failed trials do not set the standard
-    rungs = _rungs_for(search, study.get_trials())
+    rungs = rungs_for(search, study.get_trials())
     assert rungs.milestones == [2, 4, 8]
     assert sorted(rungs.recorded(2).values()) == [0.4, 0.5] and list(rungs.recorded(4).values()) == [0.8]
 
 
 def test_scheduler_answers_stop_and_says_why():
-    from ray.tune.schedulers import TrialScheduler
-
     from smskd_search.search.scheduler import StageASHAScheduler
+
+    from ray.tune.schedulers import TrialScheduler
 
     s = StageASHAScheduler(StageRungs(2, 2, 8, noise_margin=1.0))
     a, b, c = (SimpleNamespace(trial_id=x) for x in "abc")

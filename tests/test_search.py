@@ -25,11 +25,12 @@ import yaml
 from optuna.trial import TrialState
 
 from smskd_search.errors import UserError
-from smskd_search.plan import load_plan
-from smskd_search.search import format_leaderboard, list_studies, run_search
+from smskd_search.search import list_studies, run_search
 from smskd_search.search import storage as st
 from smskd_search.search.sampling import baseline_plans, plan_from_params, split_epochs, suggest_plan
-from smskd_search.space import load_space
+from smskd_search.space import load_space, make_plan
+from smskd_search.summary_text import format_leaderboard
+from smskd_search.validate import load_plan
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -205,16 +206,15 @@ def test_resume_checks_the_space_and_the_lock_guards_a_live_study(tmp_path):
 
 
 def _searcher(storage, multi: bool = False):
-    from smskd_search.search.searcher import StageAwareOptunaSearch
+    from smskd_search.search.searcher import StudySearcher
 
     def space_fn(trial):
         trial.suggest_int("x", 0, 3)
         return {}
 
-    optuna.create_study(storage=storage, study_name="s", directions=["maximize", "minimize"] if multi else ["maximize"])
-    return StageAwareOptunaSearch(space_fn, metric=["val_acc", "total_epochs"] if multi else "val_acc",
-                                  mode=["max", "min"] if multi else "max",
-                                  sampler=optuna.samplers.RandomSampler(seed=0), study_name="s", storage=storage)
+    study = optuna.create_study(storage=storage, study_name="s", sampler=optuna.samplers.RandomSampler(seed=0),
+                                directions=["maximize", "minimize"] if multi else ["maximize"])
+    return StudySearcher(study, space_fn)
 
 
 def _result(cum, acc, final=False, **kw):
@@ -264,10 +264,10 @@ def test_searcher_multi_objective_and_finished_trials():
     # A stale Tune snapshot (resume after a hard kill) tells a trial the study already finished.
     s2 = _searcher(optuna.storages.InMemoryStorage())
     s2.suggest("x")
-    s2._ot_study.tell(s2._ot_trials["x"], 0.3)
+    s2.study.tell(s2.trial_number("x"), 0.3)
     s2.on_trial_result("x", _result(2, 0.5))
     s2.on_trial_complete("x", _result(6, 0.9, final=True))  # no UpdateFinishedTrialError
-    assert s2._ot_study.trials[0].value == 0.3
+    assert s2.study.trials[0].value == 0.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,14 +301,13 @@ def test_trainable_reports_resumes_and_fails_cleanly(tmp_path, monkeypatch):
     from smskd_search.engine import ensure_teacher
     from smskd_search.plan import ProblemSpec
     from smskd_search.search import trainable as tr
-    from smskd_search.search.sampling import build_plan
 
     problem = {**PROBLEM, "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}}
     space = load_space(write_space(tmp_path, "trainable", {**MAIN_SEARCH, "methods": ["kd", "dkd"]}))
     space.space.problem = ProblemSpec.model_validate(problem)
     record = ensure_teacher(space.space.problem, cache_root=tmp_path / "teachers")
     context = tr.TrialContext(teacher_record=asdict(record))
-    plan = build_plan(space, [("kd", 1), ("dkd", 2)], weight_mode="inverse", teacher_sha256=record.sha256)
+    plan = make_plan(space, [("kd", 1), ("dkd", 2)], weight_mode="inverse", teacher_sha256=record.sha256)
 
     def run(fake, run_dir, resume_dirs=(), the_plan=plan, **extra):
         monkeypatch.setattr(tr, "tune", fake)
@@ -426,7 +425,7 @@ def test_search_records_the_expected_study(main_search, studies_root):
 
 
 def load_plan_text(text: str):
-    from smskd_search.plan import parse_plan
+    from smskd_search.validate import parse_plan
 
     return parse_plan(yaml.safe_load(text))
 

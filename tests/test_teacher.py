@@ -3,9 +3,9 @@ teacher beats its student trained alone."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-import os
 
 import pytest
 import torch

@@ -49,7 +49,7 @@ class DataSplits:
     train: TensorSplit
     val: TensorSplit
 
-    def to(self, device: torch.device | str) -> "DataSplits":
+    def to(self, device: torch.device | str) -> DataSplits:
         return DataSplits(self.info, self.train.to(device), self.val.to(device))
 
 

@@ -9,8 +9,8 @@ waits for the device's queue: one hidden synchronisation per batch).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ class TensorSplit:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def to(self, device: torch.device | str) -> "TensorSplit":
+    def to(self, device: torch.device | str) -> TensorSplit:
         return TensorSplit(self.images.to(device), self.labels.to(device))
 
 

@@ -3,6 +3,7 @@
 from smskd_search.engine.device import pick_device, pick_precision
 from smskd_search.engine.evaluate import EvalResult, evaluate
 from smskd_search.engine.pipeline import (
+    Diverged,
     EpochMetrics,
     RunResult,
     StageResult,
@@ -15,6 +16,7 @@ from smskd_search.engine.tcp import reference_loss, tcp_weights
 from smskd_search.engine.teacher import TeacherRecord, ensure_teacher, load_teacher, teacher_dir
 
 __all__ = [
+    "Diverged",
     "EpochMetrics",
     "EvalResult",
     "RunResult",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 
 from smskd_search.data import TensorLoader, TensorSplit
 from smskd_search.engine.device import Precision
+from smskd_search.stats import binomial_se
 
 
 @dataclass
@@ -22,7 +22,7 @@ class EvalResult:
     @property
     def stderr(self) -> float:
         """Binomial standard error of the accuracy: the noise floor of comparisons on this split."""
-        return math.sqrt(max(self.acc * (1.0 - self.acc), 0.0) / max(self.n, 1))
+        return binomial_se(self.acc, max(self.n, 1)) or 0.0
 
 
 @torch.no_grad()

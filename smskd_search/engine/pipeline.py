@@ -12,24 +12,27 @@ Neither Ray nor Optuna is imported here: a plan runs wherever torch runs.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from smskd_search.data import DataInfo, DataSplits, TensorLoader, load_data, load_test_split
-from smskd_search.engine.device import Precision, pick_device, pick_precision, rng_state, set_rng_state
+from smskd_search.engine.device import Precision, pick_device, pick_precision
 from smskd_search.engine.evaluate import EvalResult, evaluate
 from smskd_search.engine.frozen import FrozenForward, freeze, frozen_copy
 from smskd_search.engine.optim import build_optimizer, trainable
 from smskd_search.engine.teacher import DEFAULT_CACHE, TeacherRecord, ensure_teacher, load_teacher
 from smskd_search.engine.trainer import ReferenceTerm, Schedule, train_epoch
 from smskd_search.errors import UserError
-from smskd_search.methods import MethodContext, build_method
-from smskd_search.models import create_model, probe_shapes
-from smskd_search.plan import Plan
+from smskd_search.methods import Method, MethodContext, build_method
+from smskd_search.models import FeatureShapes, create_model, probe_shapes
+from smskd_search.plan import Plan, StageSpec
+from smskd_search.validate import check_plan
 
 CHECKPOINT_VERSION = 1
 
@@ -50,6 +53,8 @@ class EpochMetrics:
 
 @dataclass
 class StageResult:
+    """One finished stage: its validation accuracy (with n) at the stage end, and its curve."""
+
     index: int  # 0-based
     method: str
     epochs: int
@@ -63,6 +68,8 @@ class StageResult:
 
 @dataclass
 class RunResult:
+    """What :func:`run_plan` returns: the stages' results, the teacher used, the student if kept."""
+
     plan_hash: str
     stages: list[StageResult]
     stopped_early: bool
@@ -119,6 +126,51 @@ def _stage_seed(plan_seed: int, stage_index: int) -> int:
     return plan_seed * 1_000_003 + stage_index
 
 
+class Diverged(UserError):
+    """The training loss went non-finite: the plan fails (``train`` exits with the message, a search
+    records the trial as FAIL with it as the reason)."""
+
+
+@dataclass
+class _Run:
+    """What the stages of one run share; ``student``, ``optimizer`` and ``results`` carry on."""
+
+    plan: Plan
+    dev: torch.device
+    prec: Precision
+    data: DataSplits
+    teacher_record: TeacherRecord
+    teacher_model: nn.Module
+    teacher_fw: FrozenForward
+    student: nn.Module
+    s_shapes: FeatureShapes
+    t_shapes: FeatureShapes
+    cache_inputs: torch.Tensor | None
+    scaler: Any
+    results: list[StageResult] = field(default_factory=list)
+    start_stage: int = 0
+    resumed_from: int | None = None
+    opt_state: dict | None = None
+    optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def cum_epochs(self) -> int:
+        return self.results[-1].cum_epochs if self.results else 0
+
+
+@dataclass
+class _Stage:
+    """One stage being trained: its method's modules, the reference, the batches, the schedule."""
+
+    index: int
+    spec: StageSpec
+    seed: int
+    method: Method
+    reference: ReferenceTerm | None
+    loader: TensorLoader
+    schedule: Schedule | None = None
+
+
 def run_plan(
     plan: Plan,
     *,
@@ -137,18 +189,65 @@ def run_plan(
 ) -> RunResult:
     """Run a plan stage by stage; see the module docstring for the exact semantics.
 
-    ``data``, ``teacher_model`` and ``teacher_record`` may be passed in to share them across runs
-    (the search does so). ``cache_frozen_outputs`` precomputes the teacher's and the reference's
-    outputs when training batches are not augmented (the results are the same, the steps cheaper).
+    Args:
+        plan: The plan (checked for known models, methods and parameters first).
+        device: ``"cpu"``, ``"cuda"``... (default: CUDA where there is one).
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        out_dir: Where stage checkpoints go (``stage{k}.pt``); None: no checkpoints.
+        resume: Continue from the last checkpoint of this plan in ``out_dir``.
+        on_stage_end: Called after each stage with its result and checkpoint; True stops the run.
+        on_epoch_end: Called after each epoch with its metrics.
+        teacher_cache: The teacher cache folder (the teacher trains once per problem).
+        data, teacher_model, teacher_record: Shared across runs when given (the search does so).
+        cache_frozen_outputs: Precompute the teacher's and the reference's outputs when training
+            batches are not augmented (the same results, cheaper steps).
+        keep_student: Keep the trained student in the result (for :func:`evaluate_test`).
+
+    Returns:
+        The :class:`RunResult`: per-stage validation accuracy and curves.
+
+    Raises:
+        UserError: The plan names an unknown model or method, or its teacher does not match.
+        Diverged: The training loss went non-finite ("diverged: non-finite loss at stage k, epoch e").
+
+    Example:
+
+        >>> from smskd_search import load_space, make_plan, run_plan
+        >>> plan = make_plan(load_space("default"), [("kd", 2), ("dkd", 2)])
+        >>> result = run_plan(plan)  # doctest: +SKIP
+        >>> [round(s.val_acc, 3) for s in result.stages]  # doctest: +SKIP
+        [0.801, 0.857]
     """
-    dev = pick_device(str(device) if device is not None else None)
-    prec: Precision = pick_precision(dev, precision)
+    check_plan(plan)
+    run = _set_up(plan, device, precision, data, teacher_record, teacher_model, teacher_cache, cache_frozen_outputs)
     out = Path(out_dir) if out_dir is not None else None
-    plan_hash = plan.content_hash()
+    if resume and out is not None:
+        _resume(run, out)
+    stopped = False
+    for k in range(run.start_stage, len(plan.stages)):
+        stage = _build_stage(run, k)
+        _stage_optimizer(run, stage)
+        result = _train_stage(run, stage, on_epoch_end)
+        run.results.append(result)
+        ckpt_file = _save_stage(run, k, out) if out is not None else None
+        del stage  # the stage's extra modules and reference go with it
+        wants_stop = on_stage_end is not None and on_stage_end(k, result.cum_epochs, result, ckpt_file)
+        if wants_stop and k + 1 < len(plan.stages):
+            stopped = True
+            break
+    return RunResult(plan.content_hash(), run.results, stopped, run.resumed_from, run.teacher_record, run.data.info,
+                     run.student if keep_student else None)
+
+
+def _set_up(plan: Plan, device: torch.device | str | None, precision: str, data: DataSplits | None,
+            teacher_record: TeacherRecord | None, teacher_model: nn.Module | None, teacher_cache: str | Path,
+            cache_frozen_outputs: bool) -> _Run:
+    """Data, the teacher (checked against the plan), a fresh student and the shapes methods probe."""
+    dev = pick_device(str(device) if device is not None else None)
+    prec = pick_precision(dev, precision)
     if data is None:
         data = load_data(plan.problem.dataset, dev)
     info = data.info
-
     if teacher_record is None:
         teacher_record = ensure_teacher(plan.problem, cache_root=teacher_cache, device=dev, data=data)
     if plan.teacher_sha256 and plan.teacher_sha256 != teacher_record.sha256:
@@ -159,125 +258,117 @@ def run_plan(
     if teacher_model is None:
         teacher_model = load_teacher(plan.problem, teacher_record, info, dev)
     teacher_model = prec.prepare_model(freeze(teacher_model))
-
     torch.manual_seed(plan.seed)
-    student = create_model(plan.problem.student.arch, info.num_classes, info.in_channels, info.image_size).to(dev)
-    student = prec.prepare_model(student)
+    student: nn.Module = create_model(plan.problem.student.arch, info.num_classes, info.in_channels, info.image_size)
+    student = prec.prepare_model(student.to(dev))
     in_shape = (info.in_channels, info.image_size, info.image_size)
-    s_shapes, t_shapes = probe_shapes(student, in_shape), probe_shapes(teacher_model, in_shape)
-
-    results: list[StageResult] = []
-    start_stage = 0
-    resumed_from: int | None = None
-    opt_state: dict | None = None
-    if resume and out is not None:
-        ckpt = latest_checkpoint(out, plan_hash)
-        if ckpt is not None:
-            student.load_state_dict(ckpt["student"])
-            results = [_stage_result_from_dict(d) for d in ckpt["results"]]
-            start_stage = ckpt["stage_index"] + 1
-            resumed_from = ckpt["stage_index"]
-            opt_state = ckpt.get("optimizer")
-            set_rng_state(ckpt["rng"], dev)
-
-    augmented = plan.recipe.augment.enabled
-    cache_inputs = data.train.images if (cache_frozen_outputs and not augmented) else None
+    cache_inputs = data.train.images if (cache_frozen_outputs and not plan.recipe.augment.enabled) else None
     teacher_fw = FrozenForward(teacher_model, prec, cache_inputs, plan.recipe.eval_batch_size, need_features=True)
-    scaler = prec.grad_scaler()
-    total_epochs = plan.total_epochs
-    cum_epochs = sum(s.epochs for s in plan.stages[:start_stage])
-    optimizer: torch.optim.Optimizer | None = None
-    stopped = False
+    return _Run(plan, dev, prec, data, teacher_record, teacher_model, teacher_fw, student,
+                probe_shapes(student, in_shape), probe_shapes(teacher_model, in_shape), cache_inputs,
+                prec.grad_scaler())
 
-    for k in range(start_stage, len(plan.stages)):
-        stage = plan.stages[k]
-        seed = _stage_seed(plan.seed, k)
-        torch.manual_seed(seed)
-        ctx = MethodContext(s_shapes, t_shapes, teacher_model, info.num_classes, info.num_train, stage.epochs)
-        method = build_method(stage.method, stage.params, ctx).to(dev)
 
-        reference = None
-        if k > 0:
-            ref_model = prec.prepare_model(frozen_copy(student))
-            need_feats = plan.reference.loss == "feature_mse"
-            ref_fw = FrozenForward(ref_model, prec, cache_inputs if plan.reference.lambda_ref > 0 else None,
-                                   plan.recipe.eval_batch_size, need_features=need_feats)
-            reference = ReferenceTerm(ref_fw, plan.reference)
+def _resume(run: _Run, out: Path) -> None:
+    """Continue after this plan's last stage checkpoint in ``out`` (each stage reseeds itself)."""
+    ckpt = latest_checkpoint(out, run.plan.content_hash())
+    if ckpt is None:
+        return
+    run.student.load_state_dict(ckpt["student"])
+    run.results = [_stage_result_from_dict(d) for d in ckpt["results"]]
+    run.start_stage = ckpt["stage_index"] + 1
+    run.resumed_from = ckpt["stage_index"]
+    run.opt_state = ckpt.get("optimizer")
 
-        student_params = trainable(student.parameters())
-        method_params = trainable(method.parameters())
-        if plan.restart_optimizer or optimizer is None:
-            optimizer = build_optimizer([{"params": student_params}], plan.recipe, dev)
-            if not plan.restart_optimizer and opt_state is not None:
-                optimizer.load_state_dict(opt_state)  # resumed: the student's momentum carries on
-            if method_params:
-                optimizer.add_param_group({"params": method_params})
-        else:
-            # One optimizer over the run: the student keeps its momentum; the previous method's
-            # modules leave with their state, the new method's join as a fresh group.
-            for group in optimizer.param_groups[1:]:
-                for p in group["params"]:
-                    optimizer.state.pop(p, None)
-            del optimizer.param_groups[1:]
-            if method_params:
-                optimizer.add_param_group({"params": method_params})
-        schedule = Schedule(
-            base_lr=plan.recipe.lr,
-            spec=plan.recipe.schedule,
-            span_epochs=stage.epochs if plan.restart_optimizer else total_epochs,
-            epoch_offset=0 if plan.restart_optimizer else cum_epochs,
-        )
-        loader = TensorLoader(data.train, plan.recipe.batch_size, shuffle=True, augment=plan.recipe.augment,
-                              generator=torch.Generator(dev).manual_seed(seed))
-        stage_result = StageResult(k, stage.method, stage.epochs, cum_epochs, 0.0, 0.0, info.num_val,
-                                   reference is not None and reference.active)
-        val: EvalResult | None = None
-        for e in range(stage.epochs):
-            stats = train_epoch(student=student, method=method, teacher=teacher_fw, reference=reference,
-                                loader=loader, optimizer=optimizer, schedule=schedule, stage_epoch=e,
-                                precision=prec, scaler=scaler)
-            cum_epochs += 1
-            val = evaluate(student, data.val, prec, plan.recipe.eval_batch_size)
-            em = EpochMetrics(e + 1, cum_epochs, stats.loss, stats.ce, stats.kd, stats.ref, stats.acc,
-                              stats.lr, val.acc, val.loss)
-            stage_result.epoch_metrics.append(em)
-            if on_epoch_end is not None:
-                on_epoch_end(k, em)
-        assert val is not None
-        stage_result.cum_epochs, stage_result.val_acc, stage_result.val_loss = cum_epochs, val.acc, val.loss
-        results.append(stage_result)
 
-        ckpt_file = None
-        if out is not None:
-            ckpt_file = checkpoint_path(out, k)
-            _save_checkpoint(ckpt_file, {
-                "version": CHECKPOINT_VERSION,
-                "plan_hash": plan_hash,
-                "stage_index": k,
-                "student": {n: t.detach().cpu() for n, t in student.state_dict().items()},
-                "optimizer": None if plan.restart_optimizer else _student_only_state(optimizer),
-                "rng": rng_state(dev),
-                "results": [asdict(r) for r in results],
-            })
-        del method, reference  # the stage's extra modules and reference go with it
-        wants_stop = on_stage_end is not None and on_stage_end(k, cum_epochs, stage_result, ckpt_file)
-        if wants_stop and k + 1 < len(plan.stages):
-            stopped = True
-            break
+def _build_stage(run: _Run, k: int) -> _Stage:
+    """Stage k's method (modules built from the probed shapes), reference and seeded batches."""
+    plan, info = run.plan, run.data.info
+    spec = plan.stages[k]
+    seed = _stage_seed(plan.seed, k)
+    torch.manual_seed(seed)
+    ctx = MethodContext(run.s_shapes, run.t_shapes, run.teacher_model, info.num_classes, info.num_train, spec.epochs)
+    method = build_method(spec.method, spec.params, ctx).to(run.dev)
+    reference = None
+    if k > 0:
+        ref_model = run.prec.prepare_model(frozen_copy(run.student))
+        ref_fw = FrozenForward(ref_model, run.prec, run.cache_inputs if plan.reference.lambda_ref > 0 else None,
+                               plan.recipe.eval_batch_size, need_features=plan.reference.loss == "feature_mse")
+        reference = ReferenceTerm(ref_fw, plan.reference)
+    loader = TensorLoader(run.data.train, plan.recipe.batch_size, shuffle=True, augment=plan.recipe.augment,
+                          generator=torch.Generator(run.dev).manual_seed(seed))
+    return _Stage(k, spec, seed, method, reference, loader)
 
-    return RunResult(plan_hash, results, stopped, resumed_from, teacher_record, info,
-                     student if keep_student else None)
+
+def _stage_optimizer(run: _Run, stage: _Stage) -> None:
+    """A fresh optimizer and lr schedule for the stage, or the run's one carried on."""
+    plan = run.plan
+    student_params = trainable(run.student.parameters())
+    method_params = trainable(stage.method.parameters())
+    if plan.restart_optimizer or run.optimizer is None:
+        run.optimizer = build_optimizer([{"params": student_params}], plan.recipe, run.dev)
+        if not plan.restart_optimizer and run.opt_state is not None:
+            run.optimizer.load_state_dict(run.opt_state)  # resumed: the student's momentum carries on
+    else:
+        # One optimizer over the run: the student keeps its momentum; the previous method's
+        # modules leave with their state, the new method's join as a fresh group.
+        for group in run.optimizer.param_groups[1:]:
+            for p in group["params"]:
+                run.optimizer.state.pop(p, None)
+        del run.optimizer.param_groups[1:]
+    if method_params:
+        run.optimizer.add_param_group({"params": method_params})
+    stage.schedule = Schedule(
+        base_lr=plan.recipe.lr,
+        spec=plan.recipe.schedule,
+        span_epochs=stage.spec.epochs if plan.restart_optimizer else plan.total_epochs,
+        epoch_offset=0 if plan.restart_optimizer else run.cum_epochs,
+    )
+
+
+def _train_stage(run: _Run, stage: _Stage, on_epoch_end: EpochCallback | None) -> StageResult:
+    """The stage's epochs, each followed by a validation pass; stops at a non-finite loss."""
+    assert run.optimizer is not None and stage.schedule is not None
+    cum_epochs = run.cum_epochs
+    result = StageResult(stage.index, stage.spec.method, stage.spec.epochs, cum_epochs, 0.0, 0.0,
+                         run.data.info.num_val, stage.reference is not None and stage.reference.active)
+    for e in range(stage.spec.epochs):
+        stats = train_epoch(student=run.student, method=stage.method, teacher=run.teacher_fw,
+                            reference=stage.reference, loader=stage.loader, optimizer=run.optimizer,
+                            schedule=stage.schedule, stage_epoch=e, precision=run.prec, scaler=run.scaler)
+        if not math.isfinite(stats.loss):
+            raise Diverged(f"diverged: non-finite loss at stage {stage.index + 1}, epoch {e + 1}")
+        cum_epochs += 1
+        val = evaluate(run.student, run.data.val, run.prec, run.plan.recipe.eval_batch_size)
+        em = EpochMetrics(e + 1, cum_epochs, stats.loss, stats.ce, stats.kd, stats.ref, stats.acc,
+                          stats.lr, val.acc, val.loss)
+        result.epoch_metrics.append(em)
+        if on_epoch_end is not None:
+            on_epoch_end(stage.index, em)
+    last = result.epoch_metrics[-1]
+    result.cum_epochs, result.val_acc, result.val_loss = cum_epochs, last.val_acc, last.val_loss
+    return result
+
+
+def _save_stage(run: _Run, k: int, out: Path) -> Path:
+    """Stage k's checkpoint: the student, the carried optimizer state, the results so far."""
+    path = checkpoint_path(out, k)
+    _save_checkpoint(path, {
+        "version": CHECKPOINT_VERSION,
+        "plan_hash": run.plan.content_hash(),
+        "stage_index": k,
+        "student": {n: t.detach().cpu() for n, t in run.student.state_dict().items()},
+        "optimizer": None if run.plan.restart_optimizer or run.optimizer is None
+        else _student_only_state(run.optimizer),
+        "results": [asdict(r) for r in run.results],
+    })
+    return path
 
 
 def _student_only_state(optimizer: torch.optim.Optimizer) -> dict:
     state = optimizer.state_dict()
-    n_student = len(state["param_groups"][0]["params"])
     keep = set(state["param_groups"][0]["params"])
-    return {
-        "state": {k: v for k, v in state["state"].items() if k in keep},
-        "param_groups": state["param_groups"][:1],
-        "_n": n_student,
-    }
+    return {"state": {k: v for k, v in state["state"].items() if k in keep}, "param_groups": state["param_groups"][:1]}
 
 
 def _stage_result_from_dict(d: dict) -> StageResult:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smskd_search.methods.base import kl_div_t
+
 
 @torch.no_grad()
 def tcp_weights(t_logits: torch.Tensor, labels: torch.Tensor, mode: str, normalize: str = "none") -> torch.Tensor:
@@ -33,13 +35,6 @@ def tcp_weights(t_logits: torch.Tensor, labels: torch.Tensor, mode: str, normali
     return w
 
 
-def logit_kl_per_sample(s_logits: torch.Tensor, r_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """tau^2 * KL(softmax(z_R / tau) || softmax(z_S / tau)) per sample, summed over classes."""
-    log_p_s = F.log_softmax(s_logits.float() / tau, dim=1)
-    log_p_r = F.log_softmax(r_logits.float() / tau, dim=1)
-    return (log_p_r.exp() * (log_p_r - log_p_s)).sum(1) * tau**2
-
-
 def feature_mse_per_sample(s_feat: torch.Tensor, r_feat: torch.Tensor) -> torch.Tensor:
     return (s_feat.float() - r_feat.float()).pow(2).flatten(1).mean(1)
 
@@ -49,7 +44,7 @@ def reference_loss(
 ) -> torch.Tensor:
     """mean_i(w_i * d_i), with d_i the per-sample logit KL (or feature MSE) to the reference."""
     if loss == "logit_kl":
-        d = logit_kl_per_sample(s_out, r_out, tau)
+        d = kl_div_t(s_out, r_out, tau)  # tau^2 * KL(softmax(z_R/tau) || softmax(z_S/tau)) per sample
     elif loss == "feature_mse":
         d = feature_mse_per_sample(s_out, r_out)
     else:

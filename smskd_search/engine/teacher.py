@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

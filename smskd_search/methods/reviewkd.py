@@ -63,11 +63,11 @@ def hcl_loss(f_s: torch.Tensor, f_t: torch.Tensor, pyramid: list[int] | tuple[in
     loss = F.mse_loss(f_s, f_t)
     w, total = 1.0, 1.0
     side = min(f_s.shape[-2:])
-    for l in pyramid:
-        if l >= side:
+    for size in pyramid:
+        if size >= side:
             continue
         w /= 2.0
-        loss = loss + w * F.mse_loss(F.adaptive_avg_pool2d(f_s, l), F.adaptive_avg_pool2d(f_t, l))
+        loss = loss + w * F.mse_loss(F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size))
         total += w
     return loss / total
 

@@ -1,5 +1,9 @@
 """Model zoo by name. Every model returns ``(logits, Features)``; see :mod:`.base`."""
 
+from smskd_search.models import (
+    cifar,  # noqa: F401  (registers the CIFAR benchmark zoo)
+    small_cnn,  # noqa: F401  (registers the small CNNs)
+)
 from smskd_search.models.base import (
     MODELS,
     Features,
@@ -10,8 +14,6 @@ from smskd_search.models.base import (
     probe_shapes,
     register_model,
 )
-from smskd_search.models import small_cnn  # noqa: F401  (registers the small CNNs)
-from smskd_search.models import cifar  # noqa: F401  (registers the CIFAR benchmark zoo)
 
 __all__ = [
     "MODELS",

@@ -13,8 +13,8 @@ Models also expose ``preact_bns()``: for each entry of ``preact``, the BatchNorm
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -36,10 +36,6 @@ class FeatureShapes:
     pooled: tuple[int, ...]
     logits: tuple[int, ...]
 
-    @property
-    def stage_channels(self) -> list[int]:
-        return [s[0] for s in self.stages]
-
 
 class ZooModel(nn.Module):
     """Base for zoo models: subclasses implement ``forward(x) -> (logits, Features)``."""
@@ -53,7 +49,8 @@ class ZooModel(nn.Module):
     input_shape: tuple[int, int, int] = (3, 32, 32)
 
 
-def relu_stages(stem_pre: torch.Tensor, stages: Iterable[Iterable[nn.Module]]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+def relu_stages(stem_pre: torch.Tensor,
+                stages: Iterable[Iterable[nn.Module]]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The common body of models whose blocks return pre-ReLU outputs: ReLU after the stem and
     after every block; returns the last output, the stage outputs and their pre-activations."""
     out = torch.relu(stem_pre)

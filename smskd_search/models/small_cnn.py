@@ -4,8 +4,8 @@ students 10x to 2500x smaller, all with the same stem + 3 stages layout as the C
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from smskd_search.models.base import Features, ZooModel, register_model, relu_stages
 

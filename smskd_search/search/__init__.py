@@ -3,15 +3,12 @@
 Importing this package does not import Ray; :func:`run_search` does, when it starts a search.
 """
 
-from smskd_search.search.runner import (
-    LeaderboardRow,
-    ProgressInfo,
-    SearchSummary,
-    format_leaderboard,
-    run_search,
-)
+from smskd_search.search.leaderboard import LeaderboardRow
+from smskd_search.search.progress import ProgressInfo
+from smskd_search.search.runner import SearchSummary, run_search
 from smskd_search.search.sampling import Baseline, baseline_plans, plan_from_params, suggest_plan
 from smskd_search.search.storage import StudyInfo, list_studies
+from smskd_search.search.trial_report import TrialReport
 
 __all__ = [
     "Baseline",
@@ -19,8 +16,8 @@ __all__ = [
     "ProgressInfo",
     "SearchSummary",
     "StudyInfo",
+    "TrialReport",
     "baseline_plans",
-    "format_leaderboard",
     "list_studies",
     "plan_from_params",
     "run_search",

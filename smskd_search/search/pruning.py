@@ -4,8 +4,10 @@ The rule of ASHA (Li et al., 2020), as Ray's ``AsyncHyperBandScheduler`` impleme
 (rungs) at ``grace_period * reduction_factor**k`` cumulative epochs up to ``max_t``; when a trial's
 report first reaches or passes a rung (the highest one it has passed and not yet been recorded at),
 its value is compared with the values other trials were recorded with at that rung, and it is
-stopped when it is below their ``1 - 1/reduction_factor`` quantile. Reports come at stage ends only,
-so a trial whose stages jump over a rung is judged at the next one it reaches.
+stopped when it is below their ``1 - 1/reduction_factor`` quantile. Trials report at stage ends
+and, where the space says ``decide_at: rungs``, also after exactly each rung's cumulative epochs
+inside a stage; deciding at stage ends only, a trial whose stages jump over a rung is judged at the
+next one it reaches (after more epochs than the rung).
 
 Two differences from the stock scheduler, both for this problem:
 
@@ -26,10 +28,12 @@ it is :class:`smskd_search.search.scheduler.StageASHAScheduler`.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from typing import Hashable, Iterable
 
 import numpy as np
+
+from smskd_search.stats import difference_se
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,7 @@ class StageRungs:
     def _margin(self, value: float, cutoff: float, n: int | None) -> float:
         if not self.noise_margin or not n:
             return 0.0
-        var = value * (1.0 - value) / n + cutoff * (1.0 - cutoff) / n
-        return self.noise_margin * math.sqrt(max(var, 0.0))
+        return self.noise_margin * difference_se(value, n, cutoff, n)
 
     def describe(self) -> str:
         cells = []

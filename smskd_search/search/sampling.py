@@ -33,8 +33,9 @@ from typing import Any, Protocol
 
 import yaml
 
-from smskd_search.plan import Plan, StageSpec, parse_plan
-from smskd_search.space import LoadedSpace, SearchSpec, Space
+from smskd_search.plan import Plan
+from smskd_search.space import LoadedSpace, SearchSpec, Space, make_plan, reference_defaults
+from smskd_search.validate import parse_plan
 
 SHARE_LOW = 0.1
 SHARE_HIGH = 1.0
@@ -89,46 +90,6 @@ def split_epochs(total: int, shares: list[float]) -> list[int]:
     return [1 + b for b in base]
 
 
-def _reference_defaults(space: Space) -> dict[str, Any]:
-    search = _search_of(space)
-    ref = space.reference
-    return {
-        "lambda_ref": ref.lambda_ref,
-        "weight_mode": ref.weight_mode if ref.weight_mode in search.weight_modes else search.weight_modes[0],
-        "normalize": ref.normalize if ref.normalize in search.normalizations else search.normalizations[0],
-    }
-
-
-def build_plan(space: LoadedSpace | Space, stages: list[tuple[str, int]], *, lambda_ref: float | None = None,
-               weight_mode: str | None = None, normalize: str | None = None,
-               teacher_sha256: str | None = None, name: str | None = None) -> Plan:
-    """The plan of ``space`` with these (method, epochs) stages and reference settings.
-
-    The space's ``method_params`` go to every stage of that method; settings left as None take the
-    space's reference defaults.
-    """
-    sp = _space_of(space)
-    search = _search_of(sp)
-    ref = _reference_defaults(sp)
-    for key, value in (("lambda_ref", lambda_ref), ("weight_mode", weight_mode), ("normalize", normalize)):
-        if value is not None:
-            ref[key] = value
-    data = {
-        "name": name or sp.name,
-        "problem": sp.problem.model_dump(mode="json"),
-        "recipe": sp.recipe.model_dump(mode="json"),
-        "reference": sp.reference.model_copy(update=ref).model_dump(mode="json"),
-        "stages": [
-            StageSpec(method=m, epochs=e, params=dict(search.method_params.get(m, {}))).model_dump(mode="json")
-            for m, e in stages
-        ],
-        "seed": sp.seed,
-        "teacher_sha256": teacher_sha256,
-    }
-    # Through the validating parser, so that a bad combination is a UserError naming the field.
-    return parse_plan(data, source=f"space {sp.name!r}")
-
-
 def suggest_plan(trial: TrialLike, space: LoadedSpace | Space, teacher_sha256: str | None = None,
                  name: str | None = None) -> Plan:
     """Sample one plan of ``space`` through ``trial`` (see the module docstring for the parameters)."""
@@ -173,7 +134,7 @@ def suggest_plan(trial: TrialLike, space: LoadedSpace | Space, teacher_sha256: s
     else:
         epochs = [search.epochs.min] * n_stages
 
-    ref = _reference_defaults(sp)
+    ref = reference_defaults(sp)
     if n_stages > 1:
         if len(search.weight_modes) > 1:
             ref["weight_mode"] = trial.suggest_categorical("weight_mode", list(search.weight_modes))
@@ -187,7 +148,7 @@ def suggest_plan(trial: TrialLike, space: LoadedSpace | Space, teacher_sha256: s
                 ref["normalize"] = trial.suggest_categorical("normalize", list(search.normalizations))
             else:
                 ref["normalize"] = search.normalizations[0]
-    return build_plan(sp, list(zip(methods, epochs)), teacher_sha256=teacher_sha256, name=name, **ref)
+    return make_plan(sp, list(zip(methods, epochs)), teacher_sha256=teacher_sha256, name=name, **ref)
 
 
 def plan_from_params(params: dict[str, Any], space: LoadedSpace | Space, teacher_sha256: str | None = None,
@@ -293,7 +254,7 @@ def baseline_plans(space: LoadedSpace | Space, teacher_sha256: str | None = None
     search = _search_of(sp)
     total = search.typical_total_epochs
     out: list[Baseline] = []
-    defaults = _reference_defaults(sp)
+    defaults = reference_defaults(sp)
     candidates: list[tuple[str, list[tuple[str, int]], dict[str, Any]]] = [
         (f"single:{m}", [(m, total)], dict(defaults)) for m in search.methods
     ]
@@ -303,7 +264,7 @@ def baseline_plans(space: LoadedSpace | Space, teacher_sha256: str | None = None
         # normalisation keep the space's defaults (as suggest_plan leaves them).
         candidates.append(("no-reference", seq, {**defaults, "weight_mode": "none"}))
     for label, stages, ref in candidates:
-        plan = build_plan(sp, stages, teacher_sha256=teacher_sha256, name=f"{sp.name}-{label.replace(':', '-')}", **ref)
+        plan = make_plan(sp, stages, teacher_sha256=teacher_sha256, name=f"{sp.name}-{label.replace(':', '-')}", **ref)
         params = _params_for(sp, stages, ref)
         if params is not None:
             mapped = plan_from_params(params, sp, teacher_sha256, name=plan.name)
@@ -318,7 +279,6 @@ __all__ = [
     "Baseline",
     "FIXED_PLAN_ATTR",
     "baseline_plans",
-    "build_plan",
     "plan_from_params",
     "split_epochs",
     "suggest_plan",

@@ -1,10 +1,10 @@
-"""The Tune scheduler that prunes trials at stage ends by :class:`~smskd_search.search.pruning.StageRungs`.
+"""The Tune scheduler that prunes trials by :class:`~smskd_search.search.pruning.StageRungs`.
 
-Trials report at every stage end (``cum_epochs``, ``val_acc``, ``n_val``, ``final``, ``baseline``);
-the scheduler answers STOP when the rung rule says so, except to a baseline, which is measured in
-full (its values still count at the rungs). What it decided, and why, is kept per trial in
-:attr:`StageASHAScheduler.decisions`, from which the searcher stores a pruned trial's reason in the
-study.
+Trials report at every stage end and, where the space decides at the rungs, after exactly each
+rung's cumulative epochs inside a stage (:class:`TrialReport`); the scheduler answers STOP when the
+rung rule says so, except to a baseline, which is measured in full (its values still count at the
+rungs). What it decided, and why, is kept per trial in :attr:`StageASHAScheduler.decisions`, from
+which the searcher stores a pruned trial's reason in the study.
 """
 
 from __future__ import annotations
@@ -14,33 +14,34 @@ from typing import Any
 
 from smskd_search.search._ray import ray  # noqa: F401  (the environment before Ray's import)
 from smskd_search.search.pruning import RungDecision, StageRungs
+from smskd_search.search.trial_report import METRIC, TrialReport
+
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 
 class StageASHAScheduler(FIFOScheduler):
-    """ASHA on cumulative epochs with a noise margin, deciding at stage ends (FIFO otherwise)."""
+    """ASHA on cumulative epochs with a noise margin (FIFO otherwise).
 
-    def __init__(self, rungs: StageRungs, *, time_attr: str = "cum_epochs", metric: str = "val_acc",
-                 n_attr: str = "n_val", final_attr: str = "final", exempt_attr: str = "baseline"):
+    Args:
+        rungs: The rung rule and what it has recorded.
+    """
+
+    def __init__(self, rungs: StageRungs):
         super().__init__()
         self.rungs = rungs
-        self._time_attr, self._metric, self._n_attr, self._final_attr = time_attr, metric, n_attr, final_attr
-        # Trials whose results carry this flag (the baselines) are recorded at the rungs, never stopped.
-        self._exempt_attr = exempt_attr
         self.decisions: dict[str, list[RungDecision]] = {}
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         # The metric is fixed (validation accuracy, maximised): accept only a matching request.
-        return metric in (None, self._metric) and mode in (None, "max")
+        return metric in (None, METRIC) and mode in (None, "max")
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if result.get("error") or self._time_attr not in result or self._metric not in result:
+        r = TrialReport.from_dict(result)
+        if r is None or not r.has_value:  # a failure report is no stage value
             return TrialScheduler.CONTINUE
-        n = result.get(self._n_attr)
-        # A NaN value (a failed plan's report) is no stage value: the rungs answer None to it.
-        decision = self.rungs.report(trial.trial_id, result[self._time_attr], float(result[self._metric]),
-                                     n=int(n) if n else None,
-                                     final=bool(result.get(self._final_attr) or result.get(self._exempt_attr)))
+        # Baselines are recorded at the rungs but never stopped, like a plan's last report.
+        decision = self.rungs.report(trial.trial_id, r.cum_epochs, r.val_acc, n=r.n_val or None,
+                                     final=r.final or r.baseline)
         if decision is None:
             return TrialScheduler.CONTINUE
         self.decisions.setdefault(trial.trial_id, []).append(decision)

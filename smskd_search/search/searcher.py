@@ -1,27 +1,32 @@
-"""Ray Tune's ``OptunaSearch``, with the study states that a stage-pruned search needs.
+"""The Tune searcher: Optuna's ask/tell on our study, through Ray's public ``Searcher`` API.
 
-Stock ``OptunaSearch`` (ray 2.60) does three things wrong for us:
+Tune asks :meth:`StudySearcher.suggest` for a trial's config; the searcher calls ``study.ask()``
+(which hands out enqueued trials first: baselines, reruns of interrupted trials), lets the
+define-by-run function sample the plan on that Optuna trial, and keeps the map from Tune's trial id
+to the Optuna trial. Reports (:class:`TrialReport`) become intermediate values keyed by cumulative
+epochs (the scheduler's time axis) plus the stage values, curve and timings as user attributes; the
+end of a trial is told as:
 
-1. A trial stopped by the scheduler reaches ``on_trial_complete`` with its last (partial) result and
-   is told COMPLETE with that value; and Tune never passes the result that triggered the stop to
-   ``on_trial_result`` (``tune_controller.py``: the search algorithm only sees results the
-   scheduler let through). Here a trial is COMPLETE only when its result says ``final``; a stopped
-   one is PRUNED, with the stopping result recorded first.
-2. Intermediate values are keyed by Tune's report counter; here by cumulative epochs, the time
-   axis the scheduler decides on.
-3. After a hard kill the study database is ahead of any Tune snapshot, so telling a trial again
-   raises ``UpdateFinishedTrialError``; that is expected and ignored here.
+- COMPLETE with its value when its last report says ``final``;
+- PRUNED (with the scheduler's reason) when the scheduler stopped it earlier; Tune passes the
+  stopping result to ``on_trial_complete`` only, so it is recorded first;
+- FAIL with ``fail_reason`` when the plan raised or diverged, the worker died, or the search cut it
+  short (``interrupted``: a resume runs it again).
 
-Trials left RUNNING when Tune stops (Ctrl-C, time budget) are not told anything by Tune;
-:meth:`StageAwareOptunaSearch.fail_unfinished` marks them FAIL after ``fit()``.
+After a hard kill the study may already hold a trial's outcome; telling it again raises
+``UpdateFinishedTrialError``, which is expected and ignored. Trials left RUNNING when Tune stops
+(Ctrl-C, time budget) are not told anything by Tune: :meth:`StudySearcher.fail_unfinished` marks
+them FAIL after ``fit()``. No private attribute of Ray or Optuna is used.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -29,157 +34,124 @@ from optuna.trial import TrialState
 
 from smskd_search.search import storage as st
 from smskd_search.search._ray import ray  # noqa: F401  (the environment before Ray's import)
-from ray.tune.search.optuna import OptunaSearch
+from smskd_search.search.trial_report import METRIC, TrialReport
+
+from ray.tune.search import Searcher
 
 logger = logging.getLogger(__name__)
 
-# Result keys the trainable reports.
-VAL_ACC = "val_acc"
-CUM_EPOCHS = "cum_epochs"
-TOTAL_EPOCHS = "total_epochs"
-FINAL = "final"
-ERROR = "error"
-N_VAL = "n_val"
-REPLAYED = "replayed"
-TRIAL_SECONDS = "trial_seconds"
-TRIAL_STARTED_AT = "trial_started_at"
-EPOCH_VAL_ACC = "epoch_val_acc"
-STAGE_END = "stage_end"
+DefineByRun = Callable[[optuna.Trial], dict[str, Any]]
 
 
-class StageAwareOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` for stage-level reports: PRUNED states, epochs as steps, robust resume.
+@dataclass
+class _Record:
+    """What the searcher has recorded of one trial (so that replayed reports are not doubled)."""
 
-    ``metric``/``mode`` are ``"val_acc"``/``"max"``, or ``["val_acc", "total_epochs"]`` and
-    ``["max", "min"]`` for the accuracy-vs-cost search (no intermediate values there: Optuna does
-    not take them for multi-objective studies, and no pruning). ``pruning`` says whether a scheduler
-    may stop trials: only then is a trial that ends before its last stage PRUNED. ``stop_reason``,
-    the scheduler's account of a trial it stopped, is stored on the pruned trial; given, it also
-    tells a pruned trial from one the search cut short (no reason: FAIL, interrupted).
+    steps: set[int] = field(default_factory=set)
+    stage_values: dict[int, float] = field(default_factory=dict)
+    stage_times: dict[int, float] = field(default_factory=dict)
+    curve: dict[int, float] = field(default_factory=dict)
+
+
+class StudySearcher(Searcher):
+    """A Tune searcher that asks and tells an Optuna study itself; see the module docstring.
+
+    Args:
+        study: The study to ask and tell (its sampler samples the plans).
+        define: The define-by-run function: samples a plan on the Optuna trial, sets its user
+            attributes and returns the Tune config of the trial.
+        pruning: Whether a scheduler may stop trials: only then is a trial that ends before its last
+            stage PRUNED (otherwise the search cut it short: FAIL, interrupted).
+        stop_reason: The scheduler's account of why it stopped a trial (Tune trial id -> reason or
+            None); a stopped trial without a reason was cut short by the search.
+
+    Example:
+
+        >>> import optuna
+        >>> study = optuna.create_study(direction="maximize")
+        >>> s = StudySearcher(study, lambda t: {"x": t.suggest_int("x", 0, 3)}, pruning=False)
+        >>> sorted(s.suggest("t1"))
+        ['x']
+        >>> s.on_trial_complete("t1", {"val_acc": 0.5, "cum_epochs": 2, "final": True, "total_epochs": 2})
+        >>> study.trials[0].state.name, study.trials[0].value
+        ('COMPLETE', 0.5)
     """
 
-    def __init__(self, space: Any, *, metric: str | list[str], mode: str | list[str],
-                 sampler: optuna.samplers.BaseSampler, study_name: str,
-                 storage: optuna.storages.BaseStorage, pruning: bool = True,
+    def __init__(self, study: optuna.Study, define: DefineByRun, *, pruning: bool = True,
                  stop_reason: Callable[[str], str | None] | None = None):
-        super().__init__(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study_name,
-                         storage=storage)
+        self.multi_objective = len(study.directions) > 1
+        super().__init__(metric=METRIC, mode="max")
+        self.study = study
+        self._define = define
         # Without a pruning scheduler an unfinished trial was cut short by the search, not pruned.
-        self._pruning = pruning and not isinstance(metric, list)
-        # The scheduler's account of why it stopped a trial (stored on the PRUNED trial).
+        self._pruning = pruning and not self.multi_objective
         self._stop_reason = stop_reason
-        self._reported: dict[str, set[int]] = {}
-        self._stage_values: dict[str, dict[int, float]] = {}
-        self._stage_times: dict[str, dict[int, float]] = {}
-        self._epoch_values: dict[str, dict[int, float]] = {}
+        self._trials: dict[str, optuna.Trial] = {}
+        self._finished: set[str] = set()
+        self._records: dict[str, _Record] = {}
 
-    @property
-    def study(self) -> optuna.Study:
-        return self._ot_study
+    # ------------------------------------------------------------------ Tune's Searcher interface
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        # The objective is fixed by the study; accept only a request that matches it.
+        return metric in (None, METRIC) and mode in (None, "max")
 
-    @property
-    def multi_objective(self) -> bool:
-        return isinstance(self.metric, list)
-
-    def _record_stage(self, trial_id: str, result: dict) -> None:
-        """One report: an intermediate value at its cumulative epochs; stage ends also as attrs."""
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or VAL_ACC not in result or CUM_EPOCHS not in result:
-            return
-        value, step = float(result[VAL_ACC]), int(result[CUM_EPOCHS])
-        reported = self._reported.setdefault(trial_id, set())
-        if step in reported or math.isnan(value):
-            return  # replayed after a recovery: already recorded
-        first = not reported
-        reported.add(step)
-        curve = self._epoch_values.setdefault(trial_id, {})
-        for i, v in enumerate(reversed(result.get(EPOCH_VAL_ACC) or [])):
-            curve[step - i] = float(v)
-        stage_end = result.get(STAGE_END, True)  # a rung report (mid-stage) is an intermediate value only
-        history = self._stage_values.setdefault(trial_id, {})
-        received = self._stage_times.setdefault(trial_id, {})
-        if stage_end:
-            history[step] = value
-            received[step] = round(time.time(), 3)
-        steps = sorted(history)
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        trial = self.study.ask()
+        self._trials[trial_id] = trial
         try:
-            if not self.multi_objective:
-                ot_trial.report(value, step)
-            if stage_end or first:  # (empty lists when stopped before its first stage end)
-                ot_trial.set_user_attr(st.ATTR_STAGE_CUM_EPOCHS, steps)
-                ot_trial.set_user_attr(st.ATTR_STAGE_VAL_ACC, [history[s] for s in steps])
-                # The order the scheduler saw the reports in: a benchmark replays pruning rules on it.
-                ot_trial.set_user_attr(st.ATTR_STAGE_REPORTED_AT, [received[s] for s in steps])
-            if curve:
-                ot_trial.set_user_attr(st.ATTR_EPOCH_VAL_ACC, [curve.get(e) for e in range(1, max(curve) + 1)])
-            if TRIAL_SECONDS in result:
-                ot_trial.set_user_attr(st.ATTR_TRIAL_SECONDS, round(float(result[TRIAL_SECONDS]), 3))
-            if first and N_VAL in result:
-                ot_trial.set_user_attr(st.ATTR_N_VAL, int(result[N_VAL]))
-            if first and TRIAL_STARTED_AT in result:
-                ot_trial.set_user_attr(st.ATTR_TRIAL_STARTED_AT, round(float(result[TRIAL_STARTED_AT]), 3))
-            if result.get(REPLAYED):
-                # Stages taken from an interrupted run's checkpoints rather than trained again.
-                ot_trial.set_user_attr(st.ATTR_REPLAYED_STAGES, sum(1 for s in steps if s <= step))
-        except UpdateFinishedTrialError:
-            # The study already has this trial's outcome (a resume over a stale Tune snapshot).
-            self._completed_trials.add(trial_id)
+            return self._define(trial)
+        except BaseException as exc:
+            self._tell(trial_id, None, TrialState.FAIL, fail_reason=f"sampling failed: {type(exc).__name__}: {exc}")
+            raise
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or result.get(ERROR):
+        report = TrialReport.from_dict(result)
+        if trial_id in self._finished or report is None or report.error:
             return
-        self._record_stage(trial_id, result)
+        self._record(trial_id, report)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
+        if trial_id in self._finished or trial_id not in self._trials:
             return
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None:
-            return
-        values: Any = None
-        reason: str | None = None
-        interrupted = False
-        if result and result.get(ERROR):
-            state, reason = TrialState.FAIL, str(result[ERROR])
+        report = TrialReport.from_dict(result)
+        if report is not None and report.error:
+            self._tell(trial_id, None, TrialState.FAIL, fail_reason=report.error, traceback=report.traceback)
         elif error:
-            state = TrialState.FAIL
-            reason = "the trial's worker failed (Ray reported an error; see the Ray session logs)"
-        elif not result or VAL_ACC not in result:
-            state, interrupted = TrialState.FAIL, True
-            reason = "stopped before it reported a stage"
+            self._tell(trial_id, None, TrialState.FAIL,
+                       fail_reason="the trial's worker failed (Ray reported an error; see the Ray session logs)")
+        elif report is None:
+            self._tell(trial_id, None, TrialState.FAIL, fail_reason="stopped before it reported a stage",
+                       interrupted=True)
         else:
-            # The stopping result: Tune gives it to the scheduler and to on_trial_complete only.
-            self._record_stage(trial_id, result)
-            if result.get(FINAL):
-                state = TrialState.COMPLETE
-                val = float(result[VAL_ACC])
-                values = [val, float(result[TOTAL_EPOCHS])] if self.multi_objective else val
+            self._record(trial_id, report)  # the stopping result reaches only this hook
+            if report.final:
+                values: Any = ([report.val_acc, float(report.total_epochs or 0)] if self.multi_objective
+                               else report.val_acc)
+                self._tell(trial_id, values, TrialState.COMPLETE)
             else:
                 why = self._stop_reason(trial_id) if self._stop_reason is not None else None
                 if not self._pruning or (self._stop_reason is not None and why is None):
-                    # Cut short by the search (a stop, a time budget), not by the scheduler.
-                    state, interrupted = TrialState.FAIL, True
-                    reason = "stopped before its last stage"
+                    self._tell(trial_id, None, TrialState.FAIL, fail_reason="stopped before its last stage",
+                               interrupted=True)
                 else:
-                    state, reason = TrialState.PRUNED, why  # Optuna keeps the last intermediate value
-        try:
-            if state == TrialState.PRUNED and reason:
-                ot_trial.set_user_attr(st.ATTR_PRUNED_REASON, reason)
-            if state == TrialState.FAIL:
-                ot_trial.set_user_attr(st.ATTR_FAIL_REASON, reason)
-                if interrupted:
-                    ot_trial.set_user_attr(st.ATTR_INTERRUPTED, True)
-                if result and result.get("traceback"):
-                    ot_trial.set_user_attr("fail_traceback", str(result["traceback"])[-4000:])
-            self._ot_study.tell(ot_trial, values, state=state)
-        except UpdateFinishedTrialError:
-            logger.debug("trial %s was already finished in the study", ot_trial.number)
-        except Exception as exc:  # noqa: BLE001 - a bad tell must not end the whole search
-            logger.warning("could not record trial %s: %s", ot_trial.number, exc)
-        self._completed_trials.add(trial_id)
+                    # Optuna keeps the last intermediate value as a pruned trial's value.
+                    self._tell(trial_id, None, TrialState.PRUNED, pruned_reason=why)
 
-    def unfinished_trial_numbers(self) -> list[int]:
-        return [t.number for tid, t in self._ot_trials.items() if tid not in self._completed_trials]
+    def save(self, checkpoint_path: str) -> None:
+        # Tune snapshots the searcher with its experiment; a resume works from the study instead,
+        # so only the id map is kept (readable, for whoever inspects a Tune run folder).
+        with open(checkpoint_path, "w") as f:
+            json.dump({tid: t.number for tid, t in self._trials.items()}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        # Nothing to restore: the study is the record (see save).
+        return None
+
+    # ------------------------------------------------------------------ ours
+    def trial_number(self, trial_id: str) -> int | None:
+        """The Optuna trial number of a Tune trial (None if this searcher did not start it)."""
+        trial = self._trials.get(trial_id)
+        return trial.number if trial is not None else None
 
     def fail_unfinished(self, reason: str) -> list[int]:
         """Mark the trials this searcher started and Tune never finished FAIL (interrupted).
@@ -188,15 +160,79 @@ class StageAwareOptunaSearch(OptunaSearch):
         without telling the searcher, and TPE's constant liar would avoid their parameters forever.
         """
         failed = []
-        storage = self._ot_study._storage
-        for tid, ot_trial in self._ot_trials.items():
-            if tid in self._completed_trials:
+        running = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        for tid, trial in list(self._trials.items()):
+            if tid in self._finished:
                 continue
-            frozen = storage.get_trial(ot_trial._trial_id)
-            if frozen.state == TrialState.RUNNING and st.fail_trial(storage, frozen, reason, interrupted=True):
-                failed.append(frozen.number)
-            self._completed_trials.add(tid)
+            if trial.number not in running:
+                self._finished.add(tid)
+            elif self._tell(tid, None, TrialState.FAIL, fail_reason=reason, interrupted=True):
+                failed.append(trial.number)
         return failed
 
+    def _record(self, trial_id: str, r: TrialReport) -> None:
+        """One report: an intermediate value at its cumulative epochs; stage ends also as attrs."""
+        trial = self._trials.get(trial_id)
+        if trial is None or not r.has_value:
+            return
+        rec = self._records.setdefault(trial_id, _Record())
+        if r.cum_epochs in rec.steps:
+            return  # replayed after a recovery: already recorded
+        first = not rec.steps
+        rec.steps.add(r.cum_epochs)
+        for i, v in enumerate(reversed(r.epoch_val_acc)):
+            rec.curve[r.cum_epochs - i] = v
+        if r.stage_end:  # a rung report (mid-stage) is an intermediate value only
+            rec.stage_values[r.cum_epochs] = r.val_acc
+            rec.stage_times[r.cum_epochs] = round(time.time(), 3)
+        steps = sorted(rec.stage_values)
+        try:
+            if not self.multi_objective:
+                trial.report(r.val_acc, r.cum_epochs)
+            if r.stage_end or first:  # (empty lists when stopped before its first stage end)
+                trial.set_user_attr(st.ATTR_STAGE_CUM_EPOCHS, steps)
+                trial.set_user_attr(st.ATTR_STAGE_VAL_ACC, [rec.stage_values[s] for s in steps])
+                # The order the scheduler saw the reports in: a benchmark replays pruning rules on it.
+                trial.set_user_attr(st.ATTR_STAGE_REPORTED_AT, [rec.stage_times[s] for s in steps])
+            if rec.curve:
+                trial.set_user_attr(st.ATTR_EPOCH_VAL_ACC, [rec.curve.get(e) for e in range(1, max(rec.curve) + 1)])
+            if r.trial_seconds is not None:
+                trial.set_user_attr(st.ATTR_TRIAL_SECONDS, round(r.trial_seconds, 3))
+            if first and r.n_val:
+                trial.set_user_attr(st.ATTR_N_VAL, int(r.n_val))
+            if first and r.trial_started_at is not None:
+                trial.set_user_attr(st.ATTR_TRIAL_STARTED_AT, round(r.trial_started_at, 3))
+            if r.replayed:
+                # Stages taken from an interrupted run's checkpoints rather than trained again.
+                trial.set_user_attr(st.ATTR_REPLAYED_STAGES, sum(1 for s in steps if s <= r.cum_epochs))
+        except UpdateFinishedTrialError:
+            # The study already has this trial's outcome (a resume over a stale Tune snapshot).
+            self._finished.add(trial_id)
 
-__all__ = ["StageAwareOptunaSearch"]
+    def _tell(self, trial_id: str, values: Any, state: TrialState, *, fail_reason: str | None = None,
+              pruned_reason: str | None = None, interrupted: bool = False,
+              traceback: str | None = None) -> bool:
+        """Finish the trial in the study; False if the study had finished it already."""
+        self._finished.add(trial_id)
+        trial = self._trials[trial_id]
+        try:
+            if pruned_reason:
+                trial.set_user_attr(st.ATTR_PRUNED_REASON, pruned_reason)
+            if fail_reason is not None:
+                trial.set_user_attr(st.ATTR_FAIL_REASON, fail_reason)
+                if interrupted:
+                    trial.set_user_attr(st.ATTR_INTERRUPTED, True)
+                if traceback:
+                    trial.set_user_attr(st.ATTR_FAIL_TRACEBACK, traceback[-4000:])
+            # A trial the study finished already (a resume over a stale Tune snapshot) stays as it is.
+            self.study.tell(trial, values, state=state, skip_if_finished=True)
+        except UpdateFinishedTrialError:
+            logger.debug("trial %s was already finished in the study", trial.number)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a bad tell must not end the whole search
+            logger.warning("could not record trial %s: %s", trial.number, exc)
+            return False
+        return True
+
+
+__all__ = ["DefineByRun", "StudySearcher"]

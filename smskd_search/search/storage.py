@@ -15,9 +15,9 @@ import socket
 import sqlite3
 import urllib.parse
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
 
 import optuna
 from optuna.storages import RDBStorage
@@ -37,6 +37,7 @@ ATTR_STAGE_CUM_EPOCHS = "stage_cum_epochs"
 ATTR_STAGE_REPORTED_AT = "stage_reported_at"  # unix times the driver received each stage's report
 ATTR_EPOCH_VAL_ACC = "epoch_val_acc"  # val accuracy after every epoch 1..last (the learning curve)
 ATTR_FAIL_REASON = "fail_reason"
+ATTR_FAIL_TRACEBACK = "fail_traceback"
 ATTR_PRUNED_REASON = "pruned_reason"  # the rung, the trial's value and the cutoff it fell below
 ATTR_TRIAL_SECONDS = "trial_seconds"  # time inside the trainable up to the last stage reported
 ATTR_TRIAL_STARTED_AT = "trial_started_at"  # unix time the trainable started (Optuna's start is the ask)
@@ -138,14 +139,25 @@ def _space_fingerprint(text: str) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
-def create_study(space: LoadedSpace, studies_dir: str | Path, study: str, *, seed: int, budget: int,
-                 teacher_path: str | None = None, teacher_sha256: str | None = None) -> optuna.Study:
-    """Create a new study (schema first); a name already in use is a UserError, never a merge."""
+def check_name_free(studies_dir: str | Path, study: str) -> None:
+    """A UserError if ``study`` already has a file: a name in use is never merged into."""
     path = db_path(studies_dir, study)
     if path.exists() and path.stat().st_size > 0:
         raise UserError(f"study {study} already exists in {path}; use --resume or another --study")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(path)
+
+
+def create_study(space: LoadedSpace, studies_dir: str | Path, study: str, *, seed: int, budget: int,
+                 teacher_path: str | None = None, teacher_sha256: str | None = None,
+                 storage: RDBStorage | None = None) -> optuna.Study:
+    """Create a new study (schema first); a name already in use is a UserError, never a merge.
+
+    ``storage``: the study file's storage, if the caller opened it (it keeps it for later writes);
+    then the caller has checked with :func:`check_name_free` before opening it (which makes the file).
+    """
+    if storage is None:
+        check_name_free(studies_dir, study)
+        db_path(studies_dir, study).parent.mkdir(parents=True, exist_ok=True)
+        storage = open_storage(db_path(studies_dir, study))
     dirs = directions_for(space)
     st = optuna.create_study(storage=storage, study_name=study, directions=dirs)
     text = space.text
@@ -177,7 +189,7 @@ def bind_teacher(study: optuna.Study, *, teacher_path: str, teacher_sha256: str)
 
 
 def load_study_for_resume(space: LoadedSpace, studies_dir: str | Path, study: str, *,
-                          budget: int) -> optuna.Study:
+                          budget: int, storage: RDBStorage | None = None) -> optuna.Study:
     """The existing study, checked against this space, with its budget updated.
 
     The teacher is checked by :func:`bind_teacher` once it is ensured.
@@ -185,7 +197,7 @@ def load_study_for_resume(space: LoadedSpace, studies_dir: str | Path, study: st
     path = db_path(studies_dir, study)
     if not is_optuna_db(path):
         raise UserError(f"--resume: no study {study} to resume ({path} not found)")
-    storage = open_storage(path)
+    storage = storage or open_storage(path)
     try:
         st = optuna.load_study(study_name=study, storage=storage)
     except KeyError:
@@ -223,7 +235,7 @@ class StudyLock:
         except (OSError, ValueError):
             return None
 
-    def acquire(self) -> "StudyLock":
+    def acquire(self) -> StudyLock:
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
             try:
@@ -248,7 +260,7 @@ class StudyLock:
             self.path.unlink(missing_ok=True)
             self._held = False
 
-    def __enter__(self) -> "StudyLock":
+    def __enter__(self) -> StudyLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
@@ -265,27 +277,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def fail_trial(storage: optuna.storages.BaseStorage, trial: FrozenTrial, reason: str, *,
+def fail_trial(storage: optuna.storages.BaseStorage, study_name: str, number: int, reason: str, *,
                interrupted: bool) -> bool:
-    """Mark an unfinished trial FAIL with ``reason``; False if it finished meanwhile."""
+    """Mark an unfinished trial FAIL with ``reason``; False if it finished meanwhile.
+
+    Through the storage's public API (trial number -> trial id), as another process's trial has
+    no ``optuna.Trial`` object here.
+    """
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
     try:
-        storage.set_trial_user_attr(trial._trial_id, ATTR_FAIL_REASON, reason)
+        storage.set_trial_user_attr(trial_id, ATTR_FAIL_REASON, reason)
         if interrupted:
-            storage.set_trial_user_attr(trial._trial_id, ATTR_INTERRUPTED, True)
-        return storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id, ATTR_INTERRUPTED, True)
+        return storage.set_trial_state_values(trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
 
 
-def fail_orphans(study: optuna.Study, reason: str) -> list[int]:
+def fail_orphans(storage: optuna.storages.BaseStorage, study: optuna.Study, reason: str) -> list[int]:
     """Mark every RUNNING trial FAIL (interrupted), returning their numbers.
 
     Only valid while this process holds the study's lock: then no live search owns those trials.
     Leaving them RUNNING would make TPE's constant liar steer away from their parameters forever.
+    ``storage`` is the one ``study`` was opened on.
     """
     done = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if fail_trial(study._storage, t, reason, interrupted=True):
+        if fail_trial(storage, study.study_name, t.number, reason, interrupted=True):
             done.append(t.number)
     return done
 
@@ -367,11 +385,6 @@ def list_studies(studies_dir: str | Path = Path("studies")) -> list[StudyInfo]:
         except Exception as exc:  # noqa: BLE001 - one unreadable study must not hide the others
             out.append(StudyInfo(p.stem, p, {}, 0, None, None, None, None, None, error=str(exc).splitlines()[0]))
     return out
-
-
-def jsonable(value: Any) -> Any:
-    """Values for user attributes: Optuna stores JSON."""
-    return json.loads(json.dumps(value, default=str))
 
 
 __all__ = [

@@ -20,7 +20,6 @@ would fail again.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -33,6 +32,7 @@ import torch
 import yaml
 
 from smskd_search.search._ray import tune
+from smskd_search.search.trial_report import TrialReport
 
 # Per worker process: with reuse_actors the data and the teacher stay loaded across trials.
 _DATA_CACHE: dict[str, Any] = {}
@@ -90,7 +90,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Run the trial's plan; see the module docstring."""
-    from smskd_search.engine import EpochMetrics, latest_checkpoint, run_plan
+    from smskd_search.engine import Diverged, EpochMetrics, latest_checkpoint, run_plan
     from smskd_search.plan import parse_plan
 
     started, started_at = time.perf_counter(), time.time()
@@ -111,26 +111,25 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     n_stages, total = len(plan.stages), plan.total_epochs
     rung_epochs = set(config.get("rung_epochs") or [])
 
-    def metrics(stage_index: int, cum_epochs: int, val_acc: float, val_loss: float, n_val: int,
-                replayed: bool, epoch_val_acc: list[float], stage_end: bool = True) -> dict[str, Any]:
-        return {
-            "val_acc": val_acc, "val_loss": val_loss, "cum_epochs": cum_epochs, "stage": stage_index + 1,
-            "n_stages": n_stages, "final": stage_end and stage_index + 1 == n_stages, "n_val": n_val,
-            "stage_end": stage_end,
-            "total_epochs": total, "method": plan.stages[stage_index].method, "replayed": replayed,
+    def report(stage_index: int, cum_epochs: int, val_acc: float, val_loss: float, n_val: int,
+               replayed: bool, epoch_val_acc: list[float], stage_end: bool = True) -> TrialReport:
+        return TrialReport(
+            val_acc=val_acc, val_loss=val_loss, cum_epochs=cum_epochs, stage=stage_index + 1, n_stages=n_stages,
+            final=stage_end and stage_index + 1 == n_stages, n_val=n_val, stage_end=stage_end,
+            total_epochs=total, method=plan.stages[stage_index].method, replayed=replayed,
             # Seconds inside this function so far: Ray's overhead is the search's wall time less this.
-            "trial_seconds": time.perf_counter() - started, "trial_started_at": started_at,
-            "baseline": bool(config.get("baseline")),
+            trial_seconds=time.perf_counter() - started, trial_started_at=started_at,
+            baseline=bool(config.get("baseline")),
             # The learning curve up to here (the engine evaluates every epoch); the study keeps it.
-            "epoch_val_acc": [float(v) for v in epoch_val_acc],
-        }
+            epoch_val_acc=[float(v) for v in epoch_val_acc],
+        )
 
-    def rung_metrics(stage_index: int, em: Any, n_val: int, replayed: bool) -> dict[str, Any] | None:
+    def rung_report(stage_index: int, em: Any, n_val: int, replayed: bool) -> TrialReport | None:
         """A mid-stage report where the trial crosses a rung (pruning decided at the rungs)."""
         if em.cum_epochs not in rung_epochs or em.epoch == plan.stages[stage_index].epochs:
             return None  # not a rung, or a stage end (reported as such)
-        return metrics(stage_index, em.cum_epochs, em.val_acc, em.val_loss, n_val, replayed, [em.val_acc],
-                       stage_end=False)
+        return report(stage_index, em.cum_epochs, em.val_acc, em.val_loss, n_val, replayed, [em.val_acc],
+                      stage_end=False)
 
     # A resumed plan first reports the stages it already has, so that the new trial carries every
     # stage value and the scheduler judges it at the same points as any other trial.
@@ -138,20 +137,20 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     for r in (previous or {}).get("results", []):
         curve = [EpochMetrics(**m) for m in r.get("epoch_metrics", [])]
         for em in curve:
-            m = rung_metrics(r["index"], em, r["n_val"], True)
+            m = rung_report(r["index"], em, r["n_val"], True)
             if m is not None:
-                tune.report(m)
-        tune.report(metrics(r["index"], r["cum_epochs"], r["val_acc"], r["val_loss"], r["n_val"], True,
-                            [em.val_acc for em in curve]))
+                tune.report(m.to_dict())
+        tune.report(report(r["index"], r["cum_epochs"], r["val_acc"], r["val_loss"], r["n_val"], True,
+                           [em.val_acc for em in curve]).to_dict())
 
     def on_epoch_end(stage_index: int, em: Any) -> None:
-        m = rung_metrics(stage_index, em, data.info.num_val, False)
+        m = rung_report(stage_index, em, data.info.num_val, False)
         if m is not None:
-            tune.report(m)
+            tune.report(m.to_dict())
 
     def on_stage_end(stage_index: int, cum_epochs: int, result: Any, checkpoint: Path | None) -> bool:
-        m = metrics(stage_index, cum_epochs, result.val_acc, result.val_loss, result.n_val, False,
-                    [em.val_acc for em in result.epoch_metrics])
+        m = report(stage_index, cum_epochs, result.val_acc, result.val_loss, result.n_val, False,
+                   [em.val_acc for em in result.epoch_metrics]).to_dict()
         if checkpoint is None:
             tune.report(m)
             return False
@@ -172,10 +171,10 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
                  on_epoch_end=on_epoch_end if rung_epochs else None,
                  data=data, teacher_model=teacher, teacher_record=record, keep_student=False)
     except Exception as exc:  # noqa: BLE001 - reported as the trial's failure (SystemExit is Tune's stop)
-        message = f"{type(exc).__name__}: {exc}".strip()
-        tune.report({"val_acc": math.nan, "cum_epochs": 0, "final": False, "total_epochs": total,
-                     "error": message.splitlines()[0][:500] if message else type(exc).__name__,
-                     "traceback": traceback.format_exc()[-4000:]})
+        # A divergence is said as it is ("diverged: non-finite loss at stage k, epoch e").
+        message = str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}".strip()
+        tune.report(TrialReport.failure(message.splitlines()[0][:500] if message else type(exc).__name__,
+                                        total_epochs=total, traceback=traceback.format_exc()[-4000:]).to_dict())
     if not context.keep_run_dirs:
         # Finished (completed or failed): the checkpoints were only there for a resume.
         for d in [run_dir, *resume_dirs]:

@@ -5,8 +5,8 @@ residual groups 1, 2, 4 and 6."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from smskd_search.models.base import Features, ZooModel, register_model
 from smskd_search.models.cifar.common import init_weights, pool_flatten

@@ -4,8 +4,8 @@ three stages of BasicBlocks, the 2nd and 3rd starting with stride 2."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from smskd_search.models.base import Features, ZooModel, register_model, relu_stages
 from smskd_search.models.cifar.common import init_weights, pool_flatten

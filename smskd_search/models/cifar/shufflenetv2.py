@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from smskd_search.models.base import Features, ZooModel, register_model, relu_stages
 from smskd_search.models.cifar.common import pool_flatten

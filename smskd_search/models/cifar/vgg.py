@@ -4,8 +4,8 @@ after the first three, then a global average pool and one linear layer."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from smskd_search.models.base import Features, ZooModel, register_model
 from smskd_search.models.cifar.common import init_weights, pool_flatten

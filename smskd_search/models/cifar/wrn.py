@@ -13,8 +13,8 @@ for ``preact_feats``, which in train mode updates that BN's statistics twice per
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from smskd_search.models.base import Features, ZooModel, register_model
 from smskd_search.models.cifar.common import init_weights, pool_flatten

@@ -1,0 +1,149 @@
+"""A study's lifecycle around a search run: create or resume, orphans, retries, baselines, cleanup.
+
+A resume continues a study to its budget from the database alone, never from a Tune snapshot:
+after a hard kill the snapshot is older than the database. Trials the previous process left
+RUNNING are marked FAIL (``interrupted``) and their plans enqueued again; each rerun continues from
+the last stage checkpoint of the interrupted one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from smskd_search.errors import UserError
+from smskd_search.search import storage as st
+from smskd_search.search.sampling import BASELINE_ATTR, FIXED_PLAN_ATTR, baseline_plans
+from smskd_search.space import LoadedSpace
+
+
+@dataclass
+class StudySession:
+    """An open study of this process (which holds its lock).
+
+    Args:
+        name: The study name (the file stem of ``path``).
+        path: The study file.
+        study: The Optuna study.
+        storage: The storage ``study`` was opened on (for writes to trials by number).
+        runs_dir: Where the trials' stage checkpoints live while they run.
+        notes: What the lifecycle did, in words, for the summary.
+    """
+
+    name: str
+    path: Path
+    study: optuna.Study
+    storage: RDBStorage
+    runs_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+    def trials(self) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False)
+
+
+def open_session(space: LoadedSpace, studies_dir: Path, name: str, *, resume: bool, seed: int,
+                 budget: int) -> StudySession:
+    """Create the study (or load it for a resume, checked against the space)."""
+    path = st.db_path(studies_dir, name)
+    # Checked before the storage opens: opening creates the file.
+    if resume and not st.is_optuna_db(path):
+        raise UserError(f"--resume: no study {name} to resume ({path} not found)")
+    if not resume:
+        st.check_name_free(studies_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = st.open_storage(path)
+    if resume:
+        study = st.load_study_for_resume(space, studies_dir, name, budget=budget, storage=storage)
+    else:
+        study = st.create_study(space, studies_dir, name, seed=seed, budget=budget, storage=storage)
+    return StudySession(name, path, study, storage, (studies_dir / name / "trials").resolve())
+
+
+def discard_if_empty(session: StudySession) -> None:
+    """Remove a study file nothing ran in (a failed start), so the name stays free."""
+    if not session.trials():
+        session.path.unlink(missing_ok=True)
+
+
+def fail_orphans(session: StudySession) -> None:
+    orphans = st.fail_orphans(session.storage, session.study,
+                              "interrupted: the search process ended while this trial ran")
+    if orphans:
+        session.notes.append(f"marked {len(orphans)} trial(s) left running by the previous process FAIL "
+                             f"(interrupted): {orphans}")
+
+
+def budget_done(trials: list[FrozenTrial]) -> int:
+    return sum(1 for t in trials if st.counts_toward_budget(t))
+
+
+def _retried(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of interrupted trials that have a rerun (in any state)."""
+    return {int(t.user_attrs[st.ATTR_RETRY_OF]) for t in trials if t.user_attrs.get(st.ATTR_RETRY_OF) is not None}
+
+
+def enqueue_retries(session: StudySession) -> list[int]:
+    """Enqueue the plan of every interrupted trial that has no rerun yet; returns their numbers."""
+    trials = session.trials()
+    retried = _retried(trials)
+    out = []
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INTERRUPTED) and t.number not in retried:
+            attrs: dict[str, Any] = {k: t.user_attrs[k] for k in (BASELINE_ATTR, FIXED_PLAN_ATTR) if k in t.user_attrs}
+            attrs[st.ATTR_RETRY_OF] = t.number
+            attrs[st.ATTR_RESUME_FROM] = [t.number, *t.user_attrs.get(st.ATTR_RESUME_FROM, [])]
+            session.study.enqueue_trial(t.params, user_attrs=attrs)
+            out.append(t.number)
+    if out:
+        session.notes.append(f"re-running interrupted trial(s) {out} from their last stage checkpoint")
+    return out
+
+
+def enqueue_baselines(session: StudySession, space: LoadedSpace, teacher_sha256: str, remaining: int) -> None:
+    """Enqueue the baselines the study has not run yet, within the trials left in the budget."""
+    trials = session.trials()
+    present = {t.user_attrs.get(BASELINE_ATTR) for t in trials}
+    waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
+    room = max(0, remaining - waiting)
+    for b in baseline_plans(space, teacher_sha256):
+        if b.label in present:
+            continue
+        if room <= 0:
+            session.notes.append(f"budget too small for baseline {b.label}")
+            continue
+        session.study.enqueue_trial(b.params or {}, user_attrs=b.user_attrs)
+        room -= 1
+
+
+def clean_run_dirs(session: StudySession) -> None:
+    """Drop stage checkpoints nobody will resume from (finished trials, rerun interrupted ones)."""
+    if not session.runs_dir.is_dir():
+        return
+    trials = session.trials()
+    # An interrupted trial's checkpoints stay until a rerun of its plan has finished for good.
+    settled = {int(n) for t in trials if st.counts_toward_budget(t) for n in t.user_attrs.get(st.ATTR_RESUME_FROM, [])}
+    for t in trials:
+        d = session.runs_dir / f"{t.number:05d}"
+        if not d.exists() or t.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        if t.user_attrs.get(st.ATTR_INTERRUPTED) and t.number not in settled:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+__all__ = [
+    "StudySession",
+    "budget_done",
+    "clean_run_dirs",
+    "discard_if_empty",
+    "enqueue_baselines",
+    "enqueue_retries",
+    "fail_orphans",
+    "open_session",
+]

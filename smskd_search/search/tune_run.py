@@ -1,0 +1,229 @@
+"""One Tune run of a study's next trials: the searcher, the scheduler, the trainable and Ray.
+
+:func:`run_tune` takes a :class:`TuneSettings` and returns a :class:`TuneOutcome`; it starts Ray
+(unless this process already has it) and shuts down what it started.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from smskd_search.engine import TeacherRecord
+from smskd_search.search import storage as st
+from smskd_search.search.cluster import TrialResources, quiet_ray_loggers, start_ray, trial_resources
+from smskd_search.search.lifecycle import StudySession
+from smskd_search.search.progress import ProgressInfo, progress_callback
+from smskd_search.search.pruning import StageRungs
+from smskd_search.search.sampling import BASELINE_ATTR, suggest_plan
+from smskd_search.space import SearchSpec, Space
+
+
+class PlanConfigs:
+    """The define-by-run function: samples a plan on an Optuna trial and returns its Tune config.
+
+    A class, not a closure: Tune pickles its searcher.
+    """
+
+    def __init__(self, space: Space, teacher_sha256: str, threads: int, runs_dir: Path, study: str,
+                 rung_epochs: list[int] | None = None):
+        self.space = space
+        self.teacher_sha256 = teacher_sha256
+        self.threads = threads
+        self.runs_dir = runs_dir
+        self.study = study
+        self.rung_epochs = list(rung_epochs or [])
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        plan = suggest_plan(trial, self.space, self.teacher_sha256, name=f"{self.study}-trial{trial.number}")
+        run_dir = self.runs_dir / f"{trial.number:05d}"
+        for key, value in {
+            st.ATTR_PLAN: plan.to_yaml(),
+            st.ATTR_SEQUENCE: plan.sequence(),
+            st.ATTR_TOTAL_EPOCHS: plan.total_epochs,
+            st.ATTR_THREADS: self.threads,
+            st.ATTR_RUN_DIR: str(run_dir),
+        }.items():
+            trial.set_user_attr(key, value)
+        return {
+            "plan_yaml": plan.to_yaml(),
+            "sequence": plan.sequence(),
+            "run_dir": str(run_dir),
+            "resume_dirs": [str(self.runs_dir / f"{int(n):05d}") for n in trial.user_attrs.get(st.ATTR_RESUME_FROM, [])],
+            "threads": self.threads,
+            # A baseline is measured in full: it is what the sequences must beat, never pruned.
+            "baseline": trial.user_attrs.get(BASELINE_ATTR),
+            # Cumulative epochs at which the trial also reports mid-stage (pruning at the rungs).
+            "rung_epochs": self.rung_epochs,
+        }
+
+
+def make_sampler(space: Space, seed: int) -> optuna.samplers.BaseSampler:
+    search = space.search
+    assert search is not None
+    if search.sampler.kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        # multivariate/group/constant_liar are "experimental" in name only; they are what a
+        # conditional space searched by parallel workers needs.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=search.sampler.n_startup_trials,
+                                          multivariate=True, group=True, constant_liar=True)
+
+
+def rungs_for(search: SearchSpec, before: list[FrozenTrial]) -> StageRungs:
+    """The space's rung rule, with the stage values of the study's finished trials already recorded.
+
+    A resumed search then judges new trials by the standard the earlier runs set, not against empty
+    rungs (which would let the first trial at each rung through whatever it scored).
+    """
+    max_t = search.max_total_epochs
+    rungs = StageRungs(grace_period=min(search.pruning.grace_period, max_t),
+                       reduction_factor=search.pruning.reduction_factor, max_t=max_t,
+                       noise_margin=search.pruning.noise_margin)
+    # Every report the scheduler saw (rung reports included) is an intermediate value of the trial.
+    rungs.replay((f"study-trial-{t.number}", sorted(t.intermediate_values.items()))
+                 for t in sorted(before, key=lambda t: t.number)
+                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+    return rungs
+
+
+@dataclass
+class TuneSettings:
+    """Everything one Tune run needs.
+
+    Args:
+        space: The space searched.
+        session: The open study (its lock held by the caller).
+        teacher: The study's teacher, trained or loaded.
+        trials: Trials to run in this Tune run.
+        budget: The study's whole budget (for the progress line).
+        before: The study's trials before this run.
+        seed: The sampler's seed for this run.
+        prune: Whether the space's pruning applies.
+        cpus_per_trial, gpus_per_trial, max_concurrent: Overrides of the space's runtime.
+        address: A Ray cluster to join (None: start local Ray).
+        deadline: ``time.monotonic()`` after which no trial starts (None: no limit).
+        start: ``time.monotonic()`` at the search's start (for the progress line).
+        on_progress: Called with a :class:`ProgressInfo` when the counts change.
+    """
+
+    space: Space
+    session: StudySession
+    teacher: TeacherRecord
+    trials: int
+    budget: int
+    before: list[FrozenTrial]
+    seed: int
+    prune: bool = True
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+    max_concurrent: int | None = None
+    address: str | None = None
+    deadline: float | None = None
+    start: float = field(default_factory=time.monotonic)
+    on_progress: Callable[[ProgressInfo], None] | None = None
+
+
+@dataclass
+class TuneOutcome:
+    """What a Tune run learned, besides the study it wrote."""
+
+    resources: TrialResources | None
+    interrupted: bool  # a second Ctrl-C reached us while Tune was winding down
+    notes: list[str] = field(default_factory=list)
+
+
+def run_tune(s: TuneSettings) -> TuneOutcome:
+    """Run ``s.trials`` trials of the study on Ray; see the module docstring."""
+    from smskd_search.search._ray import ray, tune
+    from smskd_search.search.scheduler import StageASHAScheduler
+    from smskd_search.search.searcher import StudySearcher
+    from smskd_search.search.trainable import TrialContext, train_trial
+
+    search = s.space.search
+    assert search is not None
+    multi = bool(search.objective.cost_objective)
+    notes: list[str] = []
+    started = start_ray(s.address)
+    quiet_ray_loggers()
+    searcher: StudySearcher | None = None
+    resources: TrialResources | None = None
+    interrupted = False
+    try:
+        resources = trial_resources(ray.cluster_resources(), s.space.runtime, s.cpus_per_trial, s.gpus_per_trial,
+                                    s.max_concurrent)
+        notes += resources.notes
+        scheduler = None
+        if s.prune and search.pruning.enabled and not multi:
+            scheduler = StageASHAScheduler(rungs_for(search, s.before))
+        elif s.prune and multi:
+            notes.append("pruning is off for the accuracy-vs-cost (multi-objective) search")
+        rung_epochs = (scheduler.rungs.milestones
+                       if scheduler is not None and search.pruning.decide_at == "rungs" else [])
+        configs = PlanConfigs(s.space, s.teacher.sha256, resources.threads, s.session.runs_dir, s.session.name,
+                              rung_epochs)
+        s.session.study.sampler = make_sampler(s.space, s.seed)
+        searcher = StudySearcher(s.session.study, configs, pruning=scheduler is not None,
+                                 stop_reason=scheduler.stop_reason if scheduler is not None else None)
+        context = TrialContext(teacher_record=asdict(s.teacher), device=resources.device)
+        trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources.per_trial)
+        time_budget = None
+        if s.deadline is not None:
+            # The deadline bounds the whole search, and the teacher and Ray's start already took some.
+            time_budget = s.deadline - time.monotonic()
+            if time_budget <= 0:
+                return TuneOutcome(resources, False, notes)
+        callbacks = []
+        if s.on_progress is not None:
+            callbacks.append(progress_callback(s.on_progress, s.session.name, s.budget, s.before, s.start))
+        ray_dir = s.session.path.parent / s.session.name / "ray"
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=s.trials,
+                max_concurrent_trials=resources.concurrent, reuse_actors=True, time_budget_s=time_budget,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(ray_dir.resolve()),
+                verbose=0,
+                callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=1),
+                # No num_to_keep: with it, Tune snapshots the whole experiment (searcher included)
+                # whenever a trial has checkpointed that many times, i.e. at almost every stage end.
+                checkpoint_config=tune.CheckpointConfig(),
+            ),
+        )
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:  # a second Ctrl-C while Tune was winding down
+            interrupted = True
+        # Tune's copies of the stage checkpoints only serve its failure recovery during the run
+        # (a resume works from the study and the trial folders).
+        for ckpt in ray_dir.glob("run-*/*/checkpoint_*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+        return TuneOutcome(resources, interrupted, notes)
+    finally:
+        if searcher is not None:
+            left = searcher.fail_unfinished("interrupted: the search stopped while this trial ran")
+            if left:
+                notes.append(f"{len(left)} trial(s) cut short by the stop: {left} (a --resume re-runs them)")
+        if started:
+            ray.shutdown()
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"t{trial.trial_id}"
+
+
+__all__ = ["PlanConfigs", "TuneOutcome", "TuneSettings", "make_sampler", "rungs_for", "run_tune"]
