@@ -164,7 +164,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- search
 def cmd_search(args: argparse.Namespace) -> int:
-    from smskd_search.search import ProgressInfo, run_search
+    from smskd_search.search import ConfirmSettings, ProgressInfo, run_search
     from smskd_search.space import load_space
     from smskd_search.summary_text import format_leaderboard, progress_line
 
@@ -186,6 +186,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         gpus_per_trial=args.gpus_per_trial, address=args.address, seed=args.seed,
         timeout=args.timeout, resume=args.resume, prune=not args.no_prune,
         baselines=not args.no_baselines, on_progress=on_progress, on_teacher_epoch=on_teacher_epoch,
+        confirm=None if args.no_confirm else ConfirmSettings(plans=args.confirm, seeds=args.confirm_seeds),
+        deterministic=args.deterministic,
     )
     line.done()
     print(format_leaderboard(summary))
@@ -217,10 +219,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     import torch
 
+    from smskd_search.space import load_space
     from smskd_search.validate import load_plan
-    from smskd_search.verify import format_table, run_verify, to_dict
+    from smskd_search.verify import SEED_OFFSET, format_table, run_verify, to_dict
 
     plan = load_plan(args.plan)
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1 (got {args.seeds})")
+    space_ref = args.space or (plan.provenance or {}).get("space_path")
+    methods, params, against = None, None, "the plan's own methods"
+    if space_ref:
+        space = load_space(space_ref).space
+        if space.search is not None:
+            methods, params = list(space.search.methods), dict(space.search.method_params)
+            against = f"every method of space {space.name!r}"
     threads = args.threads or (plan.provenance or {}).get("threads")
     if threads:
         torch.set_num_threads(int(threads))
@@ -230,10 +242,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         line.update(f"  run {i}/{total}: {label} seed {seed}")
 
     rows, verdict = run_verify(plan, seeds=args.seeds, device=args.device, teacher_cache=STUDIES_DIR / "teachers",
-                               on_run=on_run)
+                               methods=methods, method_params=params, on_run=on_run)
     line.done()
-    print(f"plan {plan.name}: {plan.sequence()}  ({plan.total_epochs} epochs, {args.seeds} seed(s), "
-          f"threads {torch.get_num_threads()}); test accuracy:")
+    print(f"plan {plan.name}: {plan.sequence()}  ({plan.total_epochs} epochs) against {against} at equal epochs, "
+          f"the same {args.seeds} seed(s) from {plan.seed + SEED_OFFSET}, "
+          f"threads {torch.get_num_threads()}; test accuracy:")
     print(format_table(rows, verdict))
     if args.out:
         out = Path(args.out)
@@ -291,6 +304,13 @@ def _search_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted study to its budget")
     p.add_argument("--no-prune", action="store_true", help="switch stage-level pruning off")
     p.add_argument("--no-baselines", action="store_true", help="do not enqueue the single-method baselines")
+    p.add_argument("--confirm", type=int, default=3, metavar="K",
+                   help="after the budget, re-run the K best distinct plans and the 2 best baselines on fresh seeds "
+                        "(default 3)")
+    p.add_argument("--confirm-seeds", type=int, default=3, metavar="S", help="fresh seeds per confirmed plan (default 3)")
+    p.add_argument("--no-confirm", action="store_true", help="no confirmation runs: rank by single-seed values")
+    p.add_argument("--deterministic", action="store_true",
+                   help="the same space and --seed give the same study on CPU (one trial at a time)")
     p.set_defaults(func=cmd_search)
     return p
 
@@ -339,10 +359,14 @@ def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
     parsers["export"] = p
 
     p = argparse.ArgumentParser(prog=f"{prog} verify",
-                                description="Re-run a plan and its equal-epoch single-method baselines on "
-                                            "several seeds; compare test accuracy against the noise.")
+                                description="Re-run a plan, every single method of its space and its no-reference and "
+                                            "uniform-weight twins at equal epochs on the same seeds; paired test "
+                                            "accuracy differences with a verdict per row.")
     p.add_argument("plan", help="plan YAML (e.g. studies/NAME/plans/rank1.yaml)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
+    p.add_argument("--seeds", type=int, default=5, help="the same fresh seeds for every row (default 5)")
+    p.add_argument("--space", default=None,
+                   help="compare with every single method of this space (default: the plan's provenance space, "
+                        "else the plan's own methods)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the plan's recorded count)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")

@@ -25,6 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.errors import UserError
 from smskd_search.plan import Plan, parse_plan, save_plan
+from smskd_search.search.confirm import confirmations
+from smskd_search.search.leaderboard import rank_trials
 from smskd_search.search.sampling import BASELINE_ATTR, plan_from_params
 from smskd_search.search.storage import (
     ATTR_FAIL_REASON,
@@ -34,7 +36,6 @@ from smskd_search.search.storage import (
     ATTR_STAGE_CUM_EPOCHS,
     ATTR_STAGE_VAL_ACC,
     ATTR_THREADS,
-    ATTR_TOTAL_EPOCHS,
     db_path,
     is_optuna_db,
 )
@@ -119,9 +120,9 @@ def trial_n_val(db: str | Path, number: int) -> int | None:
 
 
 def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """COMPLETE trials, best val accuracy first; ties go to fewer epochs, then the earlier trial."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
-    return sorted(done, key=lambda t: (-float(t.values[0]), t.user_attrs.get(ATTR_TOTAL_EPOCHS) or 0, t.number))
+    """The study's one ranking (:func:`smskd_search.search.rank_trials`): distinct completed plans,
+    by confirmed mean where confirmed, else by val accuracy; ties to fewer epochs, then the earlier trial."""
+    return rank_trials(study.get_trials(deepcopy=False))
 
 
 def trial_plan(study: optuna.Study, t: FrozenTrial) -> Plan:
@@ -167,6 +168,7 @@ def provenance(study: optuna.Study, db: Path, t: FrozenTrial, plan: Plan, rank: 
     n_val = t.user_attrs.get(ATTR_N_VAL)
     attrs = study.user_attrs
     stages = stage_values(t)
+    confirmed = confirmations(study.get_trials(deepcopy=False)).get(t.number)
     return {
         "study": study.study_name,
         "study_db": str(Path(db).resolve()),
@@ -188,6 +190,8 @@ def provenance(study: optuna.Study, db: Path, t: FrozenTrial, plan: Plan, rank: 
         "teacher_path": attrs.get("teacher_path"),
         "threads": t.user_attrs.get(ATTR_THREADS),
         "baseline": t.user_attrs.get(BASELINE_ATTR),
+        # The plan's val accuracy on the confirmation seeds (what the ranking used), where confirmed.
+        **({"confirmed_val_acc": confirmed.mean, "confirmed_seeds": confirmed.by_seed} if confirmed else {}),
     }
 
 

@@ -156,6 +156,20 @@ class Plan(Strict):
         data = self.model_dump(mode="json", exclude={"name", "provenance"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
+    def canonical_hash(self) -> str:
+        """Hash of what the run computes: :meth:`content_hash` less the settings with no effect.
+
+        A one-stage plan has no reference term, and weight mode ``none`` zeroes it whatever
+        ``lambda_ref``, the normalisation and the rest of the reference say; two plans with the same
+        canonical hash train the same student. A search answers a repeated plan from this.
+        """
+        data = self.model_dump(mode="json", exclude={"name", "provenance"})
+        if len(self.stages) == 1:
+            data["reference"] = None
+        elif self.reference.weight_mode == "none":
+            data["reference"] = {"weight_mode": "none"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

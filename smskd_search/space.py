@@ -66,10 +66,10 @@ class PruningSpec(Strict):
     # Stop a trial only when it is behind the rung's cutoff by more than this many standard errors
     # of the difference of two validation accuracies (0: the stock ASHA rule).
     noise_margin: float = Field(0.0, ge=0.0, le=10.0)
-    # Where the scheduler decides: at the stage ends a trial reaches (a stage that jumps over a rung
-    # is judged at its end, after more epochs than the rung), or at the rungs themselves (a trial also
-    # reports its validation accuracy after exactly that many cumulative epochs, mid-stage if need be).
-    decide_at: Literal["stage_ends", "rungs"] = "stage_ends"
+    # Where the scheduler decides: at the rungs (a trial also reports its validation accuracy after
+    # exactly each rung's cumulative epochs, mid-stage if need be), or at stage ends only (then a
+    # trial is judged only where a stage ends exactly on a rung: values are compared at equal epochs).
+    decide_at: Literal["stage_ends", "rungs"] = "rungs"
 
 
 class ObjectiveSpec(Strict):

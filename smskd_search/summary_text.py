@@ -16,28 +16,61 @@ def fmt_duration(seconds: float) -> str:
 
 def progress_line(p: ProgressInfo) -> str:
     """One line of a running search's progress."""
+    if p.phase == "confirm":
+        return (f"[{p.elapsed_s:5.0f}s] confirming on fresh seeds: {p.done}/{p.budget} runs  running {p.running}  "
+                f"failed {p.failed}")
     best = f"best {100 * p.best_value:.2f}%" if p.best_value is not None else "best -"
     return (f"[{p.elapsed_s:5.0f}s] done {p.done}/{p.budget}  running {p.running}  "
             f"pruned {p.pruned}  failed {p.failed}  {best}")
 
 
+def _pct(p: float) -> str:
+    return f"{100 * p:.2f}%"
+
+
+def _pts(p: float) -> str:
+    return f"{100 * p:.2f}"
+
+
+def _diff(d: tuple[float, float | None, int]) -> str:
+    mean, se, n = d
+    return f"{100 * mean:+.2f}" + (f" ± {100 * se:.2f}" if se is not None else "") + f" ({n})"
+
+
 def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
-    """The summary as text: the top plans, the noise floor, where the study and best plan are."""
+    """The summary as text: the top plans, the noise floor, where the study and best plan are.
+
+    Accuracies are percentages with their sample size (n validation images) or their seed count;
+    ``±`` is one standard error.
+    """
     lines: list[str] = []
     rows = summary.top[:top]
+    confirmed = any(r.confirmed is not None for r in rows)
     if rows:
         def acc_cell(r: LeaderboardRow) -> str:
             se = binomial_se(r.val_acc, r.n_val)
-            return (f"{r.val_acc:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+            return (_pct(r.val_acc) + (f" ± {_pts(se)}" if se is not None else "")
                     + (f" (n={r.n_val})" if r.n_val else ""))
+
+        def confirmed_cell(r: LeaderboardRow) -> str:
+            c = r.confirmed
+            if c is None:
+                return "-"
+            return _pct(c.mean) + (f" ± {_pts(c.se)}" if c.se is not None else "") + f" ({c.n} seeds)"
 
         columns: list[tuple[str, list[str], str]] = [
             ("rank", [f"{r.rank}{'*' if r.pareto else ''}" for r in rows], ">"),
             ("trial", [f"#{r.number}" for r in rows], "<"),
-            ("val acc", [acc_cell(r) for r in rows], "<"),
+            ("val acc, 1 seed", [acc_cell(r) for r in rows], "<"),
+        ]
+        if confirmed:
+            columns += [("confirmed, fresh seeds", [confirmed_cell(r) for r in rows], "<"),
+                        ("vs best baseline (seeds)", [_diff(r.vs_baseline) if r.vs_baseline else "-" for r in rows], "<")]
+        columns += [
             ("epochs", ["-" if r.total_epochs is None else str(r.total_epochs) for r in rows], ">"),
             ("lambda_ref", ["-" if r.lambda_ref is None else f"{r.lambda_ref:.3g}" for r in rows], "<"),
-            ("mode", [(r.weight_mode or "-") + ("+bm" if r.normalize == "batch_mean" else "") for r in rows], "<"),
+            ("reference", [(r.weight_mode or "-") + (" batch-mean" if r.normalize == "batch_mean" else "")
+                           for r in rows], "<"),
         ]
         widths = [max(len(title), *(len(c) for c in cells)) for title, cells, _ in columns]
         lines.append("  ".join(f"{title:{align}{w}}" for (title, _, align), w in zip(columns, widths)) + "  stages")
@@ -46,26 +79,50 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
             lines.append(f"{cells}  {r.sequence}" + (f"   [baseline {r.baseline}]" if r.baseline else ""))
         if summary.multi_objective:
             lines.append("* on the Pareto front of val accuracy (max) vs total epochs (min)")
-        best = max(rows, key=lambda r: r.val_acc)
-        baselines = [r for r in summary.top if r.baseline]
-        se = binomial_se(best.val_acc, best.n_val)
-        if baselines and not best.baseline and se is not None:
-            rival = max(baselines, key=lambda r: r.val_acc)
-            margin = best.val_acc - rival.val_acc
-            # Two independent accuracies on the same split size: the s.e. of the difference.
-            se_diff = difference_se(best.val_acc, best.n_val, rival.val_acc, rival.n_val)
-            verdict = "inside the noise: not a demonstrated gain" if margin <= 2 * se_diff else "beyond 2 s.e."
-            lines.append(f"best vs best baseline ({rival.baseline}): {margin:+.4f}, s.e. of the gap "
-                         f"{se_diff:.4f}: {verdict}; claim gains only with `verify` on the test split")
-        elif se is not None:
-            lines.append(f"noise floor: one standard error of the best val acc is {se:.4f} (n={best.n_val})")
+        epochs = {r.total_epochs for r in summary.top if r.total_epochs is not None}
+        if len(epochs) > 1:
+            lines.append(f"note: plans trained {min(epochs)} to {max(epochs)} epochs in all; longer training wins on its "
+                         "own: compare at equal epochs (`verify`)")
+        best = rows[0]
+        if confirmed and best.confirmed is not None:
+            c = best.confirmed
+            head = (f"recommended: #{best.number} {best.sequence}: {_pct(c.mean)}"
+                    + (f" ± {_pts(c.se)}" if c.se is not None else "") + f" over {c.n} fresh seeds")
+            if best.baseline:
+                lines.append(head + f"; it is the baseline {best.baseline}: no searched plan beat it on the fresh seeds")
+            elif best.vs_baseline is not None:
+                mean, se, n = best.vs_baseline
+                verdict = ("beyond 2 s.e." if se is not None and mean > 2 * se
+                           else "inside the noise: not a demonstrated gain")
+                lines.append(head + f"; vs {best.vs_baseline_label}: {_diff(best.vs_baseline)} points paired over "
+                             f"{n} seeds: {verdict}")
+            else:
+                lines.append(head)
+            lines.append("(validation split; claim a gain on the test split with `verify`)")
+        else:
+            baselines = [r for r in summary.top if r.baseline]
+            se = binomial_se(best.val_acc, best.n_val)
+            if baselines and not best.baseline and se is not None:
+                rival = max(baselines, key=lambda r: r.val_acc)
+                margin = best.val_acc - rival.val_acc
+                # Two independent accuracies on the same split size: the s.e. of the difference.
+                se_diff = difference_se(best.val_acc, best.n_val, rival.val_acc, rival.n_val)
+                verdict = "inside the noise: not a demonstrated gain" if margin <= 2 * se_diff else "beyond 2 s.e."
+                lines.append(f"best vs best baseline ({rival.baseline}): {100 * margin:+.2f} points, s.e. of the gap "
+                             f"{_pts(se_diff)}: {verdict}; one seed each: claim gains only with `verify` on the test split")
+            elif se is not None:
+                lines.append(f"noise floor: one standard error of the best val acc is {_pts(se)} points (n={best.n_val})")
     else:
         lines.append("no completed trial yet")
     c = summary.counts
-    trials_word = (f"{summary.done}/{summary.budget} trials: {c.get('COMPLETE', 0)} complete, "
+    trials_word = (f"{summary.done}/{summary.budget} trials: {c.get('COMPLETE', 0) - summary.n_confirmation_runs} complete, "
                    f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0) - summary.n_interrupted} failed")
+    if summary.n_repeats:
+        trials_word += f" ({summary.n_repeats} of them repeated a finished plan and took its result)"
     if summary.n_interrupted:
         trials_word += f" (+{summary.n_interrupted} cut short by a stop)"
+    if summary.n_confirmation_runs:
+        trials_word += f"; {summary.n_confirmation_runs} confirmation runs"
     lines.append("")
     lines.append(f"study:     {summary.study} ({summary.db_path}): {trials_word}, {fmt_duration(summary.elapsed_s)}")
     if summary.interrupted:

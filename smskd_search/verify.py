@@ -1,46 +1,54 @@
-"""``verify``: does a plan beat its single-method baselines on the test split, beyond the noise?
+"""``verify``: does a plan beat what a user would train instead, on the test split, beyond the noise?
 
 A search ranks plans on a validation split and keeps the best: its winner's margin is biased
-upwards. Here the plan and its rivals are re-run at equal total epochs on several seeds and scored
-on the test split, which the search never saw:
+upwards. Here the plan and its rivals are re-run at equal total epochs on the same fresh seeds
+(student initialisation and batch order; the split stays fixed) and scored on the test split,
+which the search never saw:
 
 - the plan itself;
-- each distinct method of the plan alone, for the plan's total epochs (stage 1 has no reference,
-  so the reference settings do not matter there);
-- the plan with the reference switched off (weight mode ``none``), when the plan has 2+ stages
-  and a reference: is it the sequence, or the anchoring, that helps?
+- every single method of its space alone (or, without a space, each method of the plan), for the
+  plan's total epochs, with the space's parameters for it;
+- the plan with the reference switched off (weight mode ``none``) and with uniform weights
+  (``uniform``: the reference without TCP), when the plan has 2+ stages: the paper's ablation.
 
-The claim "the sequence beats a single method" is made only when the mean margin over the best
-single method exceeds both the binomial noise of the test split (2 s.e. of the gap) and the
-seed-to-seed spread (the larger seed std of the two rows). One seed gives no spread: no claim.
+Each row gets the paired difference plan - row over the seeds (mean +- s.e.) and a verdict: the
+plan is better or worse beyond 2 paired s.e., or no difference is shown. A run whose loss went
+non-finite marks its row ``diverged``. The claim "the sequence beats every single method" is made
+only when the plan is better than each of them beyond 2 paired s.e.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from smskd_search.plan import Plan, StageSpec
-from smskd_search.stats import binomial_se, difference_se
+from smskd_search.stats import binomial_se
 
-DEFAULT_SEEDS = 3
+DEFAULT_SEEDS = 5
+# Verification seeds start here (plus the plan's seed): a search trains with the plan's seed and
+# confirms from 1000, and the runs that picked a plan are the biased ones.
+SEED_OFFSET = 2000
 
 
 @dataclass
 class VerifyRow:
-    label: str  # "plan", "single:<method>", "no-reference"
+    label: str  # "plan", "single:<method>", "no-reference", "uniform"
     plan: Plan
     seeds: list[int] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
     n_test: int | None = None
     n_val: int | None = None
+    diverged: str | None = None  # the first divergence message, if a run of this row diverged
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.test_acc)
+        return statistics.fmean(self.test_acc) if self.test_acc else math.nan
 
     @property
     def std(self) -> float | None:
@@ -53,80 +61,115 @@ class VerifyRow:
         return binomial_se(self.mean, max(self.n_test or 1, 1)) or 0.0
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Plan minus a row over the seeds both ran: mean, s.e., seeds, and the verdict in a word."""
+
+    mean: float
+    se: float | None
+    n: int
+    verdict: str  # "better", "worse", "no difference shown", "diverged"
+
+
 @dataclass
 class Verdict:
     claim: bool
-    rival: VerifyRow | None
-    margin: float | None
-    binomial_gap_se: float | None
-    seed_std: float | None
+    rival: VerifyRow | None  # the best single method by test mean
+    paired: dict[str, Paired]
     sentence: str
 
 
-def comparison_plans(plan: Plan) -> list[tuple[str, Plan]]:
-    """The plan, then its equal-epoch single-method baselines and its no-reference variant."""
+def comparison_plans(plan: Plan, methods: list[str] | None = None,
+                     method_params: dict[str, dict[str, Any]] | None = None) -> list[tuple[str, Plan]]:
+    """The plan, the equal-epoch single methods (``methods``, default the plan's) and its
+    no-reference and uniform-weight twins; a row identical to an earlier one is left out."""
     rows: list[tuple[str, Plan]] = [("plan", plan)]
-    seen = {plan.content_hash()}
+    seen = {plan.canonical_hash()}
     total = plan.total_epochs
+    own = {}
     for stage in plan.stages:
-        # The method's parameters as the plan used them (its first stage with that method).
-        single = plan.model_copy(update={
-            "name": f"{plan.name}-single-{stage.method}",
-            "stages": [StageSpec(method=stage.method, epochs=total, params=dict(stage.params))],
-            "provenance": None,
-        })
-        if single.content_hash() not in seen:
-            seen.add(single.content_hash())
-            rows.append((f"single:{stage.method}", single))
-    if len(plan.stages) > 1 and plan.reference.weight_mode != "none":
-        ref = plan.reference.model_copy(update={"weight_mode": "none"})
-        variant = plan.model_copy(update={"name": f"{plan.name}-no-reference", "reference": ref, "provenance": None})
-        if variant.content_hash() not in seen:
-            rows.append(("no-reference", variant))
+        own.setdefault(stage.method, dict(stage.params))  # as the plan used it (its first stage with it)
+    for m in methods or list(own):
+        params = own[m] if m in own else dict((method_params or {}).get(m, {}))
+        single = plan.model_copy(update={"name": f"{plan.name}-single-{m}", "provenance": None,
+                                         "stages": [StageSpec(method=m, epochs=total, params=params)]})
+        if single.canonical_hash() not in seen:
+            seen.add(single.canonical_hash())
+            rows.append((f"single:{m}", single))
+    if len(plan.stages) > 1:
+        for label, mode in (("no-reference", "none"), ("uniform", "uniform")):
+            twin = plan.model_copy(update={"name": f"{plan.name}-{label}", "provenance": None,
+                                           "reference": plan.reference.model_copy(update={"weight_mode": mode})})
+            if twin.canonical_hash() not in seen:
+                seen.add(twin.canonical_hash())
+                rows.append((label, twin))
     return rows
+
+
+def paired(plan: VerifyRow, row: VerifyRow) -> Paired:
+    if row.diverged or plan.diverged:
+        return Paired(math.nan, None, 0, "diverged")
+    common = [s for s in plan.seeds if s in row.seeds]
+    d = [plan.test_acc[plan.seeds.index(s)] - row.test_acc[row.seeds.index(s)] for s in common]
+    mean = statistics.fmean(d)
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
+    if se is not None and mean > 2 * se and mean > 0:
+        verdict = "better"
+    elif se is not None and mean < -2 * se and mean < 0:
+        verdict = "worse"
+    else:
+        verdict = "no difference shown"
+    return Paired(mean, se, len(d), verdict)
 
 
 def judge(rows: list[VerifyRow]) -> Verdict:
     plan = next(r for r in rows if r.label == "plan")
-    singles = [r for r in rows if r.label.startswith("single:")]
+    others = {r.label: paired(plan, r) for r in rows if r is not plan}
+    singles = [r for r in rows if r.label.startswith("single:") and not r.diverged]
+    rival = max(singles, key=lambda r: r.mean, default=None)
+    if plan.diverged:
+        return Verdict(False, rival, others, f"the plan diverged ({plan.diverged}): no claim")
     if not singles:
-        return Verdict(False, None, None, None, None,
-                       "the plan is a single method: there is no other single method to compare with")
-    rival = max(singles, key=lambda r: r.mean)
-    margin = plan.mean - rival.mean
-    se_gap = difference_se(plan.mean, max(plan.n_test or 1, 1), rival.mean, max(rival.n_test or 1, 1))
-    stds = [s for s in (plan.std, rival.std) if s is not None]
-    seed_std = max(stds) if len(stds) == 2 else None
-    head = (f"plan vs best single method ({rival.label}): {100 * margin:+.2f} points; binomial s.e. of the gap "
-            f"{100 * se_gap:.2f} points (n_test={plan.n_test}), seed std "
-            + (f"{100 * seed_std:.2f} points" if seed_std is not None else "unknown (one seed)"))
-    if seed_std is None:
-        return Verdict(False, rival, margin, se_gap, None, head + ": one seed gives no seed spread; no claim")
-    if margin > 2 * se_gap and margin > seed_std:
-        return Verdict(True, rival, margin, se_gap, seed_std,
-                       head + ": the margin exceeds 2 s.e. and the seed std: the sequence beats the single method "
+        return Verdict(False, None, others, "no single method to compare with (the plan is the only one)")
+    if len(plan.seeds) < 2:
+        return Verdict(False, rival, others, "one seed gives no paired standard error: no claim")
+    single_verdicts = {label: p.verdict for label, p in others.items() if label.startswith("single:")}
+    assert rival is not None
+    best = others[rival.label]
+    head = (f"plan vs best single method ({rival.label}): {100 * best.mean:+.2f} +- {100 * (best.se or 0):.2f} points "
+            f"paired over {best.n} seeds")
+    if all(v in ("better", "diverged") for v in single_verdicts.values()):
+        return Verdict(True, rival, others, head + ": the plan beats every single method beyond 2 paired s.e. "
                        "on this test split")
-    if margin <= 0:
-        why = "the plan does not beat the best single method"
-    else:
-        why = "the margin is inside the noise (needs > 2 s.e. of the gap and > the seed std): no claim"
-    return Verdict(False, rival, margin, se_gap, seed_std, f"{head}: {why}")
+    worse = sorted(label for label, v in single_verdicts.items() if v == "worse")
+    if worse:
+        return Verdict(False, rival, others, head + f": the plan is WORSE than {', '.join(worse)} beyond 2 paired s.e.")
+    return Verdict(False, rival, others, head + ": not beyond 2 paired s.e. of every single method: no claim")
 
 
 RunCallback = Callable[[str, int, int, int], None]  # label, seed, index, of how many runs
 
 
 def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = None,
-               teacher_cache: str | Path = Path("studies") / "teachers",
-               on_run: RunCallback | None = None,
+               teacher_cache: str | Path = Path("studies") / "teachers", methods: list[str] | None = None,
+               method_params: dict[str, dict[str, Any]] | None = None, on_run: RunCallback | None = None,
                on_result: Callable[[VerifyRow, int, float], None] | None = None) -> tuple[list[VerifyRow], Verdict]:
-    """Run every comparison plan on ``seeds`` seeds (plan.seed, plan.seed + 1, ...) and judge.
+    """Run every comparison plan on the same ``seeds`` fresh seeds and judge each row.
+
+    Args:
+        plan: The plan to verify.
+        seeds: Seeds per row (``plan.seed + SEED_OFFSET``, ``+ 1``...).
+        device: ``cpu`` or ``cuda`` (default: CUDA where there is one).
+        teacher_cache: The teacher cache (the plan's teacher is trained there if missing).
+        methods: The single methods to compare with (default: the plan's own).
+        method_params: Their parameters (a space's ``method_params``) where the plan has none.
+        on_run, on_result: Progress callbacks.
 
     Thread count is the caller's business (``torch.set_num_threads``); the data split and the
     teacher are the plan's own and are shared by all runs.
     """
     from smskd_search.data import load_data
-    from smskd_search.engine import ensure_teacher, evaluate_test, load_teacher, pick_device, run_plan
+    from smskd_search.engine import Diverged, ensure_teacher, evaluate_test, load_teacher, pick_device, run_plan
 
     if seeds < 1:
         from smskd_search.errors import UserError
@@ -136,16 +179,20 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
     data = load_data(plan.problem.dataset, dev)
     record = ensure_teacher(plan.problem, cache_root=teacher_cache, device=dev, data=data)
     teacher = load_teacher(plan.problem, record, data.info, dev)
-    rows = [VerifyRow(label, p) for label, p in comparison_plans(plan)]
+    rows = [VerifyRow(label, p) for label, p in comparison_plans(plan, methods, method_params)]
     total, i = len(rows) * seeds, 0
     for row in rows:
         for s in range(seeds):
-            seed = plan.seed + s
+            seed = plan.seed + SEED_OFFSET + s
             i += 1
             if on_run is not None:
                 on_run(row.label, seed, i, total)
             p = row.plan.model_copy(update={"seed": seed})
-            result = run_plan(p, device=dev, data=data, teacher_model=teacher, teacher_record=record)
+            try:
+                result = run_plan(p, device=dev, data=data, teacher_model=teacher, teacher_record=record)
+            except Diverged as exc:
+                row.diverged = row.diverged or str(exc)
+                continue
             test = evaluate_test(p, result)
             row.seeds.append(seed)
             row.test_acc.append(test.acc)
@@ -161,30 +208,41 @@ def format_table(rows: list[VerifyRow], verdict: Verdict) -> str:
     for r in rows:
         std = f"{100 * r.std:.2f}" if r.std is not None else "-"
         per = " ".join(f"{100 * a:.2f}" for a in r.test_acc)
-        cells.append((r.label, r.plan.sequence(), str(r.plan.total_epochs), f"{100 * r.mean:.2f}", std,
-                      f"{100 * r.se_binomial:.2f}", str(r.n_test), per))
-    head = ("row", "stages", "epochs", "test mean %", "seed std", "binom s.e.", "n_test", "per seed (%)")
+        p = verdict.paired.get(r.label)
+        diff = "-" if p is None or p.verdict == "diverged" else (
+            f"{100 * p.mean:+.2f}" + (f" ± {100 * p.se:.2f}" if p.se is not None else ""))
+        what = "-" if p is None else p.verdict
+        mean = "diverged" if r.diverged and not r.test_acc else f"{100 * r.mean:.2f}"
+        cells.append((r.label, r.plan.sequence(), str(r.plan.total_epochs), mean, std, str(r.n_test or "-"), diff, what,
+                      per))
+    head = ("row", "stages", "epochs", "test mean %", "seed std", "n_test", "plan - row (paired)", "verdict",
+            "per seed (%)")
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    for r in rows:
+        if r.diverged:
+            lines.append(f"{r.label}: {r.diverged}")
     lines.append("")
     lines.append(verdict.sentence)
     return "\n".join(lines)
 
 
 def to_dict(rows: list[VerifyRow], verdict: Verdict) -> dict:
+    def pair(label: str) -> dict | None:
+        p = verdict.paired.get(label)
+        return None if p is None else {"mean": p.mean, "se": p.se, "n": p.n, "verdict": p.verdict}
+
     return {
         "rows": [{"label": r.label, "sequence": r.plan.sequence(), "total_epochs": r.plan.total_epochs,
                   "seeds": r.seeds, "test_acc": r.test_acc, "val_acc": r.val_acc, "n_test": r.n_test,
-                  "n_val": r.n_val, "mean": r.mean, "std": r.std, "se_binomial": r.se_binomial} for r in rows],
+                  "n_val": r.n_val, "mean": r.mean if r.test_acc else None, "std": r.std, "diverged": r.diverged,
+                  "plan_minus_row": pair(r.label)} for r in rows],
         "claim": verdict.claim,
         "rival": verdict.rival.label if verdict.rival else None,
-        "margin": verdict.margin,
-        "binomial_gap_se": verdict.binomial_gap_se,
-        "seed_std": verdict.seed_std,
         "verdict": verdict.sentence,
     }
 
 
-__all__ = ["DEFAULT_SEEDS", "Verdict", "VerifyRow", "comparison_plans", "format_table", "judge", "run_verify",
-           "to_dict"]
+__all__ = ["DEFAULT_SEEDS", "Paired", "SEED_OFFSET", "Verdict", "VerifyRow", "comparison_plans", "format_table",
+           "judge", "paired", "run_verify", "to_dict"]

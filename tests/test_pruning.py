@@ -28,7 +28,7 @@ def test_milestones_match_ray_asha():
 def test_first_trial_passes_and_the_cutoff_is_the_quantile():
     r = StageRungs(2, 3, 18)
     assert r.report("a", 2, 0.5) is None  # nothing recorded at rung 2 yet: nothing to compare with
-    d = r.report("b", 3, 0.4)  # judged at rung 2 (the highest passed), against a alone
+    d = r.report("b", 2, 0.4)  # judged against a alone
     assert d is not None and d.rung == 2 and d.cutoff == pytest.approx(0.5) and d.stop
     r.report("c", 2, 0.7)
     # Values 0.5, 0.4, 0.7 recorded; rf 3 keeps the top third: the 2/3 quantile with linear
@@ -39,16 +39,23 @@ def test_first_trial_passes_and_the_cutoff_is_the_quantile():
     assert not d.stop  # 0.6 >= 0.5667
 
 
-def test_jumps_skip_rungs_and_each_rung_judges_a_trial_once():
+def test_values_count_only_at_exactly_a_rungs_epochs_and_once():
     r = StageRungs(4, 2, 24)
     r.report("a", 4, 0.6)
     r.report("a", 8, 0.7)
     assert r.report("b", 2, 0.1) is None  # before the grace period
-    d = r.report("b", 9, 0.65)  # 2 -> 9: judged at rung 8 only
+    # A stage ending past a rung is not compared with values taken at the rung (equal compute only),
+    # nor recorded there.
+    assert r.report("b", 9, 0.65) is None and r.report("b", 5, 0.1) is None
+    assert "b" not in r.recorded(4) and "b" not in r.recorded(8)
+    d = r.report("c", 8, 0.65)
     assert d.rung == 8 and d.cutoff == pytest.approx(0.7) and d.stop
-    assert "b" not in r.recorded(4)
-    r.report("c", 5, 0.9)
-    assert r.report("c", 7, 0.1) is None  # still rung 4, already judged there
+    assert r.report("c", 8, 0.1) is None  # judged once per rung
+    # A single-stage plan reporting at the rungs mid-stage is judged there; its final value at 24
+    # epochs, past the last rung (16), sets no rung's cutoff.
+    r.report("single", 16, 0.95)
+    r.report("single", 24, 0.99, final=True)
+    assert r.recorded(16) == {"single": 0.95} and all(0.99 not in r.recorded(m).values() for m in r.milestones)
 
 
 def test_noise_margin_is_z_standard_errors_of_the_difference():
@@ -83,9 +90,9 @@ def test_a_last_stage_is_recorded_but_never_stopped():
 
 def test_replay_records_without_deciding():
     r = StageRungs(4, 2, 24)
-    r.replay([("x", [(4, 0.6), (9, 0.8)]), ("y", [(2, 0.3), (6, 0.7)])])
+    r.replay([("x", [(4, 0.6), (8, 0.8)]), ("y", [(2, 0.3), (4, 0.7), (6, 0.75)])])
     assert r.recorded(4) == {"x": 0.6, "y": 0.7} and r.recorded(8) == {"x": 0.8}
-    d = r.report("z", 5, 0.62)
+    d = r.report("z", 4, 0.62)
     assert d.cutoff == pytest.approx(0.65) and d.stop  # median of 0.6 and 0.7
 
 
@@ -104,11 +111,12 @@ def test_rungs_of_a_resumed_search_start_from_the_study():
                             user_attrs={st.ATTR_STAGE_CUM_EPOCHS: cum, st.ATTR_STAGE_VAL_ACC: acc})
 
     study = optuna.create_study(direction="maximize")
-    study.add_trial(trial(0, TrialState.COMPLETE, [2, 5], [0.5, 0.8]))
-    study.add_trial(trial(1, TrialState.PRUNED, [3], [0.4]))
+    study.add_trial(trial(0, TrialState.COMPLETE, [2, 4, 5], [0.5, 0.8, 0.85]))
+    study.add_trial(trial(1, TrialState.PRUNED, [2, 3], [0.4, 0.45]))
     study.add_trial(trial(2, TrialState.FAIL, [4], [0.99]))  # failed trials do not set the standard
     rungs = rungs_for(search, study.get_trials())
     assert rungs.milestones == [2, 4, 8]
+    # Values off the rungs (3 and 5 epochs) are not recorded anywhere: equal compute only.
     assert sorted(rungs.recorded(2).values()) == [0.4, 0.5] and list(rungs.recorded(4).values()) == [0.8]
 
 

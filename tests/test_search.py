@@ -54,7 +54,8 @@ MAIN_SEARCH = {
     "weight_modes": ["inverse", "none"],
     "normalizations": ["none", "batch_mean"],
     "lambda_ref": {"low": 0.1, "high": 10.0},
-    "pruning": {"grace_period": 2, "reduction_factor": 2},
+    # Decisions at stage ends only: the tests below check that reports come at stage ends.
+    "pruning": {"grace_period": 2, "reduction_factor": 2, "decide_at": "stage_ends"},
     "sampler": {"kind": "tpe", "n_startup_trials": 4},
     "baseline_epochs": 2,
 }
@@ -383,8 +384,9 @@ def _trials(db: Path, name: str):
 def main_search(studies_root):
     space = load_space(write_space(studies_root, "main", MAIN_SEARCH))
     progress = []
+    # The budget phase only (confirmation runs are tested in test_winners.py).
     summary = run_search(space, budget=7, studies_dir=studies_root, address="local", max_concurrent=2,
-                         seed=0, on_progress=progress.append)
+                         seed=0, on_progress=progress.append, confirm=None)
     return space, summary, progress
 
 
@@ -479,7 +481,7 @@ PRUNE_SEARCH = {
     "stages": {"min": 2, "max": 3},
     "epochs": {"min": 2, "max": 2},
     "weight_modes": ["inverse"],
-    "pruning": {"grace_period": 2, "reduction_factor": 2},
+    "pruning": {"grace_period": 2, "reduction_factor": 2, "decide_at": "stage_ends"},
     "sampler": {"kind": "random"},
 }
 
@@ -488,7 +490,7 @@ def _one_at_a_time(studies_root, name: str, search: dict, budget: int, seed: int
     space = load_space(write_space(studies_root, name, search))
     # One trial at a time: the order trials reach a rung, hence the scheduler's decisions, is fixed.
     return run_search(space, budget=budget, studies_dir=studies_root, address="local", max_concurrent=1,
-                      seed=seed, baselines=False)
+                      seed=seed, baselines=False, confirm=None)
 
 
 @pytest.fixture(scope="module")
@@ -568,7 +570,7 @@ _SEARCH_PROCESS = textwrap.dedent("""
     from smskd_search.space import load_space
     from smskd_search.search import run_search
     summary = run_search(load_space(sys.argv[1]), budget=int(sys.argv[2]), studies_dir=Path(sys.argv[3]),
-                         address="local", max_concurrent=2, seed=0, resume=sys.argv[4] == "resume")
+                         address="local", max_concurrent=2, seed=0, resume=sys.argv[4] == "resume", confirm=None)
     print("stop_reason", summary.stop_reason, "interrupted", summary.interrupted)
 """)
 
@@ -637,7 +639,7 @@ def resumed_search(studies_root):
     assert rc2 == -signal.SIGKILL, out2[-3000:]
     before = _trials(db, "resume")
     summary = run_search(load_space(space_path), budget=budget, studies_dir=studies_root, address="local",
-                         max_concurrent=2, seed=0, resume=True)
+                         max_concurrent=2, seed=0, resume=True, confirm=None)
     return (rc, out, after_ctrl_c), before, summary
 
 

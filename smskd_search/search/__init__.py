@@ -3,7 +3,8 @@
 Importing this package does not import Ray; :func:`run_search` does, when it starts a search.
 """
 
-from smskd_search.search.leaderboard import LeaderboardRow
+from smskd_search.search.confirm import Confirmed, ConfirmSettings
+from smskd_search.search.leaderboard import LeaderboardRow, rank_trials
 from smskd_search.search.progress import ProgressInfo
 from smskd_search.search.runner import SearchSummary, run_search
 from smskd_search.search.sampling import Baseline, baseline_plans, plan_from_params, suggest_plan
@@ -12,6 +13,8 @@ from smskd_search.search.trial_report import TrialReport
 
 __all__ = [
     "Baseline",
+    "ConfirmSettings",
+    "Confirmed",
     "LeaderboardRow",
     "ProgressInfo",
     "SearchSummary",
@@ -20,6 +23,7 @@ __all__ = [
     "baseline_plans",
     "list_studies",
     "plan_from_params",
+    "rank_trials",
     "run_search",
     "suggest_plan",
 ]

@@ -9,6 +9,7 @@ the last stage checkpoint of the interrupted one.
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,24 @@ def open_session(space: LoadedSpace, studies_dir: Path, name: str, *, resume: bo
     return StudySession(name, path, study, storage, (studies_dir / name / "trials").resolve())
 
 
+def close(session: StudySession) -> None:
+    """Close the study's connections and fold the write-ahead log back into the file, so that a
+    finished study is one file that can be copied (no ``-wal``/``-shm`` beside it).
+
+    A reader still connected (a dashboard) keeps the log; then it stays, as SQLite wants.
+    """
+    session.storage.remove_session()
+    session.storage.engine.dispose()
+    try:
+        con = sqlite3.connect(session.path, timeout=5)
+        try:
+            con.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            con.close()
+    except sqlite3.Error:
+        pass
+
+
 def discard_if_empty(session: StudySession) -> None:
     """Remove a study file nothing ran in (a failed start), so the name stays free."""
     if not session.trials():
@@ -94,7 +113,9 @@ def enqueue_retries(session: StudySession) -> list[int]:
     retried = _retried(trials)
     out = []
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INTERRUPTED) and t.number not in retried:
+        # (A confirmation run cut short is enqueued again by the confirmation step.)
+        if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INTERRUPTED) and t.number not in retried \
+                and t.user_attrs.get(st.ATTR_CONFIRM_OF) is None:
             attrs: dict[str, Any] = {k: t.user_attrs[k] for k in (BASELINE_ATTR, FIXED_PLAN_ATTR) if k in t.user_attrs}
             attrs[st.ATTR_RETRY_OF] = t.number
             attrs[st.ATTR_RESUME_FROM] = [t.number, *t.user_attrs.get(st.ATTR_RESUME_FROM, [])]
@@ -127,7 +148,7 @@ def clean_run_dirs(session: StudySession) -> None:
         return
     trials = session.trials()
     # An interrupted trial's checkpoints stay until a rerun of its plan has finished for good.
-    settled = {int(n) for t in trials if st.counts_toward_budget(t) for n in t.user_attrs.get(st.ATTR_RESUME_FROM, [])}
+    settled = {int(n) for t in trials if st.finished_for_good(t) for n in t.user_attrs.get(st.ATTR_RESUME_FROM, [])}
     for t in trials:
         d = session.runs_dir / f"{t.number:05d}"
         if not d.exists() or t.state in (TrialState.RUNNING, TrialState.WAITING):
@@ -141,6 +162,7 @@ __all__ = [
     "StudySession",
     "budget_done",
     "clean_run_dirs",
+    "close",
     "discard_if_empty",
     "enqueue_baselines",
     "enqueue_retries",

@@ -31,10 +31,12 @@ class ProgressInfo:
     best_value: float | None
     best_sequence: str | None
     elapsed_s: float
+    phase: str = "search"  # "search" (the budget) or "confirm" (the confirmation runs after it)
 
 
 def counts_by_kind(trials: list[FrozenTrial]) -> tuple[int, int, int]:
-    """(complete, pruned, failed) trials; trials the search cut short are not failures."""
+    """(complete, pruned, failed) trials of the budget; trials the search cut short are not failures."""
+    trials = [t for t in trials if t.user_attrs.get(st.ATTR_CONFIRM_OF) is None]
     complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
     pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
     failed = sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get(st.ATTR_INTERRUPTED))
@@ -50,9 +52,11 @@ def best_of(trials: list[FrozenTrial]) -> tuple[float | None, str | None]:
 
 
 def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: int,
-                      before: list[FrozenTrial], start: float) -> Any:
+                      before: list[FrozenTrial], start: float, answered: Callable[[], int] = lambda: 0,
+                      phase: str = "search") -> Any:
     """A Tune callback that sends a :class:`ProgressInfo` whenever the counts change (at most 1/s
-    otherwise); no database reads while trials run."""
+    otherwise); no database reads while trials run. ``answered``: trials the searcher answered
+    from the study without Tune (repeated plans), counted as complete."""
     from smskd_search.search._ray import tune
 
     class _Progress(tune.Callback):
@@ -64,9 +68,10 @@ def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: 
             self._seen: set[str] = set()
 
         def _info(self) -> ProgressInfo:
-            return ProgressInfo(study, budget, self.complete + self.pruned + self.failed,
-                                self.complete, self.pruned, self.failed, self.running, self.best_value,
-                                self.best_sequence, time.monotonic() - start)
+            complete = self.complete + answered()
+            return ProgressInfo(study, budget, complete + self.pruned + self.failed,
+                                complete, self.pruned, self.failed, self.running, self.best_value,
+                                self.best_sequence, time.monotonic() - start, phase)
 
         def _send(self, force: bool = False) -> None:
             now = time.monotonic()

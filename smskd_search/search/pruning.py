@@ -1,15 +1,18 @@
 """Stage-level pruning: asynchronous successive halving on cumulative epochs, with a noise margin.
 
-The rule of ASHA (Li et al., 2020), as Ray's ``AsyncHyperBandScheduler`` implements it: milestones
-(rungs) at ``grace_period * reduction_factor**k`` cumulative epochs up to ``max_t``; when a trial's
-report first reaches or passes a rung (the highest one it has passed and not yet been recorded at),
-its value is compared with the values other trials were recorded with at that rung, and it is
-stopped when it is below their ``1 - 1/reduction_factor`` quantile. Trials report at stage ends
-and, where the space says ``decide_at: rungs``, also after exactly each rung's cumulative epochs
-inside a stage; deciding at stage ends only, a trial whose stages jump over a rung is judged at the
-next one it reaches (after more epochs than the rung).
+The rule of ASHA (Li et al., 2020): milestones (rungs) at ``grace_period * reduction_factor**k``
+cumulative epochs up to ``max_t``; a trial's value at a rung is compared with the values other
+trials were recorded with at that rung, and the trial is stopped when it is below their
+``1 - 1/reduction_factor`` quantile. Trials report at stage ends and, where the space says
+``decide_at: rungs`` (the default), also after exactly each rung's cumulative epochs inside a stage.
 
-Two differences from the stock scheduler, both for this problem:
+Three differences from Ray's ``AsyncHyperBandScheduler``, all for this problem:
+
+- **Equal compute only.** A value counts at a rung only when it was taken after exactly the rung's
+  epochs. Ray judges a report that jumps past a rung at that rung, so a stage ending at 5 epochs
+  was compared with values taken at 4, and plans finishing past the last rung set its cutoff with
+  longer training. Deciding at stage ends, a trial is therefore judged only where a stage ends on a
+  rung; deciding at the rungs, every trial (single-stage plans included) is judged at each rung.
 
 - **Noise margin.** Validation accuracy on a few hundred images is noisy (binomial standard error
   ~2 points at 80% on 503), and a trial below the cutoff by less than that is behind by chance as
@@ -87,7 +90,7 @@ class StageRungs:
         or None if none was due."""
         if value is None or math.isnan(value):
             return None
-        rung = self._rung_of(cum_epochs)
+        rung = self._rung_at(cum_epochs)
         if rung is None or key in self._recorded[rung]:
             return None
         others = self._recorded[rung]
@@ -108,13 +111,13 @@ class StageRungs:
         """
         for key, stages in history:
             for cum_epochs, value in stages:
-                rung = self._rung_of(cum_epochs)
+                rung = self._rung_at(cum_epochs)
                 if rung is not None and key not in self._recorded[rung] and not math.isnan(value):
                     self._recorded[rung][key] = float(value)
 
-    def _rung_of(self, cum_epochs: float) -> int | None:
-        """The highest milestone reached (a report that jumps over rungs counts at the last one)."""
-        return next((m for m in reversed(self.milestones) if m <= cum_epochs), None)
+    def _rung_at(self, cum_epochs: float) -> int | None:
+        """The milestone at exactly these cumulative epochs (None between milestones)."""
+        return int(cum_epochs) if cum_epochs == int(cum_epochs) and int(cum_epochs) in self._recorded else None
 
     def _margin(self, value: float, cutoff: float, n: int | None) -> float:
         if not self.noise_margin or not n:

@@ -12,18 +12,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from smskd_search.errors import UserError
+from smskd_search.search import confirm as cf
 from smskd_search.search import lifecycle as lc
 from smskd_search.search import storage as st
-from smskd_search.search.cluster import check_requests
-from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, write_best_plan
+from smskd_search.search.cluster import check_requests, start_ray
+from smskd_search.search.confirm import ConfirmSettings
+from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
 from smskd_search.search.progress import ProgressInfo
 from smskd_search.search.tune_run import TuneSettings, run_tune
 from smskd_search.space import LoadedSpace
+
+DEFAULT_CONFIRM = ConfirmSettings()
 
 
 @dataclass
@@ -46,6 +51,9 @@ class SearchSummary:
     resources_per_trial: dict[str, float] = field(default_factory=dict)
     max_concurrent: int | None = None
     notes: list[str] = field(default_factory=list)
+    confirm: ConfirmSettings | None = None  # None: no confirmation (off, or not reached)
+    n_confirmation_runs: int = 0  # COMPLETE confirmation runs in the study
+    n_repeats: int = 0  # budget trials answered from the study (their plan had finished already)
 
     @property
     def best(self) -> LeaderboardRow | None:
@@ -67,6 +75,8 @@ def run_search(
     resume: bool = False,
     prune: bool = True,
     baselines: bool = True,
+    confirm: ConfirmSettings | None = DEFAULT_CONFIRM,
+    deterministic: bool = False,
     on_progress: Callable[[ProgressInfo], None] | None = None,
     on_teacher_epoch: Callable[[int, int, float, float], None] | None = None,
 ) -> SearchSummary:
@@ -87,6 +97,11 @@ def run_search(
         resume: Continue the existing study to its budget (also after the process was killed).
         prune: Apply the space's pruning.
         baselines: Enqueue the baselines first (each method alone, a sequence without reference).
+        confirm: After the budget, re-run the best distinct plans and baselines on fresh seeds
+            (:class:`ConfirmSettings`); None: no confirmation. The ranking uses the confirmed means.
+        deterministic: The same space and ``seed`` give the same study on CPU (same trials, same
+            values): trials run one at a time, so the sampler is asked and told, and the rungs
+            filled, in trial-number order. Costs the parallelism (about 2x the wall time on 2 cores).
         on_progress: Called with a :class:`ProgressInfo` whenever the counts change.
         on_teacher_epoch: Called (epoch, epochs, loss, val_acc) while the teacher trains.
 
@@ -111,6 +126,12 @@ def run_search(
     if timeout is not None and timeout <= 0:
         raise UserError(f"--timeout must be > 0 seconds (got {timeout:g})")
     check_requests(cpus_per_trial, gpus_per_trial, max_concurrent)
+    if deterministic:
+        if max_concurrent not in (None, 1):
+            raise UserError(f"--max-concurrent {max_concurrent}: --deterministic runs one trial at a time")
+        max_concurrent = 1
+    if confirm is not None and (confirm.plans < 0 or confirm.baselines < 0 or confirm.seeds < 0):
+        raise UserError(f"--confirm/--confirm-seeds must be >= 0 (got {confirm.plans} plans, {confirm.seeds} seeds)")
     name = st.check_study_name(study or st.study_name_from(sp.name))
     studies_dir = Path(studies_dir)
     path = st.db_path(studies_dir, name)
@@ -121,6 +142,7 @@ def run_search(
     studies_dir.mkdir(parents=True, exist_ok=True)
 
     lock = st.StudyLock(studies_dir, name).acquire()
+    ray_started = False  # Ray starts once for the budget and the confirmation runs
     optuna_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line and summary say it all
     try:
@@ -149,17 +171,35 @@ def run_search(
         resources: dict[str, float] = {}
         concurrent = None
         interrupted_by_signal = False
+        common: dict[str, Any] = dict(
+            space=sp, session=session, teacher=teacher, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+            max_concurrent=max_concurrent, address=address, deadline=start + timeout if timeout is not None else None,
+            start=start, on_progress=on_progress)
         if remaining > 0:
-            outcome = run_tune(TuneSettings(
-                space=sp, session=session, teacher=teacher, trials=remaining, budget=budget, before=before,
-                seed=seed + len(before), prune=prune, cpus_per_trial=cpus_per_trial,
-                gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, address=address,
-                deadline=start + timeout if timeout is not None else None, start=start, on_progress=on_progress,
-            ))
+            ray_started = ray_started or start_ray(address)
+            outcome = run_tune(TuneSettings(**common, trials=remaining, budget=budget, before=before,
+                                            seed=seed + len(before), prune=prune))
             session.notes += outcome.notes
             interrupted_by_signal = outcome.interrupted
             if outcome.resources is not None:
                 resources, concurrent = outcome.resources.per_trial, outcome.resources.concurrent
+        multi = bool(search.objective.cost_objective)
+        confirmed_with: ConfirmSettings | None = None
+        if confirm is not None and confirm.enabled and not interrupted_by_signal \
+                and lc.budget_done(session.trials()) >= budget:
+            if multi:
+                session.notes.append("no confirmation runs in an accuracy-vs-cost (multi-objective) search")
+            else:
+                confirmed_with = confirm
+                waiting = cf.enqueue(session, rank_by_single_seed(session.trials()), sp.seed, confirm)
+                if waiting:
+                    ray_started = ray_started or start_ray(address)
+                    outcome = run_tune(TuneSettings(**common, trials=waiting, budget=waiting, before=[], seed=seed,
+                                                    prune=False, phase="confirm"))
+                    session.notes += outcome.notes
+                    interrupted_by_signal = outcome.interrupted
+                    if outcome.resources is not None:
+                        resources, concurrent = outcome.resources.per_trial, outcome.resources.concurrent
         lc.clean_run_dirs(session)
         elapsed = time.monotonic() - start
         trials = session.trials()
@@ -170,20 +210,27 @@ def run_search(
             reason = "timeout"
         else:
             reason = "interrupted"
-        multi = bool(search.objective.cost_objective)
         top = leaderboard(session.study, trials, multi)
         best_path = None
         if top:
             best_trial = next(t for t in trials if t.number == top[0].number)
-            best_path = write_best_plan(best_trial, studies_dir / name / "best.yaml", name, space)
+            best_path = write_best_plan(best_trial, studies_dir / name / "best.yaml", name, space, top[0].confirmed)
+        n_confirm = sum(1 for t in trials if cf.is_confirmation(t) and t.state == TrialState.COMPLETE)
+        lc.close(session)
         return SearchSummary(
             study=name, db_path=path, storage_url=st.storage_url(path), counts=st.counts_by_state(trials),
             n_interrupted=sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INTERRUPTED)),
             elapsed_s=elapsed, interrupted=done < budget, stop_reason=reason, budget=budget, done=done,
             top=top, best_plan_path=best_path, multi_objective=multi, notes=session.notes,
-            resources_per_trial=resources, max_concurrent=concurrent,
+            resources_per_trial=resources, max_concurrent=concurrent, confirm=confirmed_with,
+            n_confirmation_runs=n_confirm,
+            n_repeats=sum(1 for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is not None),
         )
     finally:
+        if ray_started:
+            from smskd_search.search._ray import ray
+
+            ray.shutdown()
         optuna.logging.set_verbosity(optuna_verbosity)
         lock.release()
 

@@ -13,6 +13,12 @@ end of a trial is told as:
 - FAIL with ``fail_reason`` when the plan raised or diverged, the worker died, or the search cut it
   short (``interrupted``: a resume runs it again).
 
+A trial whose plan (:meth:`Plan.canonical_hash`, the same seed included) already COMPLETE in the
+study is not trained again: it is told COMPLETE with that trial's value and stage values
+(``repeat_of`` names it), so that the sampler learns the plan's value once more without paying
+for it, and the next plan is asked for. Such answered trials count toward the budget: the searcher
+returns ``FINISHED`` once ``max_trials`` have been asked.
+
 After a hard kill the study may already hold a trial's outcome; telling it again raises
 ``UpdateFinishedTrialError``, which is expected and ignored. Trials left RUNNING when Tune stops
 (Ctrl-C, time budget) are not told anything by Tune: :meth:`StudySearcher.fail_unfinished` marks
@@ -43,11 +49,25 @@ logger = logging.getLogger(__name__)
 DefineByRun = Callable[[optuna.Trial], dict[str, Any]]
 
 
+# What a repeated plan takes over from the trial that trained it.
+_REPEAT_ATTRS = (st.ATTR_N_VAL, st.ATTR_STAGE_CUM_EPOCHS, st.ATTR_STAGE_VAL_ACC, st.ATTR_EPOCH_VAL_ACC)
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A COMPLETE trial, as much of it as a repeat of its plan needs."""
+
+    number: int
+    values: list[float]
+    attrs: dict[str, Any]
+
+
 @dataclass
 class _Record:
     """What the searcher has recorded of one trial (so that replayed reports are not doubled)."""
 
     steps: set[int] = field(default_factory=set)
+    n_val: int | None = None
     stage_values: dict[int, float] = field(default_factory=dict)
     stage_times: dict[int, float] = field(default_factory=dict)
     curve: dict[int, float] = field(default_factory=dict)
@@ -64,6 +84,8 @@ class StudySearcher(Searcher):
             stage PRUNED (otherwise the search cut it short: FAIL, interrupted).
         stop_reason: The scheduler's account of why it stopped a trial (Tune trial id -> reason or
             None); a stopped trial without a reason was cut short by the search.
+        max_trials: Trials to ask for in all (answered repeats included); then ``FINISHED``.
+        answer_repeats: Answer a plan already COMPLETE in the study from it instead of training it.
 
     Example:
 
@@ -78,7 +100,8 @@ class StudySearcher(Searcher):
     """
 
     def __init__(self, study: optuna.Study, define: DefineByRun, *, pruning: bool = True,
-                 stop_reason: Callable[[str], str | None] | None = None):
+                 stop_reason: Callable[[str], str | None] | None = None, max_trials: int | None = None,
+                 answer_repeats: bool = True):
         self.multi_objective = len(study.directions) > 1
         super().__init__(metric=METRIC, mode="max")
         self.study = study
@@ -89,20 +112,43 @@ class StudySearcher(Searcher):
         self._trials: dict[str, optuna.Trial] = {}
         self._finished: set[str] = set()
         self._records: dict[str, _Record] = {}
+        self._max_trials = max_trials
+        self._asked = 0
+        self._answer_repeats = answer_repeats
+        # Trial numbers answered from the study (a progress line counts them as done).
+        self.answered: list[int] = []
+        self._finished_plans: dict[str, _Finished] = {}
+        self._keys: dict[str, str] = {}  # Tune trial id -> plan key
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            key = t.user_attrs.get(st.ATTR_PLAN_KEY)
+            if key and key not in self._finished_plans:
+                self._finished_plans[key] = _Finished(t.number, list(t.values),
+                                                      {k: t.user_attrs[k] for k in _REPEAT_ATTRS if k in t.user_attrs})
 
     # ------------------------------------------------------------------ Tune's Searcher interface
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         # The objective is fixed by the study; accept only a request that matches it.
         return metric in (None, METRIC) and mode in (None, "max")
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        trial = self.study.ask()
-        self._trials[trial_id] = trial
-        try:
-            return self._define(trial)
-        except BaseException as exc:
-            self._tell(trial_id, None, TrialState.FAIL, fail_reason=f"sampling failed: {type(exc).__name__}: {exc}")
-            raise
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]  # FINISHED is a str
+        while self._max_trials is None or self._asked < self._max_trials:
+            trial = self.study.ask()
+            self._asked += 1
+            self._trials[trial_id] = trial
+            try:
+                config = self._define(trial)
+            except BaseException as exc:
+                self._tell(trial_id, None, TrialState.FAIL, fail_reason=f"sampling failed: {type(exc).__name__}: {exc}")
+                raise
+            key = config.get("plan_key")
+            done = self._finished_plans.get(key) if (key and self._answer_repeats) else None
+            if done is None:
+                if key:
+                    self._keys[trial_id] = key
+                return config
+            del self._trials[trial_id]
+            self._answer_repeat(trial, done)
+        return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         report = TrialReport.from_dict(result)
@@ -170,6 +216,13 @@ class StudySearcher(Searcher):
                 failed.append(trial.number)
         return failed
 
+    def _answer_repeat(self, trial: optuna.Trial, done: _Finished) -> None:
+        for key, value in done.attrs.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr(st.ATTR_REPEAT_OF, done.number)
+        self.study.tell(trial, done.values if self.multi_objective else done.values[0], state=TrialState.COMPLETE)
+        self.answered.append(trial.number)
+
     def _record(self, trial_id: str, r: TrialReport) -> None:
         """One report: an intermediate value at its cumulative epochs; stage ends also as attrs."""
         trial = self._trials.get(trial_id)
@@ -199,7 +252,8 @@ class StudySearcher(Searcher):
             if r.trial_seconds is not None:
                 trial.set_user_attr(st.ATTR_TRIAL_SECONDS, round(r.trial_seconds, 3))
             if first and r.n_val:
-                trial.set_user_attr(st.ATTR_N_VAL, int(r.n_val))
+                rec.n_val = int(r.n_val)
+                trial.set_user_attr(st.ATTR_N_VAL, rec.n_val)
             if first and r.trial_started_at is not None:
                 trial.set_user_attr(st.ATTR_TRIAL_STARTED_AT, round(r.trial_started_at, 3))
             if r.replayed:
@@ -226,6 +280,8 @@ class StudySearcher(Searcher):
                     trial.set_user_attr(st.ATTR_FAIL_TRACEBACK, traceback[-4000:])
             # A trial the study finished already (a resume over a stale Tune snapshot) stays as it is.
             self.study.tell(trial, values, state=state, skip_if_finished=True)
+            if state == TrialState.COMPLETE:
+                self._remember(trial_id, trial, values)
         except UpdateFinishedTrialError:
             logger.debug("trial %s was already finished in the study", trial.number)
             return False
@@ -233,6 +289,20 @@ class StudySearcher(Searcher):
             logger.warning("could not record trial %s: %s", trial.number, exc)
             return False
         return True
+
+    def _remember(self, trial_id: str, trial: optuna.Trial, values: Any) -> None:
+        """A COMPLETE trial's plan, so that a repeat of it is answered from its result."""
+        key = self._keys.get(trial_id)
+        if not key or key in self._finished_plans:
+            return
+        rec = self._records.get(trial_id, _Record())
+        steps = sorted(rec.stage_values)
+        attrs: dict[str, Any] = {st.ATTR_STAGE_CUM_EPOCHS: steps, st.ATTR_STAGE_VAL_ACC: [rec.stage_values[x] for x in steps]}
+        if rec.n_val:
+            attrs[st.ATTR_N_VAL] = rec.n_val
+        if rec.curve:
+            attrs[st.ATTR_EPOCH_VAL_ACC] = [rec.curve.get(e) for e in range(1, max(rec.curve) + 1)]
+        self._finished_plans[key] = _Finished(trial.number, list(values) if isinstance(values, list) else [values], attrs)
 
 
 __all__ = ["DefineByRun", "StudySearcher"]

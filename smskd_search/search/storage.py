@@ -50,6 +50,13 @@ ATTR_RETRY_OF = "retry_of"
 ATTR_RESUME_FROM = "resume_from"
 ATTR_RUN_DIR = "run_dir"
 ATTR_REPLAYED_STAGES = "replayed_stages"
+# Plan.canonical_hash() of the trial's plan, and, on a trial answered from the study instead of
+# trained, the number of the finished trial with the same plan whose result it took.
+ATTR_PLAN_KEY = "plan_key"
+# Confirmation runs (after the budget): the trial whose plan they re-run, and their fresh seed.
+ATTR_CONFIRM_OF = "confirm_of"
+ATTR_CONFIRM_SEED = "confirm_seed"
+ATTR_REPEAT_OF = "repeat_of"
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -322,11 +329,16 @@ def epochs_trained(t: FrozenTrial) -> int:
     return int(max(steps))
 
 
-def counts_toward_budget(t: FrozenTrial) -> bool:
-    """Finished trials use the budget, except those the search itself cut short (re-run on resume)."""
+def finished_for_good(t: FrozenTrial) -> bool:
+    """COMPLETE, PRUNED, or failed through its plan (not cut short by the search: re-run on resume)."""
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     return t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED)
+
+
+def counts_toward_budget(t: FrozenTrial) -> bool:
+    """Trials finished for good use the budget, except the confirmation runs after it."""
+    return finished_for_good(t) and t.user_attrs.get(ATTR_CONFIRM_OF) is None
 
 
 @dataclass

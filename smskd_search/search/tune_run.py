@@ -51,11 +51,13 @@ class PlanConfigs:
             st.ATTR_TOTAL_EPOCHS: plan.total_epochs,
             st.ATTR_THREADS: self.threads,
             st.ATTR_RUN_DIR: str(run_dir),
+            st.ATTR_PLAN_KEY: plan.canonical_hash(),
         }.items():
             trial.set_user_attr(key, value)
         return {
             "plan_yaml": plan.to_yaml(),
             "sequence": plan.sequence(),
+            "plan_key": plan.canonical_hash(),
             "run_dir": str(run_dir),
             "resume_dirs": [str(self.runs_dir / f"{int(n):05d}") for n in trial.user_attrs.get(st.ATTR_RESUME_FROM, [])],
             "threads": self.threads,
@@ -114,6 +116,7 @@ class TuneSettings:
         deadline: ``time.monotonic()`` after which no trial starts (None: no limit).
         start: ``time.monotonic()`` at the search's start (for the progress line).
         on_progress: Called with a :class:`ProgressInfo` when the counts change.
+        phase: ``"search"``, or ``"confirm"`` for the confirmation runs (enqueued, never pruned).
     """
 
     space: Space
@@ -131,6 +134,7 @@ class TuneSettings:
     deadline: float | None = None
     start: float = field(default_factory=time.monotonic)
     on_progress: Callable[[ProgressInfo], None] | None = None
+    phase: str = "search"
 
 
 @dataclass
@@ -173,7 +177,8 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
                               rung_epochs)
         s.session.study.sampler = make_sampler(s.space, s.seed)
         searcher = StudySearcher(s.session.study, configs, pruning=scheduler is not None,
-                                 stop_reason=scheduler.stop_reason if scheduler is not None else None)
+                                 stop_reason=scheduler.stop_reason if scheduler is not None else None,
+                                 max_trials=s.trials)
         context = TrialContext(teacher_record=asdict(s.teacher), device=resources.device)
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources.per_trial)
         time_budget = None
@@ -184,7 +189,9 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
                 return TuneOutcome(resources, False, notes)
         callbacks = []
         if s.on_progress is not None:
-            callbacks.append(progress_callback(s.on_progress, s.session.name, s.budget, s.before, s.start))
+            answered = searcher.answered
+            callbacks.append(progress_callback(s.on_progress, s.session.name, s.budget, s.before, s.start,
+                                               answered=lambda: len(answered), phase=s.phase))
         ray_dir = s.session.path.parent / s.session.name / "ray"
         tuner = tune.Tuner(
             trainable,
@@ -218,6 +225,9 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
             left = searcher.fail_unfinished("interrupted: the search stopped while this trial ran")
             if left:
                 notes.append(f"{len(left)} trial(s) cut short by the stop: {left} (a --resume re-runs them)")
+            if searcher.answered:
+                notes.append(f"{len(searcher.answered)} trial(s) repeated a finished plan and took its result "
+                             f"instead of training: {searcher.answered}")
         if started:
             ray.shutdown()
 

@@ -1,0 +1,114 @@
+"""How sharp is a digits problem? Single methods over seeds: mean, seed std and the gap KD - alone.
+
+A default space is only useful if its problem can tell plans apart: the seed noise of a single
+method must sit well below the gaps the search is after, and distillation must matter (KD well
+above the student alone). This script trains every method of a candidate recipe alone for the same
+total epochs over several seeds (student initialisation and batch order; the split stays fixed)
+and prints, per method, validation and test accuracy as mean +- seed std, and the paired
+difference to the student alone (mean +- s.e. over seeds).
+
+    python benchmarks/default_sharpness.py --student cnn_nano --crop 0 --epochs 10 --seeds 5
+    python benchmarks/default_sharpness.py --student cnn_micro --crop 1 --epochs 12 --seeds 5
+
+Candidates are chosen on validation; the test column is the check (nothing here tunes on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from _common import machine_line
+
+from smskd_search.data import load_data
+from smskd_search.engine import ensure_teacher, evaluate_test, load_teacher, run_plan
+from smskd_search.plan import AugmentSpec
+from smskd_search.space import load_space, make_plan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--space", default="default", help="the space whose problem and recipe are varied")
+    ap.add_argument("--student", default=None, help="student arch (default: the space's)")
+    ap.add_argument("--widths", default=None,
+                    help="a student to try, as stem,stage1,stage2,stage3 widths of the small CNN (registered as cnn_try)")
+    ap.add_argument("--crop", type=int, default=None, help="crop padding in pixels (random shifts; default: the space's)")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--epochs", type=int, default=10, help="total epochs of every single-method run")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--methods", default=None, help="comma-separated (default: ce and the space's methods)")
+    ap.add_argument("--params", default=None,
+                    help='method parameter overrides as JSON, e.g. \'{"fitnet": {"weight": 10}}\' (over the space\'s)')
+    ap.add_argument("--teachers", default="studies/teachers")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(machine_line())
+
+    if args.widths:
+        from smskd_search.models.small_cnn import _make
+
+        _make("cnn_try", tuple(int(w) for w in args.widths.split(",")), 1)
+        args.student = "cnn_try"
+    loaded = load_space(args.space)
+    sp = loaded.space
+    update = {}
+    if args.student:
+        update["problem"] = sp.problem.model_copy(update={"student": sp.problem.student.model_copy(update={"arch": args.student})})
+    recipe = sp.recipe
+    if args.crop is not None:
+        recipe = recipe.model_copy(update={"augment": AugmentSpec(crop_padding=args.crop, flip=False)})
+    if args.lr is not None:
+        recipe = recipe.model_copy(update={"lr": args.lr})
+    if args.params:
+        import json
+
+        merged = {**sp.search.method_params}
+        for m, p in json.loads(args.params).items():
+            merged[m] = {**merged.get(m, {}), **p}
+        update["search"] = sp.search.model_copy(update={"method_params": merged})
+    sp = sp.model_copy(update={**update, "recipe": recipe})
+    methods = args.methods.split(",") if args.methods else ["ce", *sp.search.methods]
+
+    data = load_data(sp.problem.dataset, torch.device("cpu"))
+    record = ensure_teacher(sp.problem, cache_root=args.teachers, data=data)
+    teacher = load_teacher(sp.problem, record, data.info, torch.device("cpu"))
+    from smskd_search.models import count_parameters, create_model
+
+    n_params = count_parameters(create_model(sp.problem.student.arch, data.info.num_classes, data.info.in_channels,
+                                             data.info.image_size))
+    print(f"problem: {sp.problem.dataset.name}, teacher {sp.problem.teacher.arch} (val {100 * record.val_acc:.2f}%), "
+          f"student {sp.problem.student.arch}{f' {args.widths}' if args.widths else ''} ({n_params} parameters), "
+          f"lr {recipe.lr:g}, crop {recipe.augment.crop_padding}, "
+          f"{args.epochs} epochs, seeds 0..{args.seeds - 1}, n_val {data.info.num_val}")
+    rows: dict[str, tuple[list[float], list[float]]] = {}
+    start = time.perf_counter()
+    for m in methods:
+        vals, tests = [], []
+        for seed in range(args.seeds):
+            plan = make_plan(sp, [(m, args.epochs)], seed=seed)
+            r = run_plan(plan, data=data, teacher_model=teacher, teacher_record=record)
+            vals.append(r.final_val_acc)
+            tests.append(evaluate_test(plan, r).acc)
+        rows[m] = (vals, tests)
+        print(f"  {m:<7} val {100 * statistics.mean(vals):6.2f} +- {100 * statistics.stdev(vals):4.2f}   "
+              f"test {100 * statistics.mean(tests):6.2f} +- {100 * statistics.stdev(tests):4.2f}", flush=True)
+    elapsed = time.perf_counter() - start
+    if "ce" in rows:
+        print("paired difference to the student alone (ce), mean +- s.e. over seeds:")
+        for m, (vals, tests) in rows.items():
+            if m == "ce":
+                continue
+            for split, xs, base in (("val", vals, rows["ce"][0]), ("test", tests, rows["ce"][1])):
+                d = [a - b for a, b in zip(xs, base)]
+                se = statistics.stdev(d) / len(d) ** 0.5
+                print(f"  {m:<7} {split:<4} {100 * statistics.mean(d):+6.2f} +- {100 * se:4.2f}", end="")
+            print()
+    worst_std = max(100 * statistics.stdev(v) for m, (v, _) in rows.items() if m != "ce")
+    print(f"largest val seed std among the distillation methods: {worst_std:.2f} points; "
+          f"{len(methods) * args.seeds} runs in {elapsed:.0f} s ({elapsed / (len(methods) * args.seeds):.2f} s a run)")
+
+
+if __name__ == "__main__":
+    main()

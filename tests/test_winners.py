@@ -1,0 +1,200 @@
+"""Answers that hold up: a diverged plan fails (engine, `train`, search), a repeated plan is answered
+from the study instead of being trained again, and is listed once."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import make_plan
+from optuna.trial import TrialState
+
+from smskd_search.engine import Diverged, run_plan
+from smskd_search.plan import RecipeSpec, save_plan
+from smskd_search.search import run_search
+from smskd_search.search import storage as st
+from smskd_search.space import load_space
+
+PROBLEM = {
+    "dataset": {"name": "digits", "val_fraction": 0.25},
+    "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}},
+    "student": {"arch": "cnn_nano"},
+}
+
+
+def test_a_non_finite_loss_fails_the_plan_at_once(tiny_problem, teacher_cache):
+    plan = make_plan(tiny_problem, [("kd", 3), ("dkd", 2)], recipe=RecipeSpec(lr=1e4))
+    with pytest.raises(Diverged, match=r"^diverged: non-finite loss at stage 1, epoch 1$"):
+        run_plan(plan, teacher_cache=teacher_cache)
+
+
+def test_train_of_a_diverging_plan_exits_non_zero_with_the_reason(tmp_path, tiny_problem, teacher_cache):
+    path = save_plan(make_plan(tiny_problem, [("kd", 2)], recipe=RecipeSpec(lr=1e4)), tmp_path / "hot.yaml")
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "teachers").symlink_to(teacher_cache)  # the session's trained teacher
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "train", str(path), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env={**os.environ, "SMSKD_STUDIES": str(tmp_path / "studies")})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: diverged: non-finite loss at stage 1, epoch 1"
+    assert "Traceback" not in proc.stderr
+
+
+def _searcher(define, max_trials=None):
+    from smskd_search.search.searcher import StudySearcher
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    return StudySearcher(study, define, max_trials=max_trials)
+
+
+def test_the_searcher_answers_a_finished_plan_from_the_study():
+    asked = []
+
+    def define(trial):
+        asked.append(trial.number)
+        return {"plan_key": "same-plan"}
+
+    s = _searcher(define, max_trials=3)
+    assert s.suggest("a") == {"plan_key": "same-plan"}
+    s.on_trial_result("a", {"val_acc": 0.6, "cum_epochs": 1, "n_val": 100, "epoch_val_acc": [0.6]})
+    s.on_trial_complete("a", {"val_acc": 0.7, "cum_epochs": 2, "final": True, "total_epochs": 2, "n_val": 100,
+                              "epoch_val_acc": [0.7]})
+    # The next two asks sample the same plan: told from trial 0, not handed to Tune; then the
+    # budget is spent.
+    assert s.suggest("b") == "FINISHED" and asked == [0, 1, 2] and s.answered == [1, 2]
+    a, b, c = s.study.trials
+    assert a.state == b.state == c.state == TrialState.COMPLETE and a.value == b.value == c.value == 0.7
+    assert b.user_attrs[st.ATTR_REPEAT_OF] == 0 and c.user_attrs[st.ATTR_STAGE_VAL_ACC] == [0.6, 0.7]
+    assert b.user_attrs[st.ATTR_N_VAL] == 100 and b.intermediate_values == {}  # rungs see it once
+
+
+def test_a_running_plan_or_another_plan_is_trained():
+    keys = iter(["p1", "p1", "p2"])
+    s = _searcher(lambda trial: {"plan_key": next(keys)})
+    assert s.suggest("a")["plan_key"] == "p1"
+    assert s.suggest("b")["plan_key"] == "p1"  # p1 is still running: nothing to answer from
+    s.on_trial_complete("a", {"val_acc": 0.5, "cum_epochs": 1, "final": True, "total_epochs": 1})
+    assert s.suggest("c")["plan_key"] == "p2" and s.answered == []
+
+
+@pytest.mark.slow
+def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path):
+    # One method, one stage of one epoch: every trial is the same plan (the baseline included).
+    space = tmp_path / "one.yaml"
+    space.write_text(yaml.safe_dump({"name": "one", "problem": PROBLEM, "search": {
+        "methods": ["kd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1}, "baseline_epochs": 1,
+        "pruning": {"enabled": False}}}))
+    summary = run_search(load_space(space), budget=4, studies_dir=tmp_path, address="local", max_concurrent=1,
+                         confirm=None)
+    trials = optuna.load_study(study_name="one", storage=summary.storage_url).get_trials()
+    assert summary.done == 4 and [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    trained = [t for t in trials if st.ATTR_TRIAL_STARTED_AT in t.user_attrs]  # the trainable ran
+    assert [t.number for t in trained] == [0]
+    assert [t.user_attrs.get(st.ATTR_REPEAT_OF) for t in trials] == [None, 0, 0, 0]
+    assert len({t.value for t in trials}) == 1
+    assert [r.number for r in summary.top] == [0]
+    assert any("repeated a finished plan" in n for n in summary.notes)
+
+
+@pytest.mark.slow
+def test_search_records_a_diverged_plan_as_failed_and_goes_on(tmp_path):
+    space = tmp_path / "hot.yaml"
+    space.write_text(yaml.safe_dump({"name": "hot", "problem": PROBLEM, "recipe": {"lr": 1e4}, "search": {
+        "methods": ["kd", "dkd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 2},
+        "pruning": {"enabled": False}}}))
+    summary = run_search(load_space(space), budget=3, studies_dir=tmp_path, address="local", max_concurrent=1,
+                         baselines=False)
+    trials = optuna.load_study(study_name="hot", storage=summary.storage_url).get_trials()
+    assert summary.done == 3 and not summary.interrupted and summary.top == []
+    for t in trials:
+        assert t.state == TrialState.FAIL
+        assert re.fullmatch(r"diverged: non-finite loss at stage 1, epoch [12]", t.user_attrs[st.ATTR_FAIL_REASON])
+        assert not t.user_attrs.get(st.ATTR_INTERRUPTED)
+    assert Path(summary.db_path).is_file()
+
+
+@pytest.mark.slow
+def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_path):
+    from smskd_search.export import export_plans
+    from smskd_search.search import ConfirmSettings
+    from smskd_search.search.confirm import SEED_OFFSET
+    from smskd_search.summary_text import format_leaderboard
+    from smskd_search.validate import load_plan
+
+    space = tmp_path / "conf.yaml"
+    space.write_text(yaml.safe_dump({"name": "conf", "problem": PROBLEM, "search": {
+        "methods": ["kd", "dkd", "fitnet"], "stages": {"min": 1, "max": 2}, "total_epochs": 2,
+        "weight_modes": ["inverse"], "pruning": {"enabled": False}, "sampler": {"kind": "random"}}}))
+    settings = ConfirmSettings(plans=2, baselines=1, seeds=2)
+    # 4 baselines (each method alone, a sequence without reference), then 5 sampled plans.
+    summary = run_search(load_space(space), budget=9, studies_dir=tmp_path, address="local", max_concurrent=2,
+                         confirm=settings)
+    trials = optuna.load_study(study_name="conf", storage=summary.storage_url).get_trials()
+    runs = [t for t in trials if t.user_attrs.get(st.ATTR_CONFIRM_OF) is not None]
+    # 2 plans + 1 baseline, 2 fresh seeds each; they are study trials with their seed, outside the budget.
+    assert len(runs) == 6 and summary.done == 9 and summary.n_confirmation_runs == 6
+    assert all(t.state == TrialState.COMPLETE for t in runs)
+    assert {t.user_attrs[st.ATTR_CONFIRM_SEED] for t in runs} == {SEED_OFFSET, SEED_OFFSET + 1}
+    for t in runs:
+        plan = yaml.safe_load(t.user_attrs[st.ATTR_PLAN])
+        assert plan["seed"] == t.user_attrs[st.ATTR_CONFIRM_SEED]
+        original = trials[t.user_attrs[st.ATTR_CONFIRM_OF]]
+        assert yaml.safe_load(original.user_attrs[st.ATTR_PLAN])["stages"] == plan["stages"]
+    # The recommendation is the best mean over the fresh seeds, not the best single run.
+    means = {}
+    for t in runs:
+        means.setdefault(t.user_attrs[st.ATTR_CONFIRM_OF], []).append(t.value)
+    best = max(means, key=lambda n: (sum(means[n]) / 2, -n))
+    assert summary.top[0].number == best
+    assert summary.top[0].confirmed.mean == pytest.approx(sum(means[best]) / 2)
+    # best.yaml, the leaderboard and export rank 1 name the same plan.
+    assert load_plan(summary.best_plan_path).provenance["trial"] == best
+    (exported,) = export_plans(tmp_path, "conf", top=1, out=tmp_path / "plans")
+    assert exported.trial == best
+    text = format_leaderboard(summary)
+    assert f"recommended: #{best} " in text and "fresh seeds" in text
+
+
+def _fingerprint(db: Path, name: str) -> list[tuple]:
+    trials = optuna.load_study(study_name=name, storage=st.storage_url(db)).get_trials()
+    # Everything but timings and names (the plan's name carries the study's).
+    return [(t.number, t.state, t.params, t.values, t.intermediate_values, t.user_attrs.get(st.ATTR_PLAN_KEY),
+             t.user_attrs.get(st.ATTR_PRUNED_REASON), t.user_attrs.get(st.ATTR_CONFIRM_SEED)) for t in trials]
+
+
+@pytest.mark.slow
+def test_two_deterministic_runs_give_the_same_study(tmp_path):
+    from smskd_search.search import ConfirmSettings
+
+    space = tmp_path / "det.yaml"
+    space.write_text(yaml.safe_dump({"name": "det", "problem": PROBLEM, "search": {
+        "methods": ["kd", "dkd", "fitnet"], "stages": {"min": 1, "max": 2}, "total_epochs": 3,
+        "weight_modes": ["inverse", "none"], "baseline_epochs": 3,
+        "pruning": {"grace_period": 1, "reduction_factor": 2, "noise_margin": 0.0},
+        "sampler": {"kind": "tpe", "n_startup_trials": 2}}}))
+    runs = []
+    for name in ("det-a", "det-b"):
+        summary = run_search(load_space(space), budget=8, study=name, studies_dir=tmp_path, address="local",
+                             seed=3, deterministic=True, confirm=ConfirmSettings(plans=1, baselines=1, seeds=1))
+        assert summary.max_concurrent == 1
+        # A finished study is one file: the write-ahead log is folded back in.
+        assert not Path(f"{summary.db_path}-wal").exists() and not Path(f"{summary.db_path}-shm").exists()
+        runs.append(_fingerprint(summary.db_path, name))
+    assert len(runs[0]) > 8 and runs[0] == runs[1]  # the budget and the confirmation runs
+    assert any(t[1] == TrialState.PRUNED for t in runs[0])  # the rungs decided something, the same way twice
+
+
+def test_deterministic_refuses_concurrency_before_anything_is_written(tmp_path):
+    from smskd_search.errors import UserError
+
+    space = tmp_path / "d.yaml"
+    space.write_text(yaml.safe_dump({"name": "d", "problem": PROBLEM,
+                                     "search": {"methods": ["kd"], "stages": {"min": 1, "max": 1}}}))
+    with pytest.raises(UserError, match="--max-concurrent 2: --deterministic runs one trial at a time"):
+        run_search(load_space(space), studies_dir=tmp_path / "studies", deterministic=True, max_concurrent=2)
+    assert not (tmp_path / "studies").exists()
