@@ -61,6 +61,14 @@ def _pct(acc: float) -> str:
     return f"{100 * acc:.2f}%"
 
 
+def _eta(elapsed: float, done: int, total: int) -> str:
+    """``12s, about 1m 40s left`` after ``done`` of ``total`` equal steps."""
+    from smskd_search.summary_text import fmt_duration
+
+    left = elapsed / max(done, 1) * (total - done)
+    return f"{fmt_duration(elapsed)}" + (f", about {fmt_duration(left)} left" if done < total else "")
+
+
 # --------------------------------------------------------------------------------------- teacher
 def cmd_teacher(args: argparse.Namespace) -> int:
     from smskd_search.engine import ensure_teacher, pick_device
@@ -77,7 +85,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     def on_epoch(epoch: int, epochs: int, loss: float, val_acc: float) -> None:
         bar = "#" * int(20 * epoch / epochs)
         line.update(f"teacher {problem.teacher.arch} [{bar:<20}] epoch {epoch}/{epochs}  loss {loss:.4f}  "
-                    f"val acc {_pct(val_acc)}  {time.time() - start:.0f}s")
+                    f"val acc {_pct(val_acc)}  {_eta(time.time() - start, epoch, epochs)}")
 
     record = ensure_teacher(problem, cache_root=cache, device=pick_device(args.device), with_test=True,
                             on_epoch=on_epoch)
@@ -106,13 +114,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from smskd_search.engine import evaluate_test, pick_device, run_plan, write_results
     from smskd_search.engine.teacher import describe
-    from smskd_search.validate import load_plan
+    from smskd_search.validate import load_plan_and_defaults
 
     if args.plan is not None and args.method is not None:
         raise UserError("train: give either PLAN.yaml or --method/--epochs/--space, not both")
     if args.plan is None and args.method is None:
         raise UserError("train: give PLAN.yaml, or --method M --epochs N [--space S] for a single-method baseline")
-    plan = load_plan(args.plan) if args.plan is not None else _baseline_plan(args)
+    defaulted: list[str] = []
+    if args.plan is not None:
+        plan, defaulted = load_plan_and_defaults(args.plan)
+    else:
+        plan = _baseline_plan(args)
     if args.seed is not None:
         plan = plan.model_copy(update={"seed": args.seed})
     threads = args.threads or (plan.provenance or {}).get("threads")
@@ -120,9 +132,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(threads))
     out = Path(args.out) if args.out else STUDIES_DIR / "runs" / f"{plan.name}-{plan.content_hash()}"
     device = pick_device(args.device)
-    print(f"plan {plan.name}: {plan.sequence()}  ({plan.total_epochs} epochs, seed {plan.seed}, "
-          f"lambda_ref {plan.reference.lambda_ref:g}, weights {plan.reference.weight_mode}/{plan.reference.normalize}, "
+    ref = plan.reference
+    reference = ("no reference (one stage)" if len(plan.stages) == 1
+                 else "no reference (weight mode none)" if ref.weight_mode == "none"
+                 else f"reference lambda_ref {ref.lambda_ref:g}, weights {ref.weight_mode}"
+                      + (" divided by their batch mean" if ref.normalize == "batch_mean" else ""))
+    print(f"plan {plan.name}: {plan.sequence()}  ({plan.total_epochs} epochs, seed {plan.seed}, {reference}, "
           f"device {device}, threads {torch.get_num_threads()})")
+    if defaulted:
+        print(f"defaults used for what {args.plan} leaves out: {', '.join(defaulted)} (see `Plan` in smskd_search/plan.py)")
     line = Line()
     n_stages = len(plan.stages)
 
@@ -174,9 +192,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     def on_progress(p: ProgressInfo) -> None:
         line.update(progress_line(p), key=(p.done, p.pruned, p.failed, p.best_value))
 
+    teacher_start = time.time()
+
     def on_teacher_epoch(epoch: int, epochs: int, loss: float, val_acc: float) -> None:
         line.update(f"training the teacher {loaded.space.problem.teacher.arch} (once, cached): epoch {epoch}/{epochs}"
-                    f"  loss {loss:.4f}  val acc {_pct(val_acc)}")
+                    f"  loss {loss:.4f}  val acc {_pct(val_acc)}  {_eta(time.time() - teacher_start, epoch, epochs)}")
         if epoch == epochs:
             line.done()
 

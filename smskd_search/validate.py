@@ -80,18 +80,33 @@ def parse_plan(data: Any, source: str = "plan") -> Plan:
     return check_plan(plan_mod.parse_plan(data, source), source)
 
 
+# Top-level plan fields a hand-written file may leave out (they then take the defaults of Plan).
+DEFAULTABLE = ("recipe", "reference", "seed", "restart_optimizer")
+
+
 def load_plan(path: str | Path) -> Plan:
-    """A plan file, checked in structure and names.
+    """A plan file, checked in structure and names; it must say its ``version``.
 
     Example:
 
         >>> from smskd_search import load_plan
         >>> plan = load_plan("studies/default/best.yaml")  # doctest: +SKIP
         >>> plan.sequence()  # doctest: +SKIP
-        'dkd(8) -> crd(8)'
+        'kd(10)'
     """
-    return parse_plan(plan_mod.read_yaml(path), str(path))
+    return load_plan_and_defaults(path)[0]
 
 
-__all__ = ["check_plan", "check_problem", "check_space", "load_plan", "method_params_error", "parse_plan",
+def load_plan_and_defaults(path: str | Path) -> tuple[Plan, list[str]]:
+    """:func:`load_plan`, and the top-level fields the file left to their defaults."""
+    data = plan_mod.read_yaml(path)
+    if isinstance(data, dict) and "version" not in data:
+        raise UserError(f"{path}: version: missing; a plan file says `version: {plan_mod.PLAN_VERSION}` "
+                        "(as `export` writes it)")
+    plan = parse_plan(data, str(path))
+    return plan, [f for f in DEFAULTABLE if f not in data]
+
+
+__all__ = ["DEFAULTABLE", "check_plan", "check_problem", "check_space", "load_plan", "load_plan_and_defaults",
+           "method_params_error", "parse_plan",
            "search_names_error"]

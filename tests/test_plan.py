@@ -123,3 +123,30 @@ def test_cli_malformed_yaml_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "train", str(bad)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "malformed YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_plan_without_version_is_refused_and_defaults_are_named(tmp_path, tiny_problem, teacher_cache):
+    import os
+
+    d = plan_of(tiny_problem, [("kd", 1)]).model_dump(mode="json")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "teachers").symlink_to(teacher_cache)  # the session's trained teacher
+    env = {**os.environ, "SMSKD_STUDIES": str(studies)}
+    unversioned = tmp_path / "unversioned.yaml"
+    unversioned.write_text(yaml.safe_dump({k: v for k, v in d.items() if k != "version"}))
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "train", str(unversioned)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {unversioned}: version: missing; a plan file says " \
+        "`version: 1` (as `export` writes it)"
+    assert not (studies / "runs").exists()
+    # A hand-written plan may leave recipe, reference, seed... out: train runs it and says which it defaulted.
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump({"version": 1, "problem": d["problem"], "stages": d["stages"]}))
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "train", str(short), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.splitlines()[:2]
+    assert "kd(1)" in first and "no reference (one stage)" in first and "lambda_ref" not in first
+    assert second == f"defaults used for what {short} leaves out: recipe, reference, seed, restart_optimizer " \
+        "(see `Plan` in smskd_search/plan.py)"

@@ -4,6 +4,7 @@ teacher beats its student trained alone."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -79,5 +80,7 @@ def test_teacher_cli_miss_then_hit(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stderr
     assert "epoch 2/2" in first.stdout and "test acc" in first.stdout and "cache hit" not in first.stdout
+    # Off a terminal every epoch is a line, with the time so far and an estimate of the time left.
+    assert re.search(r"epoch 1/2 .* about [\d.]+s left$", first.stdout, re.M), first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0 and second.stdout.startswith("cache hit: teacher cnn_small")

@@ -197,7 +197,7 @@ def load_teacher(problem: ProblemSpec, record: TeacherRecord, info, device: torc
 
 
 def describe(record: TeacherRecord) -> str:
-    test = f", test acc {record.test_acc:.4f} (n={record.n_test})" if record.test_acc is not None else ""
-    return f"teacher {record.arch}: val acc {record.val_acc:.4f} (n={record.n_val}){test} [{record.path}]"
+    test = f", test acc {100 * record.test_acc:.2f}% (n={record.n_test})" if record.test_acc is not None else ""
+    return f"teacher {record.arch}: val acc {100 * record.val_acc:.2f}% (n={record.n_val}){test} [{record.path}]"
 
 
