@@ -18,6 +18,7 @@ The test split is read only here, after each search has ended; nothing it says f
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -25,14 +26,16 @@ from pathlib import Path
 
 import optuna
 import torch
+import yaml
 from _common import machine_line
 
 from smskd_search.data import load_data
 from smskd_search.engine import ensure_teacher, evaluate_test, load_teacher, run_plan
 from smskd_search.search import ConfirmSettings, run_search
+from smskd_search.search import storage as st
 from smskd_search.search.leaderboard import rank_by_single_seed, rank_trials
 from smskd_search.space import load_space, make_plan
-from smskd_search.validate import load_plan
+from smskd_search.validate import load_plan, parse_plan
 
 TEST_SEED_OFFSET = 2000  # fresh: searches train with the space's seed, confirmation from 1000
 
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=50)
     ap.add_argument("--test-seeds", type=int, default=5)
     ap.add_argument("--studies", default=None, help="folder for the studies (default: a temporary one)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="check the studies already in --studies instead of searching again (no wall times then)")
     args = ap.parse_args()
     print(machine_line())
     studies = Path(args.studies or tempfile.mkdtemp(prefix="winners-"))
@@ -75,13 +80,19 @@ def main() -> None:
     rows = []
     for i in range(args.searches):
         t0 = time.perf_counter()
-        summary = run_search(loaded, budget=args.budget, study=f"hold-{i}", studies_dir=studies, seed=i,
-                             address="local", confirm=ConfirmSettings())
-        wall = time.perf_counter() - t0
-        trials = optuna.load_study(study_name=f"hold-{i}", storage=summary.storage_url).get_trials()
-        single_seed_winner = rank_by_single_seed(trials)[0].number
+        if args.reuse:
+            wall = math.nan
+        else:
+            run_search(loaded, budget=args.budget, study=f"hold-{i}", studies_dir=studies, seed=i, address="local",
+                       confirm=ConfirmSettings())
+            wall = time.perf_counter() - t0
+        trials = optuna.load_study(study_name=f"hold-{i}", storage=st.storage_url(st.db_path(studies, f"hold-{i}"))
+                                   ).get_trials()
+        first = rank_by_single_seed(trials)[0]
+        single_seed_winner = first.number
         confirmed_winner = rank_trials(trials)[0].number
-        rec = load_plan(summary.best_plan_path)
+        rec = load_plan(studies / f"hold-{i}" / "best.yaml")
+        unconfirmed = parse_plan(yaml.safe_load(first.user_attrs[st.ATTR_PLAN]), source="trial plan")
         total = rec.total_epochs
         rec_acc = test_accs(rec)
         singles = {m: test_accs(make_plan(sp, [(m, total)])) for m in sp.search.methods}
@@ -90,15 +101,27 @@ def main() -> None:
         dm, dse = _mean_se(d)
         worse = dm < 0 and -dm > 2 * dse
         regret = max(0.0, statistics.fmean(singles[best_m]) - statistics.fmean(rec_acc))
-        rows.append((wall, worse, regret, single_seed_winner != confirmed_winner))
+        # What the single-seed ranking (no confirmation) would have recommended, on the same seeds.
+        u_acc = test_accs(unconfirmed)
+        ud = [a - b for a, b in zip(u_acc, singles[best_m])]
+        udm, udse = _mean_se(ud)
+        u_worse = udm < 0 and -udm > 2 * udse
+        u_regret = max(0.0, statistics.fmean(singles[best_m]) - statistics.fmean(u_acc))
+        rows.append((wall, worse, regret, single_seed_winner != confirmed_winner, u_worse, u_regret))
         print(f"search {i}: {wall:5.0f} s  recommended #{confirmed_winner} {rec.sequence()} ({total} epochs): test "
               f"{100 * statistics.fmean(rec_acc):.2f}%; best single {best_m} {100 * statistics.fmean(singles[best_m]):.2f}%; "
               f"paired difference {100 * dm:+.2f} +- {100 * dse:.2f} over {len(seeds)} seeds"
-              f"{'  WORSE beyond 2 s.e.' if worse else ''}; single-seed winner #{single_seed_winner}", flush=True)
+              f"{'  WORSE beyond 2 s.e.' if worse else ''}; single-seed winner #{single_seed_winner} "
+              f"{unconfirmed.sequence()}: test {100 * statistics.fmean(u_acc):.2f}%, paired {100 * udm:+.2f} +- "
+              f"{100 * udse:.2f}{'  WORSE beyond 2 s.e.' if u_worse else ''}", flush=True)
     n = len(rows)
+    walls = [r[0] for r in rows if not math.isnan(r[0])]
     print(f"over {n} searches: worse than the best single method beyond 2 paired s.e. {sum(r[1] for r in rows)}/{n}; "
           f"mean regret {100 * statistics.fmean(r[2] for r in rows):.2f} points; single-seed winner != confirmed "
-          f"{sum(r[3] for r in rows)}/{n}; wall per search {min(r[0] for r in rows):.0f}-{max(r[0] for r in rows):.0f} s")
+          f"{sum(r[3] for r in rows)}/{n}"
+          + (f"; wall per search {min(walls):.0f}-{max(walls):.0f} s" if walls else ""))
+    print(f"  the single-seed winners instead (no confirmation): worse beyond 2 paired s.e. {sum(r[4] for r in rows)}/{n}; "
+          f"mean regret {100 * statistics.fmean(r[5] for r in rows):.2f} points")
     print(f"studies: {studies}")
 
 
