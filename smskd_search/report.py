@@ -28,6 +28,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.export import find_study_db, open_study, ranked_trials, stage_values, val_acc
+from smskd_search.search.confirm import is_confirmation
 from smskd_search.search.sampling import BASELINE_ATTR
 from smskd_search.search.storage import (
     ATTR_FAIL_REASON,
@@ -396,7 +397,9 @@ def _lambda_range(study: optuna.Study) -> tuple[float, float] | None:
 
 
 def collect(study: optuna.Study, db: Path, top_k: int = TOP_K) -> ReportData:
-    trials = study.get_trials(deepcopy=False)
+    # The search's trials; the confirmation runs after the budget are re-runs of some of them on
+    # other seeds (the ranking uses them), not points of the search.
+    trials = [t for t in study.get_trials(deepcopy=False) if not is_confirmation(t)]
     rows = [trial_row(t) for t in trials]
     by_number = {r.number: r for r in rows}
     ranked = [by_number[t.number] for t in ranked_trials(study)]

@@ -690,7 +690,13 @@ def test_resume_after_a_hard_kill_finishes_the_budget(resumed_search, studies_ro
             # Killed while its plan was being sampled (before the plan attribute was written): the
             # rerun keeps every parameter already drawn and samples the rest.
             assert all(rerun.params[k] == v for k, v in o.params.items())
-        if o.intermediate_values:
+        if rerun.user_attrs.get(st.ATTR_REPEAT_OF) is not None:
+            # Its plan had finished in another trial meanwhile (a small space repeats plans): the rerun
+            # took that trial's result instead of training at all.
+            original = by_number[rerun.user_attrs[st.ATTR_REPEAT_OF]]
+            assert original.user_attrs[st.ATTR_PLAN_KEY] == rerun.user_attrs[st.ATTR_PLAN_KEY]
+            assert rerun.value == original.value and st.ATTR_TRIAL_STARTED_AT not in rerun.user_attrs
+        elif o.intermediate_values:
             # It went on from the orphan's stage checkpoints instead of training those stages again.
             assert rerun.user_attrs[st.ATTR_REPLAYED_STAGES] >= len(o.intermediate_values)
             assert all(rerun.intermediate_values[k] == v for k, v in o.intermediate_values.items())

@@ -200,6 +200,11 @@ def run_search(
                     interrupted_by_signal = outcome.interrupted
                     if outcome.resources is not None:
                         resources, concurrent = outcome.resources.per_trial, outcome.resources.concurrent
+        if ray_started:
+            # At once, as before any clean-up: a trial Tune stopped at a Ctrl-C may still be running
+            # in its worker, and must not go on writing (or removing) its stage checkpoints.
+            _shutdown_ray()
+            ray_started = False
         lc.clean_run_dirs(session)
         elapsed = time.monotonic() - start
         trials = session.trials()
@@ -228,11 +233,15 @@ def run_search(
         )
     finally:
         if ray_started:
-            from smskd_search.search._ray import ray
-
-            ray.shutdown()
+            _shutdown_ray()
         optuna.logging.set_verbosity(optuna_verbosity)
         lock.release()
+
+
+def _shutdown_ray() -> None:
+    from smskd_search.search._ray import ray
+
+    ray.shutdown()
 
 
 __all__ = ["SearchSummary", "run_search"]
