@@ -124,6 +124,7 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
     if summary.n_confirmation_runs:
         trials_word += f"; {summary.n_confirmation_runs} confirmation runs"
     lines.append("")
+    lines += [f"note:      {n}" for n in summary.notes]
     lines.append(f"study:     {summary.study} ({summary.db_path}): {trials_word}, {fmt_duration(summary.elapsed_s)}")
     if summary.interrupted:
         why = {"timeout": "--timeout reached", "interrupted": "interrupted"}.get(summary.stop_reason,

@@ -198,3 +198,39 @@ def test_deterministic_refuses_concurrency_before_anything_is_written(tmp_path):
     with pytest.raises(UserError, match="--max-concurrent 2: --deterministic runs one trial at a time"):
         run_search(load_space(space), studies_dir=tmp_path / "studies", deterministic=True, max_concurrent=2)
     assert not (tmp_path / "studies").exists()
+
+
+def test_confirmation_knows_what_it_still_lacks():
+    from optuna.distributions import IntDistribution
+    from optuna.trial import create_trial
+
+    from smskd_search.search import ConfirmSettings
+    from smskd_search.search.confirm import SEED_OFFSET, candidates, confirmations, missing
+    from smskd_search.search.leaderboard import rank_by_single_seed, rank_trials
+    from smskd_search.search.sampling import BASELINE_ATTR
+
+    def trial(value, state=TrialState.COMPLETE, **attrs):
+        return create_trial(state=state, value=value if state == TrialState.COMPLETE else None, params={"x": 0},
+                            distributions={"x": IntDistribution(0, 1)},
+                            user_attrs={st.ATTR_PLAN_KEY: f"k{value}-{attrs}", **attrs})
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial(0.80, **{BASELINE_ATTR: "single:kd"}))  # 0
+    study.add_trial(trial(0.90))  # 1: best on one seed
+    study.add_trial(trial(0.85))  # 2
+    s0, s1 = SEED_OFFSET, SEED_OFFSET + 1
+    for of, seed, value in ((1, s0, 0.70), (1, s1, 0.72), (2, s0, 0.84), (0, s0, 0.82), (0, s1, 0.80)):
+        study.add_trial(trial(value, **{st.ATTR_CONFIRM_OF: of, st.ATTR_CONFIRM_SEED: seed}))
+    # Trial 2's second seed was cut short by a stop.
+    study.add_trial(trial(None, state=TrialState.FAIL, **{st.ATTR_CONFIRM_OF: 2, st.ATTR_CONFIRM_SEED: s1,
+                                                          st.ATTR_INTERRUPTED: True}))
+    trials = study.get_trials()
+    settings = ConfirmSettings(plans=2, baselines=1, seeds=2)
+    ranked = rank_by_single_seed(trials)
+    assert [t.number for t in candidates(ranked, settings)] == [1, 2, 0]
+    assert missing(trials, ranked, 0, settings) == 1
+    conf = confirmations(trials)
+    assert conf[1].mean == pytest.approx(0.71) and conf[2].n == 1 and conf[0].paired_difference(conf[1])[0] == \
+        pytest.approx(0.10)
+    # The one ranking: confirmed means first (2: 0.84 on one seed, 0: 0.81, 1: 0.71), not the single-seed 0.90.
+    assert [t.number for t in rank_trials(trials)] == [2, 0, 1]

@@ -100,6 +100,20 @@ def candidates(ranked: list[FrozenTrial], settings: ConfirmSettings) -> list[Fro
     return plans + baselines
 
 
+def _done_pairs(trials: list[FrozenTrial], waiting: bool) -> set[tuple[int, int]]:
+    """(confirmed trial, seed) of the confirmation runs finished for good (and waiting ones if asked)."""
+    return {(int(t.user_attrs[st.ATTR_CONFIRM_OF]), int(t.user_attrs[st.ATTR_CONFIRM_SEED]))
+            for t in trials if is_confirmation(t)
+            and ((waiting and t.state == TrialState.WAITING) or st.finished_for_good(t))}
+
+
+def missing(trials: list[FrozenTrial], ranked: list[FrozenTrial], space_seed: int, settings: ConfirmSettings) -> int:
+    """Confirmation runs the study still lacks (cut short by a stop, or never started)."""
+    have = _done_pairs(trials, waiting=False)
+    return sum(1 for c in candidates(ranked, settings) for s in seeds_for(space_seed, settings)
+               if (c.number, s) not in have)
+
+
 def enqueue(session: StudySession, ranked: list[FrozenTrial], space_seed: int, settings: ConfirmSettings) -> int:
     """Enqueue the confirmation runs the study lacks; returns how many runs are waiting now.
 
@@ -107,9 +121,7 @@ def enqueue(session: StudySession, ranked: list[FrozenTrial], space_seed: int, s
     cut short is enqueued again.
     """
     trials = session.trials()
-    have = {(int(t.user_attrs[st.ATTR_CONFIRM_OF]), int(t.user_attrs[st.ATTR_CONFIRM_SEED]))
-            for t in trials if is_confirmation(t)
-            and (t.state == TrialState.WAITING or st.finished_for_good(t))}
+    have = _done_pairs(trials, waiting=True)
     waiting = sum(1 for t in trials if is_confirmation(t) and t.state == TrialState.WAITING)
     for cand in candidates(ranked, settings):
         plan = parse_plan(yaml.safe_load(cand.user_attrs[st.ATTR_PLAN]), source=f"trial {cand.number} plan")
@@ -124,4 +136,4 @@ def enqueue(session: StudySession, ranked: list[FrozenTrial], space_seed: int, s
 
 
 __all__ = ["ConfirmSettings", "Confirmed", "SEED_OFFSET", "candidates", "confirmations", "enqueue", "is_confirmation",
-           "seeds_for"]
+           "missing", "seeds_for"]

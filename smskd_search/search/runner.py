@@ -221,6 +221,10 @@ def run_search(
             best_trial = next(t for t in trials if t.number == top[0].number)
             best_path = write_best_plan(best_trial, studies_dir / name / "best.yaml", name, space, top[0].confirmed)
         n_confirm = sum(1 for t in trials if cf.is_confirmation(t) and t.state == TrialState.COMPLETE)
+        if confirmed_with is not None:
+            left = cf.missing(trials, rank_by_single_seed(trials), sp.seed, confirmed_with)
+            if left:
+                session.notes.append(f"confirmation incomplete: {left} run(s) missing; --resume --study {name} runs them")
         lc.close(session)
         return SearchSummary(
             study=name, db_path=path, storage_url=st.storage_url(path), counts=st.counts_by_state(trials),
