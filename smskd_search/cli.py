@@ -301,9 +301,11 @@ def cmd_studies(args: argparse.Namespace) -> int:
         best = "best -"
         if s.best_value is not None and s.best_trial is not None:
             n = trial_n_val(s.db_path, s.best_trial)
-            best = f"best {_pct(s.best_value)}{f' (n={n})' if n else ''} #{s.best_trial} {s.best_sequence or ''}"
-        print(f"{s.name:<24} {s.n_trials}{budget} trials: {c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, "
-              f"{c.get('FAIL', 0)} failed, {c.get('RUNNING', 0)} running  {best}")
+            over = f" over {s.best_confirmed_seeds} fresh seeds" if s.best_confirmed_seeds else (f" (n={n})" if n else "")
+            best = f"best {_pct(s.best_value)}{over} #{s.best_trial} {s.best_sequence or ''}"
+        confirm = f" (+{s.n_confirmation_runs} confirmation runs)" if s.n_confirmation_runs else ""
+        print(f"{s.name:<24} {s.n_trials}{budget} trials{confirm}: {c.get('COMPLETE', 0)} complete, "
+              f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed, {c.get('RUNNING', 0)} running  {best}")
     return 0
 
 

@@ -11,8 +11,6 @@ even while a search is writing to it. The helpers that read a study live here an
 
 from __future__ import annotations
 
-import sqlite3
-import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,6 @@ from typing import Any
 
 import optuna
 import yaml
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.errors import UserError
@@ -38,6 +35,7 @@ from smskd_search.search.storage import (
     ATTR_THREADS,
     db_path,
     is_optuna_db,
+    readonly_storage,
 )
 from smskd_search.stats import binomial_se
 
@@ -65,19 +63,6 @@ def find_study_db(studies_dir: str | Path, study: str) -> Path:
     if path.is_file():
         raise UserError(f"study {study}: {path} has no Optuna schema yet (being created?); {known}")
     raise UserError(f"no study {study!r} ({path} not found); {known}")
-
-
-def readonly_storage(path: str | Path) -> RDBStorage:
-    """Storage on the study file that cannot write to it (SQLite ``mode=ro``)."""
-    real = Path(path).resolve()
-    uri = f"file:{urllib.parse.quote(str(real))}?mode=ro"
-
-    # Our own connect: SQLAlchemy would percent-decode a URI given in the URL, breaking paths with
-    # characters such as '#' or '?'.
-    def connect() -> sqlite3.Connection:
-        return sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
-
-    return RDBStorage(f"sqlite:///{real}", skip_table_creation=True, engine_kwargs={"creator": connect})
 
 
 def open_study(path: str | Path, name: str | None = None) -> optuna.Study:

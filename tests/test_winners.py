@@ -184,6 +184,10 @@ def test_two_deterministic_runs_give_the_same_study(tmp_path):
         assert summary.max_concurrent == 1
         # A finished study is one file: the write-ahead log is folded back in.
         assert not Path(f"{summary.db_path}-wal").exists() and not Path(f"{summary.db_path}-shm").exists()
+        # ... and reading it (the studies listing) leaves it so.
+        (info,) = [i for i in st.list_studies(tmp_path) if i.name == name]
+        assert info.n_trials == 8 and info.n_confirmation_runs == len(_fingerprint(summary.db_path, name)) - 8
+        assert not Path(f"{summary.db_path}-wal").exists()
         runs.append(_fingerprint(summary.db_path, name))
     assert len(runs[0]) > 8 and runs[0] == runs[1]  # the budget and the confirmation runs
     assert any(t[1] == TrialState.PRUNED for t in runs[0])  # the rungs decided something, the same way twice

@@ -106,6 +106,20 @@ def open_storage(path: str | Path) -> RDBStorage:
     return RDBStorage(storage_url(real), engine_kwargs={"creator": _WalConnect(str(real))})
 
 
+def readonly_storage(path: str | Path) -> RDBStorage:
+    """Storage on the study file that cannot write to it (SQLite ``mode=ro``): reading a finished
+    study leaves it one file (no journal-mode change, no ``-wal``/``-shm``)."""
+    real = Path(path).resolve()
+    uri = f"file:{urllib.parse.quote(str(real))}?mode=ro"
+
+    # Our own connect: SQLAlchemy would percent-decode a URI given in the URL, breaking paths with
+    # characters such as '#' or '?'.
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
+
+    return RDBStorage(f"sqlite:///{real}", skip_table_creation=True, engine_kwargs={"creator": connect})
+
+
 def is_optuna_db(path: str | Path) -> bool:
     """True for an SQLite file with Optuna's schema (checked without creating anything)."""
     p = Path(path)
@@ -354,22 +368,31 @@ class StudyInfo:
     space_path: str | None
     directions: list[str] = field(default_factory=list)
     error: str | None = None
+    n_confirmation_runs: int = 0  # beside n_trials (the budget's)
+    best_confirmed_seeds: int = 0  # best_value is the mean over these many fresh seeds (0: one run)
 
 
 def study_info(path: str | Path) -> StudyInfo:
     p = Path(path)
     name = p.stem
-    storage = open_storage(p)
-    st = optuna.load_study(study_name=name, storage=storage)
+    from smskd_search.search.confirm import confirmations, is_confirmation
+    from smskd_search.search.leaderboard import rank_trials
+
+    st = optuna.load_study(study_name=name, storage=readonly_storage(p))
     trials = st.get_trials(deepcopy=False)
-    completed = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
-    best = max(completed, key=lambda t: t.values[0], default=None)
+    # The study's one ranking: the recommendation, by its confirmed mean where it was confirmed.
+    ranked = rank_trials(trials)
+    best = ranked[0] if ranked else None
+    confirmed = confirmations(trials).get(best.number) if best is not None else None
+    searched = [t for t in trials if not is_confirmation(t)]
     return StudyInfo(
         name=name,
         db_path=p,
-        counts=counts_by_state(trials),
-        n_trials=len(trials),
-        best_value=best.values[0] if best else None,
+        counts=counts_by_state(searched),
+        n_trials=len(searched),
+        n_confirmation_runs=len(trials) - len(searched),
+        best_confirmed_seeds=confirmed.n if confirmed is not None else 0,
+        best_value=(confirmed.mean if confirmed is not None else best.values[0]) if best else None,
         best_trial=best.number if best else None,
         best_sequence=best.user_attrs.get(ATTR_SEQUENCE) if best else None,
         budget=st.user_attrs.get("budget"),
