@@ -238,3 +238,21 @@ def test_confirmation_knows_what_it_still_lacks():
         pytest.approx(0.10)
     # The one ranking: confirmed means first (2: 0.84 on one seed, 0: 0.81, 1: 0.71), not the single-seed 0.90.
     assert [t.number for t in rank_trials(trials)] == [2, 0, 1]
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--gpus-per-trial", "-1"], "error: --gpus-per-trial must be >= 0 (got -1)"),
+    (["--max-concurrent", "0"], "error: --max-concurrent must be >= 1 (got 0)"),
+    (["--cpus-per-trial", "0"], "error: --cpus-per-trial must be > 0 (got 0)"),
+    (["--confirm-seeds", "-1"], "error: --confirm/--confirm-seeds must be >= 0 (got 3 plans, -1 seeds)"),
+    (["--deterministic", "--max-concurrent", "2"], "error: --max-concurrent 2: --deterministic runs one trial at a time"),
+])
+def test_bad_search_flags_are_refused_before_anything_is_written(tmp_path, flags, line):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "keep.txt").write_text("untouched")
+    before = sorted((p.name, p.read_bytes()) for p in studies.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--budget", "2", *flags],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "SMSKD_STUDIES": str(studies)})
+    assert proc.returncode == 2 and proc.stderr.strip() == line and "Traceback" not in proc.stderr
+    assert sorted((p.name, p.read_bytes()) for p in studies.iterdir()) == before  # studies/ byte-identical
