@@ -26,6 +26,7 @@ from smskd_search.data import load_data
 from smskd_search.engine import ensure_teacher, evaluate_test, load_teacher, run_plan
 from smskd_search.plan import AugmentSpec
 from smskd_search.space import load_space, make_plan
+from smskd_search.stats import mean_se
 
 
 def main() -> None:
@@ -101,9 +102,8 @@ def main() -> None:
             if m == "ce":
                 continue
             for split, xs, base in (("val", vals, rows["ce"][0]), ("test", tests, rows["ce"][1])):
-                d = [a - b for a, b in zip(xs, base)]
-                se = statistics.stdev(d) / len(d) ** 0.5
-                print(f"  {m:<7} {split:<4} {100 * statistics.mean(d):+6.2f} +- {100 * se:4.2f}", end="")
+                mean, se = mean_se([a - b for a, b in zip(xs, base)])
+                print(f"  {m:<7} {split:<4} {100 * mean:+6.2f} +- {100 * (se or 0.0):4.2f}", end="")
             print()
     worst_std = max(100 * statistics.stdev(v) for m, (v, _) in rows.items() if m != "ce")
     print(f"largest val seed std among the distillation methods: {worst_std:.2f} points; "

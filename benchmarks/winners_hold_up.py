@@ -35,13 +35,15 @@ from smskd_search.search import ConfirmSettings, run_search
 from smskd_search.search import storage as st
 from smskd_search.search.leaderboard import rank_by_single_seed, rank_trials
 from smskd_search.space import load_space, make_plan
+from smskd_search.stats import mean_se
 from smskd_search.validate import load_plan, parse_plan
 
 TEST_SEED_OFFSET = 2000  # fresh: searches train with the space's seed, confirmation from 1000
 
 
 def _mean_se(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
+    mean, se = mean_se(xs)
+    return mean, se if se is not None else math.nan  # nan prints as such, one seed having no s.e.
 
 
 def main() -> None:

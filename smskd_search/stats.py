@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 
 
 def binomial_se(p: float, n: int | None) -> float | None:
@@ -29,4 +31,16 @@ def difference_se(p: float, n_p: int | None, q: float, n_q: int | None) -> float
     return math.sqrt((binomial_se(p, n_p) or 0.0) ** 2 + (binomial_se(q, n_q) or 0.0) ** 2)
 
 
-__all__ = ["binomial_se", "difference_se"]
+def mean_se(xs: Sequence[float]) -> tuple[float, float | None]:
+    """Mean of ``xs`` and its standard error (sample std / sqrt(n)); no s.e. from one value.
+
+    Example:
+
+        >>> mean_se([0.01, 0.02, 0.03])
+        (0.02, 0.005773502691896258)
+    """
+    mean = statistics.fmean(xs)
+    return mean, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None)
+
+
+__all__ = ["binomial_se", "difference_se", "mean_se"]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from smskd_search.plan import Plan, StageSpec
-from smskd_search.stats import binomial_se
+from smskd_search.stats import binomial_se, mean_se
 
 DEFAULT_SEEDS = 5
 # Verification seeds start here (plus the plan's seed): a search trains with the plan's seed and
@@ -110,16 +110,14 @@ def paired(plan: VerifyRow, row: VerifyRow) -> Paired:
     if row.diverged or plan.diverged:
         return Paired(math.nan, None, 0, "diverged")
     common = [s for s in plan.seeds if s in row.seeds]
-    d = [plan.test_acc[plan.seeds.index(s)] - row.test_acc[row.seeds.index(s)] for s in common]
-    mean = statistics.fmean(d)
-    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
+    mean, se = mean_se([plan.test_acc[plan.seeds.index(s)] - row.test_acc[row.seeds.index(s)] for s in common])
     if se is not None and mean > 2 * se and mean > 0:
         verdict = "better"
     elif se is not None and mean < -2 * se and mean < 0:
         verdict = "worse"
     else:
         verdict = "no difference shown"
-    return Paired(mean, se, len(d), verdict)
+    return Paired(mean, se, len(common), verdict)
 
 
 def judge(rows: list[VerifyRow]) -> Verdict:

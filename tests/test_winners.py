@@ -98,7 +98,9 @@ def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path):
     assert [t.user_attrs.get(st.ATTR_REPEAT_OF) for t in trials] == [None, 0, 0, 0]
     assert len({t.value for t in trials}) == 1
     assert [r.number for r in summary.top] == [0]
-    assert any("repeated a finished plan" in n for n in summary.notes)
+    from smskd_search.summary_text import format_leaderboard
+
+    assert summary.n_repeats == 3 and "(3 of them repeated a finished plan and took its result)" in format_leaderboard(summary)
 
 
 @pytest.mark.slow

@@ -11,8 +11,6 @@ biased one); differences to the best baseline are paired by seed.
 
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import dataclass
 
 import yaml
@@ -21,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from smskd_search.search import storage as st
 from smskd_search.search.lifecycle import StudySession
 from smskd_search.search.sampling import BASELINE_ATTR, FIXED_PLAN_ATTR
+from smskd_search.stats import mean_se
 from smskd_search.validate import parse_plan
 
 # Confirmation seeds start here (plus the space's seed): far from the seeds a search trains with.
@@ -59,20 +58,19 @@ class Confirmed:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.by_seed.values())
+        return mean_se(list(self.by_seed.values()))[0]
 
     @property
     def se(self) -> float | None:
-        return statistics.stdev(self.by_seed.values()) / math.sqrt(self.n) if self.n > 1 else None
+        return mean_se(list(self.by_seed.values()))[1]
 
     def paired_difference(self, other: Confirmed) -> tuple[float, float | None, int] | None:
         """Mean and s.e. of (this - other) over the seeds both ran, and how many; None if none."""
         seeds = sorted(set(self.by_seed) & set(other.by_seed))
         if not seeds:
             return None
-        d = [self.by_seed[s] - other.by_seed[s] for s in seeds]
-        se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
-        return statistics.fmean(d), se, len(d)
+        mean, se = mean_se([self.by_seed[s] - other.by_seed[s] for s in seeds])
+        return mean, se, len(seeds)
 
 
 def is_confirmation(t: FrozenTrial) -> bool:

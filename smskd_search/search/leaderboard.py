@@ -40,11 +40,6 @@ class LeaderboardRow:
     vs_baseline: tuple[float, float | None, int] | None = None
     vs_baseline_label: str | None = None
 
-    @property
-    def value(self) -> float:
-        """What the ranking uses: the confirmed mean where there is one, else the single-seed value."""
-        return self.confirmed.mean if self.confirmed is not None else self.val_acc
-
 
 def _reference_fields(plan_yaml: str | None) -> tuple[float | None, str | None, str | None, int | None]:
     if not plan_yaml:

@@ -36,7 +36,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.search import storage as st
 from smskd_search.search._ray import ray  # noqa: F401  (the environment before Ray's import)
@@ -67,7 +67,6 @@ class _Record:
     """What the searcher has recorded of one trial (so that replayed reports are not doubled)."""
 
     steps: set[int] = field(default_factory=set)
-    n_val: int | None = None
     stage_values: dict[int, float] = field(default_factory=dict)
     stage_times: dict[int, float] = field(default_factory=dict)
     curve: dict[int, float] = field(default_factory=dict)
@@ -85,7 +84,6 @@ class StudySearcher(Searcher):
         stop_reason: The scheduler's account of why it stopped a trial (Tune trial id -> reason or
             None); a stopped trial without a reason was cut short by the search.
         max_trials: Trials to ask for in all (answered repeats included); then ``FINISHED``.
-        answer_repeats: Answer a plan already COMPLETE in the study from it instead of training it.
 
     Example:
 
@@ -100,8 +98,7 @@ class StudySearcher(Searcher):
     """
 
     def __init__(self, study: optuna.Study, define: DefineByRun, *, pruning: bool = True,
-                 stop_reason: Callable[[str], str | None] | None = None, max_trials: int | None = None,
-                 answer_repeats: bool = True):
+                 stop_reason: Callable[[str], str | None] | None = None, max_trials: int | None = None):
         self.multi_objective = len(study.directions) > 1
         super().__init__(metric=METRIC, mode="max")
         self.study = study
@@ -114,16 +111,11 @@ class StudySearcher(Searcher):
         self._records: dict[str, _Record] = {}
         self._max_trials = max_trials
         self._asked = 0
-        self._answer_repeats = answer_repeats
         # Trial numbers answered from the study (a progress line counts them as done).
         self.answered: list[int] = []
         self._finished_plans: dict[str, _Finished] = {}
-        self._keys: dict[str, str] = {}  # Tune trial id -> plan key
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            key = t.user_attrs.get(st.ATTR_PLAN_KEY)
-            if key and key not in self._finished_plans:
-                self._finished_plans[key] = _Finished(t.number, list(t.values),
-                                                      {k: t.user_attrs[k] for k in _REPEAT_ATTRS if k in t.user_attrs})
+            self._remember(t)
 
     # ------------------------------------------------------------------ Tune's Searcher interface
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -141,10 +133,11 @@ class StudySearcher(Searcher):
                 self._tell(trial_id, None, TrialState.FAIL, fail_reason=f"sampling failed: {type(exc).__name__}: {exc}")
                 raise
             key = config.get("plan_key")
-            done = self._finished_plans.get(key) if (key and self._answer_repeats) else None
+            if key:
+                # Stored on the trial: what a repeat of its plan is looked up by, now and on resume.
+                trial.set_user_attr(st.ATTR_PLAN_KEY, key)
+            done = self._finished_plans.get(key) if key else None
             if done is None:
-                if key:
-                    self._keys[trial_id] = key
                 return config
             del self._trials[trial_id]
             self._answer_repeat(trial, done)
@@ -252,8 +245,7 @@ class StudySearcher(Searcher):
             if r.trial_seconds is not None:
                 trial.set_user_attr(st.ATTR_TRIAL_SECONDS, round(r.trial_seconds, 3))
             if first and r.n_val:
-                rec.n_val = int(r.n_val)
-                trial.set_user_attr(st.ATTR_N_VAL, rec.n_val)
+                trial.set_user_attr(st.ATTR_N_VAL, int(r.n_val))
             if first and r.trial_started_at is not None:
                 trial.set_user_attr(st.ATTR_TRIAL_STARTED_AT, round(r.trial_started_at, 3))
             if r.replayed:
@@ -279,9 +271,7 @@ class StudySearcher(Searcher):
                 if traceback:
                     trial.set_user_attr(st.ATTR_FAIL_TRACEBACK, traceback[-4000:])
             # A trial the study finished already (a resume over a stale Tune snapshot) stays as it is.
-            self.study.tell(trial, values, state=state, skip_if_finished=True)
-            if state == TrialState.COMPLETE:
-                self._remember(trial_id, trial, values)
+            self._remember(self.study.tell(trial, values, state=state, skip_if_finished=True))
         except UpdateFinishedTrialError:
             logger.debug("trial %s was already finished in the study", trial.number)
             return False
@@ -290,19 +280,12 @@ class StudySearcher(Searcher):
             return False
         return True
 
-    def _remember(self, trial_id: str, trial: optuna.Trial, values: Any) -> None:
+    def _remember(self, t: FrozenTrial) -> None:
         """A COMPLETE trial's plan, so that a repeat of it is answered from its result."""
-        key = self._keys.get(trial_id)
-        if not key or key in self._finished_plans:
-            return
-        rec = self._records.get(trial_id, _Record())
-        steps = sorted(rec.stage_values)
-        attrs: dict[str, Any] = {st.ATTR_STAGE_CUM_EPOCHS: steps, st.ATTR_STAGE_VAL_ACC: [rec.stage_values[x] for x in steps]}
-        if rec.n_val:
-            attrs[st.ATTR_N_VAL] = rec.n_val
-        if rec.curve:
-            attrs[st.ATTR_EPOCH_VAL_ACC] = [rec.curve.get(e) for e in range(1, max(rec.curve) + 1)]
-        self._finished_plans[key] = _Finished(trial.number, list(values) if isinstance(values, list) else [values], attrs)
+        key = t.user_attrs.get(st.ATTR_PLAN_KEY)
+        if t.state == TrialState.COMPLETE and key and key not in self._finished_plans:
+            self._finished_plans[key] = _Finished(t.number, list(t.values),
+                                                  {k: t.user_attrs[k] for k in _REPEAT_ATTRS if k in t.user_attrs})
 
 
 __all__ = ["DefineByRun", "StudySearcher"]

@@ -51,12 +51,12 @@ class PlanConfigs:
             st.ATTR_TOTAL_EPOCHS: plan.total_epochs,
             st.ATTR_THREADS: self.threads,
             st.ATTR_RUN_DIR: str(run_dir),
-            st.ATTR_PLAN_KEY: plan.canonical_hash(),
         }.items():
             trial.set_user_attr(key, value)
         return {
             "plan_yaml": plan.to_yaml(),
             "sequence": plan.sequence(),
+            # The searcher answers a plan already finished in the study from it (and stores the key).
             "plan_key": plan.canonical_hash(),
             "run_dir": str(run_dir),
             "resume_dirs": [str(self.runs_dir / f"{int(n):05d}") for n in trial.user_attrs.get(st.ATTR_RESUME_FROM, [])],
@@ -225,9 +225,6 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
             left = searcher.fail_unfinished("interrupted: the search stopped while this trial ran")
             if left:
                 notes.append(f"{len(left)} trial(s) cut short by the stop: {left} (a --resume re-runs them)")
-            if searcher.answered:
-                notes.append(f"{len(searcher.answered)} trial(s) repeated a finished plan and took its result "
-                             f"instead of training: {searcher.answered}")
         if started:
             ray.shutdown()
 
