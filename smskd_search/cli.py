@@ -88,7 +88,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
                     f"val acc {_pct(val_acc)}  {_eta(time.time() - start, epoch, epochs)}")
 
     record = ensure_teacher(problem, cache_root=cache, device=pick_device(args.device), with_test=True,
-                            on_epoch=on_epoch)
+                            on_epoch=on_epoch, on_start=lambda job: print(job.describe(), flush=True))
     if line.width or not hit:
         line.done()
     print(("cache hit: " if hit else "") + describe(record))
@@ -192,11 +192,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     def on_progress(p: ProgressInfo) -> None:
         line.update(progress_line(p), key=(p.done, p.pruned, p.failed, p.best_value))
 
-    teacher_start = time.time()
+    teacher_start = [time.time()]
+
+    def on_teacher_start(job) -> None:
+        print(job.describe(), flush=True)
+        teacher_start[0] = time.time()
 
     def on_teacher_epoch(epoch: int, epochs: int, loss: float, val_acc: float) -> None:
         line.update(f"training the teacher {loaded.space.problem.teacher.arch} (once, cached): epoch {epoch}/{epochs}"
-                    f"  loss {loss:.4f}  val acc {_pct(val_acc)}  {_eta(time.time() - teacher_start, epoch, epochs)}")
+                    f"  loss {loss:.4f}  val acc {_pct(val_acc)}  {_eta(time.time() - teacher_start[0], epoch, epochs)}")
         if epoch == epochs:
             line.done()
 
@@ -206,6 +210,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         gpus_per_trial=args.gpus_per_trial, address=args.address, seed=args.seed,
         timeout=args.timeout, resume=args.resume, prune=not args.no_prune,
         baselines=not args.no_baselines, on_progress=on_progress, on_teacher_epoch=on_teacher_epoch,
+        on_teacher_start=on_teacher_start,
         confirm=None if args.no_confirm else ConfirmSettings(plans=args.confirm, seeds=args.confirm_seeds),
         deterministic=args.deterministic,
     )

@@ -34,6 +34,17 @@ class DatasetSpec(Strict):
     # Only for datasets without an official test split (digits): the held-out test fraction.
     test_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     split_seed: int = 0
+    # Train on a seeded, stratified subset of this many training images (drawn with split_seed,
+    # before the validation split); None uses them all. The test split is never subsampled.
+    train_subset: int | None = Field(None, ge=20)
+
+    def hashed(self) -> dict[str, Any]:
+        """The fields that change the data, for hashes: ``root`` is where, not what; and a field
+        added since studies were first stored is left out while unset, so their hashes still hold."""
+        data = self.model_dump(mode="json", exclude={"root"})
+        if data["train_subset"] is None:
+            del data["train_subset"]
+        return data
 
 
 class AugmentSpec(Strict):
@@ -151,9 +162,15 @@ class Plan(Strict):
         """Readable stage sequence, e.g. ``kd(6) -> fitnet(4)``."""
         return " -> ".join(f"{s.method}({s.epochs})" for s in self.stages)
 
+    def _hashed(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"name", "provenance"})
+        if self.problem.dataset.train_subset is None:
+            del data["problem"]["dataset"]["train_subset"]
+        return data
+
     def content_hash(self) -> str:
         """Hash of everything that changes the computation (not name or provenance)."""
-        data = self.model_dump(mode="json", exclude={"name", "provenance"})
+        data = self._hashed()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
     def canonical_hash(self) -> str:
@@ -163,7 +180,7 @@ class Plan(Strict):
         ``lambda_ref``, the normalisation and the rest of the reference say; two plans with the same
         canonical hash train the same student. A search answers a repeated plan from this.
         """
-        data = self.model_dump(mode="json", exclude={"name", "provenance"})
+        data = self._hashed()
         if len(self.stages) == 1:
             data["reference"] = None
         elif self.reference.weight_mode == "none":

@@ -91,6 +91,42 @@ def test_fashion_mnist_torchvision_layout(tmp_path):
     assert torch.allclose(test.images[0, 0] * std + mean, torch.from_numpy(xt[0]).float() / 255, atol=1e-5)
 
 
+def test_train_subset_is_seeded_stratified_and_leaves_test_alone(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 256, (300, 28, 28)), np.repeat(np.arange(10), 30)
+    _write_idx(raw / "train-images-idx3-ubyte.gz", x)
+    _write_idx(raw / "train-labels-idx1-ubyte.gz", y)
+    _write_idx(raw / "t10k-images-idx3-ubyte.gz", x[:40])
+    _write_idx(raw / "t10k-labels-idx1-ubyte.gz", y[:40])
+    spec = DatasetSpec(name="fashion_mnist", root=str(tmp_path), val_fraction=0.2, train_subset=100)
+    d = _check_splits(spec, 100, 10)
+    assert torch.bincount(torch.cat([d.train.labels, d.val.labels])).tolist() == [10] * 10  # 30 -> 10 a class
+    # Every image kept is one of the originals; the same seed keeps the same ones, another seed others.
+    originals = {((r.astype(np.float32) / 255 - d.info.mean[0]) / d.info.std[0]).astype(np.float32).tobytes() for r in x}
+    assert _rows(d.train.images) <= originals
+    again, other = load_data(spec), load_data(spec.model_copy(update={"split_seed": 1}))
+    assert torch.equal(again.train.images, d.train.images) and not torch.equal(other.train.images, d.train.images)
+    assert len(load_test_split(spec, d.info)) == 40
+    with pytest.raises(UserError, match=r"^dataset\.train_subset: 301 is more than the 300 training images"):
+        load_data(spec.model_copy(update={"train_subset": 301}))
+
+
+def test_hashes_of_plans_without_a_subset_are_unchanged():
+    # Measured before train_subset existed: stored studies' plan keys and teacher caches still match.
+    from smskd_search.engine.teacher import teacher_key
+    from smskd_search.space import load_space, make_plan
+
+    sp = load_space("default").space
+    plan = make_plan(sp, [("kd", 4), ("fitnet", 6)], seed=3)
+    assert (plan.content_hash(), plan.canonical_hash(), teacher_key(sp.problem)) == (
+        "4c4972927bda", "4c4972927bdaab96", "ba1cd72f2b7b")
+    sub = plan.model_copy(deep=True)
+    sub.problem.dataset.train_subset = 1000
+    assert sub.canonical_hash() != plan.canonical_hash() and teacher_key(sub.problem) != teacher_key(sp.problem)
+
+
 def _write_cifar(folder, name: str, n_per_file: int, n_classes: int, seed: int):
     rng = np.random.default_rng(seed)
     layout = sources.CIFAR_LAYOUT[name]

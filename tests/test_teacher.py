@@ -80,7 +80,12 @@ def test_teacher_cli_miss_then_hit(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stderr
     assert "epoch 2/2" in first.stdout and "test acc" in first.stdout and "cache hit" not in first.stdout
+    # Before the first epoch: what is trained, for how long, on what, where (digits 80% train, 35% val).
+    assert first.stdout.splitlines()[0] == (
+        "training the teacher cnn_small (25,154 parameters) for 2 epochs on 934 images (validation 503) on cpu; "
+        "cached for later runs"), first.stdout
     # Off a terminal every epoch is a line, with the time so far and an estimate of the time left.
     assert re.search(r"epoch 1/2 .* about [\d.]+s left$", first.stdout, re.M), first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0 and second.stdout.startswith("cache hit: teacher cnn_small")
+    assert "training the teacher" not in second.stdout

@@ -19,7 +19,8 @@ import torch
 
 from smskd_search.data import sources
 from smskd_search.data.loader import TensorLoader, TensorSplit, augment_batch
-from smskd_search.data.splits import stratified_split
+from smskd_search.data.splits import stratified_split, stratified_subset
+from smskd_search.errors import UserError
 from smskd_search.plan import DatasetSpec
 
 # Per-dataset normalisation (channel mean, std) of the [0, 1] images. imagefolder computes its own.
@@ -71,7 +72,12 @@ def _train_test(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     if xt is None:
         # No official test split (digits): a seeded stratified one, held out before anything else.
         keep, held = stratified_split(y, spec.test_fraction, spec.split_seed)
-        return x[keep], y[keep], x[held], y[held]
+        x, y, xt, yt = x[keep], y[keep], x[held], y[held]
+    if spec.train_subset is not None:
+        if spec.train_subset > len(y):
+            raise UserError(f"dataset.train_subset: {spec.train_subset} is more than the {len(y)} training images of {spec.name}")
+        sub = stratified_subset(y, spec.train_subset, spec.split_seed)
+        x, y = x[sub], y[sub]
     return x, y, xt, yt
 
 

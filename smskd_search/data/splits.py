@@ -11,3 +11,12 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     idx = np.arange(len(labels))
     keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed, shuffle=True)
     return np.sort(keep), np.sort(held)
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``size`` samples with the class proportions of ``labels``."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    idx = np.arange(len(labels))
+    keep, _ = train_test_split(idx, train_size=size, stratify=labels, random_state=seed, shuffle=True)
+    return np.sort(keep)

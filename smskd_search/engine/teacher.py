@@ -18,7 +18,7 @@ from smskd_search.engine.evaluate import evaluate
 from smskd_search.engine.frozen import freeze
 from smskd_search.engine.optim import backward_and_step, build_optimizer, lr_at, set_lr, step_progress, trainable
 from smskd_search.errors import UserError
-from smskd_search.models import create_model
+from smskd_search.models import count_parameters, create_model
 from smskd_search.plan import ProblemSpec
 
 DEFAULT_CACHE = Path("studies") / "teachers"
@@ -40,7 +40,7 @@ class TeacherRecord:
 
 def teacher_key(problem: ProblemSpec) -> str:
     """Hash of what determines the teacher: arch, dataset split (not its root folder), recipe."""
-    ds = problem.dataset.model_dump(exclude={"root"})
+    ds = problem.dataset.hashed()
     data = {"arch": problem.teacher.arch, "dataset": ds, "recipe": problem.teacher.recipe.model_dump(mode="json")}
     if problem.teacher.checkpoint:
         data = {"arch": problem.teacher.arch, "dataset": ds, "checkpoint": file_sha256(problem.teacher.checkpoint)}
@@ -98,11 +98,32 @@ def load_weights_checked(model: nn.Module, path: str | Path, arch: str, field: s
 EpochCallback = Callable[[int, int, float, float], None]  # (epoch, epochs, train loss, val acc)
 
 
-def train_teacher_model(problem: ProblemSpec, data: DataSplits, device: torch.device,
-                        precision: Precision, on_epoch: EpochCallback | None = None) -> nn.Module:
+@dataclass(frozen=True)
+class TeacherJob:
+    """What is about to be trained, said before the first epoch (it can take hours)."""
+
+    arch: str
+    parameters: int
+    epochs: int
+    images: int
+    val_images: int
+    device: str
+    augmented: bool
+
+    def describe(self) -> str:
+        aug = ", augmented" if self.augmented else ""
+        return (f"training the teacher {self.arch} ({self.parameters:,} parameters) for {self.epochs} epochs on "
+                f"{self.images:,} images{aug} (validation {self.val_images:,}) on {self.device}; cached for later runs")
+
+
+def train_teacher_model(problem: ProblemSpec, data: DataSplits, device: torch.device, precision: Precision,
+                        on_epoch: EpochCallback | None = None, on_start: Callable[[TeacherJob], None] | None = None) -> nn.Module:
     recipe = problem.teacher.recipe
     torch.manual_seed(recipe.seed)
     model = create_model(problem.teacher.arch, data.info.num_classes, data.info.in_channels, data.info.image_size)
+    if on_start is not None:
+        on_start(TeacherJob(problem.teacher.arch, count_parameters(model), recipe.epochs, data.info.num_train,
+                            data.info.num_val, str(device), recipe.augment.enabled))
     model = precision.prepare_model(model.to(device))
     opt = build_optimizer([{"params": trainable(model.parameters())}], recipe, device)
     loader = TensorLoader(data.train, recipe.batch_size, shuffle=True, augment=recipe.augment,
@@ -132,11 +153,20 @@ def ensure_teacher(
     data: DataSplits | None = None,
     with_test: bool = False,
     on_epoch: EpochCallback | None = None,
+    on_start: Callable[[TeacherJob], None] | None = None,
 ) -> TeacherRecord:
     """The cached teacher of a problem: a cache hit, a checked user checkpoint, or a trained one.
 
-    ``with_test`` also measures test accuracy (only the explicit teacher command asks for it, so a
-    search never touches the test split).
+    Args:
+        problem: The problem whose teacher is wanted.
+        cache_root: The teacher cache (one folder per :func:`teacher_key`).
+        device: Where to train it on a cache miss.
+        data: The problem's splits, if already loaded.
+        with_test: Also measure test accuracy (only the explicit teacher command asks for it, so a
+            search never touches the test split).
+        on_epoch: Called (epoch, epochs, train loss, val acc) after each teacher epoch.
+        on_start: Called once with the :class:`TeacherJob` before a teacher is trained (not on a
+            cache hit or a user checkpoint).
     """
     device = torch.device(device)
     folder = teacher_dir(problem, cache_root)
@@ -158,7 +188,7 @@ def ensure_teacher(
         model = model.to(device)
         weights_path, source, epochs = Path(problem.teacher.checkpoint).resolve(), "checkpoint", None
     else:
-        model = train_teacher_model(problem, data, device, precision, on_epoch)
+        model = train_teacher_model(problem, data, device, precision, on_epoch, on_start)
         folder.mkdir(parents=True, exist_ok=True)
         weights_path = (folder / "teacher.pt").resolve()
         tmp = weights_path.with_suffix(".pt.tmp")

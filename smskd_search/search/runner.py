@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -27,6 +27,9 @@ from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by
 from smskd_search.search.progress import ProgressInfo
 from smskd_search.search.tune_run import TuneSettings, run_tune
 from smskd_search.space import LoadedSpace
+
+if TYPE_CHECKING:
+    from smskd_search.engine.teacher import TeacherJob
 
 DEFAULT_CONFIRM = ConfirmSettings()
 
@@ -79,6 +82,7 @@ def run_search(
     deterministic: bool = False,
     on_progress: Callable[[ProgressInfo], None] | None = None,
     on_teacher_epoch: Callable[[int, int, float, float], None] | None = None,
+    on_teacher_start: Callable[[TeacherJob], None] | None = None,
 ) -> SearchSummary:
     """Search a space's plans on Ray Tune, sampled by Optuna, into ``studies_dir/<study>.db``.
 
@@ -104,6 +108,8 @@ def run_search(
             filled, in trial-number order. Costs the parallelism (about 2x the wall time on 2 cores).
         on_progress: Called with a :class:`ProgressInfo` whenever the counts change.
         on_teacher_epoch: Called (epoch, epochs, loss, val_acc) while the teacher trains.
+        on_teacher_start: Called with a :class:`~smskd_search.engine.teacher.TeacherJob` (what,
+            how long, on which device) before a teacher is trained; not on a cache hit.
 
     Returns:
         The study's :class:`SearchSummary`. Ctrl-C stops cleanly: finished trials stay, and the
@@ -152,7 +158,7 @@ def run_search(
         session = lc.open_session(space, studies_dir, name, resume=resume, seed=seed, budget=budget)
         try:
             teacher = ensure_teacher(sp.problem, cache_root=studies_dir / "teachers", device=pick_device(None),
-                                     on_epoch=on_teacher_epoch)
+                                     on_epoch=on_teacher_epoch, on_start=on_teacher_start)
         except BaseException:
             if not resume:
                 lc.discard_if_empty(session)
