@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.testing import assert_close
 
@@ -794,3 +795,71 @@ def test_ofd_on_a_teacher_without_bn_before_its_preactivations():
             assert (margin < 0).any()
     assert not teacher.training and all(torch.equal(teacher.state_dict()[k], v) for k, v in state.items())
 
+
+# --------------------------------------------------------------------------------------------------
+# Defaults that follow the teacher/student pair (DKD's beta, from mdistiller's CIFAR-100 configs).
+
+def pair_space(teacher: str, student: str, method_params: dict | None = None):
+    from smskd_search.space import Space
+
+    return Space.model_validate({
+        "name": f"{teacher}-{student}",
+        "problem": {"dataset": {"name": "cifar100"}, "teacher": {"arch": teacher}, "student": {"arch": student}},
+        "search": {"methods": ["kd", "dkd"], "stages": {"min": 1, "max": 2}, "method_params": method_params or {}},
+    })
+
+
+@pytest.mark.parametrize("teacher,student,beta", [
+    ("resnet32x4", "resnet8x4", 8.0), ("wrn_40_2", "wrn_16_2", 6.0), ("resnet56", "resnet20", 2.0),
+    ("vgg13", "MobileNetV2", 6.0),  # an alias matches its canonical name
+])
+def test_dkd_beta_follows_the_pair_in_a_built_plan(teacher, student, beta):
+    from smskd_search.space import make_plan
+    from smskd_search.validate import parse_plan
+
+    plan = make_plan(pair_space(teacher, student, {"dkd": {"warmup_epochs": 3}}), [("kd", 2), ("dkd", 3)])
+    assert plan.stages[1].params == {"beta": beta, "warmup_epochs": 3}
+    assert plan.stages[0].params == {}  # kd has no pair defaults
+    # The stored plan says it: after a YAML round trip, the same beta and the same canonical hash.
+    again = parse_plan(yaml.safe_load(plan.to_yaml()))
+    assert again.stages[1].params["beta"] == beta and again.canonical_hash() == plan.canonical_hash()
+    other = plan.model_copy(update={"stages": [plan.stages[0], plan.stages[1].model_copy(
+        update={"params": {"beta": 9.0, "warmup_epochs": 3}})]})
+    assert other.canonical_hash() != plan.canonical_hash()
+    # The method built from the plan's params trains with that beta.
+    assert build_method("dkd", plan.stages[1].params, make_ctx()).params.beta == beta
+
+
+def test_explicit_dkd_beta_wins_over_the_pair():
+    from smskd_search.space import make_plan
+    from smskd_search.verify import comparison_plans
+
+    plan = make_plan(pair_space("wrn_40_2", "wrn_16_2", {"dkd": {"beta": 1.5}}), [("dkd", 3)])
+    assert plan.stages[0].params == {"beta": 1.5}
+    # A pair outside the table: the method's own default, nothing written into the plan.
+    plan = make_plan(pair_space("resnet110", "resnet20"), [("dkd", 3)])
+    assert plan.stages[0].params == {}
+    assert build_method("dkd", plan.stages[0].params, make_ctx()).params.beta == 8.0
+    # verify's single-method rows for a method the plan does not use get the pair's value too.
+    kd_plan = make_plan(pair_space("wrn_40_2", "wrn_16_2"), [("kd", 3)])
+    rows = dict(comparison_plans(kd_plan, methods=["kd", "dkd"]))
+    assert rows["single:dkd"].stages[0].params == {"beta": 6.0}
+    rows = dict(comparison_plans(kd_plan, methods=["dkd"], method_params={"dkd": {"beta": 3.0}}))
+    assert rows["single:dkd"].stages[0].params == {"beta": 3.0}
+
+
+def test_methods_command_shows_the_pair_table(capsys):
+    from smskd_search.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    beta = next(line for line in lines if line.strip().startswith("beta"))
+    assert "8.0" in beta and "default per pair" in beta
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("pair defaults")):]
+    rows = {" ".join(line.split()[:3]): line.split()[-1] for line in table[1:] if "->" in line}
+    assert rows["resnet32x4 -> resnet8x4"] == "8.0"
+    assert rows["wrn_40_2 -> wrn_16_2"] == "6.0"
+    assert rows["resnet56 -> resnet20"] == "2.0"
+    assert rows["vgg13 -> vgg8"] == "6.0" and rows["wrn_40_2 -> shufflenetv1"] == "8.0"
+    assert len(rows) == 8  # only pairs whose archs are in the zoo (no resnet32, wrn_40_1, ResNet50)
