@@ -171,12 +171,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- methods
 def cmd_methods(args: argparse.Namespace) -> int:
-    from smskd_search.methods.catalog import method_rows
+    from smskd_search.methods.catalog import method_rows, pair_default_rows
 
     for row in method_rows():
         print(f"{row['name']:<9} {row['family']:<9} {row['reference']}")
         for p in row["params"]:
-            print(f"    {p['name']:<17} = {p['default']!r:<10} {p['description']}")
+            note = " (default per pair, below)" if p["per_pair"] else ""
+            print(f"    {p['name']:<17} = {p['default']!r:<10} {p['description']}{note}")
+    print()
+    print("pair defaults (teacher -> student): a plan built from a space states them unless the space sets the parameter")
+    for r in pair_default_rows():
+        values = ", ".join(f"{r['method']}.{k} = {v!r}" for k, v in r["params"].items())
+        print(f"    {r['teacher'] + ' -> ' + r['student']:<30} {values}")
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from smskd_search.errors import UserError, format_validation_error
+from smskd_search.methods.pair_defaults import stage_params
 from smskd_search.plan import (
     NORMALIZATIONS,
     WEIGHT_MODES,
@@ -194,8 +195,10 @@ def make_plan(
             space searches.
 
     Returns:
-        The validated plan; the space's ``method_params`` apply to every stage of that method. A
-        bad combination is a :class:`UserError` naming the field.
+        The validated plan; the space's ``method_params`` apply to every stage of that method, over
+        the teacher/student pair's defaults (:mod:`smskd_search.methods.pair_defaults`, e.g. DKD's
+        ``beta``), which the plan then states. A bad combination is a :class:`UserError` naming the
+        field.
 
     Example:
 
@@ -206,6 +209,8 @@ def make_plan(
     """
     sp = space.space if isinstance(space, LoadedSpace) else space
     overrides = sp.search.method_params if sp.search is not None else {}
+    # Pair defaults are written into the plan here, so the plan says what it trains with.
+    teacher, student = sp.problem.teacher.arch, sp.problem.student.arch
     ref = {**sp.reference.model_dump(mode="json"), **reference_defaults(sp),
            **{k: v for k, v in reference.items() if v is not None}}
     data = {
@@ -213,7 +218,8 @@ def make_plan(
         "problem": sp.problem.model_dump(mode="json"),
         "recipe": sp.recipe.model_dump(mode="json"),
         "reference": ref,
-        "stages": [{"method": m, "epochs": e, "params": dict(overrides.get(m, {}))} for m, e in stages],
+        "stages": [{"method": m, "epochs": e, "params": stage_params(teacher, student, m, overrides.get(m, {}))}
+                   for m, e in stages],
         "seed": sp.seed if seed is None else seed,
         "teacher_sha256": teacher_sha256,
     }

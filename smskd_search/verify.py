@@ -82,7 +82,12 @@ class Verdict:
 def comparison_plans(plan: Plan, methods: list[str] | None = None,
                      method_params: dict[str, dict[str, Any]] | None = None) -> list[tuple[str, Plan]]:
     """The plan, the equal-epoch single methods (``methods``, default the plan's) and its
-    no-reference and uniform-weight twins; a row identical to an earlier one is left out."""
+    no-reference and uniform-weight twins; a row identical to an earlier one is left out.
+
+    A single method the plan does not use takes ``method_params`` over the pair's defaults, as
+    :func:`smskd_search.make_plan` would give it."""
+    from smskd_search.methods.pair_defaults import stage_params
+
     rows: list[tuple[str, Plan]] = [("plan", plan)]
     seen = {plan.canonical_hash()}
     total = plan.total_epochs
@@ -90,7 +95,8 @@ def comparison_plans(plan: Plan, methods: list[str] | None = None,
     for stage in plan.stages:
         own.setdefault(stage.method, dict(stage.params))  # as the plan used it (its first stage with it)
     for m in methods or list(own):
-        params = own[m] if m in own else dict((method_params or {}).get(m, {}))
+        params = own[m] if m in own else stage_params(plan.problem.teacher.arch, plan.problem.student.arch, m,
+                                                      dict((method_params or {}).get(m, {})))
         single = plan.model_copy(update={"name": f"{plan.name}-single-{m}", "provenance": None,
                                          "stages": [StageSpec(method=m, epochs=total, params=params)]})
         if single.canonical_hash() not in seen:

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.testing import assert_close
 
@@ -72,8 +73,14 @@ class FakeTeacher(nn.Module):
         return [self.bns[0], self.bns[1], None, self.bns[3]]
 
 
-def make_ctx(num_train: int = 50, teacher: nn.Module | None = None) -> MethodContext:
-    return MethodContext(S_SHAPES, T_SHAPES, teacher or FakeTeacher(), 10, num_train, 5)
+def cycle_labels(n: int, classes: int = 10) -> torch.Tensor:
+    """Training labels 0, 1, ..., classes - 1, 0, 1... (CRD's negatives are the other classes)."""
+    return torch.arange(n) % classes
+
+
+def make_ctx(num_train: int = 50, teacher: nn.Module | None = None, labels: torch.Tensor | None = None) -> MethodContext:
+    return MethodContext(S_SHAPES, T_SHAPES, teacher or FakeTeacher(), 10, num_train, 5,
+                         cycle_labels(num_train) if labels is None else labels)
 
 
 def random_features(shapes: FeatureShapes, b: int, gen: torch.Generator, grad: bool = False) -> Features:
@@ -207,6 +214,70 @@ def test_fitnet_against_plain_regressor():
     y = bn_train(y, bn).relu()
     expected = 100.0 * ((y - d(batch.t_feats.stages[2])) ** 2).mean()
     assert_close(m(batch).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def fitnet_on(s_shape: tuple[int, int, int], t_shape: tuple[int, int, int]):
+    """FitNets with its hint at stage 1 of synthetic shapes (student s_shape, teacher t_shape)."""
+    ss = FeatureShapes(stages=(s_shape, s_shape), preact=(s_shape, s_shape), pooled=(s_shape[0],), logits=(10,))
+    ts = FeatureShapes(stages=(t_shape, t_shape), preact=(t_shape, t_shape), pooled=(t_shape[0],), logits=(10,))
+    return build_method("fitnet", {"hint_layer": 1}, MethodContext(ss, ts, FakeTeacher(), 10, 50, 5))
+
+
+@pytest.mark.parametrize("s_hw,t_hw,kind,kernel,stride,padding", [
+    (8, 8, nn.Conv2d, (1, 1), (1, 1), (0, 0)),        # equal sizes: 1 + 8 - 8 = 1
+    (6, 4, nn.Conv2d, (3, 3), (1, 1), (0, 0)),        # larger, not 2x: "valid" conv 1 + 6 - 4 = 3
+    (8, 4, nn.Conv2d, (3, 3), (2, 2), (1, 1)),        # twice as large
+    (4, 8, nn.ConvTranspose2d, (4, 4), (2, 2), (1, 1)),  # half as large
+])
+def test_fitnet_regressor_is_the_peers_conv(s_hw, t_hw, kind, kernel, stride, padding):
+    m = fitnet_on((5, s_hw, s_hw), (7, t_hw, t_hw))
+    conv = m.regressor.conv
+    assert type(conv) is kind and (conv.in_channels, conv.out_channels) == (5, 7)
+    assert conv.kernel_size == kernel and conv.stride == stride and conv.padding == padding
+    assert conv.bias is not None and not m.regressor.pre_resize
+    assert m.regressor.use_relu  # the peers' ConvReg(use_relu=True): ReLU after the BN
+    b = 4
+    gen = torch.Generator().manual_seed(2)
+    f_s = torch.randn(b, 5, s_hw, s_hw, generator=gen)
+    f_t = torch.randn(b, 7, t_hw, t_hw, generator=gen)
+    feats_s, feats_t = Features([f_s, f_s], [f_s, f_s], f_s.mean((2, 3))), Features([f_t, f_t], [f_t, f_t], f_t.mean((2, 3)))
+    batch = KDBatch(torch.zeros(b, 10), feats_s, torch.zeros(b, 10), feats_t, torch.zeros(b, dtype=torch.long), None, 0)
+    if kind is nn.ConvTranspose2d:
+        y = F.conv_transpose2d(d(f_s), d(conv.weight), d(conv.bias), stride=2, padding=1)
+    else:
+        y = F.conv2d(d(f_s), d(conv.weight), d(conv.bias), stride=stride, padding=padding)
+    assert y.shape == (b, 7, t_hw, t_hw)
+    expected = 100.0 * ((bn_train(y, m.regressor.bn).relu() - d(f_t)) ** 2).mean()
+    assert_close(m(batch).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fitnet_regressor_resizes_a_smaller_student_first():
+    # Student smaller, not by 2x (the peers raise): bilinear resize to the teacher's size, then the
+    # equal-size 1x1 conv.
+    m = fitnet_on((5, 3, 3), (7, 8, 8))
+    conv = m.regressor.conv
+    assert m.regressor.pre_resize and type(conv) is nn.Conv2d and conv.kernel_size == (1, 1)
+    f_s = torch.randn(4, 5, 3, 3)
+    up = F.interpolate(d(f_s), size=(8, 8), mode="bilinear", align_corners=False)
+    y = bn_train(conv1x1(up, conv), m.regressor.bn).relu()
+    assert_close(m.regressor(f_s).double(), y, rtol=1e-5, atol=1e-6)
+
+
+def test_fitnet_regressor_size_on_resnet8x4_from_resnet32x4():
+    if "resnet8x4" not in MODELS:
+        pytest.skip("CIFAR zoo not registered yet")
+    t_shapes = probe_shapes(create_model("resnet32x4", 100, 3, 32), (3, 32, 32))
+    s_shapes = probe_shapes(create_model("resnet8x4", 100, 3, 32), (3, 32, 32))
+    m = build_method("fitnet", {}, MethodContext(s_shapes, t_shapes, FakeTeacher(), 100, 50, 5))
+    # The hint is stage index 2 of stem + 3 stages, the peers' HINT_LAYER 2 / --hint_layer 2: the
+    # second stage's output, 128 x 16 x 16 in both models.
+    assert (m.s_idx, m.t_idx) == (2, 2)
+    assert s_shapes.stages[2] == t_shapes.stages[2] == (128, 16, 16)
+    # The peers' ConvReg at equal sizes: Conv2d(128, 128, kernel 1 + 16 - 16 = 1) with bias, then
+    # BatchNorm2d(128): 128*128*1*1 + 128 + 2*128 = 16,384 + 128 + 256 = 16,768 parameters (the old
+    # 3x3 conv: 128*128*9 + 128 + 256 = 147,840).
+    assert sum(p.numel() for p in m.regressor.parameters()) == 16_768
+    assert m.regressor.conv.kernel_size == (1, 1) and m.regressor.conv.padding == (0, 0)
 
 
 def test_at_against_plain():
@@ -438,6 +509,8 @@ def test_crd_against_plain_nce_and_memory_update():
     cand = m.sample_candidates(idx)
     assert cand.shape == (6, 6) and torch.equal(cand[:, 0], idx)
     assert (cand[:, 1:] != idx[:, None]).all() and int(cand.max()) <= n_train - 1 and int(cand.min()) >= 0
+    labels = cycle_labels(n_train)
+    assert (labels[cand[:, 1:]] != labels[idx][:, None]).all()  # negatives of other classes only
     m.sample_candidates = lambda i: cand  # fix the negatives for the reference computation
     mem_s, mem_t = d(m.memory_s).clone(), d(m.memory_t).clone()
 
@@ -479,18 +552,74 @@ def test_crd_against_plain_nce_and_memory_update():
 
 
 def test_crd_negatives_sized_to_the_dataset():
-    m = build_method("crd", {}, make_ctx(num_train=10))  # default K = 16384
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    m = build_method("crd", {}, make_ctx(num_train=10, labels=labels))  # default K = 16384
     assert m.k == 9
     idx = torch.arange(10)
     for _ in range(20):
         cand = m.sample_candidates(idx)
         assert cand.shape == (10, 10)
         assert int(cand.max()) <= 9 and int(cand.min()) >= 0
-        assert (cand[:, 1:] != idx[:, None]).all()
+        # K = 9 exceeds every class's other-class count (6 or 7): drawn with replacement, still
+        # never from the anchor's class.
+        assert (labels[cand[:, 1:]] != labels[idx][:, None]).all()
     with pytest.raises(ValueError):
         build_method("crd", {}, make_ctx(num_train=1))
+    with pytest.raises(ValueError, match="two classes"):
+        build_method("crd", {}, make_ctx(num_train=10, labels=torch.zeros(10, dtype=torch.long)))
+    with pytest.raises(ValueError, match="labels"):
+        build_method("crd", {}, MethodContext(S_SHAPES, T_SHAPES, FakeTeacher(), 10, 10, 5))
     with pytest.raises(ValueError, match="indices"):
         m(make_batch(b=4))
+
+
+def test_crd_negatives_exclude_the_anchor_class_and_are_seeded():
+    # RepDistiller's mode 'exact': K negatives from cls_negative[target] (every sample of another
+    # class), without replacement when K <= len(cls_negative[target]).
+    gen = torch.Generator().manual_seed(3)
+    n = 300
+    labels = torch.randint(0, 7, (n,), generator=gen)
+    m = build_method("crd", {"nce_k": 40}, make_ctx(num_train=n, labels=labels))
+    idx = torch.randperm(n, generator=gen)[:64]
+    draws = []
+    for seed in (11, 11, 12):
+        torch.manual_seed(seed)
+        draws.append(torch.cat([m.sample_candidates(idx) for _ in range(50)]))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    cand = draws[0]
+    anchors = idx.repeat(50)
+    assert cand.shape == (64 * 50, 41) and torch.equal(cand[:, 0], anchors)
+    neg = cand[:, 1:]
+    assert (labels[neg] != labels[anchors][:, None]).all()
+    # Without replacement: K distinct negatives per anchor.
+    assert all(len(set(row.tolist())) == 40 for row in neg)
+    # Uniform over the other-class samples: every one of them is drawn, at about the same rate.
+    for c in range(7):
+        rows = labels[anchors] == c
+        pool = (labels != c).nonzero().squeeze(1)
+        counts = torch.bincount(neg[rows].flatten(), minlength=n)[pool].double()
+        assert (counts > 0).all()
+        expected = rows.sum().item() * 40 / pool.numel()
+        assert abs(counts.mean().item() - expected) < 1e-9 and counts.std().item() < 0.35 * expected
+
+
+def test_crd_negatives_mixed_replacement():
+    # Class-0 anchors have 2 samples of other classes (8, 9): K = 5 is drawn with replacement from
+    # them; class-1 anchors have 8 (0..7): 5 distinct ones.
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    m = build_method("crd", {"nce_k": 5}, make_ctx(num_train=10, labels=labels))
+    assert m._all_replace is None
+    idx = torch.tensor([0, 8, 3, 9])
+    seen: set[int] = set()
+    for _ in range(30):
+        cand = m.sample_candidates(idx)
+        assert torch.equal(cand[:, 0], idx)
+        for row in (0, 2):
+            assert set(cand[row, 1:].tolist()) <= {8, 9}
+            seen |= set(cand[row, 1:].tolist())
+        for row in (1, 3):
+            assert set(cand[row, 1:].tolist()) <= set(range(8)) and len(set(cand[row, 1:].tolist())) == 5
+    assert seen == {8, 9}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,7 +687,8 @@ def pairs():
 def test_one_training_step(pairs, pair_key, name):
     pair = pairs(pair_key)
     num_train = 64
-    ctx = MethodContext(pair.s_shapes, pair.t_shapes, pair.teacher, pair.classes, num_train, 3)
+    ctx = MethodContext(pair.s_shapes, pair.t_shapes, pair.teacher, pair.classes, num_train, 3,
+                        cycle_labels(num_train, pair.classes))
     method = build_method(name, {}, ctx)
     student = pair.student
     student.train()
@@ -664,3 +794,72 @@ def test_ofd_on_a_teacher_without_bn_before_its_preactivations():
         if src == "empirical":
             assert (margin < 0).any()
     assert not teacher.training and all(torch.equal(teacher.state_dict()[k], v) for k, v in state.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# Defaults that follow the teacher/student pair (DKD's beta, from mdistiller's CIFAR-100 configs).
+
+def pair_space(teacher: str, student: str, method_params: dict | None = None):
+    from smskd_search.space import Space
+
+    return Space.model_validate({
+        "name": f"{teacher}-{student}",
+        "problem": {"dataset": {"name": "cifar100"}, "teacher": {"arch": teacher}, "student": {"arch": student}},
+        "search": {"methods": ["kd", "dkd"], "stages": {"min": 1, "max": 2}, "method_params": method_params or {}},
+    })
+
+
+@pytest.mark.parametrize("teacher,student,beta", [
+    ("resnet32x4", "resnet8x4", 8.0), ("wrn_40_2", "wrn_16_2", 6.0), ("resnet56", "resnet20", 2.0),
+    ("vgg13", "MobileNetV2", 6.0),  # an alias matches its canonical name
+])
+def test_dkd_beta_follows_the_pair_in_a_built_plan(teacher, student, beta):
+    from smskd_search.space import make_plan
+    from smskd_search.validate import parse_plan
+
+    plan = make_plan(pair_space(teacher, student, {"dkd": {"warmup_epochs": 3}}), [("kd", 2), ("dkd", 3)])
+    assert plan.stages[1].params == {"beta": beta, "warmup_epochs": 3}
+    assert plan.stages[0].params == {}  # kd has no pair defaults
+    # The stored plan says it: after a YAML round trip, the same beta and the same canonical hash.
+    again = parse_plan(yaml.safe_load(plan.to_yaml()))
+    assert again.stages[1].params["beta"] == beta and again.canonical_hash() == plan.canonical_hash()
+    other = plan.model_copy(update={"stages": [plan.stages[0], plan.stages[1].model_copy(
+        update={"params": {"beta": 9.0, "warmup_epochs": 3}})]})
+    assert other.canonical_hash() != plan.canonical_hash()
+    # The method built from the plan's params trains with that beta.
+    assert build_method("dkd", plan.stages[1].params, make_ctx()).params.beta == beta
+
+
+def test_explicit_dkd_beta_wins_over_the_pair():
+    from smskd_search.space import make_plan
+    from smskd_search.verify import comparison_plans
+
+    plan = make_plan(pair_space("wrn_40_2", "wrn_16_2", {"dkd": {"beta": 1.5}}), [("dkd", 3)])
+    assert plan.stages[0].params == {"beta": 1.5}
+    # A pair outside the table: the method's own default, nothing written into the plan.
+    plan = make_plan(pair_space("resnet110", "resnet20"), [("dkd", 3)])
+    assert plan.stages[0].params == {}
+    assert build_method("dkd", plan.stages[0].params, make_ctx()).params.beta == 8.0
+    # verify's single-method rows for a method the plan does not use get the pair's value too.
+    kd_plan = make_plan(pair_space("wrn_40_2", "wrn_16_2"), [("kd", 3)])
+    rows = dict(comparison_plans(kd_plan, methods=["kd", "dkd"]))
+    assert rows["single:dkd"].stages[0].params == {"beta": 6.0}
+    rows = dict(comparison_plans(kd_plan, methods=["dkd"], method_params={"dkd": {"beta": 3.0}}))
+    assert rows["single:dkd"].stages[0].params == {"beta": 3.0}
+
+
+def test_methods_command_shows_the_pair_table(capsys):
+    from smskd_search.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    beta = next(line for line in lines if line.strip().startswith("beta"))
+    assert "8.0" in beta and "default per pair" in beta
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("pair defaults")):]
+    rows = {" ".join(line.split()[:3]): line.split()[-1] for line in table[1:] if "->" in line}
+    assert rows["resnet32x4 -> resnet8x4"] == "8.0"
+    assert rows["wrn_40_2 -> wrn_16_2"] == "6.0"
+    assert rows["resnet56 -> resnet20"] == "2.0"
+    assert rows["vgg13 -> vgg8"] == "6.0" and rows["wrn_40_2 -> shufflenetv1"] == "8.0"
+    assert len(rows) == 8  # only pairs whose archs are in the zoo (no resnet32, wrn_40_1, ResNet50)

@@ -56,16 +56,18 @@ def test_forward_matches_protocol(name, shape):
     assert tuple(tuple(f.shape[1:]) for f in feats.stages) == probe.stages
     assert tuple(tuple(f.shape[1:]) for f in feats.preact) == probe.preact == probe.stages
     assert feats.pooled.shape == (2, model.fc.in_features)
-    # Each stage is its preact after the final activation (ReLU), or the preact itself where the
-    # stage ends linearly (MobileNetV2's bottlenecks).
-    for s, p in zip(feats.stages, feats.preact):
-        assert torch.equal(s, p) or torch.allclose(s, F.relu(p))
-    # The stem's preact carries negative values: it really is taken before the ReLU.
-    assert (feats.preact[0] < 0).any()
-
     bns = model.preact_bns()
     assert len(bns) == len(feats.preact)
-    assert bns[0] is not None
+    # Each stage is its preact after the final activation (ReLU), or the preact itself where the
+    # stage ends linearly (MobileNetV2's bottlenecks, the WRN stem). Pre-activation networks (the
+    # WRNs) expose raw group outputs as stages, and as preact the BN that activates them.
+    for s, p, bn in zip(feats.stages, feats.preact, bns):
+        preact_net = isinstance(bn, nn.BatchNorm2d) and bn.num_features == s.shape[1] and torch.allclose(p, bn(s))
+        assert torch.equal(s, p) or torch.allclose(s, F.relu(p)) or (name.startswith("wrn") and preact_net)
+    # The stem's preact carries negative values: it really is taken before the ReLU.
+    assert (feats.preact[0] < 0).any()
+    # Only the WRNs' stem output is no BN's (the peers' preact_feats[0] is the raw stem conv).
+    assert bns[0] is not None or name.startswith("wrn")
     for bn, p in zip(bns, feats.preact):
         if bn is not None:
             assert isinstance(bn, nn.BatchNorm2d)
@@ -115,3 +117,48 @@ def test_gradients_reach_first_conv(name):
     assert first_conv.in_channels == shape[0]
     g = first_conv.weight.grad
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["wrn_16_2", "wrn_40_2"])
+@pytest.mark.parametrize("training", [False, True])
+def test_wrn_features_are_the_raw_group_outputs(name, training):
+    # The peers' WRN feats: [conv1(x), block1(.), block2(.), block3(.)], the residual sums before any
+    # BN + ReLU; preact_feats: [conv1(x), block2[0].bn1(f1), block3[0].bn1(f2), bn1(f3)].
+    model = build(name, (3, 32, 32)).train(training)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        logits, feats = model(x)
+    assert len(feats.stages) == len(feats.preact) == 4
+    # By hand, in eval mode so that the second pass through each BN sees the same statistics.
+    model.eval()
+    with torch.no_grad():
+        f = [model.conv1(x)]
+        for stage in model.stages:
+            h = f[-1]
+            for block in stage:
+                h = block(h)
+            f.append(h)
+        bns = [model.stages[1][0].bn1, model.stages[2][0].bn1, model.bn]
+        pre = [f[0]] + [bn(fi) for bn, fi in zip(bns, f[1:])]
+        ref_logits = model.fc(torch.relu(model.bn(f[3])).mean((2, 3)))
+    for got, want in zip(feats.stages, f):
+        assert got.shape == want.shape
+        if not training:
+            assert torch.allclose(got, want, atol=1e-5)
+    assert [tuple(t.shape[1:]) for t in feats.stages] == [(16, 32, 32), (model.stages[0][0].conv1.out_channels, 32, 32),
+                                                          (model.stages[1][0].conv1.out_channels, 16, 16),
+                                                          (model.stages[2][0].conv1.out_channels, 8, 8)]
+    assert (feats.stages[3] < 0).any()  # a raw sum, not a ReLU output
+    if training:
+        # Batch statistics: each preact is its BN (on this batch) of the raw output.
+        for k, bn in zip((1, 2, 3), bns):
+            mean = feats.stages[k].mean((0, 2, 3), keepdim=True)
+            var = feats.stages[k].var((0, 2, 3), unbiased=False, keepdim=True)
+            norm = (feats.stages[k] - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+            assert torch.allclose(feats.preact[k], norm, atol=1e-4)
+        assert torch.equal(feats.preact[0], feats.stages[0])
+    else:
+        for got, want in zip(feats.preact, pre):
+            assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(logits, ref_logits, atol=1e-5)
+    assert model.preact_bns() == [None, *bns]

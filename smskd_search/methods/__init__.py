@@ -15,7 +15,7 @@ from smskd_search.methods.base import (
 
 # Import every method module so that each registers itself.
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("base", "common"):
+    if _info.name not in ("base", "common", "pair_defaults"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["METHODS", "KDBatch", "Method", "MethodContext", "MethodParams", "build_method", "register_method"]

@@ -36,6 +36,9 @@ class MethodContext:
     num_classes: int
     num_train: int  # size of the training split (CRD sizes its memory bank to it)
     stage_epochs: int
+    # Labels of the training split, by position (CRD draws its negatives from other classes); None
+    # where the caller has none (a method that needs them says so when it is built).
+    train_labels: torch.Tensor | None = None
 
 
 @dataclass

@@ -10,8 +10,19 @@ from torch import nn
 def paired_stages(n_student: int, n_teacher: int, skip_stem: bool = True) -> list[tuple[int, int]]:
     """Pairs of (student, teacher) indices into Features.stages, deepest stages aligned.
 
-    Models of different families have different stage counts; aligning from the deepest stage keeps
-    the semantically closest maps together (the peers' zip() silently drops the deepest ones).
+    The rule: leave out the stems (index 0) when ``skip_stem``, then pair the last
+    ``min(n_student, n_teacher) - start`` entries of each in order, so that the deepest stages always
+    meet and the model with more stages has its shallowest extra ones left out. The benchmark
+    codebases zip from the shallow end instead (the deeper model's deepest maps are dropped). On every
+    benchmark pair of the zoo both models have the same stage count and the two rules give the same
+    pairs; they differ only on pairs such as wrn_40_2 -> mobilenetv2 (4 and 5 entries: ours pairs
+    student 2, 3, 4 with teacher 1, 2, 3, the peers' zip 1, 2, 3 with 1, 2, 3). Deepest-aligned keeps
+    the semantically closest maps together.
+
+    Args:
+        n_student: Number of the student's stage entries (stem included).
+        n_teacher: Number of the teacher's stage entries (stem included).
+        skip_stem: Leave the stems out (every method but SP does).
     """
     start = 1 if skip_stem else 0
     k = min(n_student, n_teacher) - start
@@ -49,8 +60,20 @@ def resize_to(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 class ConvReg(nn.Module):
     """Maps a student feature map onto a teacher map's shape: conv + BN + ReLU (FitNets' regressor).
 
-    Follows mdistiller's choices where the sizes relate by 2x, and resizes first otherwise, so any
-    pair of the zoo works.
+    The benchmark codebases' rule (mdistiller and RepDistiller build the same ConvReg), chosen by the
+    spatial sizes ``(hs, ws)`` of the student and ``(ht, wt)`` of the teacher:
+
+    - student twice as large: a 3x3 conv, stride 2, padding 1;
+    - student half as large: a 4x4 transposed conv, stride 2, padding 1;
+    - student at least as large: a "valid" conv with kernel ``(1 + hs - ht, 1 + ws - wt)``, so a 1x1
+      conv where the sizes are equal;
+    - otherwise (student smaller, not by 2x; the peers raise there): the student map is resized to
+      the teacher's size first, then the equal-size 1x1 conv.
+
+    Args:
+        s_shape: Student map shape ``(C, H, W)``.
+        t_shape: Teacher map shape ``(C, H, W)``.
+        use_relu: Apply the ReLU after the BN (the peers' default, True).
     """
 
     def __init__(self, s_shape: tuple[int, ...], t_shape: tuple[int, ...], use_relu: bool = True):
@@ -60,12 +83,14 @@ class ConvReg(nn.Module):
         self.target_hw = (ht, wt)
         self.pre_resize = False
         if hs == 2 * ht and ws == 2 * wt:
-            self.conv = nn.Conv2d(cs, ct, 3, stride=2, padding=1)
+            self.conv: nn.Module = nn.Conv2d(cs, ct, 3, stride=2, padding=1)
         elif 2 * hs == ht and 2 * ws == wt:
             self.conv = nn.ConvTranspose2d(cs, ct, 4, stride=2, padding=1)
+        elif hs >= ht and ws >= wt:
+            self.conv = nn.Conv2d(cs, ct, (1 + hs - ht, 1 + ws - wt))
         else:
-            self.pre_resize = (hs, ws) != (ht, wt)
-            self.conv = nn.Conv2d(cs, ct, 3, stride=1, padding=1)
+            self.pre_resize = True
+            self.conv = nn.Conv2d(cs, ct, 1)
         self.bn = nn.BatchNorm2d(ct)
         self.use_relu = use_relu
 

@@ -2,8 +2,14 @@
 
 Student and teacher pooled features are embedded (linear + L2 norm) to ``feat_dim``; each embedding
 is scored against a momentum memory bank of the *other* view: the sample's own row is the positive,
-K uniformly drawn rows of other training samples are the negatives, and the NCE loss of both views
-is summed. The banks are updated after the optimizer step (``on_step_end``).
+K rows of training samples of *other classes* are the negatives, and the NCE loss of both views is
+summed. The banks are updated after the optimizer step (``on_step_end``).
+
+Negatives as RepDistiller's CIFAR-100 sampler draws them (``mode='exact'``; mdistiller's CRD uses
+that sampler too): uniformly from the samples whose label differs from the anchor's, without
+replacement, or with replacement where K exceeds that class's number of other-class samples. They
+come from the torch generator of the batch's device, which the engine seeds per stage, so a plan and
+seed give the same negatives on the same device.
 """
 
 from __future__ import annotations
@@ -62,9 +68,24 @@ class CRD(Method):
         n = int(ctx.num_train)
         if n < 2:
             raise ValueError(f"crd needs at least 2 training samples, got {n}")
+        if ctx.train_labels is None or ctx.train_labels.shape != (n,):
+            raise ValueError(f"crd needs the labels of the {n} training samples (MethodContext.train_labels)")
+        labels = ctx.train_labels.detach().long()
+        n_other = n - torch.bincount(labels)
+        if int(n_other[labels].min()) < 1:
+            raise ValueError("crd needs at least two classes in the training split (negatives are other classes)")
         self.n_data = n
         # Size the negatives to the dataset: K = 16384 would exceed small training splits.
         self.k = min(params.nce_k, n - 1)
+        # Not state: rebuilt from the context, so kept out of the state dict.
+        self.register_buffer("labels", labels.clone(), persistent=False)
+        self.register_buffer("n_other", n_other, persistent=False)  # per class: samples of other classes
+        # Which draws are with replacement, when every class agrees: decided here, not per batch on
+        # the device (a host sync per step); None: it depends on the batch's classes.
+        present = n_other[labels.unique()]
+        self._all_replace: bool | None = (
+            False if int(present.min()) >= self.k else True if int(present.max()) < self.k else None
+        )
         self.embed_s = Embed(ctx.student_shapes.pooled[0], params.feat_dim)
         self.embed_t = Embed(ctx.teacher_shapes.pooled[0], params.feat_dim)
         stdv = 1.0 / math.sqrt(params.feat_dim / 3)
@@ -76,11 +97,36 @@ class CRD(Method):
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def sample_candidates(self, idx: torch.Tensor) -> torch.Tensor:
-        """(b, 1 + K) rows of the banks: the sample itself, then K others drawn uniformly with
-        replacement, on the batch's device."""
-        neg = torch.randint(0, self.n_data - 1, (idx.shape[0], self.k), device=idx.device)
-        neg = neg + (neg >= idx.unsqueeze(1)).long()  # skip the positive's own row
+        """(b, 1 + K) rows of the banks: the sample itself, then K samples of other classes, on the
+        batch's device.
+
+        Args:
+            idx: Positions of the batch's samples in the training split.
+        """
+        labels = self.labels.to(idx.device)
+        y = labels[idx]
+        other = labels.unsqueeze(0) != y.unsqueeze(1)  # (b, N): the anchor's candidate negatives
+        n_other = self.n_other.to(idx.device)[y]
+        if self._all_replace is not None:
+            return torch.cat([idx.unsqueeze(1), self._draw(other, n_other, self._all_replace)], dim=1)
+        replace = n_other < self.k
+        neg = torch.empty((idx.shape[0], self.k), dtype=torch.long, device=idx.device)
+        for flag in (False, True):
+            rows = (replace == flag).nonzero().squeeze(1)
+            if rows.numel():
+                neg[rows] = self._draw(other[rows], n_other[rows], flag)
         return torch.cat([idx.unsqueeze(1), neg], dim=1)
+
+    def _draw(self, other: torch.Tensor, n_other: torch.Tensor, replace: bool) -> torch.Tensor:
+        """K positions per row among the row's ``other`` ones, uniformly, with or without replacement."""
+        if not replace:
+            # The K largest of i.i.d. uniform keys, same-class keys below them all: a uniform K-subset.
+            keys = torch.rand(other.shape, device=other.device).masked_fill_(~other, -1.0)
+            return keys.topk(self.k, dim=1).indices
+        # Uniform ranks among the other-class samples, mapped to positions by a running count.
+        counts = n_other.unsqueeze(1)
+        ranks = torch.minimum((torch.rand((other.shape[0], self.k), device=other.device) * counts).long(), counts - 1)
+        return torch.searchsorted(other.long().cumsum(1), ranks + 1)
 
     def _scores(self, v: torch.Tensor, memory: torch.Tensor, cand: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         # One (b, N) product and a gather: b*N floats, instead of gathering (b, 1 + K, d) bank rows.

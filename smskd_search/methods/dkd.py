@@ -1,4 +1,8 @@
-"""DKD: Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022."""
+"""DKD: Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
+
+``beta`` defaults to 8 (mdistiller's config default); the benchmark pairs with their own beta (2 or
+6) are in :mod:`smskd_search.methods.pair_defaults`, which plans built from a space follow.
+"""
 
 from __future__ import annotations
 

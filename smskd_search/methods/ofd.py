@@ -5,8 +5,11 @@ pre-activations by a partial L2: where the teacher is negative (below the ReLU) 
 above ``max(teacher, margin)`` is penalised. The per-channel margin is E[x | x < 0] of the teacher's
 pre-activation, read from the BN that produces it (x ~ N(beta, gamma^2)).
 
-The teacher is only read: its BN parameters at build time, its features per batch. It stays in eval
-mode (mdistiller's OFD switches it to train mode with the student).
+Kept as it is, unlike mdistiller: the teacher is only read (its BN parameters at build time, its
+features per batch) and stays in eval mode, where mdistiller's OFD switches it to train mode with the
+student. Our teacher is one frozen model shared by every stage of a run and cached on disk (its
+outputs may be cached across epochs too), so a method must not move its BN statistics; its
+pre-activations are therefore normalised with the running statistics, not the batch's.
 """
 
 from __future__ import annotations

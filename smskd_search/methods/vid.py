@@ -1,4 +1,9 @@
-"""VID: Ahn et al., "Variational Information Distillation for Knowledge Transfer", CVPR 2019."""
+"""VID: Ahn et al., "Variational Information Distillation for Knowledge Transfer", CVPR 2019.
+
+Kept as it is: the per-channel variances are trained with the student, as RepDistiller's VIDLoss
+(a module parameter its optimizer sees); mdistiller keeps them outside its learnable parameters, so
+its variances never move from ``init_pred_var``.
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@
 
 - ``stages``: the stem output then each stage's output (after its final activation), so
   ``stages[0]`` is the stem and ``stages[-1]`` the last stage (mdistiller's ``feats`` layout);
-- ``preact``: the same tensors before their final activation (for OFD and ReviewKD);
+  pre-activation networks (the WRNs) expose, as the peers do, the raw group outputs instead;
+- ``preact``: the same tensors before their final activation (for OFD and ReviewKD); in
+  pre-activation networks, the output of the BN that activates each group's output;
 - ``pooled``: the penultimate vector that the classifier reads.
 
 Models also expose ``preact_bns()``: for each entry of ``preact``, the BatchNorm whose output it is

@@ -1,13 +1,14 @@
 """Pre-activation Wide ResNets (Zagoruyko & Komodakis 2016) as in RepDistiller / mdistiller.
 
-Feature choice. In a pre-activation network a stage's output is a raw residual sum; its
-activation is the next block's ``bn1`` + ReLU (or the final ``bn`` + ReLU after the last stage).
-We expose that BN output as ``preact`` and its ReLU as the stage feature, so every stage is
-"after its final activation" like the other models, and ``preact_bns`` can name a BN whose output
-the preact really is (what OFD's margins assume). The forward computes each such BN once and
-hands the result to the block, so running statistics move exactly as in the plain network.
-mdistiller instead exposes the raw sums as ``feats`` and applies the next ``bn1`` a second time
-for ``preact_feats``, which in train mode updates that BN's statistics twice per step.
+Feature choice, as the peers (and the original AT code) tap them. In a pre-activation network a
+group's output is a raw residual sum, activated only by the next block's ``bn1`` + ReLU (or the final
+``bn`` + ReLU). ``stages`` are those raw sums: the stem conv's output, then each block group's output.
+``preact`` is the stem output itself (no BN produces it), then for each group the BN that activates
+it: the next group's first ``bn1``, or the final ``bn`` after the last group; ``preact_bns`` names
+those BNs (what OFD's margins assume). The forward computes each such BN once and hands the result to
+the block, so running statistics move exactly as in the plain network; mdistiller and RepDistiller
+apply that ``bn1`` a second time for their pre-activation features, which in train mode updates its
+statistics twice per step (their values are the same: one batch, the same batch statistics).
 """
 
 from __future__ import annotations
@@ -57,24 +58,22 @@ class WideResNet(ZooModel):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
         x = self.conv1(x)
-        stages, preact = [], []
-        for stage in self.stages:
-            # The activation of the previous stage (or of the stem) is this stage's first bn1.
-            h = stage[0].bn1(x)
-            preact.append(h)
-            stages.append(F.relu(h))
+        stages, preact = [x], [x]
+        h: torch.Tensor | None = None  # the first group's bn1 is not a tapped preact: its block computes it
+        for k, stage in enumerate(self.stages):
             x = stage[0](x, h)
             for block in stage[1:]:
                 x = block(x)
-        h = self.bn(x)
-        out = F.relu(h)
-        preact.append(h)
-        stages.append(out)
-        pooled = pool_flatten(out)
+            stages.append(x)
+            # The BN that activates this group's output: the next group's first bn1, or the final bn.
+            h = self.stages[k + 1][0].bn1(x) if k + 1 < len(self.stages) else self.bn(x)
+            preact.append(h)
+        assert h is not None
+        pooled = pool_flatten(F.relu(h))
         return self.fc(pooled), Features(stages, preact, pooled)
 
     def preact_bns(self) -> list[nn.Module | None]:
-        return [stage[0].bn1 for stage in self.stages] + [self.bn]
+        return [None] + [stage[0].bn1 for stage in self.stages[1:]] + [self.bn]
 
 
 def _register(name: str, depth: int, widen: int) -> None:
