@@ -113,6 +113,7 @@ def test_search_records_a_diverged_plan_as_failed_and_goes_on(tmp_path):
                          baselines=False)
     trials = optuna.load_study(study_name="hot", storage=summary.storage_url).get_trials()
     assert summary.done == 3 and not summary.interrupted and summary.top == []
+    assert re.fullmatch(r"#0: diverged: non-finite loss at stage 1, epoch [12]", summary.all_failed or "")
     for t in trials:
         assert t.state == TrialState.FAIL
         assert re.fullmatch(r"diverged: non-finite loss at stage 1, epoch [12]", t.user_attrs[st.ATTR_FAIL_REASON])
