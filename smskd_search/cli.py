@@ -222,6 +222,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     )
     line.done()
     print(format_leaderboard(summary))
+    if summary.all_failed is not None:
+        print(f"error: all {summary.done} trial(s) of study {summary.study} failed; the first, {summary.all_failed}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

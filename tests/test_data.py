@@ -201,3 +201,45 @@ def test_loader_visits_every_sample_once_per_epoch():
     assert sorted(seen.tolist()) == list(range(50)) and len(loader) == 4
     for x, y, idx in loader:
         assert x.shape[1:] == (1, 4, 4) and torch.equal(y, split.labels[idx])
+
+
+def test_concurrent_imagefolder_decodes_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """Two trials on one node decode the same folder at once: each writes its own temporary file,
+    and the cache ends whole (a shared temporary name let one writer rename the other's file)."""
+    import threading
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in ("a", "b"):
+            (tmp_path / "img" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "img" / split / c / f"{i}.png")
+    monkeypatch.setenv("SMSKD_CACHE", str(tmp_path / "cache"))
+    both_writing = threading.Barrier(2, timeout=30)
+    written, real_savez = [], np.savez
+
+    def savez(file, **arrays):
+        written.append(getattr(file, "name", file))
+        both_writing.wait()  # neither has finished (or renamed) before the other starts
+        real_savez(file, **arrays)
+
+    monkeypatch.setattr(sources.np, "savez", savez)
+    results, errors = [], []
+
+    def decode():
+        try:
+            results.append(sources.load_imagefolder_arrays(str(tmp_path / "img")))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=decode) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(results) == 2 and len(set(map(str, written))) == 2
+    (cached,) = (tmp_path / "cache").iterdir()  # one cache file, no temporary left behind
+    assert cached.name.startswith("imagefolder-") and cached.suffixes == [".npz"]
+    monkeypatch.setattr(sources.np, "savez", real_savez)
+    again = sources.load_imagefolder_arrays(str(tmp_path / "img"))  # from the cache file
+    assert all(np.array_equal(a, b) for a, b in zip(again, results[0]))

@@ -181,9 +181,41 @@ def test_resume_after_a_stage_equals_one_run(tiny_problem, teacher_cache, tmp_pa
     resumed = run_plan(plan, teacher_cache=teacher_cache, out_dir=tmp_path / "part", resume=True)
     assert resumed.resumed_from_stage == 0
     assert _stage_results(resumed) == _stage_results(whole)
-    final_whole = torch.load(tmp_path / "whole" / "stage3.pt", weights_only=False)["student"]
-    final_resumed = torch.load(tmp_path / "part" / "stage3.pt", weights_only=False)["student"]
+    final_whole = torch.load(tmp_path / "whole" / "stage3.pt", weights_only=True)["student"]
+    final_resumed = torch.load(tmp_path / "part" / "stage3.pt", weights_only=True)["student"]
     assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
+
+
+class _RunsCode:
+    """Unpickling this runs code (what a pickle-only checkpoint could do): it writes a marker file."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_stage_checkpoints_load_as_plain_data_and_a_pickle_is_never_run(tiny_problem, teacher_cache, tmp_path):
+    from smskd_search.engine import UnsafeCheckpoint, discard_unsafe_checkpoints, latest_checkpoint, load_checkpoint
+
+    plan = make_plan(tiny_problem, [("kd", 1), ("dkd", 1)], restart_optimizer=False)
+    run_plan(plan, teacher_cache=teacher_cache, out_dir=tmp_path / "run", keep_student=False)
+    ckpt = torch.load(tmp_path / "run" / "stage2.pt", weights_only=True)  # tensors and plain data only
+    assert ckpt["optimizer"] is not None and latest_checkpoint(tmp_path / "run", plan.content_hash())["stage_index"] == 1
+
+    marker = tmp_path / "ran"
+    evil = _RunsCode()
+    evil.marker = str(marker)
+    torch.save({**ckpt, "stage_index": 2, "extra": evil}, tmp_path / "run" / "stage3.pt")
+    with pytest.raises(UnsafeCheckpoint, match=r"stage3\.pt does not load as tensors and plain data \(weights_only=True\)"):
+        load_checkpoint(tmp_path / "run" / "stage3.pt")
+    # `train --resume` stops with that line; it never runs the pickle.
+    with pytest.raises(UnsafeCheckpoint):
+        run_plan(plan, teacher_cache=teacher_cache, out_dir=tmp_path / "run", resume=True)
+    assert not marker.exists()
+    # A search's trial drops it and trains that stage again.
+    assert discard_unsafe_checkpoints(tmp_path / "run") == [tmp_path / "run" / "stage3.pt"]
+    assert latest_checkpoint(tmp_path / "run", plan.content_hash())["stage_index"] == 1 and not marker.exists()
 
 
 def test_callback_sees_cumulative_epochs(tiny_problem, teacher_cache):

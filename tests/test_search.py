@@ -302,12 +302,16 @@ def test_trainable_reports_resumes_and_fails_cleanly(tmp_path, monkeypatch):
     from smskd_search.engine import ensure_teacher
     from smskd_search.plan import ProblemSpec
     from smskd_search.search import trainable as tr
+    from smskd_search.search.teacher_transport import TeacherPayload, pack
 
     problem = {**PROBLEM, "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}}
     space = load_space(write_space(tmp_path, "trainable", {**MAIN_SEARCH, "methods": ["kd", "dkd"]}))
     space.space.problem = ProblemSpec.model_validate(problem)
     record = ensure_teacher(space.space.problem, cache_root=tmp_path / "teachers")
-    context = tr.TrialContext(teacher_record=asdict(record))
+    # The weights travel with the context; the record's path is not there for the trial to open.
+    shipped = pack(record)
+    context = tr.TrialContext(teacher=TeacherPayload({**asdict(record), "path": str(tmp_path / "not-here.pt")},
+                                                     shipped.weights))
     plan = make_plan(space, [("kd", 1), ("dkd", 2)], weight_mode="inverse", teacher_sha256=record.sha256)
 
     def run(fake, run_dir, resume_dirs=(), the_plan=plan, **extra):

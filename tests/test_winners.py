@@ -113,6 +113,7 @@ def test_search_records_a_diverged_plan_as_failed_and_goes_on(tmp_path):
                          baselines=False)
     trials = optuna.load_study(study_name="hot", storage=summary.storage_url).get_trials()
     assert summary.done == 3 and not summary.interrupted and summary.top == []
+    assert re.fullmatch(r"#0: diverged: non-finite loss at stage 1, epoch [12]", summary.all_failed or "")
     for t in trials:
         assert t.state == TrialState.FAIL
         assert re.fullmatch(r"diverged: non-finite loss at stage 1, epoch [12]", t.user_attrs[st.ATTR_FAIL_REASON])
@@ -258,3 +259,20 @@ def test_bad_search_flags_are_refused_before_anything_is_written(tmp_path, flags
                           capture_output=True, text=True, timeout=120, env={**os.environ, "SMSKD_STUDIES": str(studies)})
     assert proc.returncode == 2 and proc.stderr.strip() == line and "Traceback" not in proc.stderr
     assert sorted((p.name, p.read_bytes()) for p in studies.iterdir()) == before  # studies/ byte-identical
+
+
+@pytest.mark.slow
+def test_a_search_whose_trials_all_fail_exits_non_zero_with_the_first_reason(tmp_path):
+    space = tmp_path / "hot.yaml"
+    space.write_text(yaml.safe_dump({"name": "hot", "problem": PROBLEM, "recipe": {"lr": 1e4}, "search": {
+        "methods": ["kd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1},
+        "pruning": {"enabled": False}}}))
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--space", str(space), "--budget", "2",
+                           "--max-concurrent", "1", "--no-baselines", "--no-confirm"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SMSKD_STUDIES": str(tmp_path / "studies")})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: all 2 trial(s) of study hot failed; the first, #0: diverged: non-finite loss at stage 1, "
+                      "epoch 1"]
+    assert "Traceback" not in proc.stderr

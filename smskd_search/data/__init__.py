@@ -23,6 +23,10 @@ from smskd_search.data.splits import stratified_split, stratified_subset
 from smskd_search.errors import UserError
 from smskd_search.plan import DatasetSpec
 
+ENV_TEST_ACCESS_LOG = "SMSKD_TEST_ACCESS_LOG"
+# Every environment variable the data layer reads: a search propagates exactly these to its trials.
+ENV_VARS = (sources.ENV_DATA, sources.ENV_CACHE, ENV_TEST_ACCESS_LOG)
+
 # Per-dataset normalisation (channel mean, std) of the [0, 1] images. imagefolder computes its own.
 NORMALIZATION = {
     "digits": ((0.3050,), (0.3886,)),
@@ -120,7 +124,7 @@ def load_data(spec: DatasetSpec, device: torch.device | str = "cpu") -> DataSpli
 
 def load_test_split(spec: DatasetSpec, info: DataInfo, device: torch.device | str = "cpu") -> TensorSplit:
     """The test split: for final evaluation of a trained model only, never for training or tuning."""
-    log = os.environ.get("SMSKD_TEST_ACCESS_LOG")
+    log = os.environ.get(ENV_TEST_ACCESS_LOG)
     if log:
         with open(log, "a") as f:
             f.write(f"{time.time():.3f} pid={os.getpid()} dataset={spec.name}\n")
@@ -129,6 +133,7 @@ def load_test_split(spec: DatasetSpec, info: DataInfo, device: torch.device | st
 
 
 __all__ = [
+    "ENV_VARS",
     "DataInfo",
     "DataSplits",
     "TensorLoader",

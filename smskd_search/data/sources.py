@@ -8,6 +8,7 @@ import hashlib
 import os
 import pickle
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,28 @@ Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
+# The environment variables read here (smskd_search.data.ENV_VARS lists them for the search).
+ENV_DATA = "SMSKD_DATA"  # the default dataset root (a dataset without ``root``)
+ENV_CACHE = "SMSKD_CACHE"  # where decoded imagefolder arrays are cached
+
+
+def absolute_root(root: str | None) -> str | None:
+    """``root`` as an absolute path (a relative one is taken from the working directory), None as None.
+
+    Example:
+
+        >>> absolute_root("/srv/data"), absolute_root(None)
+        ('/srv/data', None)
+    """
+    return None if root is None else str(Path(root).expanduser().absolute())
+
 
 def default_root() -> Path:
-    return Path(os.environ.get("SMSKD_DATA", "data"))
+    return Path(os.environ.get(ENV_DATA, "data"))
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SMSKD_CACHE", Path.home() / ".cache" / "smskd_search"))
+    return Path(os.environ.get(ENV_CACHE, Path.home() / ".cache" / "smskd_search"))
 
 
 def load_digits_arrays() -> Arrays:
@@ -159,8 +175,15 @@ def load_imagefolder_arrays(root: str | None) -> Arrays:
     else:
         xt = yt = None
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, x=x, y=y, xt=xt if xt is not None else np.zeros((0,), np.uint8),
-             yt=yt if yt is not None else np.zeros((0,), np.int64))
-    tmp.replace(cached)
+    # A temporary name of this writer's own: trials on one node decode the same folder at once, and
+    # a shared name would let one rename (or truncate) the file another is still writing.
+    fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f"{cached.stem}.", suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, x=x, y=y, xt=xt if xt is not None else np.zeros((0,), np.uint8),
+                     yt=yt if yt is not None else np.zeros((0,), np.int64))
+        os.replace(tmp, cached)  # atomic: a reader sees the whole cache file or none
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return x, y, xt, yt

@@ -104,11 +104,55 @@ def checkpoint_path(out_dir: Path, stage_index: int) -> Path:
     return out_dir / f"stage{stage_index + 1}.pt"
 
 
+class UnsafeCheckpoint(UserError):
+    """A stage checkpoint that does not load as tensors and plain data (``weights_only=True``)."""
+
+
+def _stage_checkpoints(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("stage*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A stage checkpoint, unpickled with ``weights_only=True``: tensors and plain data only, so a
+    file that would need to run code to load is refused, never executed.
+
+    Raises:
+        UnsafeCheckpoint: The file holds anything else (an older format, a foreign file).
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unpickling error, a truncated or foreign file: one answer
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpoint(f"stage checkpoint {path} does not load as tensors and plain data "
+                               f"(weights_only=True): {why[:200]}; delete it to train that stage again") from None
+    if not isinstance(ckpt, dict) or "plan_hash" not in ckpt:
+        raise UnsafeCheckpoint(f"stage checkpoint {path} is not a stage checkpoint of smskd-search; delete it")
+    return ckpt
+
+
+def discard_unsafe_checkpoints(out_dir: Path) -> list[Path]:
+    """Remove the stage checkpoints in ``out_dir`` that :func:`load_checkpoint` refuses; returns them.
+
+    A search's trial calls this before resuming from its folder: the stages are trained again.
+    """
+    dropped = []
+    for p in _stage_checkpoints(out_dir):
+        try:
+            load_checkpoint(p)
+        except UnsafeCheckpoint:
+            p.unlink(missing_ok=True)
+            dropped.append(p)
+    return dropped
+
+
 def latest_checkpoint(out_dir: Path, plan_hash: str) -> dict | None:
-    """The last stage checkpoint of this plan in ``out_dir``, or None."""
-    found = sorted(out_dir.glob("stage*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
-    for p in reversed(found):
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    """The last stage checkpoint of this plan in ``out_dir``, or None.
+
+    Raises:
+        UnsafeCheckpoint: A checkpoint there does not load with ``weights_only=True``.
+    """
+    for p in reversed(_stage_checkpoints(out_dir)):
+        ckpt = load_checkpoint(p)
         if ckpt.get("plan_hash") == plan_hash:
             return ckpt
     return None
@@ -361,6 +405,7 @@ def _save_stage(run: _Run, k: int, out: Path) -> Path:
         "student": {n: t.detach().cpu() for n, t in run.student.state_dict().items()},
         "optimizer": None if run.plan.restart_optimizer or run.optimizer is None
         else _student_only_state(run.optimizer),
+        # Plain data only (loaded back with weights_only=True): dataclasses as dicts of numbers.
         "results": [asdict(r) for r in run.results],
     })
     return path

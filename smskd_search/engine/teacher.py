@@ -4,6 +4,7 @@ checkpoint and checked against its arch. Never retrained inside a plan run."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -72,10 +73,20 @@ def _state_dict_of(obj: object) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_weights_checked(model: nn.Module, path: str | Path, arch: str, field: str = "teacher.checkpoint") -> None:
-    """Load a checkpoint into ``model`` or raise one UserError line saying why it does not fit."""
+def load_weights_checked(model: nn.Module, path: str | Path | bytes, arch: str, field: str = "teacher.checkpoint") -> None:
+    """Load a checkpoint into ``model`` or raise one UserError line saying why it does not fit.
+
+    Args:
+        model: The freshly built model.
+        path: The checkpoint file, or its bytes (a search's trial gets the teacher's file that way).
+        arch: The model's arch (for the message).
+        field: The field the checkpoint came from (for the message).
+    """
+    source = io.BytesIO(path) if isinstance(path, bytes) else path
+    if isinstance(path, bytes):
+        path = f"<{len(path)} bytes sha256 {hashlib.sha256(path).hexdigest()[:12]}>"
     try:
-        state = _state_dict_of(torch.load(path, map_location="cpu", weights_only=True))
+        state = _state_dict_of(torch.load(source, map_location="cpu", weights_only=True))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise UserError(f"{field}: {path} cannot be read as a checkpoint: {str(exc).splitlines()[0]}") from None
     own = model.state_dict()
@@ -219,10 +230,20 @@ def _add_test_accuracy(problem: ProblemSpec, record: TeacherRecord, device: torc
     return record
 
 
-def load_teacher(problem: ProblemSpec, record: TeacherRecord, info, device: torch.device | str) -> nn.Module:
-    """The teacher model, frozen (eval mode, no gradients), on ``device``."""
+def load_teacher(problem: ProblemSpec, record: TeacherRecord, info, device: torch.device | str,
+                 weights: bytes | None = None) -> nn.Module:
+    """The teacher model, frozen (eval mode, no gradients), on ``device``.
+
+    Args:
+        problem: The problem (the teacher's arch).
+        record: The teacher's record.
+        info: The dataset's shapes (:class:`DataInfo`).
+        device: Where the model goes.
+        weights: The bytes of the teacher's file, already checked against ``record.sha256`` by the
+            caller; None: read ``record.path``.
+    """
     model = create_model(problem.teacher.arch, info.num_classes, info.in_channels, info.image_size)
-    load_weights_checked(model, record.path, problem.teacher.arch)
+    load_weights_checked(model, weights if weights is not None else record.path, problem.teacher.arch)
     return freeze(model.to(device))
 
 

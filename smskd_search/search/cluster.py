@@ -5,13 +5,25 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from smskd_search.data import ENV_VARS as DATA_ENV_VARS
 from smskd_search.errors import UserError
 from smskd_search.space import RuntimeSpec
 
-# Environment variables a trial worker must see as the driver does (set before Ray starts).
-PROPAGATED_ENV = ("SMSKD_TEST_ACCESS_LOG", "SMSKD_DATA_ROOT", "RAY_CHDIR_TO_TRIAL_DIR")
+# Environment variables a trial worker must see as the driver does (set before Ray starts): the
+# data layer's own list, so that a variable it starts reading is propagated without a second edit.
+PROPAGATED_ENV = (*DATA_ENV_VARS, "RAY_CHDIR_TO_TRIAL_DIR")
+# Of those, the ones holding a path: made absolute, since a trial on another node (or in another
+# working directory) would resolve a relative one elsewhere.
+PATH_ENV = DATA_ENV_VARS
+# Seconds to wait for a TCP connection to a cluster's address before calling it unreachable (Ray
+# itself retries for about two minutes, printing each attempt).
+CONNECT_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -78,18 +90,88 @@ def trial_resources(cluster: dict[str, float], runtime: RuntimeSpec, cpus_per_tr
     return TrialResources(per_trial, device, concurrent, notes)
 
 
+def propagated_env(environ: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    """The variables of ``names`` set in ``environ``, path-valued ones (:data:`PATH_ENV`) made absolute.
+
+    Example:
+
+        >>> propagated_env({"SMSKD_DATA": "/data", "HOME": "/root"}, PROPAGATED_ENV)
+        {'SMSKD_DATA': '/data'}
+    """
+    return {k: str(Path(environ[k]).expanduser().absolute()) if k in PATH_ENV and environ[k] else environ[k]
+            for k in names if k in environ}
+
+
+def _current_cluster() -> str | None:
+    """The address ``ray.init(address="auto")`` joins first: RAY_ADDRESS, else the one ``ray start``
+    recorded in ``<tmp>/ray/ray_current_cluster`` (both named in ray.init's documentation)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    recorded = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        return recorded.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A one-line UserError within ``timeout`` seconds if nothing answers at the cluster ``address`` names.
+
+    Checked before a study is written: ``ray.init`` would otherwise retry for minutes. ``None`` and
+    ``"local"`` start a new local Ray (nothing to check); ``"auto"`` must find an address where
+    ``ray.init`` looks first (RAY_ADDRESS, a ``ray start`` on this machine). (Ray's last resort for
+    ``"auto"``, any Ray process it finds running here, is not looked for: pass its host:port.)
+
+    Args:
+        address: ``--address``: None, ``"local"``, ``"auto"``, ``host:port`` or ``ray://host:port``.
+        timeout: Seconds for the TCP connection.
+    """
+    if address is None or address == "local":
+        return
+    target, where = address, ""
+    if address == "auto":
+        found = _current_cluster()
+        if found is None:
+            raise UserError("--address auto: no running Ray cluster found (RAY_ADDRESS is unset and no `ray start` "
+                            "is recorded on this machine); pass the head's host:port")
+        target, where = found, f" (found {'in RAY_ADDRESS' if os.environ.get('RAY_ADDRESS') else 'from ray start'})"
+    hp = _host_port(target)
+    if hp is None:
+        raise UserError(f"--address {address}: {target!r} is not 'auto', host:port or ray://host:port{where}")
+    try:
+        with socket.create_connection(hp, timeout=timeout):
+            pass
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        raise UserError(f"--address {address}: no Ray cluster answers at {hp[0]}:{hp[1]}{where} ({why})") from None
+
+
 def start_ray(address: str | None) -> bool:
     """Start local Ray (or join ``address``) unless this process already has Ray; True if started."""
     from smskd_search.search._ray import ENV_DEFAULTS, ray
 
     if ray.is_initialized():
         return False
-    env_vars = {k: os.environ[k] for k in (*PROPAGATED_ENV, *ENV_DEFAULTS) if k in os.environ}
+    check_address(address)
+    env_vars = propagated_env(os.environ, (*PROPAGATED_ENV, *ENV_DEFAULTS))
     try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
     except ConnectionError as exc:
-        raise UserError(f"--address {address}: cannot connect to a Ray cluster: {exc}") from None
+        raise UserError(f"--address {address}: cannot connect to a Ray cluster: {str(exc).splitlines()[0]}") from None
+    except RuntimeError as exc:
+        # Something answers at the address but it is not a Ray cluster's GCS (Ray's words for it).
+        if not str(exc).startswith("Failed to connect to GCS"):
+            raise
+        raise UserError(f"--address {address}: no Ray cluster at that address (it answers, but not as Ray's GCS)") from None
     return True
 
 
@@ -101,4 +183,5 @@ def quiet_ray_loggers() -> None:
     logging.getLogger("ray").setLevel(logging.ERROR)
 
 
-__all__ = ["PROPAGATED_ENV", "TrialResources", "check_requests", "quiet_ray_loggers", "start_ray", "trial_resources"]
+__all__ = ["PATH_ENV", "PROPAGATED_ENV", "TrialResources", "check_address", "check_requests", "propagated_env", "quiet_ray_loggers",
+           "start_ray", "trial_resources"]

@@ -21,7 +21,7 @@ from smskd_search.errors import UserError
 from smskd_search.search import confirm as cf
 from smskd_search.search import lifecycle as lc
 from smskd_search.search import storage as st
-from smskd_search.search.cluster import check_requests, start_ray
+from smskd_search.search.cluster import check_address, check_requests, start_ray
 from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
 from smskd_search.search.progress import ProgressInfo
@@ -57,6 +57,9 @@ class SearchSummary:
     confirm: ConfirmSettings | None = None  # None: no confirmation (off, or not reached)
     n_confirmation_runs: int = 0  # COMPLETE confirmation runs in the study
     n_repeats: int = 0  # budget trials answered from the study (their plan had finished already)
+    # Set when every budget trial that finished failed (none completed or was pruned): the first
+    # failure, "#<number>: <fail_reason>". The CLI then exits non-zero with it.
+    all_failed: str | None = None
 
     @property
     def best(self) -> LeaderboardRow | None:
@@ -138,6 +141,8 @@ def run_search(
         max_concurrent = 1
     if confirm is not None and (confirm.plans < 0 or confirm.baselines < 0 or confirm.seeds < 0):
         raise UserError(f"--confirm/--confirm-seeds must be >= 0 (got {confirm.plans} plans, {confirm.seeds} seeds)")
+    # Before the study file exists: an unreachable cluster leaves nothing behind, and says so at once.
+    check_address(address)
     name = st.check_study_name(study or st.study_name_from(sp.name))
     studies_dir = Path(studies_dir)
     path = st.db_path(studies_dir, name)
@@ -240,12 +245,22 @@ def run_search(
             resources_per_trial=resources, max_concurrent=concurrent, confirm=confirmed_with,
             n_confirmation_runs=n_confirm,
             n_repeats=sum(1 for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is not None),
+            all_failed=_all_failed(trials),
         )
     finally:
         if ray_started:
             _shutdown_ray()
         optuna.logging.set_verbosity(optuna_verbosity)
         lock.release()
+
+
+def _all_failed(trials: list[optuna.trial.FrozenTrial]) -> str | None:
+    """The first failure, where no budget trial finished other than by failing (see SearchSummary)."""
+    budget = [t for t in trials if st.counts_toward_budget(t)]
+    if not budget or any(t.state != TrialState.FAIL for t in budget):
+        return None
+    first = min(budget, key=lambda t: t.number)
+    return f"#{first.number}: {first.user_attrs.get(st.ATTR_FAIL_REASON) or 'no reason recorded'}"
 
 
 def _shutdown_ray() -> None:

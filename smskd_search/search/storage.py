@@ -49,6 +49,8 @@ ATTR_RETRY_OF = "retry_of"
 # interrupted too, before or after it copied its predecessor's checkpoints).
 ATTR_RESUME_FROM = "resume_from"
 ATTR_RUN_DIR = "run_dir"
+# The dataset root the trial read, made absolute on the driver (the stored plan keeps the space's).
+ATTR_DATA_ROOT = "data_root"
 ATTR_REPLAYED_STAGES = "replayed_stages"
 # Plan.canonical_hash() of the trial's plan, and, on a trial answered from the study instead of
 # trained, the number of the finished trial with the same plan whose result it took.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ from typing import Any
 import torch
 import yaml
 
+from smskd_search.errors import UserError
 from smskd_search.search._ray import tune
+from smskd_search.search.teacher_transport import TeacherPayload, unpack
 from smskd_search.search.trial_report import TrialReport
 
 # Per worker process: with reuse_actors the data and the teacher stay loaded across trials.
@@ -41,29 +44,51 @@ _TEACHER_CACHE: dict[str, Any] = {}
 
 @dataclass(frozen=True)
 class TrialContext:
-    """What every trial of a search shares (shipped once through Ray's object store)."""
+    """What every trial of a search shares (shipped once through Ray's object store).
 
-    teacher_record: dict[str, Any]
+    Args:
+        teacher: The teacher's record and weights (a trial never reads the driver's teacher path).
+        device: ``"cuda"`` or ``"cpu"``.
+        keep_run_dirs: Keep the trial's stage checkpoints after it finished (tests).
+    """
+
+    teacher: TeacherPayload
     device: str = "cpu"
     keep_run_dirs: bool = False
 
 
-def _shared_inputs(plan: Any, context: TrialContext) -> tuple[Any, Any, Any]:
+def _dataset_on_this_node(plan: Any, data_root: str | None) -> Any:
+    """The plan's dataset, read from ``data_root`` (the driver's absolute form of its root) if given."""
+    dataset = plan.problem.dataset
+    if data_root:
+        dataset = dataset.model_copy(update={"root": data_root})
+        if not os.path.isdir(data_root):
+            raise UserError(f"dataset.root: {data_root} not found on node {socket.gethostname()} "
+                            f"(the space says {plan.problem.dataset.root!r})")
+    return dataset
+
+
+def _shared_inputs(plan: Any, context: TrialContext, data_root: str | None = None) -> tuple[Any, Any, Any]:
     from smskd_search.data import load_data
-    from smskd_search.engine import TeacherRecord, load_teacher
+    from smskd_search.engine import load_teacher
 
     dev = torch.device(context.device)
-    data_key = json.dumps([plan.problem.dataset.model_dump(mode="json"), context.device], sort_keys=True)
+    dataset = _dataset_on_this_node(plan, data_root)
+    data_key = json.dumps([dataset.model_dump(mode="json"), context.device], sort_keys=True)
     data = _DATA_CACHE.get(data_key)
     if data is None:
         _DATA_CACHE.clear()  # one problem per search: keep memory bounded when a worker is reused
-        data = _DATA_CACHE[data_key] = load_data(plan.problem.dataset, dev)
-    record = TeacherRecord(**context.teacher_record)
+        try:
+            data = load_data(dataset, dev)
+        except UserError as exc:
+            raise UserError(f"node {socket.gethostname()}: {exc}") from None
+        _DATA_CACHE[data_key] = data
+    record, weights = unpack(context.teacher)  # checked on every trial: a cache hit must not skip it
     teacher_key = json.dumps([record.sha256, plan.problem.teacher.arch, data_key], sort_keys=True)
     teacher = _TEACHER_CACHE.get(teacher_key)
     if teacher is None:
         _TEACHER_CACHE.clear()
-        teacher = _TEACHER_CACHE[teacher_key] = load_teacher(plan.problem, record, data.info, dev)
+        teacher = _TEACHER_CACHE[teacher_key] = load_teacher(plan.problem, record, data.info, dev, weights=weights)
     return data, teacher, record
 
 
@@ -90,7 +115,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Run the trial's plan; see the module docstring."""
-    from smskd_search.engine import Diverged, EpochMetrics, latest_checkpoint, run_plan
+    from smskd_search.engine import Diverged, EpochMetrics, discard_unsafe_checkpoints, latest_checkpoint, run_plan
     from smskd_search.plan import parse_plan
 
     started, started_at = time.perf_counter(), time.time()
@@ -107,6 +132,8 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     for d in resume_dirs:  # nearest first; stage files of one plan are the same in all of them
         if d.is_dir():
             _adopt_checkpoints(d, run_dir)
+    # A stage checkpoint that would need to run code to load (an older format) is trained again.
+    discard_unsafe_checkpoints(run_dir)
 
     n_stages, total = len(plan.stages), plan.total_epochs
     rung_epochs = set(config.get("rung_epochs") or [])
@@ -166,7 +193,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
         return False
 
     try:
-        data, teacher, record = _shared_inputs(plan, context)
+        data, teacher, record = _shared_inputs(plan, context, config.get("data_root"))
         run_plan(plan, device=context.device, out_dir=run_dir, resume=True, on_stage_end=on_stage_end,
                  on_epoch_end=on_epoch_end if rung_epochs else None,
                  data=data, teacher_model=teacher, teacher_record=record, keep_student=False)

@@ -10,13 +10,14 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from smskd_search.data.sources import absolute_root
 from smskd_search.engine import TeacherRecord
 from smskd_search.search import storage as st
 from smskd_search.search.cluster import TrialResources, quiet_ray_loggers, start_ray, trial_resources
@@ -24,6 +25,7 @@ from smskd_search.search.lifecycle import StudySession
 from smskd_search.search.progress import ProgressInfo, progress_callback
 from smskd_search.search.pruning import StageRungs
 from smskd_search.search.sampling import BASELINE_ATTR, suggest_plan
+from smskd_search.search.teacher_transport import pack
 from smskd_search.space import SearchSpec, Space
 
 
@@ -41,6 +43,9 @@ class PlanConfigs:
         self.runs_dir = runs_dir
         self.study = study
         self.rung_epochs = list(rung_epochs or [])
+        # A relative dataset root means the driver's working directory: made absolute here, on the
+        # driver, and sent beside the plan (whose stored text keeps the space's own root).
+        self.data_root = absolute_root(space.problem.dataset.root)
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         plan = suggest_plan(trial, self.space, self.teacher_sha256, name=f"{self.study}-trial{trial.number}")
@@ -53,6 +58,8 @@ class PlanConfigs:
             st.ATTR_RUN_DIR: str(run_dir),
         }.items():
             trial.set_user_attr(key, value)
+        if self.data_root is not None:
+            trial.set_user_attr(st.ATTR_DATA_ROOT, self.data_root)
         return {
             "plan_yaml": plan.to_yaml(),
             "sequence": plan.sequence(),
@@ -65,6 +72,8 @@ class PlanConfigs:
             "baseline": trial.user_attrs.get(BASELINE_ATTR),
             # Cumulative epochs at which the trial also reports mid-stage (pruning at the rungs).
             "rung_epochs": self.rung_epochs,
+            # The dataset's root as the driver resolved it (None: the dataset's default place).
+            "data_root": self.data_root,
         }
 
 
@@ -179,7 +188,7 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
         searcher = StudySearcher(s.session.study, configs, pruning=scheduler is not None,
                                  stop_reason=scheduler.stop_reason if scheduler is not None else None,
                                  max_trials=s.trials)
-        context = TrialContext(teacher_record=asdict(s.teacher), device=resources.device)
+        context = TrialContext(teacher=pack(s.teacher), device=resources.device)
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources.per_trial)
         time_budget = None
         if s.deadline is not None:

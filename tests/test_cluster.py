@@ -1,0 +1,222 @@
+"""A search on a real cluster: what a trial receives from the driver (the teacher's weights, the
+dataset's root, the environment), and a cluster address that answers nobody, refused at once.
+
+Trials run here in this process with a stand-in for ``tune`` (no Ray): what they are sent is what
+a Ray worker on another node would get.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from PIL import Image
+
+from smskd_search.errors import UserError
+from smskd_search.search import cluster
+from smskd_search.search import storage as st
+from smskd_search.search.teacher_transport import TeacherTransportError, pack, unpack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _FakeTune:
+    """Records ``report`` calls (the trainable's only use of Tune besides checkpoints)."""
+
+    class Checkpoint:
+        @staticmethod
+        def from_directory(path):
+            return sorted(os.listdir(path))
+
+    def __init__(self):
+        self.reports: list[dict] = []
+
+    def report(self, metrics, checkpoint=None):
+        self.reports.append(dict(metrics))
+
+    def get_checkpoint(self):
+        return None
+
+
+def _imagefolder(root: Path, n: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("test", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def relative_space(tmp_path, monkeypatch):
+    """A space whose imagefolder dataset has the relative root ``data``, loaded from its project folder."""
+    from smskd_search.space import load_space
+
+    project = tmp_path / "project"
+    _imagefolder(project / "data")
+    monkeypatch.setenv("SMSKD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(project)
+    (project / "space.yaml").write_text(yaml.safe_dump({
+        "name": "rel", "problem": {"dataset": {"name": "imagefolder", "root": "data", "val_fraction": 0.25},
+                                   "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}},
+                                   "student": {"arch": "cnn_nano"}},
+        "search": {"methods": ["kd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1}}}))
+    return load_space(project / "space.yaml"), project
+
+
+def _trial_config(space, teacher_sha: str, runs: Path) -> tuple[dict, optuna.trial.FrozenTrial]:
+    from smskd_search.search.tune_run import PlanConfigs
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    config = PlanConfigs(space.space, teacher_sha, 1, runs, "rel")(trial)
+    study.tell(trial, 0.0)
+    return config, study.trials[0]
+
+
+def _run_trial(config: dict, context, monkeypatch) -> list[dict]:
+    from smskd_search.search import trainable as tr
+
+    fake = _FakeTune()
+    monkeypatch.setattr(tr, "tune", fake)
+    tr._DATA_CACHE.clear()
+    tr._TEACHER_CACHE.clear()
+    tr.train_trial(config, context)
+    return fake.reports
+
+
+def test_a_relative_root_reaches_the_trial_absolute_and_the_teacher_travels_as_bytes(relative_space, tmp_path,
+                                                                                     monkeypatch):
+    from smskd_search.engine import ensure_teacher
+    from smskd_search.search.teacher_transport import TeacherPayload
+    from smskd_search.search.trainable import TrialContext
+
+    space, project = relative_space
+    record = ensure_teacher(space.space.problem, cache_root=tmp_path / "teachers")
+    config, trial = _trial_config(space, record.sha256, tmp_path / "runs")
+    assert config["data_root"] == str(project / "data")
+    assert trial.user_attrs[st.ATTR_DATA_ROOT] == str(project / "data")
+    # The stored plan keeps the space's root: a `train` of it means what the space meant.
+    assert yaml.safe_load(config["plan_yaml"])["problem"]["dataset"]["root"] == "data"
+    assert yaml.safe_load(trial.user_attrs[st.ATTR_PLAN])["problem"]["dataset"]["root"] == "data"
+
+    # The trial runs elsewhere (another node's working directory), and the driver's teacher file is
+    # gone: it gets both from what the driver sent.
+    payload = pack(record)
+    Path(record.path).unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    reports = _run_trial(config, TrialContext(teacher=payload), monkeypatch)
+    assert [r["error"] for r in reports] == [None] and reports[-1]["final"] and reports[-1]["val_acc"] > 0
+
+    # A corrupted payload is refused with the reason, before anything trains.
+    bad = bytearray(payload.weights)
+    bad[len(bad) // 2] ^= 0xFF
+    corrupted = TeacherPayload(payload.record, bytes(bad))
+    with pytest.raises(TeacherTransportError, match=r"^teacher weights: the \d+ bytes this trial received hash to "
+                                                    r"sha256 [0-9a-f]{12}, the driver sent [0-9a-f]{12}: refused"):
+        unpack(corrupted)
+    (failed,) = _run_trial(config, TrialContext(teacher=corrupted), monkeypatch)
+    assert failed["error"].startswith("TeacherTransportError: teacher weights: ") and math.isnan(failed["val_acc"])
+
+    # The dataset missing on the trial's node: one line naming the node, the field and the path.
+    missing = {**config, "data_root": str(tmp_path / "nowhere")}
+    (failed,) = _run_trial(missing, TrialContext(teacher=payload), monkeypatch)
+    assert failed["error"] == (f"UserError: dataset.root: {tmp_path / 'nowhere'} not found on node "
+                               f"{socket.gethostname()} (the space says 'data')")
+
+
+def test_the_driver_refuses_a_teacher_file_that_changed(tmp_path):
+    from smskd_search.engine import TeacherRecord
+
+    f = tmp_path / "teacher.pt"
+    f.write_bytes(b"weights")
+    record = TeacherRecord("cnn_small", str(f), "0" * 64, 0.5, 10, None, None, 1, "trained", "k")
+    with pytest.raises(UserError, match=r"teacher: .*teacher\.pt changed on the driver"):
+        pack(record)
+    import hashlib
+
+    ok = replace(record, sha256=hashlib.sha256(b"weights").hexdigest())
+    assert unpack(pack(ok)) == (ok, b"weights")
+
+
+def _env_names_read(package: Path) -> set[str]:
+    """Every SMSKD_* name that code in ``package`` reads (string constants, the way the modules name them)."""
+    names = set()
+    for f in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("SMSKD_"):
+                names.add(node.value)
+    return names
+
+
+def test_the_propagated_environment_is_what_the_data_layer_reads(tmp_path, monkeypatch):
+    from smskd_search import data
+
+    read = _env_names_read(ROOT / "smskd_search" / "data")
+    assert read == set(data.ENV_VARS) == {"SMSKD_DATA", "SMSKD_CACHE", "SMSKD_TEST_ACCESS_LOG"}
+    assert set(data.ENV_VARS) <= set(cluster.PROPAGATED_ENV)
+    assert not {n for n in cluster.PROPAGATED_ENV if n.startswith("SMSKD_")} - read  # nothing nobody reads
+    # Paths travel absolute: a trial elsewhere would resolve a relative one against its own folder.
+    monkeypatch.chdir(tmp_path)
+    env = {"SMSKD_DATA": "data", "SMSKD_CACHE": "/abs/cache", "RAY_CHDIR_TO_TRIAL_DIR": "0", "OTHER": "x"}
+    assert cluster.propagated_env(env, cluster.PROPAGATED_ENV) == {
+        "SMSKD_DATA": str(tmp_path / "data"), "SMSKD_CACHE": "/abs/cache", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_address(monkeypatch, tmp_path):
+    cluster.check_address(None)
+    cluster.check_address("local")
+    with pytest.raises(UserError, match=r"^--address 127\.0\.0\.1:\d+: no Ray cluster answers at 127\.0\.0\.1:\d+ "
+                                        r"\(connection refused\)$"):
+        cluster.check_address(f"127.0.0.1:{_closed_port()}")
+    with pytest.raises(UserError, match="is not 'auto', host:port or ray://host:port"):
+        cluster.check_address("nonsense")
+    with socket.socket() as listening:  # something answers: Ray's own connection is tried next
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        cluster.check_address(f"127.0.0.1:{port}")
+        cluster.check_address(f"ray://127.0.0.1:{port}")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UserError, match="^--address auto: no running Ray cluster found"):
+        cluster.check_address("auto")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
+    with pytest.raises(UserError, match=r"no Ray cluster answers at 127\.0\.0\.1:\d+ \(found in RAY_ADDRESS\)"):
+        cluster.check_address("auto")
+
+
+def test_a_bad_address_fails_fast_and_writes_nothing(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "keep.txt").write_text("untouched")
+    before = sorted((p.name, p.read_bytes()) for p in studies.iterdir())
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--budget", "2", "--address", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "SMSKD_STUDIES": str(studies)})
+    took = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: --address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1 (connection refused)"
+    assert proc.stdout == "" and took < 15
+    assert sorted((p.name, p.read_bytes()) for p in studies.iterdir()) == before  # studies/ byte-identical
+
