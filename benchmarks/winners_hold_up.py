@@ -46,6 +46,36 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
     return mean, se if se is not None else math.nan  # nan prints as such, one seed having no s.e.
 
 
+class TestBench:
+    """Test-split accuracies of plans over fixed fresh seeds, each (plan, seed) trained once.
+
+    Args:
+        sp: The space (its problem gives the data and the teacher).
+        seeds: The fresh seeds every plan is trained on (the same for all: paired differences).
+        teachers: The teacher cache folder.
+    """
+
+    def __init__(self, sp, seeds: list[int], teachers: Path):
+        dev = torch.device("cpu")
+        self.seeds = seeds
+        self.data = load_data(sp.problem.dataset, dev)
+        self.record = ensure_teacher(sp.problem, cache_root=teachers, data=self.data)
+        self.teacher = load_teacher(sp.problem, self.record, self.data.info, dev)
+        self.cache: dict[tuple[str, int], float] = {}
+
+    def test_accs(self, plan) -> list[float]:
+        out = []
+        for s in self.seeds:
+            p = plan.model_copy(update={"seed": s})
+            key = (p.canonical_hash(), s)
+            if key not in self.cache:
+                torch.set_num_threads(1)  # a trial's thread count
+                self.cache[key] = evaluate_test(p, run_plan(p, data=self.data, teacher_model=self.teacher,
+                                                            teacher_record=self.record)).acc
+            out.append(self.cache[key])
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--space", default="default")
@@ -62,22 +92,8 @@ def main() -> None:
     sp = loaded.space
     seeds = [sp.seed + TEST_SEED_OFFSET + i for i in range(args.test_seeds)]
 
-    dev = torch.device("cpu")
-    data = load_data(sp.problem.dataset, dev)
-    record = ensure_teacher(sp.problem, cache_root=studies / "teachers", data=data)
-    teacher = load_teacher(sp.problem, record, data.info, dev)
-    cache: dict[tuple[str, int], float] = {}
-
-    def test_accs(plan) -> list[float]:
-        out = []
-        for s in seeds:
-            key = (plan.model_copy(update={"seed": s}).canonical_hash(), s)
-            if key not in cache:
-                torch.set_num_threads(1)  # a trial's thread count
-                p = plan.model_copy(update={"seed": s})
-                cache[key] = evaluate_test(p, run_plan(p, data=data, teacher_model=teacher, teacher_record=record)).acc
-            out.append(cache[key])
-        return out
+    bench = TestBench(sp, seeds, studies / "teachers")
+    test_accs = bench.test_accs
 
     rows = []
     for i in range(args.searches):

@@ -243,3 +243,15 @@ def test_concurrent_imagefolder_decodes_never_share_a_temporary_file(tmp_path, m
     monkeypatch.setattr(sources.np, "savez", real_savez)
     again = sources.load_imagefolder_arrays(str(tmp_path / "img"))  # from the cache file
     assert all(np.array_equal(a, b) for a, b in zip(again, results[0]))
+
+
+@pytest.mark.skipif(not sources.DEBIAN_FASHION_MNIST.is_dir(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_the_cpu_fashion_mnist_space_reads_a_subset_of_the_real_data():
+    from smskd_search.space import load_space
+
+    spec = load_space("fashion-mnist-cpu").space.problem.dataset
+    d = load_data(spec)
+    assert (d.info.num_train, d.info.num_val, d.info.image_size) == (4000, 1000, 28)
+    assert torch.bincount(d.train.labels).tolist() == [400] * 10 and torch.bincount(d.val.labels).tolist() == [100] * 10
+    assert len(load_test_split(spec, d.info)) == 10000  # the whole official test split
