@@ -359,6 +359,43 @@ def test_trainable_reports_resumes_and_fails_cleanly(tmp_path, monkeypatch):
     assert failed["cum_epochs"] == 0 and not failed["final"]
 
 
+def test_trainable_starts_from_the_stage_cache_and_reports_every_rung(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from smskd_search.engine import ensure_teacher
+    from smskd_search.plan import ProblemSpec
+    from smskd_search.search import trainable as tr
+    from smskd_search.search.teacher_transport import TeacherPayload, pack
+
+    problem = {**PROBLEM, "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}}
+    space = load_space(write_space(tmp_path, "cached", {**MAIN_SEARCH, "methods": ["kd", "dkd", "fitnet"]}))
+    space.space.problem = ProblemSpec.model_validate(problem)
+    record = ensure_teacher(space.space.problem, cache_root=tmp_path / "teachers")
+    shipped = pack(record)
+    payload = TeacherPayload({**asdict(record), "path": str(tmp_path / "not-here.pt")}, shipped.weights)
+    first = make_plan(space, [("kd", 2), ("dkd", 1)], weight_mode="inverse", teacher_sha256=record.sha256)
+    second = make_plan(space, [("kd", 2), ("fitnet", 1)], weight_mode="inverse", teacher_sha256=record.sha256)
+
+    def run(plan, run_dir, cache_dir):
+        fake = _FakeTune()
+        monkeypatch.setattr(tr, "tune", fake)
+        context = tr.TrialContext(teacher=payload, cache_dir=str(cache_dir) if cache_dir else None)
+        tr.train_trial({"plan_yaml": plan.to_yaml(), "run_dir": str(run_dir), "threads": 1,
+                        "rung_epochs": [1, 2, 3]}, context)
+        return [m for m, _ in fake.reports]
+
+    plain = run(second, tmp_path / "a", None)
+    run(first, tmp_path / "b", tmp_path / "cache")
+    cached = run(second, tmp_path / "c", tmp_path / "cache")
+    keys = ("cum_epochs", "stage_end", "val_acc", "val_loss", "epoch_val_acc", "final")
+    # The reused stage reports its rung (1, inside stage 1) and its end, with the trained run's values.
+    assert [tuple(m[k] for k in keys) for m in cached] == [tuple(m[k] for k in keys) for m in plain]
+    assert [(m["cum_epochs"], m["reused"], m["epochs_reused"], m["epochs_trained"]) for m in cached] == \
+        [(1, True, 1, 0), (2, True, 2, 0), (3, False, 2, 1)]
+    assert [(m["epochs_reused"], m["epochs_trained"]) for m in plain] == [(0, 1), (0, 2), (0, 3)]
+    assert (tmp_path / "cache" / "stages").is_dir() and (tmp_path / "cache" / "teacher_outputs").is_dir()
+
+
 # ---------------------------------------------------------------------------------------------
 # Real searches (Ray started by the code)
 
