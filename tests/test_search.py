@@ -765,3 +765,47 @@ def test_the_test_split_is_never_touched(main_search, pruned_search, rung_search
     spec = DatasetSpec(name="digits", val_fraction=0.25)
     load_test_split(spec, load_data(spec).info)
     assert probe.exists()
+
+
+CACHE_SEARCH = {
+    "methods": ["kd", "dkd"],
+    # Two orderings of two 1-epoch stages: of three trials, two share their first stage.
+    "stages": {"min": 2, "max": 2},
+    "epochs": {"min": 1, "max": 1},
+    "pruning": {"enabled": False},
+    "sampler": {"kind": "random"},
+}
+
+
+@pytest.mark.slow
+def test_the_stage_cache_reuses_shared_prefixes_with_the_same_values(studies_root):
+    runs = {}
+    for name, cache in (("cached", True), ("uncached", False)):
+        space = load_space(write_space(studies_root, name, CACHE_SEARCH))
+        summary = run_search(space, budget=3, studies_dir=studies_root, address="local", seed=0, baselines=False,
+                             confirm=None, deterministic=True, cache=cache)
+        runs[name] = (summary, sorted(_trials(summary.db_path, name), key=lambda t: t.number))
+    (on, with_cache), (off, without) = runs["cached"], runs["uncached"]
+    assert [t.state for t in with_cache] == [TrialState.COMPLETE] * 3
+    reused = [t.user_attrs[st.ATTR_EPOCHS_REUSED] for t in with_cache]
+    assert any(r == 1 for r in reused)  # a trial that shares the first stage of an earlier one
+    assert all(t.user_attrs[st.ATTR_EPOCHS_REUSED] + t.user_attrs[st.ATTR_EPOCHS_TRAINED] == 2 for t in with_cache)
+    assert [(t.user_attrs[st.ATTR_EPOCHS_REUSED], t.user_attrs[st.ATTR_EPOCHS_TRAINED]) for t in without] == [(0, 2)] * 3
+    # The same plans, with the same values: the shared-prefix trials equal their plans trained in full.
+    assert [t.user_attrs[st.ATTR_PLAN_KEY] for t in with_cache] == [t.user_attrs[st.ATTR_PLAN_KEY] for t in without]
+    assert [t.value for t in with_cache] == [t.value for t in without]
+    assert [t.intermediate_values for t in with_cache] == [t.intermediate_values for t in without]
+    assert [t.user_attrs[st.ATTR_EPOCH_VAL_ACC] for t in with_cache] == \
+        [t.user_attrs[st.ATTR_EPOCH_VAL_ACC] for t in without]
+    assert on.epochs_reused == sum(reused) > 0 and off.epochs_reused == 0 and off.epochs_trained == 6
+    assert f"{on.epochs_trained} trained, {on.epochs_reused} reused from the stage cache" in format_leaderboard(on)
+    assert "6 trained (stage cache off)" in format_leaderboard(off)
+    assert any((studies_root / "cache" / "stages").glob("*.pt"))
+
+
+def test_search_cli_turns_the_cache_off():
+    from smskd_search.cli import _search_parser
+
+    assert _search_parser("x").parse_args(["--no-cache"]).no_cache
+    args = _search_parser("x").parse_args([])
+    assert not args.no_cache and args.cache_max_gb == 2.0
