@@ -801,6 +801,10 @@ def test_the_stage_cache_reuses_shared_prefixes_with_the_same_values(studies_roo
     assert f"{on.epochs_trained} trained, {on.epochs_reused} reused from the stage cache" in format_leaderboard(on)
     assert "6 trained (stage cache off)" in format_leaderboard(off)
     assert any((studies_root / "cache" / "stages").glob("*.pt"))
+    from smskd_search.report import write_report
+
+    page = write_report(studies_root, "cached").read_text()
+    assert f"Epochs: {on.epochs_trained} trained, {on.epochs_reused} reused from the stage cache." in page
 
 
 def test_search_cli_turns_the_cache_off():

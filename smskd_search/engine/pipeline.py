@@ -6,6 +6,10 @@ method's extra modules are dropped; the next stage builds its own from probed sh
 optimizer and a restarted lr schedule unless the plan says otherwise. From stage 2 on, the loss adds
 ``lambda_ref * mean_i(w_i * tau^2 * KL(ref || student))`` with TCP weights ``w_i``.
 
+Given a stage-prefix cache (:mod:`~smskd_search.engine.prefix_cache`), a run starts from the longest
+prefix of its stages stored there and puts every stage it trains; the numbers are those of a run
+from scratch (each stage reseeds itself from the plan's seed and its index).
+
 Neither Ray nor Optuna is imported here: a plan runs wherever torch runs.
 """
 
