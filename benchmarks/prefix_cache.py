@@ -10,7 +10,7 @@ One run does, on the space given (default: the built-in default space):
      user attrs), and the ratios; then whether the two studies' trials are identical (plan, state,
      value, every intermediate value).
 
-    python benchmarks/prefix_cache.py --budget 20
+    python benchmarks/prefix_cache.py --budget 20     # (PYTHONPATH=. from a worktree not installed)
 """
 
 from __future__ import annotations
