@@ -102,7 +102,9 @@ def _entry(n: int) -> dict:
 
 def test_eviction_keeps_the_most_recently_used(tmp_path):
     probe = PrefixCache(tmp_path / "probe")
-    size = probe.put("probe", _entry(4000)).stat().st_size
+    written = probe.put("probe", _entry(4000))
+    assert written is not None
+    size = written.stat().st_size
     cache = PrefixCache(tmp_path / "c", max_bytes=int(1.5 * size))  # room for one entry, not two
     cache.put("a", _entry(4000))
     cache.put("b", _entry(4000))

@@ -156,18 +156,24 @@ class PrefixCache:
             pass
         return payload
 
-    def put(self, key: str, payload: dict) -> Path:
-        """Store ``payload`` under ``key`` (atomically), then evict beyond the cap."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def put(self, key: str, payload: dict) -> Path | None:
+        """Store ``payload`` under ``key`` (atomically), then evict beyond the cap.
+
+        Returns the entry's file, or None where it could not be written (a full disk, a folder this
+        node may not write): the cache only saves work, so a failed put fails nothing.
+        """
         path = self.path(key)
         tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             torch.save({**payload, "cache_key": key}, tmp)
             os.replace(tmp, path)
+            self._stamp(path)
+            self.evict(keep=path)
+        except OSError:
+            return None
         finally:
             tmp.unlink(missing_ok=True)
-        self._stamp(path)
-        self.evict(keep=path)
         return path
 
     def entries(self) -> list[tuple[Path, int, int]]:
