@@ -218,7 +218,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         baselines=not args.no_baselines, on_progress=on_progress, on_teacher_epoch=on_teacher_epoch,
         on_teacher_start=on_teacher_start,
         confirm=None if args.no_confirm else ConfirmSettings(plans=args.confirm, seeds=args.confirm_seeds),
-        deterministic=args.deterministic,
+        deterministic=args.deterministic, cache=not args.no_cache,
+        cache_max_bytes=int(args.cache_max_gb * 2**30),
     )
     line.done()
     print(format_leaderboard(summary))
@@ -346,6 +347,11 @@ def _search_parser(prog: str) -> argparse.ArgumentParser:
                         "(default 3)")
     p.add_argument("--confirm-seeds", type=int, default=3, metavar="S", help="fresh seeds per confirmed plan (default 3)")
     p.add_argument("--no-confirm", action="store_true", help="no confirmation runs: rank by single-seed values")
+    p.add_argument("--no-cache", action="store_true",
+                   help="train every stage: no stage-prefix cache (default: finished stages are kept in "
+                        "studies/cache/stages and a trial starts from the longest prefix of its stages there)")
+    p.add_argument("--cache-max-gb", type=float, default=2.0, metavar="GB",
+                   help="size cap of the stage cache, least recently used entries go first (default 2)")
     p.add_argument("--deterministic", action="store_true",
                    help="the same space and --seed give the same study on CPU (one trial at a time)")
     p.set_defaults(func=cmd_search)

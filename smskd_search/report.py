@@ -31,6 +31,8 @@ from smskd_search.export import find_study_db, open_study, ranked_trials, stage_
 from smskd_search.search.confirm import is_confirmation
 from smskd_search.search.sampling import BASELINE_ATTR
 from smskd_search.search.storage import (
+    ATTR_EPOCHS_REUSED,
+    ATTR_EPOCHS_TRAINED,
     ATTR_FAIL_REASON,
     ATTR_INTERRUPTED,
     ATTR_N_VAL,
@@ -569,6 +571,11 @@ def render_html(data: ReportData, top_k: int = TOP_K) -> str:
     count_text = ", ".join(f"{n} {k.lower()}" for k, n in counts.items() if n) or "no trials"
     if interrupted:
         count_text += f" ({interrupted} cut short by a stop)"
+    all_trials = st.get_trials(deepcopy=False)
+    trained = sum(int(t.user_attrs.get(ATTR_EPOCHS_TRAINED) or 0) for t in all_trials)
+    reused = sum(int(t.user_attrs.get(ATTR_EPOCHS_REUSED) or 0) for t in all_trials)
+    epochs_text = (f" Epochs: {trained} trained, {reused} reused from the stage cache."
+                   if trained or reused else "")
     n_vals = sorted({r.n_val for r in data.rows if r.n_val})
     n_text = ", ".join(str(n) for n in n_vals) or "not recorded"
     sha = (attrs.get("space_sha256") or "")[:12]
@@ -587,7 +594,7 @@ def render_html(data: ReportData, top_k: int = TOP_K) -> str:
 </head><body><main>
 <h1>Study {html.escape(st.study_name)}</h1>
 <div class="meta">
-{html.escape(count_text)}; budget {_cell(attrs.get("budget"))}; validation split n_val = {n_text}.<br>
+{html.escape(count_text)}; budget {_cell(attrs.get("budget"))}; validation split n_val = {n_text}.{epochs_text}<br>
 space <code>{_cell(attrs.get("space_path"))}</code> (sha256 {sha}), teacher sha256 {teacher};
 study <code>{html.escape(str(data.db))}</code>; generated {now}.<br>
 All accuracies are on the validation split (the search never sees the test split); pruned trials show the

@@ -37,6 +37,13 @@ def _diff(d: tuple[float, float | None, int]) -> str:
     return f"{100 * mean:+.2f}" + (f" ± {100 * se:.2f}" if se is not None else "") + f" ({n})"
 
 
+def epochs_line(trained: int, reused: int, cache: bool = True) -> str:
+    """``312 trained, 110 reused from the stage cache`` (what the stage-prefix cache saved)."""
+    if not cache:
+        return f"{trained} trained (stage cache off)"
+    return f"{trained} trained, {reused} reused from the stage cache"
+
+
 def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
     """The summary as text: the top plans, the noise floor, where the study and best plan are.
 
@@ -126,6 +133,8 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
     lines.append("")
     lines += [f"note:      {n}" for n in summary.notes]
     lines.append(f"study:     {summary.study} ({summary.db_path}): {trials_word}, {fmt_duration(summary.elapsed_s)}")
+    if summary.epochs_trained or summary.epochs_reused:
+        lines.append(f"epochs:    {epochs_line(summary.epochs_trained, summary.epochs_reused, summary.cache)}")
     if summary.interrupted:
         why = {"timeout": "--timeout reached", "interrupted": "interrupted"}.get(summary.stop_reason,
                                                                                summary.stop_reason)
@@ -136,4 +145,4 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["fmt_duration", "format_leaderboard", "progress_line"]
+__all__ = ["epochs_line", "fmt_duration", "format_leaderboard", "progress_line"]

@@ -359,6 +359,43 @@ def test_trainable_reports_resumes_and_fails_cleanly(tmp_path, monkeypatch):
     assert failed["cum_epochs"] == 0 and not failed["final"]
 
 
+def test_trainable_starts_from_the_stage_cache_and_reports_every_rung(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from smskd_search.engine import ensure_teacher
+    from smskd_search.plan import ProblemSpec
+    from smskd_search.search import trainable as tr
+    from smskd_search.search.teacher_transport import TeacherPayload, pack
+
+    problem = {**PROBLEM, "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}}
+    space = load_space(write_space(tmp_path, "cached", {**MAIN_SEARCH, "methods": ["kd", "dkd", "fitnet"]}))
+    space.space.problem = ProblemSpec.model_validate(problem)
+    record = ensure_teacher(space.space.problem, cache_root=tmp_path / "teachers")
+    shipped = pack(record)
+    payload = TeacherPayload({**asdict(record), "path": str(tmp_path / "not-here.pt")}, shipped.weights)
+    first = make_plan(space, [("kd", 2), ("dkd", 1)], weight_mode="inverse", teacher_sha256=record.sha256)
+    second = make_plan(space, [("kd", 2), ("fitnet", 1)], weight_mode="inverse", teacher_sha256=record.sha256)
+
+    def run(plan, run_dir, cache_dir):
+        fake = _FakeTune()
+        monkeypatch.setattr(tr, "tune", fake)
+        context = tr.TrialContext(teacher=payload, cache_dir=str(cache_dir) if cache_dir else None)
+        tr.train_trial({"plan_yaml": plan.to_yaml(), "run_dir": str(run_dir), "threads": 1,
+                        "rung_epochs": [1, 2, 3]}, context)
+        return [m for m, _ in fake.reports]
+
+    plain = run(second, tmp_path / "a", None)
+    run(first, tmp_path / "b", tmp_path / "cache")
+    cached = run(second, tmp_path / "c", tmp_path / "cache")
+    keys = ("cum_epochs", "stage_end", "val_acc", "val_loss", "epoch_val_acc", "final")
+    # The reused stage reports its rung (1, inside stage 1) and its end, with the trained run's values.
+    assert [tuple(m[k] for k in keys) for m in cached] == [tuple(m[k] for k in keys) for m in plain]
+    assert [(m["cum_epochs"], m["reused"], m["epochs_reused"], m["epochs_trained"]) for m in cached] == \
+        [(1, True, 1, 0), (2, True, 2, 0), (3, False, 2, 1)]
+    assert [(m["epochs_reused"], m["epochs_trained"]) for m in plain] == [(0, 1), (0, 2), (0, 3)]
+    assert (tmp_path / "cache" / "stages").is_dir() and (tmp_path / "cache" / "teacher_outputs").is_dir()
+
+
 # ---------------------------------------------------------------------------------------------
 # Real searches (Ray started by the code)
 
@@ -728,3 +765,51 @@ def test_the_test_split_is_never_touched(main_search, pruned_search, rung_search
     spec = DatasetSpec(name="digits", val_fraction=0.25)
     load_test_split(spec, load_data(spec).info)
     assert probe.exists()
+
+
+CACHE_SEARCH = {
+    "methods": ["kd", "dkd"],
+    # Two orderings of two 1-epoch stages: of three trials, two share their first stage.
+    "stages": {"min": 2, "max": 2},
+    "epochs": {"min": 1, "max": 1},
+    "pruning": {"enabled": False},
+    "sampler": {"kind": "random"},
+}
+
+
+@pytest.mark.slow
+def test_the_stage_cache_reuses_shared_prefixes_with_the_same_values(studies_root):
+    runs = {}
+    for name, cache in (("cached", True), ("uncached", False)):
+        space = load_space(write_space(studies_root, name, CACHE_SEARCH))
+        summary = run_search(space, budget=3, studies_dir=studies_root, address="local", seed=0, baselines=False,
+                             confirm=None, deterministic=True, cache=cache)
+        runs[name] = (summary, sorted(_trials(summary.db_path, name), key=lambda t: t.number))
+    (on, with_cache), (off, without) = runs["cached"], runs["uncached"]
+    assert [t.state for t in with_cache] == [TrialState.COMPLETE] * 3
+    reused = [t.user_attrs[st.ATTR_EPOCHS_REUSED] for t in with_cache]
+    assert any(r == 1 for r in reused)  # a trial that shares the first stage of an earlier one
+    assert all(t.user_attrs[st.ATTR_EPOCHS_REUSED] + t.user_attrs[st.ATTR_EPOCHS_TRAINED] == 2 for t in with_cache)
+    assert [(t.user_attrs[st.ATTR_EPOCHS_REUSED], t.user_attrs[st.ATTR_EPOCHS_TRAINED]) for t in without] == [(0, 2)] * 3
+    # The same plans, with the same values: the shared-prefix trials equal their plans trained in full.
+    assert [t.user_attrs[st.ATTR_PLAN_KEY] for t in with_cache] == [t.user_attrs[st.ATTR_PLAN_KEY] for t in without]
+    assert [t.value for t in with_cache] == [t.value for t in without]
+    assert [t.intermediate_values for t in with_cache] == [t.intermediate_values for t in without]
+    assert [t.user_attrs[st.ATTR_EPOCH_VAL_ACC] for t in with_cache] == \
+        [t.user_attrs[st.ATTR_EPOCH_VAL_ACC] for t in without]
+    assert on.epochs_reused == sum(reused) > 0 and off.epochs_reused == 0 and off.epochs_trained == 6
+    assert f"{on.epochs_trained} trained, {on.epochs_reused} reused from the stage cache" in format_leaderboard(on)
+    assert "6 trained (stage cache off)" in format_leaderboard(off)
+    assert any((studies_root / "cache" / "stages").glob("*.pt"))
+    from smskd_search.report import write_report
+
+    page = write_report(studies_root, "cached").read_text()
+    assert f"Epochs: {on.epochs_trained} trained, {on.epochs_reused} reused from the stage cache." in page
+
+
+def test_search_cli_turns_the_cache_off():
+    from smskd_search.cli import _search_parser
+
+    assert _search_parser("x").parse_args(["--no-cache"]).no_cache
+    args = _search_parser("x").parse_args([])
+    assert not args.no_cache and args.cache_max_gb == 2.0

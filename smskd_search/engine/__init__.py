@@ -15,11 +15,22 @@ from smskd_search.engine.pipeline import (
     run_plan,
     write_results,
 )
+from smskd_search.engine.prefix_cache import (
+    DEFAULT_MAX_BYTES,
+    FrozenOutputsMemo,
+    PrefixCache,
+    Runtime,
+    stage_prefix_key,
+)
 from smskd_search.engine.tcp import reference_loss, tcp_weights
 from smskd_search.engine.teacher import TeacherRecord, ensure_teacher, load_teacher, teacher_dir
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "Diverged",
+    "FrozenOutputsMemo",
+    "PrefixCache",
+    "Runtime",
     "EpochMetrics",
     "EvalResult",
     "RunResult",
@@ -37,6 +48,7 @@ __all__ = [
     "pick_precision",
     "reference_loss",
     "run_plan",
+    "stage_prefix_key",
     "tcp_weights",
     "teacher_dir",
     "write_results",

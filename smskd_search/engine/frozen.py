@@ -35,11 +35,14 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 class FrozenForward:
     def __init__(self, model: nn.Module, precision: Precision, images: torch.Tensor | None = None,
-                 batch_size: int = 1024, need_features: bool = True):
+                 batch_size: int = 1024, need_features: bool = True,
+                 precomputed: tuple[torch.Tensor, Features | None] | None = None):
         self.model = model
         self.precision = precision
-        self.cache: tuple[torch.Tensor, Features | None] | None = None
-        if images is not None:
+        # ``precomputed``: outputs over the training split computed earlier (the same model, inputs
+        # and batch size), e.g. kept by a :class:`~smskd_search.engine.prefix_cache.FrozenOutputsMemo`.
+        self.cache: tuple[torch.Tensor, Features | None] | None = precomputed
+        if images is not None and precomputed is None:
             self.cache = self._precompute(images, batch_size, need_features)
 
     @property

@@ -6,6 +6,10 @@ method's extra modules are dropped; the next stage builds its own from probed sh
 optimizer and a restarted lr schedule unless the plan says otherwise. From stage 2 on, the loss adds
 ``lambda_ref * mean_i(w_i * tau^2 * KL(ref || student))`` with TCP weights ``w_i``.
 
+Given a stage-prefix cache (:mod:`~smskd_search.engine.prefix_cache`), a run starts from the longest
+prefix of its stages stored there and puts every stage it trains; the numbers are those of a run
+from scratch (each stage reseeds itself from the plan's seed and its index).
+
 Neither Ray nor Optuna is imported here: a plan runs wherever torch runs.
 """
 
@@ -26,6 +30,14 @@ from smskd_search.engine.device import Precision, pick_device, pick_precision
 from smskd_search.engine.evaluate import EvalResult, evaluate
 from smskd_search.engine.frozen import FrozenForward, freeze, frozen_copy
 from smskd_search.engine.optim import build_optimizer, trainable
+from smskd_search.engine.prefix_cache import (
+    FrozenOutputsMemo,
+    PrefixCache,
+    Runtime,
+    cacheable,
+    frozen_outputs_key,
+    stage_prefix_key,
+)
 from smskd_search.engine.teacher import DEFAULT_CACHE, TeacherRecord, ensure_teacher, load_teacher
 from smskd_search.engine.trainer import ReferenceTerm, Schedule, train_epoch
 from smskd_search.errors import UserError
@@ -64,6 +76,8 @@ class StageResult:
     n_val: int
     reference_active: bool
     epoch_metrics: list[EpochMetrics] = field(default_factory=list)
+    # True when this run took the stage from the stage-prefix cache instead of training it.
+    reused: bool = False
 
 
 @dataclass
@@ -77,6 +91,12 @@ class RunResult:
     teacher: TeacherRecord
     data_info: DataInfo
     student: nn.Module | None = None
+    # Epochs of this run: taken from the stage cache, trained, and taken from its own checkpoint.
+    epochs_reused: int = 0
+    epochs_trained: int = 0
+    epochs_resumed: int = 0
+    # Why the stage cache was not used although one was given (None: used, or none given).
+    cache_skipped: str | None = None
 
     @property
     def final_val_acc(self) -> float:
@@ -89,6 +109,9 @@ class RunResult:
             "stopped_early": self.stopped_early,
             "resumed_from_stage": self.resumed_from_stage,
             "teacher": asdict(self.teacher),
+            "epochs_reused": self.epochs_reused,
+            "epochs_trained": self.epochs_trained,
+            "epochs_resumed": self.epochs_resumed,
         }
 
 
@@ -191,6 +214,7 @@ class _Run:
     t_shapes: FeatureShapes
     cache_inputs: torch.Tensor | None
     scaler: Any
+    runtime: Runtime
     results: list[StageResult] = field(default_factory=list)
     start_stage: int = 0
     resumed_from: int | None = None
@@ -230,6 +254,8 @@ def run_plan(
     teacher_record: TeacherRecord | None = None,
     cache_frozen_outputs: bool = True,
     keep_student: bool = True,
+    stage_cache: PrefixCache | None = None,
+    frozen_memo: FrozenOutputsMemo | None = None,
 ) -> RunResult:
     """Run a plan stage by stage; see the module docstring for the exact semantics.
 
@@ -246,6 +272,12 @@ def run_plan(
         cache_frozen_outputs: Precompute the teacher's and the reference's outputs when training
             batches are not augmented (the same results, cheaper steps).
         keep_student: Keep the trained student in the result (for :func:`evaluate_test`).
+        stage_cache: The stage-prefix cache (:mod:`~smskd_search.engine.prefix_cache`): the run
+            starts from the longest prefix of its stages found there (when that goes further than
+            its own checkpoint) and trains only the rest, with the same numbers; every finished
+            stage is put there. Such stages are passed to ``on_stage_end`` too, with ``reused`` set
+            (the last one with its checkpoint); ``on_epoch_end`` sees trained epochs only.
+        frozen_memo: Keeps the frozen teacher's outputs over the training split across runs.
 
     Returns:
         The :class:`RunResult`: per-stage validation accuracy and curves.
@@ -263,29 +295,64 @@ def run_plan(
         [0.801, 0.857]
     """
     check_plan(plan)
-    run = _set_up(plan, device, precision, data, teacher_record, teacher_model, teacher_cache, cache_frozen_outputs)
+    run = _set_up(plan, device, precision, data, teacher_record, teacher_model, teacher_cache, cache_frozen_outputs,
+                  frozen_memo)
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is not None:
         _resume(run, out)
+    epochs_resumed = run.cum_epochs
+    skipped = cacheable(plan, run.prec) if stage_cache is not None else None
+    keys = ([stage_prefix_key(plan, k, teacher_sha256=run.teacher_record.sha256, runtime=run.runtime)
+             for k in range(len(plan.stages))] if stage_cache is not None and skipped is None else None)
+    reused_until = _from_stage_cache(run, stage_cache, keys) if stage_cache is not None and keys else run.start_stage
     stopped = False
+    trained = 0
     for k in range(run.start_stage, len(plan.stages)):
-        stage = _build_stage(run, k)
-        _stage_optimizer(run, stage)
-        result = _train_stage(run, stage, on_epoch_end)
-        run.results.append(result)
-        ckpt_file = _save_stage(run, k, out) if out is not None else None
-        del stage  # the stage's extra modules and reference go with it
+        if k < reused_until:
+            result = run.results[k]
+            ckpt_file = _save_stage(run, k, out) if out is not None and k + 1 == reused_until else None
+        else:
+            stage = _build_stage(run, k)
+            _stage_optimizer(run, stage)
+            result = _train_stage(run, stage, on_epoch_end)
+            trained += result.epochs
+            run.results.append(result)
+            ckpt_file = _save_stage(run, k, out) if out is not None else None
+            del stage  # the stage's extra modules and reference go with it
+            if stage_cache is not None and keys is not None:
+                stage_cache.put(keys[k], _stage_payload(run, k))
         wants_stop = on_stage_end is not None and on_stage_end(k, result.cum_epochs, result, ckpt_file)
         if wants_stop and k + 1 < len(plan.stages):
             stopped = True
             break
+    reused = sum(r.epochs for r in run.results if r.reused)
     return RunResult(plan.content_hash(), run.results, stopped, run.resumed_from, run.teacher_record, run.data.info,
-                     run.student if keep_student else None)
+                     run.student if keep_student else None, epochs_reused=reused, epochs_trained=trained,
+                     epochs_resumed=epochs_resumed, cache_skipped=skipped)
+
+
+def _from_stage_cache(run: _Run, cache: PrefixCache, keys: list[str]) -> int:
+    """Load the longest cached prefix that goes further than the run's own checkpoint; returns the
+    number of stages the run then has (``run.start_stage`` when nothing was found)."""
+    for k in range(len(keys) - 1, run.start_stage - 1, -1):
+        entry = cache.get(keys[k])
+        if entry is None:
+            continue
+        try:
+            results = [_stage_result_from_dict(d) for d in entry["results"]]
+            run.student.load_state_dict(entry["student"])
+        except (KeyError, TypeError, RuntimeError):
+            continue  # not an entry this engine wrote: train instead
+        for r in results[run.start_stage:]:
+            r.reused = True
+        run.results = run.results[: run.start_stage] + results[run.start_stage:]
+        return k + 1
+    return run.start_stage
 
 
 def _set_up(plan: Plan, device: torch.device | str | None, precision: str, data: DataSplits | None,
             teacher_record: TeacherRecord | None, teacher_model: nn.Module | None, teacher_cache: str | Path,
-            cache_frozen_outputs: bool) -> _Run:
+            cache_frozen_outputs: bool, frozen_memo: FrozenOutputsMemo | None = None) -> _Run:
     """Data, the teacher (checked against the plan), a fresh student and the shapes methods probe."""
     dev = pick_device(str(device) if device is not None else None)
     prec = pick_precision(dev, precision)
@@ -307,10 +374,20 @@ def _set_up(plan: Plan, device: torch.device | str | None, precision: str, data:
     student = prec.prepare_model(student.to(dev))
     in_shape = (info.in_channels, info.image_size, info.image_size)
     cache_inputs = data.train.images if (cache_frozen_outputs and not plan.recipe.augment.enabled) else None
-    teacher_fw = FrozenForward(teacher_model, prec, cache_inputs, plan.recipe.eval_batch_size, need_features=True)
+    runtime = Runtime.current(dev, prec)
+    bs = plan.recipe.eval_batch_size
+    if frozen_memo is not None and cache_inputs is not None:
+        key = frozen_outputs_key(teacher_sha256=teacher_record.sha256, need_features=True, batch_size=bs,
+                                 runtime=runtime, data_identity=[plan.problem.dataset.hashed(),
+                                                                 list(cache_inputs.shape), str(cache_inputs.dtype)])
+        inputs, model = cache_inputs, teacher_model
+        outputs = frozen_memo.get(key, dev, lambda: FrozenForward(model, prec, inputs, bs, need_features=True).cache)
+        teacher_fw = FrozenForward(teacher_model, prec, None, bs, need_features=True, precomputed=outputs)
+    else:
+        teacher_fw = FrozenForward(teacher_model, prec, cache_inputs, bs, need_features=True)
     return _Run(plan, dev, prec, data, teacher_record, teacher_model, teacher_fw, student,
                 probe_shapes(student, in_shape), probe_shapes(teacher_model, in_shape), cache_inputs,
-                prec.grad_scaler())
+                prec.grad_scaler(), runtime)
 
 
 def _resume(run: _Run, out: Path) -> None:
@@ -395,10 +472,9 @@ def _train_stage(run: _Run, stage: _Stage, on_epoch_end: EpochCallback | None) -
     return result
 
 
-def _save_stage(run: _Run, k: int, out: Path) -> Path:
-    """Stage k's checkpoint: the student, the carried optimizer state, the results so far."""
-    path = checkpoint_path(out, k)
-    _save_checkpoint(path, {
+def _stage_payload(run: _Run, k: int) -> dict:
+    """What a checkpoint of stage k holds: the student, the carried optimizer state, the results so far."""
+    return {
         "version": CHECKPOINT_VERSION,
         "plan_hash": run.plan.content_hash(),
         "stage_index": k,
@@ -406,8 +482,15 @@ def _save_stage(run: _Run, k: int, out: Path) -> Path:
         "optimizer": None if run.plan.restart_optimizer or run.optimizer is None
         else _student_only_state(run.optimizer),
         # Plain data only (loaded back with weights_only=True): dataclasses as dicts of numbers.
-        "results": [asdict(r) for r in run.results],
-    })
+        # (Whether a stage came from the stage cache belongs to the run, not to the stage.)
+        "results": [{**asdict(r), "reused": False} for r in run.results[: k + 1]],
+    }
+
+
+def _save_stage(run: _Run, k: int, out: Path) -> Path:
+    """Stage k's checkpoint (:func:`_stage_payload`) in ``out``."""
+    path = checkpoint_path(out, k)
+    _save_checkpoint(path, _stage_payload(run, k))
     return path
 
 

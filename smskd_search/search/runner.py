@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
+from smskd_search.engine.prefix_cache import DEFAULT_MAX_BYTES
 from smskd_search.errors import UserError
 from smskd_search.search import confirm as cf
 from smskd_search.search import lifecycle as lc
@@ -57,6 +58,10 @@ class SearchSummary:
     confirm: ConfirmSettings | None = None  # None: no confirmation (off, or not reached)
     n_confirmation_runs: int = 0  # COMPLETE confirmation runs in the study
     n_repeats: int = 0  # budget trials answered from the study (their plan had finished already)
+    # Epochs the study's trials trained, and took from the stage-prefix cache (confirmation runs included).
+    epochs_trained: int = 0
+    epochs_reused: int = 0
+    cache: bool = True  # whether the stage-prefix cache was on
     # Set when every budget trial that finished failed (none completed or was pruned): the first
     # failure, "#<number>: <fail_reason>". The CLI then exits non-zero with it.
     all_failed: str | None = None
@@ -83,6 +88,8 @@ def run_search(
     baselines: bool = True,
     confirm: ConfirmSettings | None = DEFAULT_CONFIRM,
     deterministic: bool = False,
+    cache: bool = True,
+    cache_max_bytes: int = DEFAULT_MAX_BYTES,
     on_progress: Callable[[ProgressInfo], None] | None = None,
     on_teacher_epoch: Callable[[int, int, float, float], None] | None = None,
     on_teacher_start: Callable[[TeacherJob], None] | None = None,
@@ -109,6 +116,11 @@ def run_search(
         deterministic: The same space and ``seed`` give the same study on CPU (same trials, same
             values): trials run one at a time, so the sampler is asked and told, and the rungs
             filled, in trial-number order. Costs the parallelism (about 2x the wall time on 2 cores).
+        cache: Keep every finished stage in ``studies_dir/cache/stages`` (shared by the studies
+            there: its key says everything that determines a stage) and start each trial from the
+            longest prefix of its stages found there; the frozen teacher's outputs are kept in
+            ``studies_dir/cache/teacher_outputs``. The values are the same as without it (on CPU).
+        cache_max_bytes: The size cap of each of the two cache folders (least recently used first).
         on_progress: Called with a :class:`ProgressInfo` whenever the counts change.
         on_teacher_epoch: Called (epoch, epochs, loss, val_acc) while the teacher trains.
         on_teacher_start: Called with a :class:`~smskd_search.engine.teacher.TeacherJob` (what,
@@ -135,6 +147,8 @@ def run_search(
     if timeout is not None and timeout <= 0:
         raise UserError(f"--timeout must be > 0 seconds (got {timeout:g})")
     check_requests(cpus_per_trial, gpus_per_trial, max_concurrent)
+    if cache and cache_max_bytes < 1:
+        raise UserError(f"--cache-max-gb must be > 0 (got {cache_max_bytes / 2**30:g})")
     if deterministic:
         if max_concurrent not in (None, 1):
             raise UserError(f"--max-concurrent {max_concurrent}: --deterministic runs one trial at a time")
@@ -185,7 +199,8 @@ def run_search(
         common: dict[str, Any] = dict(
             space=sp, session=session, teacher=teacher, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
             max_concurrent=max_concurrent, address=address, deadline=start + timeout if timeout is not None else None,
-            start=start, on_progress=on_progress)
+            start=start, on_progress=on_progress, cache_dir=studies_dir / "cache" if cache else None,
+            cache_max_bytes=cache_max_bytes)
         if remaining > 0:
             ray_started = ray_started or start_ray(address)
             outcome = run_tune(TuneSettings(**common, trials=remaining, budget=budget, before=before,
@@ -246,6 +261,9 @@ def run_search(
             n_confirmation_runs=n_confirm,
             n_repeats=sum(1 for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is not None),
             all_failed=_all_failed(trials),
+            epochs_trained=sum(int(t.user_attrs.get(st.ATTR_EPOCHS_TRAINED) or 0) for t in trials),
+            epochs_reused=sum(int(t.user_attrs.get(st.ATTR_EPOCHS_REUSED) or 0) for t in trials),
+            cache=cache,
         )
     finally:
         if ray_started:

@@ -248,6 +248,10 @@ class StudySearcher(Searcher):
                 trial.set_user_attr(st.ATTR_N_VAL, int(r.n_val))
             if first and r.trial_started_at is not None:
                 trial.set_user_attr(st.ATTR_TRIAL_STARTED_AT, round(r.trial_started_at, 3))
+            if r.cum_epochs == max(rec.steps):
+                # How much of the trial the stage-prefix cache supplied, and how much it trained.
+                trial.set_user_attr(st.ATTR_EPOCHS_REUSED, int(r.epochs_reused))
+                trial.set_user_attr(st.ATTR_EPOCHS_TRAINED, int(r.epochs_trained))
             if r.replayed:
                 # Stages taken from an interrupted run's checkpoints rather than trained again.
                 trial.set_user_attr(st.ATTR_REPLAYED_STAGES, sum(1 for s in steps if s <= r.cum_epochs))

@@ -36,6 +36,9 @@ ATTR_STAGE_VAL_ACC = "stage_val_acc"
 ATTR_STAGE_CUM_EPOCHS = "stage_cum_epochs"
 ATTR_STAGE_REPORTED_AT = "stage_reported_at"  # unix times the driver received each stage's report
 ATTR_EPOCH_VAL_ACC = "epoch_val_acc"  # val accuracy after every epoch 1..last (the learning curve)
+# Epochs of the trial taken from the stage-prefix cache, and trained by it (absent: not recorded).
+ATTR_EPOCHS_REUSED = "epochs_reused"
+ATTR_EPOCHS_TRAINED = "epochs_trained"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_FAIL_TRACEBACK = "fail_traceback"
 ATTR_PRUNED_REASON = "pruned_reason"  # the rung, the trial's value and the cutoff it fell below
@@ -425,6 +428,8 @@ def list_studies(studies_dir: str | Path = Path("studies")) -> list[StudyInfo]:
 
 
 __all__ = [
+    "ATTR_EPOCHS_REUSED",
+    "ATTR_EPOCHS_TRAINED",
     "ATTR_FAIL_REASON",
     "ATTR_PRUNED_REASON",
     "ATTR_INTERRUPTED",

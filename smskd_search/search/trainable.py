@@ -12,6 +12,15 @@ is what makes a killed search resumable: a resumed study runs an interrupted tri
 from its last finished stage. Tune's own checkpoint of the trial (``tune.get_checkpoint()``) is
 used the same way when Tune restarts a trial whose worker died.
 
+Finished stages also go into the study storage's stage-prefix cache (``<studies_dir>/cache/stages``,
+see :mod:`smskd_search.engine.prefix_cache`): a trial whose plan starts with stages another trial
+already trained starts from there. It reports those stages as if it had trained them (every rung
+inside them included, so the scheduler judges it at the same points), marked ``reused``, and
+counts ``epochs_reused`` and ``epochs_trained`` in every report. Two trials wanting one prefix at
+once both train it (the cache's put is atomic: the second write replaces the first with the same
+numbers). The frozen teacher's outputs over the training split are computed once per worker
+process, and once per study where ``cache/teacher_outputs`` has them already.
+
 A plan that raises is reported as one result carrying ``error`` (and not raised to Tune): the
 searcher stores the message as the trial's ``fail_reason``, and Tune does not retry a plan that
 would fail again.
@@ -40,6 +49,7 @@ from smskd_search.search.trial_report import TrialReport
 # Per worker process: with reuse_actors the data and the teacher stay loaded across trials.
 _DATA_CACHE: dict[str, Any] = {}
 _TEACHER_CACHE: dict[str, Any] = {}
+_FROZEN_MEMO: dict[str, Any] = {}  # the teacher-output memo, by its folder
 
 
 @dataclass(frozen=True)
@@ -50,11 +60,16 @@ class TrialContext:
         teacher: The teacher's record and weights (a trial never reads the driver's teacher path).
         device: ``"cuda"`` or ``"cpu"``.
         keep_run_dirs: Keep the trial's stage checkpoints after it finished (tests).
+        cache_dir: The study storage's cache folder (``stages/``, ``teacher_outputs/``); None: no
+            stage cache, and the teacher's outputs are kept in this process only.
+        cache_max_bytes: The cap of each of the two caches (least recently used entries go first).
     """
 
     teacher: TeacherPayload
     device: str = "cpu"
     keep_run_dirs: bool = False
+    cache_dir: str | None = None
+    cache_max_bytes: int = 2 * 2**30
 
 
 def _dataset_on_this_node(plan: Any, data_root: str | None) -> Any:
@@ -90,6 +105,21 @@ def _shared_inputs(plan: Any, context: TrialContext, data_root: str | None = Non
         _TEACHER_CACHE.clear()
         teacher = _TEACHER_CACHE[teacher_key] = load_teacher(plan.problem, record, data.info, dev, weights=weights)
     return data, teacher, record
+
+
+def _caches(context: TrialContext) -> tuple[Any, Any]:
+    """The stage cache (or None) and this process's teacher-output memo."""
+    from smskd_search.engine import FrozenOutputsMemo, PrefixCache
+
+    root = Path(context.cache_dir) if context.cache_dir else None
+    stages = PrefixCache(root / "stages", context.cache_max_bytes) if root is not None else None
+    key = str(root)
+    memo = _FROZEN_MEMO.get(key)
+    if memo is None:
+        _FROZEN_MEMO.clear()  # one memo (one teacher's outputs) per worker process
+        store = PrefixCache(root / "teacher_outputs", context.cache_max_bytes) if root is not None else None
+        memo = _FROZEN_MEMO[key] = FrozenOutputsMemo(store)
+    return stages, memo
 
 
 def _stage_files(folder: Path) -> list[Path]:
@@ -137,13 +167,18 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     n_stages, total = len(plan.stages), plan.total_epochs
     rung_epochs = set(config.get("rung_epochs") or [])
+    # Epochs replayed from this trial's own checkpoints, and trained here (the rest came from the cache).
+    counts = {"resumed": 0, "trained": 0}
 
     def report(stage_index: int, cum_epochs: int, val_acc: float, val_loss: float, n_val: int,
-               replayed: bool, epoch_val_acc: list[float], stage_end: bool = True) -> TrialReport:
+               replayed: bool, epoch_val_acc: list[float], stage_end: bool = True,
+               reused: bool = False) -> TrialReport:
         return TrialReport(
             val_acc=val_acc, val_loss=val_loss, cum_epochs=cum_epochs, stage=stage_index + 1, n_stages=n_stages,
             final=stage_end and stage_index + 1 == n_stages, n_val=n_val, stage_end=stage_end,
-            total_epochs=total, method=plan.stages[stage_index].method, replayed=replayed,
+            total_epochs=total, method=plan.stages[stage_index].method, replayed=replayed, reused=reused,
+            epochs_trained=counts["trained"],
+            epochs_reused=max(0, cum_epochs - counts["resumed"] - counts["trained"]),
             # Seconds inside this function so far: Ray's overhead is the search's wall time less this.
             trial_seconds=time.perf_counter() - started, trial_started_at=started_at,
             baseline=bool(config.get("baseline")),
@@ -151,12 +186,13 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
             epoch_val_acc=[float(v) for v in epoch_val_acc],
         )
 
-    def rung_report(stage_index: int, em: Any, n_val: int, replayed: bool) -> TrialReport | None:
+    def rung_report(stage_index: int, em: Any, n_val: int, replayed: bool,
+                    reused: bool = False) -> TrialReport | None:
         """A mid-stage report where the trial crosses a rung (pruning decided at the rungs)."""
         if em.cum_epochs not in rung_epochs or em.epoch == plan.stages[stage_index].epochs:
             return None  # not a rung, or a stage end (reported as such)
         return report(stage_index, em.cum_epochs, em.val_acc, em.val_loss, n_val, replayed, [em.val_acc],
-                      stage_end=False)
+                      stage_end=False, reused=reused)
 
     # A resumed plan first reports the stages it already has, so that the new trial carries every
     # stage value and the scheduler judges it at the same points as any other trial.
@@ -167,17 +203,25 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
             m = rung_report(r["index"], em, r["n_val"], True)
             if m is not None:
                 tune.report(m.to_dict())
+        counts["resumed"] = r["cum_epochs"]
         tune.report(report(r["index"], r["cum_epochs"], r["val_acc"], r["val_loss"], r["n_val"], True,
                            [em.val_acc for em in curve]).to_dict())
 
     def on_epoch_end(stage_index: int, em: Any) -> None:
+        counts["trained"] += 1
         m = rung_report(stage_index, em, data.info.num_val, False)
         if m is not None:
             tune.report(m.to_dict())
 
     def on_stage_end(stage_index: int, cum_epochs: int, result: Any, checkpoint: Path | None) -> bool:
+        if result.reused:
+            # A stage from the stage cache: its rungs are reported as a trained stage's would be.
+            for em in result.epoch_metrics:
+                rm = rung_report(stage_index, em, result.n_val, False, reused=True)
+                if rm is not None:
+                    tune.report(rm.to_dict())
         m = report(stage_index, cum_epochs, result.val_acc, result.val_loss, result.n_val, False,
-                   [em.val_acc for em in result.epoch_metrics]).to_dict()
+                   [em.val_acc for em in result.epoch_metrics], reused=result.reused).to_dict()
         if checkpoint is None:
             tune.report(m)
             return False
@@ -194,9 +238,10 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     try:
         data, teacher, record = _shared_inputs(plan, context, config.get("data_root"))
+        stage_cache, memo = _caches(context)
         run_plan(plan, device=context.device, out_dir=run_dir, resume=True, on_stage_end=on_stage_end,
-                 on_epoch_end=on_epoch_end if rung_epochs else None,
-                 data=data, teacher_model=teacher, teacher_record=record, keep_student=False)
+                 on_epoch_end=on_epoch_end, data=data, teacher_model=teacher, teacher_record=record,
+                 keep_student=False, stage_cache=stage_cache, frozen_memo=memo)
     except Exception as exc:  # noqa: BLE001 - reported as the trial's failure (SystemExit is Tune's stop)
         # A divergence is said as it is ("diverged: non-finite loss at stage k, epoch e").
         message = str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}".strip()

@@ -40,6 +40,9 @@ class TrialReport:
         method: The stage's method.
         val_loss: Validation loss at the report.
         replayed: True when the stage came from an interrupted run's checkpoint, not training.
+        reused: True when the stage came from the stage-prefix cache (another trial trained it).
+        epochs_reused: Epochs of this trial taken from the stage-prefix cache up to here.
+        epochs_trained: Epochs this trial trained up to here.
         baseline: True for an enqueued baseline (measured in full, never pruned).
         trial_seconds: Seconds inside the trainable so far.
         trial_started_at: Unix time the trainable started.
@@ -59,6 +62,9 @@ class TrialReport:
     method: str | None = None
     val_loss: float | None = None
     replayed: bool = False
+    reused: bool = False
+    epochs_reused: int = 0
+    epochs_trained: int = 0
     baseline: bool = False
     trial_seconds: float | None = None
     trial_started_at: float | None = None

@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.data.sources import absolute_root
-from smskd_search.engine import TeacherRecord
+from smskd_search.engine import DEFAULT_MAX_BYTES, TeacherRecord
 from smskd_search.search import storage as st
 from smskd_search.search.cluster import TrialResources, quiet_ray_loggers, start_ray, trial_resources
 from smskd_search.search.lifecycle import StudySession
@@ -126,6 +126,8 @@ class TuneSettings:
         start: ``time.monotonic()`` at the search's start (for the progress line).
         on_progress: Called with a :class:`ProgressInfo` when the counts change.
         phase: ``"search"``, or ``"confirm"`` for the confirmation runs (enqueued, never pruned).
+        cache_dir: The stage-prefix cache's folder (``<studies_dir>/cache``); None: no stage cache.
+        cache_max_bytes: The cache's size cap.
     """
 
     space: Space
@@ -144,6 +146,8 @@ class TuneSettings:
     start: float = field(default_factory=time.monotonic)
     on_progress: Callable[[ProgressInfo], None] | None = None
     phase: str = "search"
+    cache_dir: Path | None = None
+    cache_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass
@@ -188,7 +192,9 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
         searcher = StudySearcher(s.session.study, configs, pruning=scheduler is not None,
                                  stop_reason=scheduler.stop_reason if scheduler is not None else None,
                                  max_trials=s.trials)
-        context = TrialContext(teacher=pack(s.teacher), device=resources.device)
+        context = TrialContext(teacher=pack(s.teacher), device=resources.device,
+                               cache_dir=str(s.cache_dir.resolve()) if s.cache_dir is not None else None,
+                               cache_max_bytes=s.cache_max_bytes)
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources.per_trial)
         time_budget = None
         if s.deadline is not None:

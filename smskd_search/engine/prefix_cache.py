@@ -1,0 +1,279 @@
+"""The stage-prefix cache: a finished stage is trained once, whichever plan asks for it again.
+
+With a fresh optimizer and a restarted lr schedule at every stage (``restart_optimizer: true``, the
+default), stage ``k`` of a plan is fully determined by the problem (data split, teacher weights,
+student arch), the recipe, the seed, the stages ``0..k`` with their parameters, the reference
+settings (from the second stage on) and the numerics of the machine (torch's thread count, the
+device, the precision, torch's version, this engine's version). :func:`stage_prefix_key` hashes
+exactly those; plans that share a prefix (``kd(8) -> crd(8)`` and ``kd(8) -> rkd(4) -> pkt(6)``)
+share its key, and :func:`smskd_search.engine.run_plan` starts such a plan from the longest prefix
+found in a :class:`PrefixCache` and trains only the rest, with the same numbers as from scratch.
+
+Not cached (:func:`cacheable` says why): plans with ``restart_optimizer: false`` (one lr schedule
+spans all stages, so a prefix depends on the plan's total epochs, i.e. on the later stages too),
+and fp16 runs with grad scaling (the scaler's state carries across stages and is not checkpointed).
+
+:class:`PrefixCache` is a folder of ``<key>.pt`` files (tensors and plain data, loaded with
+``weights_only=True``): a put writes a temporary file of its own and ``os.replace``s it, so two
+writers of one key (two trials wanting the same prefix at once both train it) never leave half a
+file, and the second write is harmless; a get touches the file's mtime, and a put evicts the least
+recently used files beyond ``max_bytes``. :class:`FrozenOutputsMemo` keeps a frozen teacher's
+outputs over the (unaugmented) training split across runs, in the process and optionally in such a
+folder, so that they are computed once.
+
+Neither Ray nor Optuna is imported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smskd_search.engine.device import Precision
+from smskd_search.models.base import Features
+from smskd_search.plan import Plan
+
+# Bump when a change to the engine changes what a stage computes: older cache entries then miss.
+ENGINE_VERSION = 1
+DEFAULT_MAX_BYTES = 2 * 2**30
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What of the machine changes a run's numbers (CPU runs are bit-reproducible given these)."""
+
+    threads: int
+    device: str
+    precision: str
+    torch_version: str = torch.__version__
+    engine_version: int = ENGINE_VERSION
+
+    @classmethod
+    def current(cls, device: torch.device, precision: Precision) -> Runtime:
+        dev = device.type
+        if device.type == "cuda":
+            dev += ":" + torch.cuda.get_device_name(device)
+        prec = (f"{precision.autocast_dtype}/scaling={precision.grad_scaling}/"
+                f"channels_last={precision.channels_last}")
+        return cls(torch.get_num_threads(), dev, prec)
+
+
+def _digest(data: Any, n: int = 32) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def cacheable(plan: Plan, precision: Precision) -> str | None:
+    """None if the plan's stages can be cached, else why not (one line)."""
+    if not plan.restart_optimizer:
+        return "restart_optimizer is false: one lr schedule spans the whole plan, so a prefix depends on its later stages"
+    if precision.grad_scaling:
+        return "fp16 with grad scaling: the scaler's state carries across stages and is not checkpointed"
+    return None
+
+
+def stage_prefix_key(plan: Plan, k: int, *, teacher_sha256: str, runtime: Runtime) -> str:
+    """The cache key of the plan's stages ``0..k`` (0-based ``k``): everything that determines the
+    student at the end of stage ``k``.
+
+    The reference settings count only from a prefix of two stages on, canonicalised as in
+    :meth:`Plan.canonical_hash` (weight mode ``none`` zeroes the term whatever the rest says).
+    """
+    if not 0 <= k < len(plan.stages):
+        raise IndexError(f"stage {k} of a {len(plan.stages)}-stage plan")
+    reference: dict[str, Any] | None = None
+    if k >= 1:
+        reference = ({"weight_mode": "none"} if plan.reference.weight_mode == "none"
+                     else plan.reference.model_dump(mode="json"))
+    data = {
+        "format": FORMAT,
+        "dataset": plan.problem.dataset.hashed(),
+        "teacher": {"arch": plan.problem.teacher.arch, "sha256": teacher_sha256},
+        "student": plan.problem.student.arch,
+        "recipe": plan.recipe.model_dump(mode="json"),
+        "seed": plan.seed,
+        "stages": [s.model_dump(mode="json") for s in plan.stages[: k + 1]],
+        "reference": reference,
+        "restart_optimizer": plan.restart_optimizer,
+        "runtime": {"threads": runtime.threads, "device": runtime.device, "precision": runtime.precision,
+                    "torch": runtime.torch_version, "engine": runtime.engine_version},
+    }
+    return _digest(data)
+
+
+class PrefixCache:
+    """A folder of cache entries ``<key>.pt`` capped at ``max_bytes`` (least recently used go first).
+
+    Args:
+        root: The folder (made on the first put).
+        max_bytes: The cap on the entries' total size; a put evicts the least recently used entries
+            beyond it (the entry just written always stays).
+    """
+
+    def __init__(self, root: str | Path, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        self._last_stamp = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.pt"
+
+    def _stamp(self, path: Path) -> None:
+        # Set explicitly, in ns and strictly increasing in this process: the file system's own
+        # clock is coarse (milliseconds), too coarse to order two quick uses.
+        with self._lock:
+            self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+            stamp = self._last_stamp
+        os.utime(path, ns=(stamp, stamp))
+
+    def get(self, key: str) -> dict | None:
+        """The entry stored under ``key`` (tensors and plain data), or None; a hit counts as a use."""
+        path = self.path(key)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss, and goes
+            path.unlink(missing_ok=True)
+            return None
+        if not isinstance(payload, dict) or payload.get("cache_key") != key:
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            self._stamp(path)
+        except FileNotFoundError:  # evicted by another process just now: we have it anyway
+            pass
+        return payload
+
+    def put(self, key: str, payload: dict) -> Path | None:
+        """Store ``payload`` under ``key`` (atomically), then evict beyond the cap.
+
+        Returns the entry's file, or None where it could not be written (a full disk, a folder this
+        node may not write): the cache only saves work, so a failed put fails nothing.
+        """
+        path = self.path(key)
+        tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            torch.save({**payload, "cache_key": key}, tmp)
+            os.replace(tmp, path)
+            self._stamp(path)
+            self.evict(keep=path)
+        except OSError:
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def entries(self) -> list[tuple[Path, int, int]]:
+        """(path, size, mtime_ns) of every entry, least recently used first."""
+        out = []
+        for p in self.root.glob("*.pt") if self.root.is_dir() else []:
+            try:
+                s = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((p, s.st_size, s.st_mtime_ns))
+        return sorted(out, key=lambda e: (e[2], e[0].name))
+
+    def size_bytes(self) -> int:
+        return sum(size for _, size, _ in self.entries())
+
+    def evict(self, keep: Path | None = None) -> list[Path]:
+        """Remove the least recently used entries until the total is within the cap."""
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        dropped = []
+        for p, size, _ in entries:
+            if total <= self.max_bytes:
+                break
+            if p == keep:
+                continue
+            p.unlink(missing_ok=True)
+            dropped.append(p)
+            total -= size
+        return dropped
+
+
+# ------------------------------------------------------------------------------ frozen outputs
+FrozenCache = tuple[torch.Tensor, Features | None] | None
+
+
+def frozen_outputs_key(*, teacher_sha256: str, data_identity: Any, need_features: bool, batch_size: int,
+                       runtime: Runtime) -> str:
+    """The memo key of a frozen teacher's outputs over a training split."""
+    return _digest({"teacher": teacher_sha256, "data": data_identity, "features": need_features,
+                    "batch_size": batch_size, "runtime": [runtime.threads, runtime.device, runtime.precision,
+                                                          runtime.torch_version, runtime.engine_version]})
+
+
+def _to_payload(cache: tuple[torch.Tensor, Features | None]) -> dict:
+    logits, feats = cache
+    out: dict[str, Any] = {"logits": logits.cpu(), "features": None}
+    if feats is not None:
+        out["features"] = {"stages": [t.cpu() for t in feats.stages], "preact": [t.cpu() for t in feats.preact],
+                           "pooled": feats.pooled.cpu()}
+    return out
+
+
+def _from_payload(payload: dict, device: torch.device) -> tuple[torch.Tensor, Features | None]:
+    f = payload["features"]
+    feats = None
+    if f is not None:
+        feats = Features(stages=[t.to(device) for t in f["stages"]], preact=[t.to(device) for t in f["preact"]],
+                         pooled=f["pooled"].to(device))
+    return payload["logits"].to(device), feats
+
+
+class FrozenOutputsMemo:
+    """A frozen teacher's outputs over a training split, kept across runs (the most recent one in
+    this process; all of them in ``store`` when given, for other processes).
+
+    ``computed`` counts the computations it could not avoid, ``loaded`` the loads from ``store``.
+    """
+
+    def __init__(self, store: PrefixCache | None = None):
+        self.store = store
+        self._key: str | None = None
+        self._value: FrozenCache = None
+        self.computed = 0
+        self.loaded = 0
+
+    def get(self, key: str, device: torch.device, compute: Callable[[], FrozenCache]) -> FrozenCache:
+        if self._key == key:
+            return self._value
+        value: FrozenCache = None
+        payload = self.store.get(key) if self.store is not None else None
+        if payload is not None:
+            value = _from_payload(payload, device)
+            self.loaded += 1
+        else:
+            value = compute()
+            self.computed += 1
+            if value is not None and self.store is not None:
+                self.store.put(key, _to_payload(value))
+        self._key, self._value = key, value
+        return value
+
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "ENGINE_VERSION",
+    "FrozenOutputsMemo",
+    "PrefixCache",
+    "Runtime",
+    "cacheable",
+    "frozen_outputs_key",
+    "stage_prefix_key",
+]

@@ -1,0 +1,144 @@
+"""The stage-prefix cache and the teacher-output memo (engine level, no Ray): keys, eviction, and
+runs started from a cached prefix that equal runs from scratch bit for bit on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_plan
+
+from smskd_search.engine import FrozenOutputsMemo, PrefixCache, Runtime, run_plan, stage_prefix_key
+from smskd_search.engine import frozen as frozen_mod
+
+REF = {"weight_mode": "inverse", "lambda_ref": 1.5}
+
+
+def _curve(result):
+    return [(m.cum_epochs, m.val_acc, m.val_loss, m.train_loss) for s in result.stages for m in s.epoch_metrics]
+
+
+def _student(result):
+    return {k: v.detach().clone() for k, v in result.student.state_dict().items()}
+
+
+@pytest.mark.parametrize("shared", [1, 2])
+def test_a_run_from_a_cached_prefix_equals_a_run_from_scratch(tiny_problem, teacher_cache, tmp_path, shared):
+    target = make_plan(tiny_problem, [("kd", 2), ("dkd", 1), ("kd", 1)], reference=REF)
+    # Another plan that shares the first `shared` stages (with the same reference settings).
+    other = [("kd", 2), ("dkd", 1), ("fitnet", 1)] if shared == 2 else [("kd", 2), ("fitnet", 2)]
+    scratch = run_plan(target, teacher_cache=teacher_cache)
+    assert scratch.epochs_trained == 4 and scratch.epochs_reused == 0
+
+    cache = PrefixCache(tmp_path / "stages")
+    filler = run_plan(make_plan(tiny_problem, other, reference=REF), teacher_cache=teacher_cache, stage_cache=cache)
+    assert filler.epochs_reused == 0 and len(cache.entries()) == len(other)
+    seen = []
+    cached = run_plan(target, teacher_cache=teacher_cache, stage_cache=cache, out_dir=tmp_path / "run",
+                      on_stage_end=lambda k, cum, res, ckpt: seen.append((k, cum, res.reused, ckpt is not None)))
+    reused = {1: 2, 2: 3}[shared]
+    assert (cached.epochs_reused, cached.epochs_trained) == (reused, 4 - reused)
+    assert [s.reused for s in cached.stages] == [k < shared for k in range(3)]
+    # Every stage is passed on, the last reused one with its checkpoint (a resume starts there).
+    assert seen == [(k, cum, k < shared, k + 1 >= shared) for k, cum in enumerate([2, 3, 4])]
+    assert _curve(cached) == _curve(scratch)
+    a, b = _student(scratch), _student(cached)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The run put its own new stages: the same plan again trains nothing.
+    again = run_plan(target, teacher_cache=teacher_cache, stage_cache=cache)
+    assert (again.epochs_reused, again.epochs_trained) == (4, 0) and _curve(again) == _curve(scratch)
+    assert all(torch.equal(v, _student(again)[k]) for k, v in a.items())
+
+
+def test_plans_that_carry_the_optimizer_are_not_cached(tiny_problem, teacher_cache, tmp_path):
+    plan = make_plan(tiny_problem, [("kd", 1), ("dkd", 1)], reference=REF, restart_optimizer=False)
+    cache = PrefixCache(tmp_path / "stages")
+    r = run_plan(plan, teacher_cache=teacher_cache, stage_cache=cache)
+    assert r.cache_skipped and "restart_optimizer" in r.cache_skipped
+    assert cache.entries() == [] and r.epochs_trained == 2
+
+
+def test_the_key_says_everything_that_determines_a_prefix(tiny_problem):
+    rt = Runtime(threads=1, device="cpu", precision="fp32")
+    base = make_plan(tiny_problem, [("kd", 2), ("dkd", 2), ("fitnet", 1)], reference=REF)
+
+    def keys(plan, runtime=rt, sha="a" * 64):
+        return [stage_prefix_key(plan, k, teacher_sha256=sha, runtime=runtime) for k in range(len(plan.stages))]
+
+    def with_stage(i, **update):
+        stages = [s.model_copy(update=update) if j == i else s for j, s in enumerate(base.stages)]
+        return base.model_copy(update={"stages": stages})
+
+    k0 = keys(base)
+    assert len(set(k0)) == 3
+    # Everything changes every prefix...
+    assert all(a != b for a, b in zip(k0, keys(base.model_copy(update={"seed": 1}))))
+    assert all(a != b for a, b in zip(k0, keys(base, sha="b" * 64)))
+    assert all(a != b for a, b in zip(k0, keys(base, Runtime(threads=2, device="cpu", precision="fp32"))))
+    assert all(a != b for a, b in zip(k0, keys(base, Runtime(threads=1, device="cuda", precision="fp32"))))
+    assert all(a != b for a, b in zip(k0, keys(base.model_copy(
+        update={"recipe": base.recipe.model_copy(update={"lr": 0.01})}))))
+    # ... a stage's params or epochs change its prefix and the longer ones, never the shorter ones.
+    for changed in (with_stage(1, params={"temperature": 2.0}), with_stage(1, epochs=3)):
+        k = keys(changed)
+        assert k[0] == k0[0] and k[1] != k0[1] and k[2] != k0[2]
+    later = keys(with_stage(2, method="kd", params={}))
+    assert later[:2] == k0[:2] and later[2] != k0[2]
+    # The reference settings count from a two-stage prefix on, canonicalised (mode none).
+    for ref in ({"lambda_ref": 2.0}, {"normalize": "batch_mean"}, {"weight_mode": "uniform"}):
+        k = keys(base.model_copy(update={"reference": base.reference.model_copy(update=ref)}))
+        assert k[0] == k0[0] and k[1] != k0[1] and k[2] != k0[2]
+    none1 = keys(base.model_copy(update={"reference": base.reference.model_copy(update={"weight_mode": "none"})}))
+    none2 = keys(base.model_copy(update={"reference": base.reference.model_copy(
+        update={"weight_mode": "none", "lambda_ref": 7.0, "normalize": "batch_mean"})}))
+    assert none1 == none2 and none1[0] == k0[0] and none1[1] != k0[1]
+    # The restart flag, and the plan's name does not count.
+    assert keys(base.model_copy(update={"restart_optimizer": False}))[0] != k0[0]
+    assert keys(base.model_copy(update={"name": "other"})) == k0
+
+
+def _entry(n: int) -> dict:
+    return {"student": {"w": torch.full((n,), 1.0)}, "results": []}
+
+
+def test_eviction_keeps_the_most_recently_used(tmp_path):
+    probe = PrefixCache(tmp_path / "probe")
+    written = probe.put("probe", _entry(4000))
+    assert written is not None
+    size = written.stat().st_size
+    cache = PrefixCache(tmp_path / "c", max_bytes=int(1.5 * size))  # room for one entry, not two
+    cache.put("a", _entry(4000))
+    cache.put("b", _entry(4000))
+    assert cache.get("a") is None and cache.get("b") is not None
+    lru = PrefixCache(tmp_path / "lru", max_bytes=int(2.5 * size))  # room for two
+    lru.put("a", _entry(4000))
+    lru.put("b", _entry(4000))
+    assert lru.get("a") is not None  # a is used: b is now the least recently used
+    lru.put("c", _entry(4000))
+    assert [p.stem for p, _, _ in lru.entries()] == ["a", "c"] and lru.size_bytes() <= lru.max_bytes
+    # A damaged entry is a miss (and goes), never an error.
+    lru.path("a").write_bytes(b"not a checkpoint")
+    assert lru.get("a") is None and not lru.path("a").exists()
+
+
+def test_the_teacher_outputs_are_computed_once_and_give_the_same_values(tiny_problem, teacher_cache, tmp_path,
+                                                                         monkeypatch):
+    plan = make_plan(tiny_problem, [("kd", 1)])  # one stage: the only frozen outputs are the teacher's
+    plain = run_plan(plan, teacher_cache=teacher_cache)
+    calls = []
+    original = frozen_mod.FrozenForward._precompute
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(frozen_mod.FrozenForward, "_precompute", counting)
+    memo = FrozenOutputsMemo(store=PrefixCache(tmp_path / "teacher_outputs"))
+    first = run_plan(plan, teacher_cache=teacher_cache, frozen_memo=memo)
+    second = run_plan(plan, teacher_cache=teacher_cache, frozen_memo=memo)
+    assert len(calls) == 1 and memo.computed == 1
+    # Another process (a fresh memo on the same folder) loads them instead.
+    other = FrozenOutputsMemo(store=PrefixCache(tmp_path / "teacher_outputs"))
+    third = run_plan(plan, teacher_cache=teacher_cache, frozen_memo=other)
+    assert len(calls) == 1 and other.loaded == 1 and other.computed == 0
+    assert _curve(plain) == _curve(first) == _curve(second) == _curve(third)
+    assert all(torch.equal(v, _student(third)[k]) for k, v in _student(plain).items())
