@@ -123,11 +123,13 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
         lines.append("no completed trial yet")
     c = summary.counts
     trials_word = (f"{summary.done}/{summary.budget} trials: {c.get('COMPLETE', 0) - summary.n_confirmation_runs} complete, "
-                   f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0) - summary.n_interrupted} failed")
+                   f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0) - summary.n_interrupted - summary.n_infrastructure} failed")
     if summary.n_repeats:
         trials_word += f" ({summary.n_repeats} of them repeated a finished plan and took its result)"
     if summary.n_interrupted:
         trials_word += f" (+{summary.n_interrupted} cut short by a stop)"
+    if summary.n_infrastructure:
+        trials_word += f" (+{summary.n_infrastructure} failed by the infrastructure, retried off the budget)"
     if summary.n_confirmation_runs:
         trials_word += f"; {summary.n_confirmation_runs} confirmation runs"
     lines.append("")

@@ -276,3 +276,46 @@ def test_a_search_whose_trials_all_fail_exits_non_zero_with_the_first_reason(tmp
     assert errors == ["error: all 2 trial(s) of study hot failed; the first, #0: diverged: non-finite loss at stage 1, "
                       "epoch 1"]
     assert "Traceback" not in proc.stderr
+
+
+def test_infrastructure_errors_are_told_apart_from_plan_failures():
+    from smskd_search.engine import UnsafeCheckpoint
+    from smskd_search.search.trainable import is_infrastructure_error
+
+    assert is_infrastructure_error(OSError(28, "No space left on device"))
+    assert is_infrastructure_error(PermissionError(13, "Permission denied"))
+    assert is_infrastructure_error(MemoryError())
+    assert is_infrastructure_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    # The plan's own failures are not retried: a divergence, a bad setting, a refused checkpoint.
+    assert not is_infrastructure_error(Diverged("diverged: non-finite loss at stage 1, epoch 1"))
+    assert not is_infrastructure_error(UnsafeCheckpoint("stage checkpoint x does not load"))
+    assert not is_infrastructure_error(ValueError("crd needs the labels"))
+    assert not is_infrastructure_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+@pytest.mark.slow
+def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path):
+    # The first trial's folder cannot be made (a file is in the way: what a full or read-only disk
+    # looks like to the trial). It fails through no fault of its plan: retried, and the budget of 2
+    # still gets 2 trials that ran.
+    space = tmp_path / "infra.yaml"
+    space.write_text(yaml.safe_dump({"name": "infra", "problem": PROBLEM, "search": {
+        "methods": ["kd", "dkd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1}, "baseline_epochs": 1,
+        "pruning": {"enabled": False}}}))
+    (tmp_path / "infra" / "trials").mkdir(parents=True)
+    (tmp_path / "infra" / "trials" / "00000").write_text("in the way")
+    summary = run_search(load_space(space), budget=2, studies_dir=tmp_path, address="local", max_concurrent=1,
+                         confirm=None)
+    trials = optuna.load_study(study_name="infra", storage=summary.storage_url).get_trials()
+    first = trials[0]
+    assert first.state == TrialState.FAIL and first.user_attrs.get(st.ATTR_INFRA) is True
+    assert not st.counts_toward_budget(first)
+    retry = [t for t in trials if t.user_attrs.get(st.ATTR_RETRY_OF) == 0]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].user_attrs[st.ATTR_PLAN_KEY] == first.user_attrs[st.ATTR_PLAN_KEY]  # the same plan again
+    assert summary.done == 2 and summary.n_infrastructure == 1 and summary.all_failed is None
+    assert sum(1 for t in trials if st.counts_toward_budget(t)) == 2
+    from smskd_search.summary_text import format_leaderboard
+
+    text = format_leaderboard(summary)
+    assert "2/2 trials: 2 complete, 0 pruned, 0 failed" in text and "(+1 failed by the infrastructure" in text

@@ -107,22 +107,43 @@ def _retried(trials: list[FrozenTrial]) -> set[int]:
     return {int(t.user_attrs[st.ATTR_RETRY_OF]) for t in trials if t.user_attrs.get(st.ATTR_RETRY_OF) is not None}
 
 
-def enqueue_retries(session: StudySession) -> list[int]:
-    """Enqueue the plan of every interrupted trial that has no rerun yet; returns their numbers."""
+# Attempts of one plan that failed through the infrastructure (storage, memory, a lost worker): the
+# first and two retries; after that the trial stays FAIL, still off the budget.
+INFRA_ATTEMPTS = 3
+
+
+def _to_retry(t: FrozenTrial) -> bool:
+    if t.state != TrialState.FAIL or t.user_attrs.get(st.ATTR_CONFIRM_OF) is not None:
+        return False  # (a confirmation run cut short is enqueued again by the confirmation step)
+    if t.user_attrs.get(st.ATTR_INTERRUPTED):
+        return True
+    return bool(t.user_attrs.get(st.ATTR_INFRA)) and 1 + len(t.user_attrs.get(st.ATTR_RESUME_FROM, [])) < INFRA_ATTEMPTS
+
+
+def enqueue_retries(session: StudySession, infrastructure_only: bool = False) -> list[int]:
+    """Enqueue the plan of every interrupted trial, and of every infrastructure failure with attempts
+    left (:data:`INFRA_ATTEMPTS`), that has no rerun yet; returns their numbers.
+
+    Args:
+        session: The study.
+        infrastructure_only: Only the infrastructure failures (between rounds of one search, where
+            an interrupted trial is one this process stopped on purpose).
+    """
     trials = session.trials()
     retried = _retried(trials)
     out = []
     for t in trials:
-        # (A confirmation run cut short is enqueued again by the confirmation step.)
-        if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INTERRUPTED) and t.number not in retried \
-                and t.user_attrs.get(st.ATTR_CONFIRM_OF) is None:
+        if infrastructure_only and not t.user_attrs.get(st.ATTR_INFRA):
+            continue
+        if _to_retry(t) and t.number not in retried:
             attrs: dict[str, Any] = {k: t.user_attrs[k] for k in (BASELINE_ATTR, FIXED_PLAN_ATTR) if k in t.user_attrs}
             attrs[st.ATTR_RETRY_OF] = t.number
             attrs[st.ATTR_RESUME_FROM] = [t.number, *t.user_attrs.get(st.ATTR_RESUME_FROM, [])]
             session.study.enqueue_trial(t.params, user_attrs=attrs)
             out.append(t.number)
     if out:
-        session.notes.append(f"re-running interrupted trial(s) {out} from their last stage checkpoint")
+        session.notes.append(f"re-running interrupted or infrastructure-failed trial(s) {out} "
+                             "from their last stage checkpoint")
     return out
 
 
@@ -147,13 +168,14 @@ def clean_run_dirs(session: StudySession) -> None:
     if not session.runs_dir.is_dir():
         return
     trials = session.trials()
-    # An interrupted trial's checkpoints stay until a rerun of its plan has finished for good.
+    # An interrupted (or infrastructure-failed) trial's checkpoints stay until a rerun of its plan
+    # has finished for good.
     settled = {int(n) for t in trials if st.finished_for_good(t) for n in t.user_attrs.get(st.ATTR_RESUME_FROM, [])}
     for t in trials:
         d = session.runs_dir / f"{t.number:05d}"
         if not d.exists() or t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
-        if t.user_attrs.get(st.ATTR_INTERRUPTED) and t.number not in settled:
+        if (t.user_attrs.get(st.ATTR_INTERRUPTED) or t.user_attrs.get(st.ATTR_INFRA)) and t.number not in settled:
             continue
         shutil.rmtree(d, ignore_errors=True)
 

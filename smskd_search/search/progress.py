@@ -39,7 +39,8 @@ def counts_by_kind(trials: list[FrozenTrial]) -> tuple[int, int, int]:
     trials = [t for t in trials if t.user_attrs.get(st.ATTR_CONFIRM_OF) is None]
     complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
     pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
-    failed = sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get(st.ATTR_INTERRUPTED))
+    failed = sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get(st.ATTR_INTERRUPTED)
+                 and not t.user_attrs.get(st.ATTR_INFRA))
     return complete, pruned, failed
 
 
@@ -93,7 +94,8 @@ def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: 
             self._count_running(trials, trial)
             r = TrialReport.from_dict(trial.last_result)
             if r is not None and r.error:
-                self.failed += 1
+                # An infrastructure failure is retried, not a failed plan: the next attempt counts.
+                self.failed += 0 if r.infrastructure else 1
             elif r is not None and r.final:
                 self.complete += 1
                 if not math.isnan(r.val_acc) and (self.best_value is None or r.val_acc > self.best_value):
@@ -104,10 +106,10 @@ def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: 
             self._send(force=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            # A worker Tune gave up on (a lost node or actor) is an infrastructure failure: retried.
             if trial.trial_id not in self._seen:
                 self._seen.add(trial.trial_id)
                 self._count_running(trials, trial)
-                self.failed += 1
                 self._send(force=True)
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:

@@ -65,6 +65,8 @@ class SearchSummary:
     # Set when every budget trial that finished failed (none completed or was pruned): the first
     # failure, "#<number>: <fail_reason>". The CLI then exits non-zero with it.
     all_failed: str | None = None
+    # FAIL trials the infrastructure failed (storage, memory, a lost worker): retried, off the budget.
+    n_infrastructure: int = 0
 
     @property
     def best(self) -> LeaderboardRow | None:
@@ -201,7 +203,11 @@ def run_search(
             max_concurrent=max_concurrent, address=address, deadline=start + timeout if timeout is not None else None,
             start=start, on_progress=on_progress, cache_dir=studies_dir / "cache" if cache else None,
             cache_max_bytes=cache_max_bytes)
-        if remaining > 0:
+        # The budget; then, while infrastructure failures left it short (they do not count toward it),
+        # their retries and the trials still owed, a bounded number of rounds.
+        for _ in range(lc.INFRA_ATTEMPTS):
+            if remaining <= 0 or interrupted_by_signal or (timeout is not None and time.monotonic() > start + timeout):
+                break
             ray_started = ray_started or start_ray(address)
             outcome = run_tune(TuneSettings(**common, trials=remaining, budget=budget, before=before,
                                             seed=seed + len(before), prune=prune))
@@ -209,6 +215,10 @@ def run_search(
             interrupted_by_signal = outcome.interrupted
             if outcome.resources is not None:
                 resources, concurrent = outcome.resources.per_trial, outcome.resources.concurrent
+            before = session.trials()
+            remaining = budget - lc.budget_done(before)
+            if remaining <= 0 or not lc.enqueue_retries(session, infrastructure_only=True):
+                break
         multi = bool(search.objective.cost_objective)
         confirmed_with: ConfirmSettings | None = None
         if confirm is not None and confirm.enabled and not interrupted_by_signal \
@@ -261,6 +271,7 @@ def run_search(
             n_confirmation_runs=n_confirm,
             n_repeats=sum(1 for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is not None),
             all_failed=_all_failed(trials),
+            n_infrastructure=sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INFRA)),
             epochs_trained=sum(int(t.user_attrs.get(st.ATTR_EPOCHS_TRAINED) or 0) for t in trials),
             epochs_reused=sum(int(t.user_attrs.get(st.ATTR_EPOCHS_REUSED) or 0) for t in trials),
             cache=cache,

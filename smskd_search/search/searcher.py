@@ -154,9 +154,11 @@ class StudySearcher(Searcher):
             return
         report = TrialReport.from_dict(result)
         if report is not None and report.error:
-            self._tell(trial_id, None, TrialState.FAIL, fail_reason=report.error, traceback=report.traceback)
+            self._tell(trial_id, None, TrialState.FAIL, fail_reason=report.error, traceback=report.traceback,
+                       infrastructure=report.infrastructure)
         elif error:
-            self._tell(trial_id, None, TrialState.FAIL,
+            # The worker died or Tune gave up on it (a lost node or actor): not the plan's doing.
+            self._tell(trial_id, None, TrialState.FAIL, infrastructure=True,
                        fail_reason="the trial's worker failed (Ray reported an error; see the Ray session logs)")
         elif report is None:
             self._tell(trial_id, None, TrialState.FAIL, fail_reason="stopped before it reported a stage",
@@ -261,7 +263,7 @@ class StudySearcher(Searcher):
 
     def _tell(self, trial_id: str, values: Any, state: TrialState, *, fail_reason: str | None = None,
               pruned_reason: str | None = None, interrupted: bool = False,
-              traceback: str | None = None) -> bool:
+              traceback: str | None = None, infrastructure: bool = False) -> bool:
         """Finish the trial in the study; False if the study had finished it already."""
         self._finished.add(trial_id)
         trial = self._trials[trial_id]
@@ -272,6 +274,8 @@ class StudySearcher(Searcher):
                 trial.set_user_attr(st.ATTR_FAIL_REASON, fail_reason)
                 if interrupted:
                     trial.set_user_attr(st.ATTR_INTERRUPTED, True)
+                if infrastructure:
+                    trial.set_user_attr(st.ATTR_INFRA, True)
                 if traceback:
                     trial.set_user_attr(st.ATTR_FAIL_TRACEBACK, traceback[-4000:])
             # A trial the study finished already (a resume over a stale Tune snapshot) stays as it is.

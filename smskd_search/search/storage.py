@@ -47,6 +47,8 @@ ATTR_TRIAL_STARTED_AT = "trial_started_at"  # unix time the trainable started (O
 # Set on trials that ended FAIL because the search stopped under them (not because the plan failed):
 # they do not count against the budget, and a resume runs their plan again.
 ATTR_INTERRUPTED = "interrupted"
+# A failure of the machinery, not of the plan (storage, memory, a lost worker): retried, off the budget.
+ATTR_INFRA = "infrastructure_failure"
 ATTR_RETRY_OF = "retry_of"
 # The interrupted trials a rerun may take stage checkpoints from, nearest first (a rerun can be
 # interrupted too, before or after it copied its predecessor's checkpoints).
@@ -349,10 +351,11 @@ def epochs_trained(t: FrozenTrial) -> int:
 
 
 def finished_for_good(t: FrozenTrial) -> bool:
-    """COMPLETE, PRUNED, or failed through its plan (not cut short by the search: re-run on resume)."""
+    """COMPLETE, PRUNED, or failed through its plan (not cut short by the search, not by the
+    infrastructure: those are re-run)."""
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED)
+    return t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED) and not t.user_attrs.get(ATTR_INFRA)
 
 
 def counts_toward_budget(t: FrozenTrial) -> bool:
@@ -432,6 +435,7 @@ __all__ = [
     "ATTR_EPOCHS_TRAINED",
     "ATTR_FAIL_REASON",
     "ATTR_PRUNED_REASON",
+    "ATTR_INFRA",
     "ATTR_INTERRUPTED",
     "ATTR_N_VAL",
     "ATTR_PLAN",

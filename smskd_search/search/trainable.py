@@ -143,6 +143,23 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """A failure of the machine rather than of the plan: storage (OSError), memory (host or CUDA).
+
+    A user error (a missing dataset, a bad checkpoint) is the plan's, even where an OSError caused it.
+
+    Example:
+
+        >>> is_infrastructure_error(OSError(28, "No space left on device")), is_infrastructure_error(ValueError("x"))
+        (True, False)
+    """
+    if isinstance(exc, UserError):
+        return False
+    if isinstance(exc, (OSError, MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+
+
 def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Run the trial's plan; see the module docstring."""
     from smskd_search.engine import Diverged, EpochMetrics, discard_unsafe_checkpoints, latest_checkpoint, run_plan
@@ -236,6 +253,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
             shutil.rmtree(staging, ignore_errors=True)
         return False
 
+    infra = False
     try:
         data, teacher, record = _shared_inputs(plan, context, config.get("data_root"))
         stage_cache, memo = _caches(context)
@@ -245,12 +263,17 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     except Exception as exc:  # noqa: BLE001 - reported as the trial's failure (SystemExit is Tune's stop)
         # A divergence is said as it is ("diverged: non-finite loss at stage k, epoch e").
         message = str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}".strip()
+        infra = is_infrastructure_error(exc)
+        if infra:
+            message = f"infrastructure: {message}"
         tune.report(TrialReport.failure(message.splitlines()[0][:500] if message else type(exc).__name__,
-                                        total_epochs=total, traceback=traceback.format_exc()[-4000:]).to_dict())
-    if not context.keep_run_dirs:
-        # Finished (completed or failed): the checkpoints were only there for a resume.
+                                        total_epochs=total, traceback=traceback.format_exc()[-4000:],
+                                        infrastructure=infra).to_dict())
+    if not context.keep_run_dirs and not infra:
+        # Finished (completed, or failed through its plan): the checkpoints were only there for a
+        # resume. An infrastructure failure keeps them: its retry starts from the last stage.
         for d in [run_dir, *resume_dirs]:
             shutil.rmtree(d, ignore_errors=True)
 
 
-__all__ = ["TrialContext", "train_trial"]
+__all__ = ["TrialContext", "is_infrastructure_error", "train_trial"]

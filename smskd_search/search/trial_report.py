@@ -48,6 +48,8 @@ class TrialReport:
         trial_started_at: Unix time the trainable started.
         epoch_val_acc: Validation accuracy after each epoch of the stage up to here.
         error: The failure, in one line; set only on a failure report.
+        infrastructure: The failure came from the machinery (storage, memory, the device), not from
+            the plan: the search retries it and does not count it toward the budget.
         traceback: The failure's traceback (truncated).
     """
 
@@ -71,13 +73,14 @@ class TrialReport:
     epoch_val_acc: list[float] = field(default_factory=list)
     error: str | None = None
     traceback: str | None = None
+    infrastructure: bool = False
 
     @classmethod
     def failure(cls, error: str, *, total_epochs: int | None = None, traceback: str | None = None,
-                cum_epochs: int = 0, stage: int = 0) -> TrialReport:
+                cum_epochs: int = 0, stage: int = 0, infrastructure: bool = False) -> TrialReport:
         """The report of a plan that raised (or diverged): no value, the reason in one line."""
         return cls(val_acc=math.nan, cum_epochs=cum_epochs, stage=stage, total_epochs=total_epochs,
-                   error=error, traceback=traceback)
+                   error=error, traceback=traceback, infrastructure=infrastructure)
 
     @property
     def has_value(self) -> bool:
