@@ -219,7 +219,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         on_teacher_start=on_teacher_start,
         confirm=None if args.no_confirm else ConfirmSettings(plans=args.confirm, seeds=args.confirm_seeds),
         deterministic=args.deterministic, cache=not args.no_cache,
-        cache_max_bytes=int(args.cache_max_gb * 2**30),
+        cache_max_bytes=int(args.cache_max_gb * 2**30), storage=args.storage,
     )
     line.done()
     print(format_leaderboard(summary))
@@ -352,6 +352,9 @@ def _search_parser(prog: str) -> argparse.ArgumentParser:
                         "studies/cache/stages and a trial starts from the longest prefix of its stages there)")
     p.add_argument("--cache-max-gb", type=float, default=2.0, metavar="GB",
                    help="size cap of the stage cache, least recently used entries go first (default 2)")
+    p.add_argument("--storage", default=None, metavar="FOLDER",
+                   help="where trials write (stage checkpoints, Tune's files, the stage cache): on a cluster of several "
+                        "nodes, a folder every node mounts at the same path (default: studies/)")
     p.add_argument("--deterministic", action="store_true",
                    help="the same space and --seed give the same study on CPU (one trial at a time)")
     p.set_defaults(func=cmd_search)

@@ -220,3 +220,60 @@ def test_a_bad_address_fails_fast_and_writes_nothing(tmp_path):
     assert proc.stdout == "" and took < 15
     assert sorted((p.name, p.read_bytes()) for p in studies.iterdir()) == before  # studies/ byte-identical
 
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A real two-node Ray cluster on this machine: a head with no CPUs (so every trial runs on the
+    other node) and a worker node with 2 CPUs. Only its own processes are stopped at the end."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+@pytest.mark.slow
+def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(two_node_cluster, tmp_path):
+    space = tmp_path / "two.yaml"
+    space.write_text(yaml.safe_dump({"name": "two", "problem": {
+        "dataset": {"name": "digits", "val_fraction": 0.25},
+        "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}, "student": {"arch": "cnn_nano"}},
+        "search": {"methods": ["kd", "dkd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1},
+                   "baseline_epochs": 1, "pruning": {"enabled": False}}}))
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "keep.txt").write_text("untouched")
+    before = sorted((p.name, p.read_bytes()) for p in studies.iterdir())
+    env = {**os.environ, "SMSKD_STUDIES": str(studies), "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "smskd_search.cli", "--space", str(space), "--budget", "2", "--no-confirm",
+           "--address", two_node_cluster.address]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: --storage: the cluster has 2 nodes, and trials on the others cannot reach {studies} on this machine; "
+        "pass --storage with a folder every node mounts at the same path")
+    assert sorted((p.name, p.read_bytes()) for p in studies.iterdir()) == before  # refused before anything
+
+    shared = tmp_path / "shared"  # both nodes of this cluster see this machine's disk
+    ran = subprocess.run([*cmd, "--storage", str(shared)], capture_output=True, text=True, timeout=600, env=env)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    trials = optuna.load_study(study_name="two", storage=st.storage_url(st.db_path(studies, "two"))).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    # Everything trials wrote is under --storage (Tune's files, the stage cache); the study file
+    # stays with the driver.
+    assert (shared / "two" / "ray").is_dir() and (shared / "cache" / "stages").is_dir()
+    assert not (studies / "two" / "ray").exists() and (studies / "two.db").is_file()
+    assert not [p for p in shared.rglob(".smskd-storage-check-*")]  # the reachability marker is gone
+
+
+def test_storage_must_be_a_writable_folder(tmp_path):
+    assert cluster.check_storage(tmp_path / "new" / "folder") == (tmp_path / "new" / "folder").absolute()
+    assert (tmp_path / "new" / "folder").is_dir()
+    with pytest.raises(UserError, match=r"^--storage s3://bucket/x: URIs \(s3://, gs://, \.\.\.\) are not supported yet"):
+        cluster.check_storage("s3://bucket/x")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"^--storage .*/file/sub: cannot make the folder"):
+        cluster.check_storage(tmp_path / "file" / "sub")

@@ -154,6 +154,70 @@ def check_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> No
         raise UserError(f"--address {address}: no Ray cluster answers at {hp[0]}:{hp[1]}{where} ({why})") from None
 
 
+def check_storage(storage: str | os.PathLike | None) -> Path | None:
+    """``--storage`` as an absolute folder (made if missing), or None; one UserError line otherwise.
+
+    Example:
+
+        >>> check_storage(None) is None
+        True
+    """
+    if storage is None:
+        return None
+    text = str(storage)
+    if "://" in text:
+        raise UserError(f"--storage {text}: URIs (s3://, gs://, ...) are not supported yet; pass a folder that "
+                        "every node mounts at the same path (NFS or the like)")
+    root = Path(text).expanduser().absolute()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--storage {text}: cannot make the folder: {exc.strerror or exc}") from None
+    if not os.access(root, os.W_OK):
+        raise UserError(f"--storage {text}: {root} is not writable")
+    return root
+
+
+def check_nodes_reach(root: Path, given: bool) -> int:
+    """On a cluster of several nodes, check that every node sees ``root``; returns the node count.
+
+    Trials on other nodes write their stage checkpoints, Tune's files and the stage cache under
+    ``root``: a folder on the driver's disk alone would fail them after their first stage. With
+    several alive nodes and no ``--storage`` (``given`` False) that is one UserError; with one, a
+    marker file written here must be visible from a task pinned to each node.
+
+    Args:
+        root: The storage folder (absolute).
+        given: Whether the user passed ``--storage``.
+    """
+    from smskd_search.search._ray import ray
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return len(nodes)
+    if not given:
+        raise UserError(f"--storage: the cluster has {len(nodes)} nodes, and trials on the others cannot reach "
+                        f"{root} on this machine; pass --storage with a folder every node mounts at the same path")
+    marker = root / f".smskd-storage-check-{os.getpid()}-{socket.gethostname()}"
+    marker.write_text("seen\n")
+    try:
+        @ray.remote(num_cpus=0)
+        def sees(path: str) -> tuple[bool, str]:
+            return os.path.isfile(path), socket.gethostname()
+
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+                for n in nodes]
+        for node, (seen, host) in zip(nodes, ray.get(refs, timeout=120)):
+            if not seen:
+                raise UserError(f"--storage {root}: node {host} ({node.get('NodeManagerAddress')}) does not see this folder; "
+                                "pass a folder every node mounts at the same path")
+    finally:
+        marker.unlink(missing_ok=True)
+    return len(nodes)
+
+
 def start_ray(address: str | None) -> bool:
     """Start local Ray (or join ``address``) unless this process already has Ray; True if started."""
     from smskd_search.search._ray import ENV_DEFAULTS, ray
@@ -183,5 +247,5 @@ def quiet_ray_loggers() -> None:
     logging.getLogger("ray").setLevel(logging.ERROR)
 
 
-__all__ = ["PATH_ENV", "PROPAGATED_ENV", "TrialResources", "check_address", "check_requests", "propagated_env", "quiet_ray_loggers",
-           "start_ray", "trial_resources"]
+__all__ = ["PATH_ENV", "PROPAGATED_ENV", "TrialResources", "check_address", "check_nodes_reach", "check_requests", "check_storage",
+           "propagated_env", "quiet_ray_loggers", "start_ray", "trial_resources"]

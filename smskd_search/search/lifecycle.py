@@ -34,6 +34,8 @@ class StudySession:
         study: The Optuna study.
         storage: The storage ``study`` was opened on (for writes to trials by number).
         runs_dir: Where the trials' stage checkpoints live while they run.
+        storage_root: The folder everything trials write lives under (``--storage``; the studies
+            folder by default): ``<root>/<study>/trials``, ``<root>/<study>/ray``, ``<root>/cache``.
         notes: What the lifecycle did, in words, for the summary.
     """
 
@@ -42,6 +44,7 @@ class StudySession:
     study: optuna.Study
     storage: RDBStorage
     runs_dir: Path
+    storage_root: Path
     notes: list[str] = field(default_factory=list)
 
     def trials(self) -> list[FrozenTrial]:
@@ -49,8 +52,9 @@ class StudySession:
 
 
 def open_session(space: LoadedSpace, studies_dir: Path, name: str, *, resume: bool, seed: int,
-                 budget: int) -> StudySession:
-    """Create the study (or load it for a resume, checked against the space)."""
+                 budget: int, storage_root: Path | None = None) -> StudySession:
+    """Create the study (or load it for a resume, checked against the space); trials write under
+    ``storage_root`` (default: ``studies_dir``)."""
     path = st.db_path(studies_dir, name)
     # Checked before the storage opens: opening creates the file.
     if resume and not st.is_optuna_db(path):
@@ -63,7 +67,8 @@ def open_session(space: LoadedSpace, studies_dir: Path, name: str, *, resume: bo
         study = st.load_study_for_resume(space, studies_dir, name, budget=budget, storage=storage)
     else:
         study = st.create_study(space, studies_dir, name, seed=seed, budget=budget, storage=storage)
-    return StudySession(name, path, study, storage, (studies_dir / name / "trials").resolve())
+    root = (storage_root or studies_dir).resolve()
+    return StudySession(name, path, study, storage, root / name / "trials", root)
 
 
 def close(session: StudySession) -> None:

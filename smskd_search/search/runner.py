@@ -22,7 +22,7 @@ from smskd_search.errors import UserError
 from smskd_search.search import confirm as cf
 from smskd_search.search import lifecycle as lc
 from smskd_search.search import storage as st
-from smskd_search.search.cluster import check_address, check_requests, start_ray
+from smskd_search.search.cluster import check_address, check_nodes_reach, check_requests, check_storage, start_ray
 from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
 from smskd_search.search.progress import ProgressInfo
@@ -92,6 +92,7 @@ def run_search(
     deterministic: bool = False,
     cache: bool = True,
     cache_max_bytes: int = DEFAULT_MAX_BYTES,
+    storage: str | Path | None = None,
     on_progress: Callable[[ProgressInfo], None] | None = None,
     on_teacher_epoch: Callable[[int, int, float, float], None] | None = None,
     on_teacher_start: Callable[[TeacherJob], None] | None = None,
@@ -123,6 +124,10 @@ def run_search(
             longest prefix of its stages found there; the frozen teacher's outputs are kept in
             ``studies_dir/cache/teacher_outputs``. The values are the same as without it (on CPU).
         cache_max_bytes: The size cap of each of the two cache folders (least recently used first).
+        storage: A folder for everything trials write (stage checkpoints, Tune's files, the stage
+            cache), which every node of a cluster must mount at the same path; default
+            ``studies_dir``. The study file stays in ``studies_dir`` (only the driver writes it).
+            Joining a cluster of several nodes without it is refused before anything is written.
         on_progress: Called with a :class:`ProgressInfo` whenever the counts change.
         on_teacher_epoch: Called (epoch, epochs, loss, val_acc) while the teacher trains.
         on_teacher_start: Called with a :class:`~smskd_search.engine.teacher.TeacherJob` (what,
@@ -166,17 +171,28 @@ def run_search(
         st.check_name_free(studies_dir, name)
     if resume and not st.is_optuna_db(path):
         raise UserError(f"--resume: no study {name} to resume ({path} not found)")
+    storage_root = check_storage(storage)
+    ray_started = False  # Ray starts once for the budget and the confirmation runs
+    if address is not None:
+        # On a cluster, before anything is written: every node must reach what trials write.
+        ray_started = start_ray(address)
+        try:
+            check_nodes_reach(storage_root or studies_dir.absolute(), given=storage_root is not None)
+        except BaseException:
+            if ray_started:
+                _shutdown_ray()
+            raise
     studies_dir.mkdir(parents=True, exist_ok=True)
 
     lock = st.StudyLock(studies_dir, name).acquire()
-    ray_started = False  # Ray starts once for the budget and the confirmation runs
     optuna_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line and summary say it all
     try:
         from smskd_search.engine import ensure_teacher, pick_device
 
         # The study file first, so that the dashboard can open it while the teacher trains.
-        session = lc.open_session(space, studies_dir, name, resume=resume, seed=seed, budget=budget)
+        session = lc.open_session(space, studies_dir, name, resume=resume, seed=seed, budget=budget,
+                                  storage_root=storage_root)
         try:
             teacher = ensure_teacher(sp.problem, cache_root=studies_dir / "teachers", device=pick_device(None),
                                      on_epoch=on_teacher_epoch, on_start=on_teacher_start)
@@ -201,7 +217,7 @@ def run_search(
         common: dict[str, Any] = dict(
             space=sp, session=session, teacher=teacher, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
             max_concurrent=max_concurrent, address=address, deadline=start + timeout if timeout is not None else None,
-            start=start, on_progress=on_progress, cache_dir=studies_dir / "cache" if cache else None,
+            start=start, on_progress=on_progress, cache_dir=session.storage_root / "cache" if cache else None,
             cache_max_bytes=cache_max_bytes)
         # The budget; then, while infrastructure failures left it short (they do not count toward it),
         # their retries and the trials still owed, a bounded number of rounds.

@@ -207,7 +207,7 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
             answered = searcher.answered
             callbacks.append(progress_callback(s.on_progress, s.session.name, s.budget, s.before, s.start,
                                                answered=lambda: len(answered), phase=s.phase))
-        ray_dir = s.session.path.parent / s.session.name / "ray"
+        ray_dir = s.session.storage_root / s.session.name / "ray"
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
