@@ -260,6 +260,12 @@ def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(two_node_cluste
     shared = tmp_path / "shared"  # both nodes of this cluster see this machine's disk
     ran = subprocess.run([*cmd, "--storage", str(shared)], capture_output=True, text=True, timeout=600, env=env)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    # The teacher trained as a Ray task, on the worker node (the head has no CPUs), its progress
+    # shown on the driver and its checkpoint cached there.
+    worker = [n for n in two_node_cluster.list_all_nodes() if n is not two_node_cluster.head_node][0]
+    assert f"note:      the teacher trained as a Ray task on node {worker.node_id}" in ran.stdout, ran.stdout[-3000:]
+    assert "training the teacher cnn_small" in ran.stdout and "epoch 1/1" in ran.stdout
+    assert len(list((studies / "teachers").glob("*/teacher.pt"))) == 1
     trials = optuna.load_study(study_name="two", storage=st.storage_url(st.db_path(studies, "two"))).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
     # Everything trials wrote is under --storage (Tune's files, the stage cache); the study file

@@ -21,6 +21,8 @@ DOCTESTED = [
     "smskd_search.search.trial_report",
     "smskd_search.search.searcher",
     "smskd_search.search.cluster",
+    "smskd_search.search.teacher_task",
+    "smskd_search.search.trainable",
 ]
 
 

@@ -156,6 +156,38 @@ def train_teacher_model(problem: ProblemSpec, data: DataSplits, device: torch.de
     return model
 
 
+def cached_teacher(problem: ProblemSpec, cache_root: str | Path = DEFAULT_CACHE) -> TeacherRecord | None:
+    """The problem's teacher from the cache, if there and intact (its file hashes to its record)."""
+    meta_path = teacher_dir(problem, cache_root) / "teacher.json"
+    if not meta_path.is_file():
+        return None
+    record = TeacherRecord(**json.loads(meta_path.read_text()))
+    if Path(record.path).is_file() and file_sha256(record.path) == record.sha256:
+        return record
+    return None
+
+
+def store_teacher(problem: ProblemSpec, cache_root: str | Path, weights: bytes, record: TeacherRecord) -> TeacherRecord:
+    """Cache a teacher trained elsewhere (its checkpoint's bytes and its record); the stored record.
+
+    Args:
+        problem: The teacher's problem (its cache folder).
+        cache_root: The teacher cache.
+        weights: The checkpoint file's bytes.
+        record: Its record where it was trained (``path`` and ``sha256`` are set here).
+    """
+    folder = teacher_dir(problem, cache_root)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path = (folder / "teacher.pt").resolve()
+    tmp = weights_path.with_suffix(".pt.tmp")
+    tmp.write_bytes(weights)
+    tmp.replace(weights_path)
+    stored = TeacherRecord(**{**asdict(record), "path": str(weights_path), "sha256": file_sha256(weights_path),
+                              "key": teacher_key(problem)})
+    (folder / "teacher.json").write_text(json.dumps(asdict(stored), indent=2))
+    return stored
+
+
 def ensure_teacher(
     problem: ProblemSpec,
     *,
@@ -182,13 +214,12 @@ def ensure_teacher(
     device = torch.device(device)
     folder = teacher_dir(problem, cache_root)
     meta_path = folder / "teacher.json"
-    if meta_path.is_file():
-        record = TeacherRecord(**json.loads(meta_path.read_text()))
-        if Path(record.path).is_file() and file_sha256(record.path) == record.sha256:
-            if with_test and record.test_acc is None:
-                record = _add_test_accuracy(problem, record, device, data)
-                meta_path.write_text(json.dumps(asdict(record), indent=2))
-            return record
+    record = cached_teacher(problem, cache_root)
+    if record is not None:
+        if with_test and record.test_acc is None:
+            record = _add_test_accuracy(problem, record, device, data)
+            meta_path.write_text(json.dumps(asdict(record), indent=2))
+        return record
     if data is None:
         data = load_data(problem.dataset, device)
     precision = pick_precision(device)

@@ -26,6 +26,7 @@ from smskd_search.search.cluster import check_address, check_nodes_reach, check_
 from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
 from smskd_search.search.progress import ProgressInfo
+from smskd_search.search.teacher_task import ensure_teacher_on_cluster
 from smskd_search.search.tune_run import TuneSettings, run_tune
 from smskd_search.space import LoadedSpace
 
@@ -194,8 +195,15 @@ def run_search(
         session = lc.open_session(space, studies_dir, name, resume=resume, seed=seed, budget=budget,
                                   storage_root=storage_root)
         try:
-            teacher = ensure_teacher(sp.problem, cache_root=studies_dir / "teachers", device=pick_device(None),
-                                     on_epoch=on_teacher_epoch, on_start=on_teacher_start)
+            if address is not None:
+                # On a cluster: where the cluster has the resources for it, not on the driver.
+                teacher, node = ensure_teacher_on_cluster(sp.problem, studies_dir / "teachers", on_epoch=on_teacher_epoch,
+                                                          on_start=on_teacher_start)
+                if node is not None:
+                    session.notes.append(f"the teacher trained as a Ray task on node {node}")
+            else:
+                teacher = ensure_teacher(sp.problem, cache_root=studies_dir / "teachers", device=pick_device(None),
+                                         on_epoch=on_teacher_epoch, on_start=on_teacher_start)
         except BaseException:
             if not resume:
                 lc.discard_if_empty(session)

@@ -1,0 +1,113 @@
+"""On a cluster, the teacher trains as a Ray task where the cluster has the resources for it.
+
+The driver of a search joined to a cluster may be a small head node without a GPU: training
+resnet32x4 there would take hours on its CPU. So on a cluster (``--address``) a teacher missing from
+the cache is trained by a Ray task that asks for one GPU where the cluster has one (else the CPUs of
+its largest node); its progress comes back through a Ray queue and is shown as on the driver, and
+its checkpoint comes back as bytes that the driver stores in its teacher cache (the trials then get
+them through the object store, see :mod:`~smskd_search.search.teacher_transport`). Searches on
+local Ray train the teacher in the driver's process, as before.
+"""
+
+from __future__ import annotations
+
+import queue as _stdlib_queue
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from smskd_search.engine.teacher import TeacherJob, TeacherRecord, cached_teacher, store_teacher, teacher_dir
+from smskd_search.errors import UserError
+from smskd_search.plan import ProblemSpec
+
+
+def task_resources(cluster: dict[str, float], nodes: list[dict[str, Any]]) -> dict[str, float]:
+    """One GPU where the cluster has one, else the CPUs of its largest alive node.
+
+    Example:
+
+        >>> task_resources({"CPU": 16, "GPU": 2}, [])
+        {'num_gpus': 1, 'num_cpus': 1}
+        >>> task_resources({"CPU": 2}, [{"Alive": True, "Resources": {"CPU": 0.0}}, {"Alive": True, "Resources": {"CPU": 2.0}}])
+        {'num_cpus': 2}
+    """
+    if cluster.get("GPU", 0) >= 1:
+        return {"num_gpus": 1, "num_cpus": 1}
+    per_node = [n.get("Resources", {}).get("CPU", 0.0) for n in nodes if n.get("Alive")]
+    return {"num_cpus": max(1, int(max(per_node, default=1)))}
+
+
+def _train(problem_json: dict[str, Any], progress: Any) -> tuple[bytes, dict[str, Any], str]:
+    """In the task: train the teacher on this node's best device; its bytes, record and node id."""
+    import torch
+
+    from smskd_search.engine import ensure_teacher, pick_device
+    from smskd_search.search._ray import ray
+
+    # Ray gives the task its CPUs as OMP_NUM_THREADS; torch should use them all.
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    problem = ProblemSpec.model_validate(problem_json)
+    with tempfile.TemporaryDirectory(prefix="smskd-teacher-") as tmp:
+        record = ensure_teacher(problem, cache_root=tmp, device=pick_device(None),
+                                on_start=lambda job: progress.put(("start", asdict(job))),
+                                on_epoch=lambda *a: progress.put(("epoch", a)))
+        weights = Path(record.path).read_bytes()
+    return weights, asdict(record), ray.get_runtime_context().get_node_id()
+
+
+def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
+                              on_epoch: Callable[[int, int, float, float], None] | None = None,
+                              on_start: Callable[[TeacherJob], None] | None = None) -> tuple[TeacherRecord, str | None]:
+    """The problem's teacher: from the driver's cache, else trained by a Ray task and cached here.
+
+    Returns the record and the id of the node that trained it (None on a cache hit).
+
+    Args:
+        problem: The space's problem.
+        cache_root: The driver's teacher cache.
+        on_epoch: Called (epoch, epochs, train loss, val acc) as the task trains.
+        on_start: Called with the :class:`TeacherJob` when the task starts training.
+    """
+    from smskd_search.search._ray import ray
+
+    from ray.exceptions import RayTaskError
+    from ray.util.queue import Queue
+
+    record = cached_teacher(problem, cache_root)
+    if record is not None:
+        return record, None
+    progress = Queue()
+    opts = task_resources(ray.cluster_resources(), ray.nodes())
+    ref = ray.remote(_train).options(**opts, max_retries=0).remote(problem.model_dump(mode="json"), progress)
+
+    def drain() -> None:
+        while True:
+            try:
+                kind, payload = progress.get_nowait()
+            except _stdlib_queue.Empty:
+                return
+            if kind == "start" and on_start is not None:
+                on_start(TeacherJob(**payload))
+            elif kind == "epoch" and on_epoch is not None:
+                on_epoch(*payload)
+
+    try:
+        while not ray.wait([ref], timeout=0.5)[0]:
+            drain()
+        try:
+            weights, trained, node = ray.get(ref)
+        except RayTaskError as exc:
+            # A user error in the task (a dataset missing on that node, ...) is said as it is.
+            if isinstance(exc.cause, UserError):
+                raise UserError(f"teacher (a Ray task): {exc.cause}") from None
+            raise
+        drain()
+    finally:
+        progress.shutdown()
+    teacher_dir(problem, cache_root).mkdir(parents=True, exist_ok=True)
+    return store_teacher(problem, cache_root, weights, TeacherRecord(**trained)), node
+
+
+__all__ = ["ensure_teacher_on_cluster", "task_resources"]
