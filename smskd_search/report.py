@@ -28,7 +28,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.export import find_study_db, open_study, ranked_trials, stage_values, val_acc
-from smskd_search.search.confirm import is_confirmation
+from smskd_search.search.confirm import Confirmed, confirmations, is_confirmation
 from smskd_search.search.sampling import BASELINE_ATTR
 from smskd_search.search.storage import (
     ATTR_EPOCHS_REUSED,
@@ -387,6 +387,8 @@ class ReportData:
     importances: dict[str, float] | None
     importance_note: str
     figures: dict[str, go.Figure]
+    # Confirmation runs by the trial they confirm (the ranking puts confirmed plans first, by mean).
+    confirmed: dict[int, Confirmed] = field(default_factory=dict)
 
 
 def _lambda_range(study: optuna.Study) -> tuple[float, float] | None:
@@ -434,7 +436,8 @@ def collect(study: optuna.Study, db: Path, top_k: int = TOP_K) -> ReportData:
     }
     for fid, fig in figures.items():
         fig.update_layout(meta={"id": fid})
-    return ReportData(study, db, rows, ranked, baselines, noise, imp, note, figures)
+    confirmed = confirmations(study.get_trials(deepcopy=False))
+    return ReportData(study, db, rows, ranked, baselines, noise, imp, note, figures, confirmed)
 
 
 def fig_noise(top: Sequence[TrialRow], baselines: Sequence[TrialRow], noise: NoiseFloor) -> go.Figure:
@@ -483,9 +486,18 @@ def _ref_cell(r: TrialRow) -> str:
     return f"{r.lambda_ref:.3g} {r.weight_mode}{norm}"
 
 
-def _top_table(ranked: Sequence[TrialRow], noise: NoiseFloor, top_k: int) -> str:
+def _confirmed_cell(c: Confirmed | None) -> str:
+    if c is None:
+        return "-"
+    se = f" ± {_pts(c.se)}" if c.se is not None else ""
+    return f"{_pts(c.mean)}%{se} ({c.n} seed{'s' if c.n != 1 else ''})"
+
+
+def _top_table(ranked: Sequence[TrialRow], noise: NoiseFloor, top_k: int,
+               confirmed: dict[int, Confirmed] | None = None) -> str:
+    confirmed = confirmed or {}
     head = ("<tr><th>rank</th><th>trial</th><th>stages</th><th>epochs</th><th>&lambda;<sub>ref</sub> / weights</th>"
-            "<th>val acc ± s.e.</th><th>gap to best baseline</th><th>gap / s.e.</th></tr>")
+            "<th>val acc ± s.e.</th><th>confirmed mean ± s.e.</th><th>gap to best baseline</th><th>gap / s.e.</th></tr>")
     body = []
     for i, r in enumerate(ranked[:top_k], start=1):
         gap = gap_se = "-"
@@ -496,9 +508,10 @@ def _top_table(ranked: Sequence[TrialRow], noise: NoiseFloor, top_k: int) -> str
                 gap_se = f"{g / difference_se(r.value, r.n_val, noise.rival.value, noise.rival.n_val):+.2f}"
         kind = f' <span class="tag">{_cell(r.baseline)}</span>' if r.baseline else ""
         body.append(f"<tr><td>{i}</td><td>#{r.number}</td><td>{_cell(r.sequence)}{kind}</td><td>{_cell(r.total_epochs)}</td>"
-                    f"<td>{_cell(_ref_cell(r))}</td><td>{_cell(_acc_cell(r))}</td><td>{gap}</td><td>{gap_se}</td></tr>")
+                    f"<td>{_cell(_ref_cell(r))}</td><td>{_cell(_acc_cell(r))}</td>"
+                    f"<td>{_cell(_confirmed_cell(confirmed.get(r.number)))}</td><td>{gap}</td><td>{gap_se}</td></tr>")
     if not body:
-        body.append('<tr><td colspan="8">no completed trial</td></tr>')
+        body.append('<tr><td colspan="9">no completed trial</td></tr>')
     return f'<table id="{TABLE_TOP}"><caption>Top {min(top_k, len(ranked))} completed plans</caption>{head}{"".join(body)}</table>'
 
 
@@ -602,7 +615,7 @@ last stage value they reached and are never ranked.
 </div>
 <div id="{NOISE_ID}" class="callout {noise.verdict}"><b>Noise floor.</b> {html.escape(noise.sentence)}{notes_html}</div>
 <h2>Top plans and baselines</h2>
-<div class="tables">{_top_table(data.ranked, noise, top_k)}{_baseline_table(data.baselines)}</div>
+<div class="tables">{_top_table(data.ranked, noise, top_k, data.confirmed)}{_baseline_table(data.baselines)}</div>
 {_failed_list(data.rows)}
 <h2>Figures</h2>
 <div class="grid">

@@ -485,3 +485,19 @@ def test_studies_lists_counts_and_best_value(synthetic_root):
     lines = {line.split()[0]: line for line in r.stdout.splitlines()}
     assert "3 complete, 2 pruned, 1 failed" in lines["mixed"] and "best 72.00% (n=500) #3 kd(2) -> dkd(2)" in lines["mixed"]
     assert "0 complete, 1 pruned, 1 failed" in lines["nocomplete"] and "best -" in lines["nocomplete"]
+
+
+def test_the_report_table_shows_each_confirmed_mean():
+    from smskd_search.report import NoiseFloor, TrialRow, _top_table
+    from smskd_search.search.confirm import Confirmed
+
+    def row(number: int, value: float) -> TrialRow:
+        return TrialRow(number, "COMPLETE", value, 500, "kd(10)", ["kd"], [10], 10, None, None, None, None, [(10, value)])
+
+    html_text = _top_table([row(3, 0.93), row(7, 0.95)], NoiseFloor("no-baseline", ""), 5,
+                           {3: Confirmed(3, {1000: 0.90, 1001: 0.80})})
+    cells = re.findall(r"<tr><td>(\d)</td><td>#(\d)</td>.*?</tr>", html_text)
+    assert cells == [("1", "3"), ("2", "7")]
+    assert "<th>confirmed mean ± s.e.</th>" in html_text
+    assert "<td>85.00% ± 5.00 (2 seeds)</td>" in html_text  # mean 0.85, s.e. 0.05 over the 2 seeds
+    assert html_text.count("<td>-</td>") >= 1  # trial 7 was not confirmed
