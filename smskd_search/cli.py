@@ -227,6 +227,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"error: all {summary.done} trial(s) of study {summary.study} failed; the first, {summary.all_failed}",
               file=sys.stderr)
         return 1
+    if summary.stop_reason == "infrastructure":
+        print(f"error: study {summary.study} stopped at {summary.done}/{summary.budget} trials: {summary.n_infrastructure} "
+              "trial(s) failed through the infrastructure, after their retries (see their fail_reason)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -138,7 +138,8 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
     if summary.epochs_trained or summary.epochs_reused:
         lines.append(f"epochs:    {epochs_line(summary.epochs_trained, summary.epochs_reused, summary.cache)}")
     if summary.interrupted:
-        why = {"timeout": "--timeout reached", "interrupted": "interrupted"}.get(summary.stop_reason,
+        why = {"timeout": "--timeout reached", "interrupted": "interrupted",
+               "infrastructure": "infrastructure failures (retried, still failing)"}.get(summary.stop_reason,
                                                                                summary.stop_reason)
         lines.append(f"stopped:   {why} before the budget; continue with --resume --study {summary.study}")
     if summary.best_plan_path is not None:

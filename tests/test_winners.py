@@ -319,3 +319,25 @@ def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path):
 
     text = format_leaderboard(summary)
     assert "2/2 trials: 2 complete, 0 pruned, 0 failed" in text and "(+1 failed by the infrastructure" in text
+
+
+@pytest.mark.slow
+def test_a_search_the_infrastructure_keeps_failing_stops_with_that_reason(tmp_path):
+    # No trial folder can be made at all (a file where the trials' folder goes): the plan is tried
+    # 3 times in all, then the search stops short of its budget, saying why, instead of looping.
+    space = tmp_path / "broken.yaml"
+    space.write_text(yaml.safe_dump({"name": "broken", "problem": PROBLEM, "search": {
+        "methods": ["kd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1}, "baseline_epochs": 1,
+        "pruning": {"enabled": False}}}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "trials").write_text("in the way")
+    summary = run_search(load_space(space), budget=1, studies_dir=tmp_path, address="local", max_concurrent=1,
+                         confirm=None)
+    trials = optuna.load_study(study_name="broken", storage=summary.storage_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert all(t.user_attrs.get(st.ATTR_INFRA) for t in trials)
+    assert [t.user_attrs.get(st.ATTR_RETRY_OF) for t in trials] == [None, 0, 1]
+    assert summary.done == 0 and summary.stop_reason == "infrastructure" and summary.n_infrastructure == 3
+    from smskd_search.summary_text import format_leaderboard
+
+    assert "stopped:   infrastructure failures (retried, still failing) before the budget" in format_leaderboard(summary)

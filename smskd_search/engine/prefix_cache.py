@@ -170,7 +170,7 @@ class PrefixCache:
             os.replace(tmp, path)
             self._stamp(path)
             self.evict(keep=path)
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: torch.save on a full disk (its zip writer)
             return None
         finally:
             tmp.unlink(missing_ok=True)

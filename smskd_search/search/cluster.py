@@ -209,7 +209,12 @@ def check_nodes_reach(root: Path, given: bool) -> int:
 
         refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
                 for n in nodes]
-        for node, (seen, host) in zip(nodes, ray.get(refs, timeout=120)):
+        try:
+            answers = ray.get(refs, timeout=120)
+        except ray.exceptions.GetTimeoutError:
+            raise UserError(f"--storage {root}: not every node of the cluster answered within 120 s "
+                            "(a node without free CPUs for a zero-CPU task, or one that is gone)") from None
+        for node, (seen, host) in zip(nodes, answers):
             if not seen:
                 raise UserError(f"--storage {root}: node {host} ({node.get('NodeManagerAddress')}) does not see this folder; "
                                 "pass a folder every node mounts at the same path")

@@ -117,12 +117,14 @@ def _retried(trials: list[FrozenTrial]) -> set[int]:
 INFRA_ATTEMPTS = 3
 
 
-def _to_retry(t: FrozenTrial) -> bool:
+def _to_retry(t: FrozenTrial, infra: set[int]) -> bool:
+    """``infra``: the numbers of the study's infrastructure failures (a plan's earlier attempts)."""
     if t.state != TrialState.FAIL or t.user_attrs.get(st.ATTR_CONFIRM_OF) is not None:
         return False  # (a confirmation run cut short is enqueued again by the confirmation step)
     if t.user_attrs.get(st.ATTR_INTERRUPTED):
         return True
-    return bool(t.user_attrs.get(st.ATTR_INFRA)) and 1 + len(t.user_attrs.get(st.ATTR_RESUME_FROM, [])) < INFRA_ATTEMPTS
+    earlier = sum(1 for n in t.user_attrs.get(st.ATTR_RESUME_FROM, []) if int(n) in infra)
+    return bool(t.user_attrs.get(st.ATTR_INFRA)) and 1 + earlier < INFRA_ATTEMPTS
 
 
 def enqueue_retries(session: StudySession, infrastructure_only: bool = False) -> list[int]:
@@ -136,11 +138,12 @@ def enqueue_retries(session: StudySession, infrastructure_only: bool = False) ->
     """
     trials = session.trials()
     retried = _retried(trials)
+    infra = {t.number for t in trials if t.user_attrs.get(st.ATTR_INFRA)}
     out = []
     for t in trials:
         if infrastructure_only and not t.user_attrs.get(st.ATTR_INFRA):
             continue
-        if _to_retry(t) and t.number not in retried:
+        if _to_retry(t, infra) and t.number not in retried:
             attrs: dict[str, Any] = {k: t.user_attrs[k] for k in (BASELINE_ATTR, FIXED_PLAN_ATTR) if k in t.user_attrs}
             attrs[st.ATTR_RETRY_OF] = t.number
             attrs[st.ATTR_RESUME_FROM] = [t.number, *t.user_attrs.get(st.ATTR_RESUME_FROM, [])]

@@ -47,7 +47,7 @@ class SearchSummary:
     n_interrupted: int  # FAIL trials the search cut short (not the plan's fault; a resume re-runs them)
     elapsed_s: float
     interrupted: bool
-    stop_reason: str  # "budget", "timeout" or "interrupted"
+    stop_reason: str  # "budget", "timeout", "interrupted" or "infrastructure" (short after its retries)
     budget: int
     done: int
     top: list[LeaderboardRow]
@@ -183,9 +183,13 @@ def run_search(
             if ray_started:
                 _shutdown_ray()
             raise
-    studies_dir.mkdir(parents=True, exist_ok=True)
-
-    lock = st.StudyLock(studies_dir, name).acquire()
+    try:
+        studies_dir.mkdir(parents=True, exist_ok=True)
+        lock = st.StudyLock(studies_dir, name).acquire()
+    except BaseException:
+        if ray_started:
+            _shutdown_ray()
+        raise
     optuna_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line and summary say it all
     try:
@@ -227,22 +231,27 @@ def run_search(
             max_concurrent=max_concurrent, address=address, deadline=start + timeout if timeout is not None else None,
             start=start, on_progress=on_progress, cache_dir=session.storage_root / "cache" if cache else None,
             cache_max_bytes=cache_max_bytes)
-        # The budget; then, while infrastructure failures left it short (they do not count toward it),
-        # their retries and the trials still owed, a bounded number of rounds.
-        for _ in range(lc.INFRA_ATTEMPTS):
-            if remaining <= 0 or interrupted_by_signal or (timeout is not None and time.monotonic() > start + timeout):
-                break
+        # The budget; then, while new infrastructure failures left it short (they do not count toward
+        # it), another round for their retries and the trials still owed, at most INFRA_ATTEMPTS in all.
+        def timed_out() -> bool:
+            return timeout is not None and time.monotonic() > start + timeout
+
+        n_infra, rounds = _n_infra(before), 0
+        while remaining > 0 and not interrupted_by_signal and not timed_out():
             ray_started = ray_started or start_ray(address)
             outcome = run_tune(TuneSettings(**common, trials=remaining, budget=budget, before=before,
                                             seed=seed + len(before), prune=prune))
+            rounds += 1
             session.notes += outcome.notes
             interrupted_by_signal = outcome.interrupted
             if outcome.resources is not None:
                 resources, concurrent = outcome.resources.per_trial, outcome.resources.concurrent
             before = session.trials()
             remaining = budget - lc.budget_done(before)
-            if remaining <= 0 or not lc.enqueue_retries(session, infrastructure_only=True):
+            if interrupted_by_signal or timed_out() or rounds >= lc.INFRA_ATTEMPTS or _n_infra(before) == n_infra:
                 break
+            n_infra = _n_infra(before)
+            lc.enqueue_retries(session, infrastructure_only=True)
         multi = bool(search.objective.cost_objective)
         confirmed_with: ConfirmSettings | None = None
         if confirm is not None and confirm.enabled and not interrupted_by_signal \
@@ -273,6 +282,8 @@ def run_search(
             reason = "budget"
         elif timeout is not None and not interrupted_by_signal and elapsed >= timeout:
             reason = "timeout"
+        elif not interrupted_by_signal and _n_infra(trials):
+            reason = "infrastructure"  # retried INFRA_ATTEMPTS rounds and still short: the machine, not the plans
         else:
             reason = "interrupted"
         top = leaderboard(session.study, trials, multi)
@@ -295,7 +306,7 @@ def run_search(
             n_confirmation_runs=n_confirm,
             n_repeats=sum(1 for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is not None),
             all_failed=_all_failed(trials),
-            n_infrastructure=sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INFRA)),
+            n_infrastructure=_n_infra(trials),
             epochs_trained=sum(int(t.user_attrs.get(st.ATTR_EPOCHS_TRAINED) or 0) for t in trials),
             epochs_reused=sum(int(t.user_attrs.get(st.ATTR_EPOCHS_REUSED) or 0) for t in trials),
             cache=cache,
@@ -305,6 +316,10 @@ def run_search(
             _shutdown_ray()
         optuna.logging.set_verbosity(optuna_verbosity)
         lock.release()
+
+
+def _n_infra(trials: list[optuna.trial.FrozenTrial]) -> int:
+    return sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INFRA))
 
 
 def _all_failed(trials: list[optuna.trial.FrozenTrial]) -> str | None:

@@ -11,6 +11,7 @@ local Ray train the teacher in the driver's process, as before.
 
 from __future__ import annotations
 
+import contextlib
 import queue as _stdlib_queue
 import tempfile
 from collections.abc import Callable
@@ -18,7 +19,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from smskd_search.engine.teacher import TeacherJob, TeacherRecord, cached_teacher, store_teacher, teacher_dir
+from smskd_search.data.sources import absolute_root
+from smskd_search.engine.teacher import (
+    TeacherJob,
+    TeacherRecord,
+    cached_teacher,
+    ensure_teacher,
+    store_teacher,
+    teacher_dir,
+)
 from smskd_search.errors import UserError
 from smskd_search.plan import ProblemSpec
 
@@ -72,15 +81,21 @@ def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
     """
     from smskd_search.search._ray import ray
 
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayError, RayTaskError
     from ray.util.queue import Queue
 
     record = cached_teacher(problem, cache_root)
     if record is not None:
         return record, None
+    if problem.teacher.checkpoint:
+        # A user's checkpoint is only checked and loaded, not trained: here, where the file is.
+        return ensure_teacher(problem, cache_root=cache_root), None
+    # The task may run on another node: the dataset's root as the driver means it (absolute).
+    dataset = problem.dataset.model_copy(update={"root": absolute_root(problem.dataset.root)})
+    sent = problem.model_copy(update={"dataset": dataset}).model_dump(mode="json")
     progress = Queue()
     opts = task_resources(ray.cluster_resources(), ray.nodes())
-    ref = ray.remote(_train).options(**opts, max_retries=0).remote(problem.model_dump(mode="json"), progress)
+    ref = ray.remote(_train).options(**opts, max_retries=0).remote(sent, progress)
 
     def drain() -> None:
         while True:
@@ -100,10 +115,15 @@ def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
             weights, trained, node = ray.get(ref)
         except RayTaskError as exc:
             # A user error in the task (a dataset missing on that node, ...) is said as it is.
-            if isinstance(exc.cause, UserError):
-                raise UserError(f"teacher (a Ray task): {exc.cause}") from None
-            raise
+            why = exc.cause if isinstance(exc.cause, UserError) else f"{type(exc.cause).__name__}: {exc.cause}"
+            raise UserError(f"teacher (a Ray task): {str(why).splitlines()[0]}") from None
+        except RayError as exc:  # the node or the worker died under it
+            raise UserError(f"teacher (a Ray task): {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
         drain()
+    except BaseException:
+        with contextlib.suppress(Exception):  # a task that has ended already needs no cancelling
+            ray.cancel(ref, force=True)  # Ctrl-C or a failure: the task must not go on training
+        raise
     finally:
         progress.shutdown()
     teacher_dir(problem, cache_root).mkdir(parents=True, exist_ok=True)

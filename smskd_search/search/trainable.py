@@ -143,6 +143,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+_INFRA_RUNTIME_ERRORS = ("CUDA out of memory", "inline_container.cc", "PytorchStreamWriter", "file write failed")
+
+
 def is_infrastructure_error(exc: BaseException) -> bool:
     """A failure of the machine rather than of the plan: storage (OSError), memory (host or CUDA).
 
@@ -157,7 +160,8 @@ def is_infrastructure_error(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (OSError, MemoryError, torch.OutOfMemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    # torch.save on a full disk raises a RuntimeError from its zip writer, not an OSError.
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _INFRA_RUNTIME_ERRORS)
 
 
 def train_trial(config: dict[str, Any], context: TrialContext) -> None:
