@@ -283,3 +283,19 @@ def test_storage_must_be_a_writable_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"^--storage .*/file/sub: cannot make the folder"):
         cluster.check_storage(tmp_path / "file" / "sub")
+
+
+def test_a_study_resumes_only_with_the_storage_it_was_made_with(tmp_path):
+    from smskd_search.search import lifecycle as lc
+    from smskd_search.space import load_space
+
+    studies, shared = tmp_path / "studies", tmp_path / "shared"
+    first = lc.open_session(load_space("default"), studies, "s", resume=False, seed=0, budget=2, storage_root=shared)
+    lc.bind_storage_root(first)
+    lc.close(first)
+    lc.check_resume_storage(studies, "s", shared)  # the same folder: fine
+    before = sorted((p.name, p.read_bytes()) for p in studies.iterdir())
+    with pytest.raises(UserError, match=rf"^--storage: study s keeps its trials' files in {shared}; "
+                                        rf"resume it with --storage {shared} \(not {studies}\)$"):
+        lc.check_resume_storage(studies, "s", studies)
+    assert sorted((p.name, p.read_bytes()) for p in studies.iterdir()) == before  # read-only

@@ -71,6 +71,22 @@ def open_session(space: LoadedSpace, studies_dir: Path, name: str, *, resume: bo
     return StudySession(name, path, study, storage, root / name / "trials", root)
 
 
+def check_resume_storage(studies_dir: Path, name: str, storage_root: Path) -> None:
+    """Before a resume writes anything: the study's trials must write where they did (their stage
+    checkpoints, Tune's files and the retries' folders are there); read-only, one UserError line."""
+    study = optuna.load_study(study_name=name, storage=st.readonly_storage(st.db_path(studies_dir, name)))
+    used, here = study.user_attrs.get(st.ATTR_STORAGE_ROOT), str(storage_root.resolve())
+    if used is not None and used != here:
+        raise UserError(f"--storage: study {name} keeps its trials' files in {used}; resume it with "
+                        f"--storage {used} (not {here})")
+
+
+def bind_storage_root(session: StudySession) -> None:
+    """Record where the study's trials write (see :func:`check_resume_storage`)."""
+    if session.study.user_attrs.get(st.ATTR_STORAGE_ROOT) is None:
+        session.study.set_user_attr(st.ATTR_STORAGE_ROOT, str(session.storage_root))
+
+
 def close(session: StudySession) -> None:
     """Close the study's connections and fold the write-ahead log back into the file, so that a
     finished study is one file that can be copied (no ``-wal``/``-shm`` beside it).

@@ -173,6 +173,8 @@ def run_search(
     if resume and not st.is_optuna_db(path):
         raise UserError(f"--resume: no study {name} to resume ({path} not found)")
     storage_root = check_storage(storage)
+    if resume:
+        lc.check_resume_storage(studies_dir, name, storage_root or studies_dir)
     ray_started = False  # Ray starts once for the budget and the confirmation runs
     if address is not None:
         # On a cluster, before anything is written: every node must reach what trials write.
@@ -198,6 +200,7 @@ def run_search(
         # The study file first, so that the dashboard can open it while the teacher trains.
         session = lc.open_session(space, studies_dir, name, resume=resume, seed=seed, budget=budget,
                                   storage_root=storage_root)
+        lc.bind_storage_root(session)
         try:
             if address is not None:
                 # On a cluster: where the cluster has the resources for it, not on the driver.

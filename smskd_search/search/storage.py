@@ -47,6 +47,8 @@ ATTR_TRIAL_STARTED_AT = "trial_started_at"  # unix time the trainable started (O
 # Set on trials that ended FAIL because the search stopped under them (not because the plan failed):
 # they do not count against the budget, and a resume runs their plan again.
 ATTR_INTERRUPTED = "interrupted"
+# Study attribute: the folder the trials write under (--storage, or the studies folder).
+ATTR_STORAGE_ROOT = "storage_root"
 # A failure of the machinery, not of the plan (storage, memory, a lost worker): retried, off the budget.
 ATTR_INFRA = "infrastructure_failure"
 ATTR_RETRY_OF = "retry_of"
@@ -436,6 +438,7 @@ __all__ = [
     "ATTR_FAIL_REASON",
     "ATTR_PRUNED_REASON",
     "ATTR_INFRA",
+    "ATTR_STORAGE_ROOT",
     "ATTR_INTERRUPTED",
     "ATTR_N_VAL",
     "ATTR_PLAN",
