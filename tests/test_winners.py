@@ -82,13 +82,19 @@ def test_a_running_plan_or_another_plan_is_trained():
     assert s.suggest("c")["plan_key"] == "p2" and s.answered == []
 
 
+def _one_stage_space(folder: Path, name: str, methods: list[str]) -> Path:
+    """A space of one-stage, one-epoch plans of ``methods`` (baselines one epoch too), unpruned."""
+    space = folder / f"{name}.yaml"
+    space.write_text(yaml.safe_dump({"name": name, "problem": PROBLEM, "search": {
+        "methods": methods, "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1}, "baseline_epochs": 1,
+        "pruning": {"enabled": False}}}))
+    return space
+
+
 @pytest.mark.slow
 def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path):
     # One method, one stage of one epoch: every trial is the same plan (the baseline included).
-    space = tmp_path / "one.yaml"
-    space.write_text(yaml.safe_dump({"name": "one", "problem": PROBLEM, "search": {
-        "methods": ["kd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1}, "baseline_epochs": 1,
-        "pruning": {"enabled": False}}}))
+    space = _one_stage_space(tmp_path, "one", ["kd"])
     summary = run_search(load_space(space), budget=4, studies_dir=tmp_path, address="local", max_concurrent=1,
                          confirm=None)
     trials = optuna.load_study(study_name="one", storage=summary.storage_url).get_trials()
@@ -298,10 +304,7 @@ def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path):
     # The first trial's folder cannot be made (a file is in the way: what a full or read-only disk
     # looks like to the trial). It fails through no fault of its plan: retried, and the budget of 2
     # still gets 2 trials that ran.
-    space = tmp_path / "infra.yaml"
-    space.write_text(yaml.safe_dump({"name": "infra", "problem": PROBLEM, "search": {
-        "methods": ["kd", "dkd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1}, "baseline_epochs": 1,
-        "pruning": {"enabled": False}}}))
+    space = _one_stage_space(tmp_path, "infra", ["kd", "dkd"])
     (tmp_path / "infra" / "trials").mkdir(parents=True)
     (tmp_path / "infra" / "trials" / "00000").write_text("in the way")
     summary = run_search(load_space(space), budget=2, studies_dir=tmp_path, address="local", max_concurrent=1,
@@ -325,10 +328,7 @@ def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path):
 def test_a_search_the_infrastructure_keeps_failing_stops_with_that_reason(tmp_path):
     # No trial folder can be made at all (a file where the trials' folder goes): the plan is tried
     # 3 times in all, then the search stops short of its budget, saying why, instead of looping.
-    space = tmp_path / "broken.yaml"
-    space.write_text(yaml.safe_dump({"name": "broken", "problem": PROBLEM, "search": {
-        "methods": ["kd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1}, "baseline_epochs": 1,
-        "pruning": {"enabled": False}}}))
+    space = _one_stage_space(tmp_path, "broken", ["kd"])
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "trials").write_text("in the way")
     summary = run_search(load_space(space), budget=1, studies_dir=tmp_path, address="local", max_concurrent=1,

@@ -176,16 +176,11 @@ def run_search(
     if resume:
         lc.check_resume_storage(studies_dir, name, storage_root or studies_dir)
     ray_started = False  # Ray starts once for the budget and the confirmation runs
-    if address is not None:
-        # On a cluster, before anything is written: every node must reach what trials write.
-        ray_started = start_ray(address)
-        try:
-            check_nodes_reach(storage_root or studies_dir.absolute(), given=storage_root is not None)
-        except BaseException:
-            if ray_started:
-                _shutdown_ray()
-            raise
     try:
+        if address is not None:
+            # On a cluster, before anything is written: every node must reach what trials write.
+            ray_started = start_ray(address)
+            check_nodes_reach(storage_root or studies_dir.absolute(), given=storage_root is not None)
         studies_dir.mkdir(parents=True, exist_ok=True)
         lock = st.StudyLock(studies_dir, name).acquire()
     except BaseException:
