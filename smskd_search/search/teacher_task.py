@@ -26,7 +26,6 @@ from smskd_search.engine.teacher import (
     cached_teacher,
     ensure_teacher,
     store_teacher,
-    teacher_dir,
 )
 from smskd_search.errors import UserError
 from smskd_search.plan import ProblemSpec
@@ -126,7 +125,6 @@ def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
         raise
     finally:
         progress.shutdown()
-    teacher_dir(problem, cache_root).mkdir(parents=True, exist_ok=True)
     return store_teacher(problem, cache_root, weights, TeacherRecord(**trained)), node
 
 
