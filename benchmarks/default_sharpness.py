@@ -36,7 +36,11 @@ def main() -> None:
     ap.add_argument("--widths", default=None,
                     help="a student to try, as stem,stage1,stage2,stage3 widths of the small CNN (registered as cnn_try)")
     ap.add_argument("--crop", type=int, default=None, help="crop padding in pixels (random shifts; default: the space's)")
+    ap.add_argument("--teacher-crop", type=int, default=None,
+                    help="crop padding of the teacher's own training (a teacher trained without shifts is wrong on shifted digits)")
+    ap.add_argument("--teacher-epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=10, help="total epochs of every single-method run")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--methods", default=None, help="comma-separated (default: ce and the space's methods)")
@@ -62,6 +66,17 @@ def main() -> None:
         recipe = recipe.model_copy(update={"augment": AugmentSpec(crop_padding=args.crop, flip=False)})
     if args.lr is not None:
         recipe = recipe.model_copy(update={"lr": args.lr})
+    if args.batch_size is not None:
+        recipe = recipe.model_copy(update={"batch_size": args.batch_size})
+    if args.teacher_crop is not None or args.teacher_epochs is not None:
+        t = sp.problem.teacher
+        t_recipe = t.recipe
+        if args.teacher_crop is not None:
+            t_recipe = t_recipe.model_copy(update={"augment": AugmentSpec(crop_padding=args.teacher_crop, flip=False)})
+        if args.teacher_epochs is not None:
+            t_recipe = t_recipe.model_copy(update={"epochs": args.teacher_epochs})
+        problem = update.get("problem", sp.problem)
+        update["problem"] = problem.model_copy(update={"teacher": t.model_copy(update={"recipe": t_recipe})})
     if args.params:
         import json
 
@@ -81,7 +96,8 @@ def main() -> None:
                                              data.info.image_size))
     print(f"problem: {sp.problem.dataset.name}, teacher {sp.problem.teacher.arch} (val {100 * record.val_acc:.2f}%), "
           f"student {sp.problem.student.arch}{f' {args.widths}' if args.widths else ''} ({n_params} parameters), "
-          f"lr {recipe.lr:g}, crop {recipe.augment.crop_padding}, "
+          f"lr {recipe.lr:g}, batch {recipe.batch_size}, crop {recipe.augment.crop_padding} "
+          f"(teacher {sp.problem.teacher.recipe.augment.crop_padding}), "
           f"{args.epochs} epochs, seeds 0..{args.seeds - 1}, n_val {data.info.num_val}")
     rows: dict[str, tuple[list[float], list[float]]] = {}
     start = time.perf_counter()

@@ -21,6 +21,23 @@ def _one_thread():
     yield
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for a module's in-process searches, started as the tool starts it.
+
+    Each start costs about 10 s on 2 cores, and ``run_search`` leaves a Ray it did not start
+    running. The workers see the environment of the module's start (its autouse fixtures set
+    theirs first). The CLI tests start their own Ray, as a user's command does.
+    """
+    from smskd_search.search._ray import ray
+    from smskd_search.search.cluster import start_ray
+
+    started = start_ray(None)
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def teacher_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("teachers")

@@ -81,7 +81,7 @@ def space_path(studies_root) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_study(studies_root, space_path):
+def tiny_study(studies_root, space_path, local_ray):
     """A real search: 3 enqueued baselines (single:kd, single:dkd, no-reference) and 2 sampled trials."""
     summary = run_search(load_space(space_path), budget=5, study="tiny", studies_dir=studies_root,
                          address="local", max_concurrent=2, seed=0, confirm=None)

@@ -422,7 +422,7 @@ def _trials(db: Path, name: str):
 
 
 @pytest.fixture(scope="module")
-def main_search(studies_root):
+def main_search(studies_root, local_ray):
     space = load_space(write_space(studies_root, "main", MAIN_SEARCH))
     progress = []
     # The budget phase only (confirmation runs are tested in test_winners.py).
@@ -535,7 +535,7 @@ def _one_at_a_time(studies_root, name: str, search: dict, budget: int, seed: int
 
 
 @pytest.fixture(scope="module")
-def pruned_search(studies_root):
+def pruned_search(studies_root, local_ray):
     return _one_at_a_time(studies_root, "prune", PRUNE_SEARCH, budget=8, seed=0)
 
 
@@ -576,7 +576,7 @@ RUNG_SEARCH = {
 
 
 @pytest.fixture(scope="module")
-def rung_search(studies_root):
+def rung_search(studies_root, local_ray):
     return _one_at_a_time(studies_root, "rungs", RUNG_SEARCH, budget=6, seed=1)
 
 
@@ -665,7 +665,7 @@ def _snapshot(t):
 
 
 @pytest.fixture(scope="module")
-def resumed_search(studies_root):
+def resumed_search(studies_root, local_ray):
     """Ctrl-C a search, resume it and kill that hard, then resume it to its budget."""
     space_path = write_space(studies_root, "resume", RESUME_SEARCH)
     db = studies_root / "resume.db"
@@ -778,7 +778,7 @@ CACHE_SEARCH = {
 
 
 @pytest.mark.slow
-def test_the_stage_cache_reuses_shared_prefixes_with_the_same_values(studies_root):
+def test_the_stage_cache_reuses_shared_prefixes_with_the_same_values(studies_root, local_ray):
     runs = {}
     for name, cache in (("cached", True), ("uncached", False)):
         space = load_space(write_space(studies_root, name, CACHE_SEARCH))

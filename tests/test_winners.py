@@ -92,7 +92,7 @@ def _one_stage_space(folder: Path, name: str, methods: list[str]) -> Path:
 
 
 @pytest.mark.slow
-def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path):
+def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path, local_ray):
     # One method, one stage of one epoch: every trial is the same plan (the baseline included).
     space = _one_stage_space(tmp_path, "one", ["kd"])
     summary = run_search(load_space(space), budget=4, studies_dir=tmp_path, address="local", max_concurrent=1,
@@ -110,7 +110,7 @@ def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_records_a_diverged_plan_as_failed_and_goes_on(tmp_path):
+def test_search_records_a_diverged_plan_as_failed_and_goes_on(tmp_path, local_ray):
     space = tmp_path / "hot.yaml"
     space.write_text(yaml.safe_dump({"name": "hot", "problem": PROBLEM, "recipe": {"lr": 1e4}, "search": {
         "methods": ["kd", "dkd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 2},
@@ -128,7 +128,7 @@ def test_search_records_a_diverged_plan_as_failed_and_goes_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_path):
+def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_path, local_ray):
     from smskd_search.export import export_plans
     from smskd_search.search import ConfirmSettings
     from smskd_search.search.confirm import SEED_OFFSET
@@ -177,7 +177,7 @@ def _fingerprint(db: Path, name: str) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_two_deterministic_runs_give_the_same_study(tmp_path):
+def test_two_deterministic_runs_give_the_same_study(tmp_path, local_ray):
     from smskd_search.search import ConfirmSettings
 
     space = tmp_path / "det.yaml"
@@ -300,7 +300,7 @@ def test_infrastructure_errors_are_told_apart_from_plan_failures():
 
 
 @pytest.mark.slow
-def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path):
+def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path, local_ray):
     # The first trial's folder cannot be made (a file is in the way: what a full or read-only disk
     # looks like to the trial). It fails through no fault of its plan: retried, and the budget of 2
     # still gets 2 trials that ran.
@@ -325,7 +325,7 @@ def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_search_the_infrastructure_keeps_failing_stops_with_that_reason(tmp_path):
+def test_a_search_the_infrastructure_keeps_failing_stops_with_that_reason(tmp_path, local_ray):
     # No trial folder can be made at all (a file where the trials' folder goes): the plan is tried
     # 3 times in all, then the search stops short of its budget, saying why, instead of looping.
     space = _one_stage_space(tmp_path, "broken", ["kd"])
