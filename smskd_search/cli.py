@@ -279,10 +279,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     line = Line()
 
     def on_run(label: str, seed: int, i: int, total: int) -> None:
-        line.update(f"  run {i}/{total}: {label} seed {seed}")
+        line.update(f"  {i}/{total} runs done (last: {label} seed {seed})")
 
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1 (got {args.jobs})")
     rows, verdict = run_verify(plan, seeds=args.seeds, device=args.device, teacher_cache=STUDIES_DIR / "teachers",
-                               methods=methods, method_params=params, on_run=on_run)
+                               methods=methods, method_params=params, on_run=on_run, jobs=args.jobs)
     line.done()
     print(f"plan {plan.name}: {plan.sequence()}  ({plan.total_epochs} epochs) against {against} at equal epochs, "
           f"the same {args.seeds} seed(s) from {plan.seed + SEED_OFFSET}, "
@@ -419,6 +421,9 @@ def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
                         "else the plan's own methods)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the plan's recorded count)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs side by side, one process each (default: CPU cores / threads on a CPU, 1 on a GPU); "
+                        "the numbers do not depend on it")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.set_defaults(func=cmd_verify)
     parsers["verify"] = p

@@ -20,6 +20,7 @@ only when the plan is better than each of them beyond 2 paired s.e.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,10 +155,58 @@ def judge(rows: list[VerifyRow]) -> Verdict:
 RunCallback = Callable[[str, int, int, int], None]  # label, seed, index, of how many runs
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """One run's numbers (or its divergence), as a worker process hands them back."""
+
+    test_acc: float = math.nan
+    val_acc: float = math.nan
+    n_test: int = 0
+    n_val: int = 0
+    diverged: str | None = None
+
+
+# A worker process's data split and teacher, loaded once by _init_worker and shared by its runs.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(problem: Any, record: Any, device: str, threads: int, data: Any = None) -> None:
+    import torch
+
+    from smskd_search.data import load_data
+    from smskd_search.engine import load_teacher
+
+    torch.set_num_threads(threads)
+    data = data if data is not None else load_data(problem.dataset, device)
+    _WORKER.update(data=data, record=record, device=device,
+                   teacher=load_teacher(problem, record, data.info, device))
+
+
+def _run_one(plan: Plan) -> _Outcome:
+    from smskd_search.engine import Diverged, evaluate_test, run_plan
+
+    w = _WORKER
+    try:
+        result = run_plan(plan, device=w["device"], data=w["data"], teacher_model=w["teacher"], teacher_record=w["record"])
+    except Diverged as exc:
+        return _Outcome(diverged=str(exc))
+    test = evaluate_test(plan, result)
+    return _Outcome(test.acc, result.final_val_acc, test.n, result.stages[-1].n_val)
+
+
+def default_jobs(device: str, threads: int, runs: int) -> int:
+    """Worker processes for ``verify``: one per ``threads`` CPU cores on a CPU, one on a GPU (where
+    the runs already share the device), never more than there are runs."""
+    if device != "cpu":
+        return 1
+    return max(1, min(runs, (os.cpu_count() or 1) // max(threads, 1)))
+
+
 def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = None,
                teacher_cache: str | Path = Path("studies") / "teachers", methods: list[str] | None = None,
                method_params: dict[str, dict[str, Any]] | None = None, on_run: RunCallback | None = None,
-               on_result: Callable[[VerifyRow, int, float], None] | None = None) -> tuple[list[VerifyRow], Verdict]:
+               on_result: Callable[[VerifyRow, int, float], None] | None = None,
+               jobs: int | None = 1) -> tuple[list[VerifyRow], Verdict]:
     """Run every comparison plan on the same ``seeds`` fresh seeds and judge each row.
 
     Args:
@@ -167,13 +216,23 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
         teacher_cache: The teacher cache (the plan's teacher is trained there if missing).
         methods: The single methods to compare with (default: the plan's own).
         method_params: Their parameters (a space's ``method_params``) where the plan has none.
-        on_run, on_result: Progress callbacks.
+        on_run: Called as each run finishes, with its row's label, its seed, how many runs have
+            finished and how many there are.
+        on_result: Called with each row, seed and test accuracy, in row and seed order.
+        jobs: Worker processes running the runs side by side (``None``: :func:`default_jobs`).
+            Each run is the same computation in any process, so the numbers do not depend on it.
 
-    Thread count is the caller's business (``torch.set_num_threads``); the data split and the
-    teacher are the plan's own and are shared by all runs.
+    Thread count is the caller's business (``torch.set_num_threads``; the workers take the same);
+    the data split and the teacher are the plan's own and are shared by all runs.
+
+    Example:
+        >>> rows, verdict = run_verify(plan, seeds=3, jobs=2)  # doctest: +SKIP
+        >>> print(format_table(rows, verdict))  # doctest: +SKIP
     """
+    import torch
+
     from smskd_search.data import load_data
-    from smskd_search.engine import Diverged, ensure_teacher, evaluate_test, load_teacher, pick_device, run_plan
+    from smskd_search.engine import ensure_teacher, pick_device
 
     if seeds < 1:
         from smskd_search.errors import UserError
@@ -182,28 +241,46 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
     dev = pick_device(device)
     data = load_data(plan.problem.dataset, dev)
     record = ensure_teacher(plan.problem, cache_root=teacher_cache, device=dev, data=data)
-    teacher = load_teacher(plan.problem, record, data.info, dev)
     rows = [VerifyRow(label, p) for label, p in comparison_plans(plan, methods, method_params)]
-    total, i = len(rows) * seeds, 0
-    for row in rows:
-        for s in range(seeds):
-            seed = plan.seed + SEED_OFFSET + s
-            i += 1
-            if on_run is not None:
-                on_run(row.label, seed, i, total)
-            p = row.plan.model_copy(update={"seed": seed})
-            try:
-                result = run_plan(p, device=dev, data=data, teacher_model=teacher, teacher_record=record)
-            except Diverged as exc:
-                row.diverged = row.diverged or str(exc)
-                continue
-            test = evaluate_test(p, result)
-            row.seeds.append(seed)
-            row.test_acc.append(test.acc)
-            row.val_acc.append(result.final_val_acc)
-            row.n_test, row.n_val = test.n, result.stages[-1].n_val
-            if on_result is not None:
-                on_result(row, seed, test.acc)
+    tasks = [(row, row.plan.model_copy(update={"seed": plan.seed + SEED_OFFSET + s})) for row in rows
+             for s in range(seeds)]
+    threads = torch.get_num_threads()
+    n_jobs = default_jobs(str(dev.type), threads, len(tasks)) if jobs is None else max(1, min(jobs, len(tasks)))
+    outcomes: list[_Outcome | None] = [None] * len(tasks)
+
+    def finished(i: int, outcome: _Outcome, done: int) -> None:
+        outcomes[i] = outcome
+        if on_run is not None:
+            on_run(tasks[i][0].label, tasks[i][1].seed, done, len(tasks))
+
+    if n_jobs == 1:
+        _init_worker(plan.problem, record, str(dev), threads, data)
+        try:
+            for i, (_, p) in enumerate(tasks):
+                finished(i, _run_one(p), i + 1)
+        finally:
+            _WORKER.clear()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn, not fork: a forked child of a process with torch's thread pools can hang.
+        with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(plan.problem, record, str(dev), threads)) as pool:
+            futures = {pool.submit(_run_one, p): i for i, (_, p) in enumerate(tasks)}
+            for done, fut in enumerate(as_completed(futures), 1):
+                finished(futures[fut], fut.result(), done)
+    for (row, p), outcome in zip(tasks, outcomes):
+        assert outcome is not None
+        if outcome.diverged is not None:
+            row.diverged = row.diverged or outcome.diverged
+            continue
+        row.seeds.append(p.seed)
+        row.test_acc.append(outcome.test_acc)
+        row.val_acc.append(outcome.val_acc)
+        row.n_test, row.n_val = outcome.n_test, outcome.n_val
+        if on_result is not None:
+            on_result(row, p.seed, outcome.test_acc)
     return rows, judge(rows)
 
 
@@ -248,5 +325,5 @@ def to_dict(rows: list[VerifyRow], verdict: Verdict) -> dict:
     }
 
 
-__all__ = ["DEFAULT_SEEDS", "Paired", "SEED_OFFSET", "Verdict", "VerifyRow", "comparison_plans", "format_table",
+__all__ = ["DEFAULT_SEEDS", "Paired", "SEED_OFFSET", "Verdict", "VerifyRow", "comparison_plans", "default_jobs", "format_table",
            "judge", "paired", "run_verify", "to_dict"]

@@ -335,10 +335,19 @@ def test_verify_cli_prints_a_table_per_row(tiny_study, studies_root, space_path,
     plan = plan.model_copy(update={"provenance": {"threads": 1}})
     path = tmp_path / "plan.yaml"
     path.write_text(plan.to_yaml())
+    # Two worker processes: a run gives the same numbers in a worker as here (checked below).
     r = cli("verify", str(path), "--seeds", "2", "--space", str(space_path), "--out", str(tmp_path / "verify.json"),
-            studies=studies_root)
+            "--jobs", "2", studies=studies_root)
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "verify.json").read_text())
+    from smskd_search.engine import evaluate_test, run_plan
+
+    here = plan.model_copy(update={"seed": plan.seed + SEED_OFFSET + 1, "stages": [plan.stages[0].model_copy(
+        update={"epochs": 2})]})
+    result = run_plan(here, teacher_cache=studies_root / "teachers")
+    single_kd = next(row for row in data["rows"] if row["label"] == "single:kd")
+    assert single_kd["test_acc"][1] == evaluate_test(here, result).acc
+    assert single_kd["val_acc"][1] == result.final_val_acc
     labels = ["plan", *(f"single:{m}" for m in space.search.methods), "no-reference", "uniform"]
     assert [row["label"] for row in data["rows"]] == labels
     for row in data["rows"]:
