@@ -243,3 +243,30 @@ def test_the_search_keeps_the_store_beside_the_stage_cache(tmp_path):
     assert tr._caches(tr.TrialContext(teacher=payload, cache_dir=str(tmp_path / "cache")))[2] is logits
     # --no-cache: no store at all.
     assert tr._caches(tr.TrialContext(teacher=payload, cache_dir=None))[2] is None
+
+
+def test_a_trial_hands_the_store_to_its_run(tiny_problem, tmp_path, monkeypatch):
+    import smskd_search.engine as engine
+    from smskd_search.search import trainable as tr
+    from smskd_search.search.teacher_transport import TeacherPayload
+
+    class Tune:
+        reports: list[dict] = []
+
+        def get_checkpoint(self):
+            return None
+
+        def report(self, metrics, checkpoint=None):
+            self.reports.append(metrics)
+
+    got: list = []
+    monkeypatch.setattr(tr, "tune", Tune())
+    monkeypatch.setattr(tr, "_shared_inputs", lambda plan, context, root: (None, None, None))
+    monkeypatch.setattr(engine, "run_plan", lambda plan, **kw: got.append(kw.get("logit_store")))
+    plan = make_plan(tiny_problem, [("kd", 1)], recipe=AUG)
+    for cache_dir in (tmp_path / "cache", None):
+        context = tr.TrialContext(teacher=TeacherPayload({}, b""), cache_dir=str(cache_dir) if cache_dir else None)
+        tr.train_trial({"plan_yaml": plan.to_yaml(), "run_dir": str(tmp_path / "run"), "threads": 1}, context)
+    assert Tune.reports == []  # no failure reported
+    assert isinstance(got[0], LogitStore) and got[0].disk is not None
+    assert got[0].disk.root == tmp_path / "cache" / "teacher_logits" and got[1] is None
