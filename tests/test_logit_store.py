@@ -104,12 +104,14 @@ def test_a_warm_store_trains_the_same_numbers_without_the_teacher(tiny_problem, 
         cold = run_plan(plan, logit_store=LogitStore(tmp_path / "logits"), **shared)
         cold_samples, forwards[:] = sum(forwards), []
         # A fresh store on the folder: another process, served from disk.
-        warm = run_plan(plan, logit_store=LogitStore(tmp_path / "logits"), **shared)
+        warm_store = LogitStore(tmp_path / "logits")
+        warm = run_plan(plan, logit_store=warm_store, **shared)
     finally:
         hook.remove()
     assert cold.teacher_epochs_served == 0 and len(list((tmp_path / "logits").glob("*.pt"))) == 4
     # KD and DKD read the store; FitNets reads teacher features and runs the teacher for its epoch.
-    assert warm.teacher_epochs_served == 3
+    assert warm.teacher_epochs_served == 3 and warm_store.served == 3
+    assert warm_store.stored == 0  # the FitNets epoch ran the teacher but the store had its logits
     assert cold_samples - sum(forwards) == 3 * len(shared["data"].train)
     assert _curve(plain) == _curve(cold) == _curve(warm)
     a, b = _student(plain), _student(warm)

@@ -169,6 +169,13 @@ class LogitStore:
                 _, dropped = self._memory.popitem(last=False)
                 total -= dropped.nbytes
 
+    def has(self, key: str) -> bool:
+        """Whether an entry is stored under ``key`` (without loading it; not a use)."""
+        with self._lock:
+            if key in self._memory:
+                return True
+        return self.disk is not None and self.disk.path(key).is_file()
+
     def get(self, key: str) -> EpochLogits | None:
         """The entry under ``key`` (on the CPU), or None; a hit counts as a use in both tiers."""
         with self._lock:
@@ -233,20 +240,21 @@ class EpochTeacher:
 
     Called as a :class:`FrozenForward` is, batch by batch in the loader's order. With ``stored``
     and ``need_features`` False, it hands back the stored logits (no forward); otherwise it runs
-    ``forward`` and, without ``stored``, records the logits for :meth:`finish`.
+    ``forward`` and, where ``record``, records the logits for :meth:`finish`.
 
     Args:
         forward: The teacher's frozen forward.
         stored: The epoch's stored logits, or None.
         need_features: Whether the stage's method reads the teacher's features.
         device: Where the training batches are.
+        record: Record the logits where they are not served (False: the store has them already).
     """
 
     def __init__(self, forward: FrozenForward, stored: EpochLogits | None, *, need_features: bool,
-                 device: torch.device):
+                 device: torch.device, record: bool = True):
         self.forward = forward
         self.serving = stored is not None and not need_features
-        self.recording = stored is None
+        self.recording = record and stored is None
         self._stored = stored
         self._pos = 0
         self._batch = 0

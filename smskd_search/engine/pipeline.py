@@ -499,9 +499,11 @@ def _epoch_teacher(run: _Run, stage: _Stage, epoch: int) -> tuple[TeacherForward
     key = teacher_logits_key(run.plan, stage.index, epoch, loader_seed=stage.seed,
                              train_shape=tuple(run.data.train.images.shape), teacher_sha256=run.teacher_record.sha256,
                              runtime=run.runtime, stored=run.logit_store.tag)
-    teacher = EpochTeacher(run.teacher_fw, run.logit_store.get(key), need_features=stage.method.teacher_features,
-                           device=run.dev)
-    return teacher, key
+    store, need_features = run.logit_store, stage.method.teacher_features
+    if need_features:
+        # The forward runs anyway: its logits are put only where the store lacks them (not loaded).
+        return EpochTeacher(run.teacher_fw, None, need_features=True, device=run.dev, record=not store.has(key)), key
+    return EpochTeacher(run.teacher_fw, store.get(key), need_features=False, device=run.dev), key
 
 
 def _finish_epoch_teacher(run: _Run, teacher: EpochTeacher, key: str) -> None:
