@@ -354,10 +354,12 @@ def _search_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--confirm-seeds", type=int, default=3, metavar="S", help="fresh seeds per confirmed plan (default 3)")
     p.add_argument("--no-confirm", action="store_true", help="no confirmation runs: rank by single-seed values")
     p.add_argument("--no-cache", action="store_true",
-                   help="train every stage: no stage-prefix cache (default: finished stages are kept in "
-                        "studies/cache/stages and a trial starts from the longest prefix of its stages there)")
+                   help="train every stage: no stage-prefix cache and no teacher-logit store (default: finished "
+                        "stages are kept in studies/cache/stages and a trial starts from the longest prefix of its "
+                        "stages there; with augmentation, the teacher's logits of each epoch are kept in "
+                        "studies/cache/teacher_logits and KD, DKD and CE epochs read them)")
     p.add_argument("--cache-max-gb", type=float, default=2.0, metavar="GB",
-                   help="size cap of the stage cache, least recently used entries go first (default 2)")
+                   help="size cap of each cache folder, least recently used entries go first (default 2)")
     p.add_argument("--storage", default=None, metavar="FOLDER",
                    help="where trials write (stage checkpoints, Tune's files, the stage cache): on a cluster of several "
                         "nodes, a folder every node mounts at the same path (default: studies/)")

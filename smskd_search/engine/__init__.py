@@ -2,6 +2,7 @@
 
 from smskd_search.engine.device import pick_device, pick_precision
 from smskd_search.engine.evaluate import EvalResult, evaluate
+from smskd_search.engine.logit_store import LogitStore, StoreMismatch, teacher_logits_key
 from smskd_search.engine.pipeline import (
     Diverged,
     EpochMetrics,
@@ -29,12 +30,14 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "Diverged",
     "FrozenOutputsMemo",
+    "LogitStore",
     "PrefixCache",
     "Runtime",
     "EpochMetrics",
     "EvalResult",
     "RunResult",
     "StageResult",
+    "StoreMismatch",
     "TeacherRecord",
     "UnsafeCheckpoint",
     "discard_unsafe_checkpoints",
@@ -50,6 +53,7 @@ __all__ = [
     "run_plan",
     "stage_prefix_key",
     "tcp_weights",
+    "teacher_logits_key",
     "teacher_dir",
     "write_results",
 ]

@@ -8,7 +8,10 @@ optimizer and a restarted lr schedule unless the plan says otherwise. From stage
 
 Given a stage-prefix cache (:mod:`~smskd_search.engine.prefix_cache`), a run starts from the longest
 prefix of its stages stored there and puts every stage it trains; the numbers are those of a run
-from scratch (each stage reseeds itself from the plan's seed and its index).
+from scratch (each stage reseeds itself from the plan's seed and its index). Given a teacher-logit
+store (:mod:`~smskd_search.engine.logit_store`), an epoch on augmented batches whose method reads
+only the teacher's logits takes them from the store when another run put them, with the same
+numbers, and every epoch that ran the teacher forward puts its logits there.
 
 Neither Ray nor Optuna is imported here: a plan runs wherever torch runs.
 """
@@ -29,6 +32,7 @@ from smskd_search.data import DataInfo, DataSplits, TensorLoader, load_data, loa
 from smskd_search.engine.device import Precision, pick_device, pick_precision
 from smskd_search.engine.evaluate import EvalResult, evaluate
 from smskd_search.engine.frozen import FrozenForward, freeze, frozen_copy
+from smskd_search.engine.logit_store import EpochTeacher, LogitStore, StoreMismatch, teacher_logits_key
 from smskd_search.engine.optim import build_optimizer, trainable
 from smskd_search.engine.prefix_cache import (
     FrozenOutputsMemo,
@@ -39,7 +43,7 @@ from smskd_search.engine.prefix_cache import (
     stage_prefix_key,
 )
 from smskd_search.engine.teacher import DEFAULT_CACHE, TeacherRecord, ensure_teacher, load_teacher
-from smskd_search.engine.trainer import ReferenceTerm, Schedule, train_epoch
+from smskd_search.engine.trainer import ReferenceTerm, Schedule, TeacherForward, train_epoch
 from smskd_search.errors import UserError
 from smskd_search.methods import Method, MethodContext, build_method
 from smskd_search.models import FeatureShapes, create_model, probe_shapes
@@ -97,6 +101,8 @@ class RunResult:
     epochs_resumed: int = 0
     # Why the stage cache was not used although one was given (None: used, or none given).
     cache_skipped: str | None = None
+    # Trained epochs whose teacher logits came from the logit store (no teacher forward).
+    teacher_epochs_served: int = 0
 
     @property
     def final_val_acc(self) -> float:
@@ -215,6 +221,8 @@ class _Run:
     cache_inputs: torch.Tensor | None
     scaler: Any
     runtime: Runtime
+    logit_store: LogitStore | None = None
+    teacher_epochs_served: int = 0
     results: list[StageResult] = field(default_factory=list)
     start_stage: int = 0
     resumed_from: int | None = None
@@ -256,6 +264,7 @@ def run_plan(
     keep_student: bool = True,
     stage_cache: PrefixCache | None = None,
     frozen_memo: FrozenOutputsMemo | None = None,
+    logit_store: LogitStore | None = None,
 ) -> RunResult:
     """Run a plan stage by stage; see the module docstring for the exact semantics.
 
@@ -278,6 +287,9 @@ def run_plan(
             stage is put there. Such stages are passed to ``on_stage_end`` too, with ``reused`` set
             (the last one with its checkpoint); ``on_epoch_end`` sees trained epochs only.
         frozen_memo: Keeps the frozen teacher's outputs over the training split across runs.
+        logit_store: Keeps the teacher's logits per epoch of augmented batches across runs; an epoch
+            of a method that reads only the teacher's logits (KD, DKD, CE) takes them from there.
+            Unused where batches are not augmented (the teacher is precomputed over the split).
 
     Returns:
         The :class:`RunResult`: per-stage validation accuracy and curves.
@@ -297,12 +309,16 @@ def run_plan(
     check_plan(plan)
     run = _set_up(plan, device, precision, data, teacher_record, teacher_model, teacher_cache, cache_frozen_outputs,
                   frozen_memo)
+    if logit_store is not None and not run.teacher_fw.cached:
+        run.logit_store = logit_store
+    logits_tag = run.logit_store.tag if run.logit_store is not None else "exact"
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is not None:
         _resume(run, out)
     epochs_resumed = run.cum_epochs
     skipped = cacheable(plan, run.prec) if stage_cache is not None else None
-    keys = ([stage_prefix_key(plan, k, teacher_sha256=run.teacher_record.sha256, runtime=run.runtime)
+    keys = ([stage_prefix_key(plan, k, teacher_sha256=run.teacher_record.sha256, runtime=run.runtime,
+                              teacher_logits=logits_tag)
              for k in range(len(plan.stages))] if stage_cache is not None and skipped is None else None)
     reused_until = _from_stage_cache(run, stage_cache, keys) if stage_cache is not None and keys else run.start_stage
     stopped = False
@@ -328,7 +344,8 @@ def run_plan(
     reused = sum(r.epochs for r in run.results if r.reused)
     return RunResult(plan.content_hash(), run.results, stopped, run.resumed_from, run.teacher_record, run.data.info,
                      run.student if keep_student else None, epochs_reused=reused, epochs_trained=trained,
-                     epochs_resumed=epochs_resumed, cache_skipped=skipped)
+                     epochs_resumed=epochs_resumed, cache_skipped=skipped,
+                     teacher_epochs_served=run.teacher_epochs_served)
 
 
 def _from_stage_cache(run: _Run, cache: PrefixCache, keys: list[str]) -> int:
@@ -455,9 +472,12 @@ def _train_stage(run: _Run, stage: _Stage, on_epoch_end: EpochCallback | None) -
     result = StageResult(stage.index, stage.spec.method, stage.spec.epochs, cum_epochs, 0.0, 0.0,
                          run.data.info.num_val, stage.reference is not None and stage.reference.active)
     for e in range(stage.spec.epochs):
-        stats = train_epoch(student=run.student, method=stage.method, teacher=run.teacher_fw,
+        teacher, store_key = _epoch_teacher(run, stage, e)
+        stats = train_epoch(student=run.student, method=stage.method, teacher=teacher,
                             reference=stage.reference, loader=stage.loader, optimizer=run.optimizer,
                             schedule=stage.schedule, stage_epoch=e, precision=run.prec, scaler=run.scaler)
+        if isinstance(teacher, EpochTeacher):
+            _finish_epoch_teacher(run, teacher, store_key)
         if not math.isfinite(stats.loss):
             raise Diverged(f"diverged: non-finite loss at stage {stage.index + 1}, epoch {e + 1}")
         cum_epochs += 1
@@ -470,6 +490,35 @@ def _train_stage(run: _Run, stage: _Stage, on_epoch_end: EpochCallback | None) -
     last = result.epoch_metrics[-1]
     result.cum_epochs, result.val_acc, result.val_loss = cum_epochs, last.val_acc, last.val_loss
     return result
+
+
+def _epoch_teacher(run: _Run, stage: _Stage, epoch: int) -> tuple[TeacherForward, str]:
+    """The teacher's forward for this epoch: through the logit store where the run has one."""
+    if run.logit_store is None:
+        return run.teacher_fw, ""
+    key = teacher_logits_key(run.plan, stage.index, epoch, loader_seed=stage.seed,
+                             train_shape=tuple(run.data.train.images.shape), teacher_sha256=run.teacher_record.sha256,
+                             runtime=run.runtime, stored=run.logit_store.tag)
+    store, need_features = run.logit_store, stage.method.teacher_features
+    if need_features:
+        # The forward runs anyway: its logits are put only where the store lacks them (not loaded).
+        return EpochTeacher(run.teacher_fw, None, need_features=True, device=run.dev, record=not store.has(key)), key
+    return EpochTeacher(run.teacher_fw, store.get(key), need_features=False, device=run.dev), key
+
+
+def _finish_epoch_teacher(run: _Run, teacher: EpochTeacher, key: str) -> None:
+    """Check a served epoch against its batches, or put the logits the epoch computed."""
+    assert run.logit_store is not None
+    try:
+        recorded = teacher.finish()
+    except StoreMismatch:
+        run.logit_store.discard(key)  # never served again
+        raise
+    if teacher.serving:
+        run.teacher_epochs_served += 1
+        run.logit_store.served += 1
+    elif recorded is not None:
+        run.logit_store.put(key, recorded)
 
 
 def _stage_payload(run: _Run, k: int) -> dict:

@@ -82,12 +82,21 @@ def cacheable(plan: Plan, precision: Precision) -> str | None:
     return None
 
 
-def stage_prefix_key(plan: Plan, k: int, *, teacher_sha256: str, runtime: Runtime) -> str:
+def stage_prefix_key(plan: Plan, k: int, *, teacher_sha256: str, runtime: Runtime,
+                     teacher_logits: str = "exact") -> str:
     """The cache key of the plan's stages ``0..k`` (0-based ``k``): everything that determines the
     student at the end of stage ``k``.
 
     The reference settings count only from a prefix of two stages on, canonicalised as in
     :meth:`Plan.canonical_hash` (weight mode ``none`` zeroes the term whatever the rest says).
+
+    Args:
+        plan: The plan.
+        k: The last stage of the prefix (0-based).
+        teacher_sha256: The teacher's weights.
+        runtime: The machine's numerics.
+        teacher_logits: ``"exact"``, or the lossy dtype of a teacher-logit store the run reads
+            (:mod:`~smskd_search.engine.logit_store`): such stages have other numbers, so other keys.
     """
     if not 0 <= k < len(plan.stages):
         raise IndexError(f"stage {k} of a {len(plan.stages)}-stage plan")
@@ -108,6 +117,8 @@ def stage_prefix_key(plan: Plan, k: int, *, teacher_sha256: str, runtime: Runtim
         "runtime": {"threads": runtime.threads, "device": runtime.device, "precision": runtime.precision,
                     "torch": runtime.torch_version, "engine": runtime.engine_version},
     }
+    if teacher_logits != "exact":
+        data["teacher_logits"] = teacher_logits  # only then: the keys of exact runs stay as they were
     return _digest(data)
 
 

@@ -7,6 +7,7 @@ synchronisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,15 @@ from smskd_search.engine.frozen import FrozenForward
 from smskd_search.engine.optim import backward_and_step, lr_at, set_lr, step_progress
 from smskd_search.engine.tcp import reference_loss, tcp_weights
 from smskd_search.methods import KDBatch, Method
+from smskd_search.models.base import Features
 from smskd_search.plan import ReferenceSpec, ScheduleSpec
+
+
+class TeacherForward(Protocol):
+    """The teacher's outputs for a batch (a :class:`FrozenForward`, or an epoch served from the
+    logit store, :class:`~smskd_search.engine.logit_store.EpochTeacher`)."""
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, Features | None]: ...
 
 
 @dataclass
@@ -57,7 +66,7 @@ def train_epoch(
     *,
     student: nn.Module,
     method: Method,
-    teacher: FrozenForward,
+    teacher: TeacherForward,
     reference: ReferenceTerm | None,
     loader: TensorLoader,
     optimizer: torch.optim.Optimizer,

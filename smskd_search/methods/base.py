@@ -60,6 +60,10 @@ class Method(nn.Module):
     reference: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
     needs_indices: ClassVar[bool] = False
+    # Whether forward reads ``batch.t_feats``. False (KD, DKD, CE) lets the engine serve the
+    # teacher's logits from its logit store instead of running the teacher on augmented batches;
+    # True is the safe default for a new method.
+    teacher_features: ClassVar[bool] = True
 
     def __init__(self, params: MethodParams, ctx: MethodContext):
         super().__init__()

@@ -12,6 +12,7 @@ class CE(Method):
     name = "ce"
     family = "none"
     reference = "no distillation (student trained on labels alone)"
+    teacher_features = False
 
     def forward(self, batch: KDBatch) -> torch.Tensor:
         return batch.s_logits.new_zeros((), dtype=torch.float32)

@@ -42,6 +42,7 @@ class DKD(Method):
     family = "response"
     reference = "Zhao et al., Decoupled Knowledge Distillation, CVPR 2022"
     Params = DKDParams
+    teacher_features = False
 
     def warmup_factor(self, stage_epoch: int) -> float:
         w = self.params.warmup_epochs

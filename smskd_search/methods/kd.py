@@ -20,6 +20,7 @@ class KD(Method):
     family = "response"
     reference = "Hinton et al., Distilling the Knowledge in a Neural Network, 2015"
     Params = KDParams
+    teacher_features = False
 
     def forward(self, batch: KDBatch) -> torch.Tensor:
         p = self.params

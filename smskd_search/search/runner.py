@@ -123,8 +123,10 @@ def run_search(
         cache: Keep every finished stage in ``studies_dir/cache/stages`` (shared by the studies
             there: its key says everything that determines a stage) and start each trial from the
             longest prefix of its stages found there; the frozen teacher's outputs are kept in
-            ``studies_dir/cache/teacher_outputs``. The values are the same as without it (on CPU).
-        cache_max_bytes: The size cap of each of the two cache folders (least recently used first).
+            ``studies_dir/cache/teacher_outputs``, and with augmentation the teacher's logits of
+            each epoch's batches in ``studies_dir/cache/teacher_logits`` (KD, DKD and CE epochs
+            read them instead of running the teacher). The values are the same as without it (on CPU).
+        cache_max_bytes: The size cap of each of the three cache folders (least recently used first).
         storage: A folder for everything trials write (stage checkpoints, Tune's files, the stage
             cache), which every node of a cluster must mount at the same path; default
             ``studies_dir``. The study file stays in ``studies_dir`` (only the driver writes it).

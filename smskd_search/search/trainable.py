@@ -19,7 +19,10 @@ inside them included, so the scheduler judges it at the same points), marked ``r
 counts ``epochs_reused`` and ``epochs_trained`` in every report. Two trials wanting one prefix at
 once both train it (the cache's put is atomic: the second write replaces the first with the same
 numbers). The frozen teacher's outputs over the training split are computed once per worker
-process, and once per study where ``cache/teacher_outputs`` has them already.
+process, and once per study where ``cache/teacher_outputs`` has them already. With augmented
+batches, the teacher's logits of each (seed, stage, epoch) batch stream go into
+``cache/teacher_logits`` (:mod:`smskd_search.engine.logit_store`): a later trial's KD, DKD or CE
+epoch on that stream reads them instead of running the teacher, with the same numbers.
 
 A plan that raises is reported as one result carrying ``error`` (and not raised to Tune): the
 searcher stores the message as the trial's ``fail_reason``, and Tune does not retry a plan that
@@ -50,6 +53,7 @@ from smskd_search.search.trial_report import TrialReport
 _DATA_CACHE: dict[str, Any] = {}
 _TEACHER_CACHE: dict[str, Any] = {}
 _FROZEN_MEMO: dict[str, Any] = {}  # the teacher-output memo, by its folder
+_LOGIT_STORE: dict[str, Any] = {}  # the teacher-logit store (its in-process tier), by its folder
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,10 @@ class TrialContext:
         teacher: The teacher's record and weights (a trial never reads the driver's teacher path).
         device: ``"cuda"`` or ``"cpu"``.
         keep_run_dirs: Keep the trial's stage checkpoints after it finished (tests).
-        cache_dir: The study storage's cache folder (``stages/``, ``teacher_outputs/``); None: no
-            stage cache, and the teacher's outputs are kept in this process only.
-        cache_max_bytes: The cap of each of the two caches (least recently used entries go first).
+        cache_dir: The study storage's cache folder (``stages/``, ``teacher_outputs/``,
+            ``teacher_logits/``); None: no stage cache and no teacher-logit store, and the
+            teacher's outputs are kept in this process only.
+        cache_max_bytes: The cap of each of the three caches (least recently used entries go first).
     """
 
     teacher: TeacherPayload
@@ -107,9 +112,9 @@ def _shared_inputs(plan: Any, context: TrialContext, data_root: str | None = Non
     return data, teacher, record
 
 
-def _caches(context: TrialContext) -> tuple[Any, Any]:
-    """The stage cache (or None) and this process's teacher-output memo."""
-    from smskd_search.engine import FrozenOutputsMemo, PrefixCache
+def _caches(context: TrialContext) -> tuple[Any, Any, Any]:
+    """The stage cache (or None), this process's teacher-output memo, the teacher-logit store (or None)."""
+    from smskd_search.engine import FrozenOutputsMemo, LogitStore, PrefixCache
 
     root = Path(context.cache_dir) if context.cache_dir else None
     stages = PrefixCache(root / "stages", context.cache_max_bytes) if root is not None else None
@@ -119,7 +124,14 @@ def _caches(context: TrialContext) -> tuple[Any, Any]:
         _FROZEN_MEMO.clear()  # one memo (one teacher's outputs) per worker process
         store = PrefixCache(root / "teacher_outputs", context.cache_max_bytes) if root is not None else None
         memo = _FROZEN_MEMO[key] = FrozenOutputsMemo(store)
-    return stages, memo
+    logits = None
+    if root is not None:
+        # Kept per process so that its in-memory tier serves the next trial of a reused worker too.
+        logits = _LOGIT_STORE.get(key)
+        if logits is None:
+            _LOGIT_STORE.clear()
+            logits = _LOGIT_STORE[key] = LogitStore(root / "teacher_logits", context.cache_max_bytes)
+    return stages, memo, logits
 
 
 def _stage_files(folder: Path) -> list[Path]:
@@ -260,10 +272,10 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     infra = False
     try:
         data, teacher, record = _shared_inputs(plan, context, config.get("data_root"))
-        stage_cache, memo = _caches(context)
+        stage_cache, memo, logit_store = _caches(context)
         run_plan(plan, device=context.device, out_dir=run_dir, resume=True, on_stage_end=on_stage_end,
                  on_epoch_end=on_epoch_end, data=data, teacher_model=teacher, teacher_record=record,
-                 keep_student=False, stage_cache=stage_cache, frozen_memo=memo)
+                 keep_student=False, stage_cache=stage_cache, frozen_memo=memo, logit_store=logit_store)
     except Exception as exc:  # noqa: BLE001 - reported as the trial's failure (SystemExit is Tune's stop)
         # A divergence is said as it is ("diverged: non-finite loss at stage k, epoch e").
         message = str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}".strip()

@@ -1,0 +1,274 @@
+"""The teacher-logit store (engine level, no Ray): stored logits equal a recomputation, keys say
+what determines a batch stream, runs served from the store train the same numbers bit for bit on
+the CPU, a stream the key got wrong is caught, and both tiers keep to their caps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_plan
+
+from smskd_search.data import TensorLoader, load_data
+from smskd_search.engine import (
+    LogitStore,
+    Runtime,
+    StoreMismatch,
+    ensure_teacher,
+    load_teacher,
+    run_plan,
+    stage_prefix_key,
+    teacher_logits_key,
+)
+from smskd_search.engine.device import pick_precision
+from smskd_search.engine.logit_store import EpochLogits
+from smskd_search.engine.pipeline import _stage_seed
+from smskd_search.methods import METHODS
+from smskd_search.methods.fitnet import FitNet
+from smskd_search.plan import AugmentSpec, RecipeSpec
+
+AUG = RecipeSpec(lr=0.05, augment=AugmentSpec(crop_padding=1, flip=True))
+REF = {"weight_mode": "inverse", "lambda_ref": 1.5}
+# float16 keeps 11 significant bits: rounding to it errs by at most 2^-11 of the value, plus half
+# the spacing of its subnormals (2^-25) below 2^-14.
+FP16_RTOL, FP16_ATOL = 2.0**-11, 2.0**-25
+
+
+@pytest.fixture()
+def shared(tiny_problem, teacher_cache):
+    """The data and the teacher, loaded once, as the search hands them to run_plan."""
+    data = load_data(tiny_problem.dataset, "cpu")
+    record = ensure_teacher(tiny_problem, cache_root=teacher_cache, data=data)
+    model = load_teacher(tiny_problem, record, data.info, "cpu")
+    return {"data": data, "teacher_model": model, "teacher_record": record}
+
+
+def _curve(result):
+    return [(m.cum_epochs, m.val_acc, m.val_loss, m.train_loss, m.train_kd, m.train_ref)
+            for s in result.stages for m in s.epoch_metrics]
+
+
+def _student(result):
+    return {k: v.detach().clone() for k, v in result.student.state_dict().items()}
+
+
+def _keys(plan, shared, k, epochs, tag="exact"):
+    rt = Runtime.current(torch.device("cpu"), pick_precision(torch.device("cpu"), "auto"))
+    return [teacher_logits_key(plan, k, e, loader_seed=_stage_seed(plan.seed, k),
+                               train_shape=tuple(shared["data"].train.images.shape),
+                               teacher_sha256=shared["teacher_record"].sha256, runtime=rt, stored=tag)
+            for e in range(epochs)]
+
+
+def _recompute(plan, shared, k, epochs):
+    """The teacher's logits over each epoch of stage k, from a loader built here, as the stage's is."""
+    data, teacher = shared["data"], shared["teacher_model"]
+    loader = TensorLoader(data.train, plan.recipe.batch_size, shuffle=True, augment=plan.recipe.augment,
+                          generator=torch.Generator().manual_seed(_stage_seed(plan.seed, k)))
+    out = []
+    with torch.no_grad():
+        for _ in range(epochs):
+            logits, order = zip(*[(teacher(x)[0], idx) for x, _, idx in loader])
+            out.append((torch.cat(logits), torch.cat(order)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_stored_logits_equal_a_recomputation(tiny_problem, shared, dtype):
+    plan = make_plan(tiny_problem, [("kd", 2), ("dkd", 1)], recipe=AUG, reference=REF)
+    store = LogitStore(None, dtype=dtype)
+    run_plan(plan, logit_store=store, **shared)
+    assert store.stored == 3
+    tag = "exact" if dtype is None else "float16"
+    worst = 0.0
+    for k, epochs in ((0, 2), (1, 1)):
+        for key, (logits, order) in zip(_keys(plan, shared, k, epochs, tag), _recompute(plan, shared, k, epochs)):
+            entry = store.get(key)
+            assert entry is not None and torch.equal(entry.indices, order)
+            if dtype is None:
+                assert entry.logits.dtype == torch.float32 and torch.equal(entry.logits, logits)
+            else:
+                assert entry.logits.dtype == torch.float16 and entry.dtype == torch.float32
+                err = (entry.logits.float() - logits).abs()
+                assert bool((err <= FP16_RTOL * logits.abs() + FP16_ATOL).all())
+                worst = max(worst, err.max().item())
+    if dtype is not None:
+        assert worst > 0.0  # float16 does round: the tolerance above is what was needed
+
+
+def test_a_warm_store_trains_the_same_numbers_without_the_teacher(tiny_problem, shared, tmp_path):
+    plan = make_plan(tiny_problem, [("kd", 2), ("fitnet", 1), ("dkd", 1)], recipe=AUG, reference=REF)
+    plain = run_plan(plan, **shared)
+    forwards: list[int] = []
+    hook = shared["teacher_model"].register_forward_hook(lambda m, i, o: forwards.append(i[0].shape[0]))
+    try:
+        cold = run_plan(plan, logit_store=LogitStore(tmp_path / "logits"), **shared)
+        cold_samples, forwards[:] = sum(forwards), []
+        # A fresh store on the folder: another process, served from disk.
+        warm_store = LogitStore(tmp_path / "logits")
+        warm = run_plan(plan, logit_store=warm_store, **shared)
+    finally:
+        hook.remove()
+    assert cold.teacher_epochs_served == 0 and len(list((tmp_path / "logits").glob("*.pt"))) == 4
+    # KD and DKD read the store; FitNets reads teacher features and runs the teacher for its epoch.
+    assert warm.teacher_epochs_served == 3 and warm_store.served == 3
+    assert warm_store.stored == 0  # the FitNets epoch ran the teacher but the store had its logits
+    assert cold_samples - sum(forwards) == 3 * len(shared["data"].train)
+    assert _curve(plain) == _curve(cold) == _curve(warm)
+    a, b = _student(plain), _student(warm)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_float16_store_stays_within_tolerance_and_keys_apart(tiny_problem, shared):
+    plan = make_plan(tiny_problem, [("kd", 2), ("dkd", 1)], recipe=AUG, reference=REF)
+    plain = run_plan(plan, **shared)
+    store = LogitStore(None, dtype=torch.float16)
+    run_plan(plan, logit_store=store, **shared)
+    warm = run_plan(plan, logit_store=store, **shared)
+    assert warm.teacher_epochs_served == 3
+    # Not the same numbers (hence opt-in), but close: measured 7e-4 in val loss and 0.006 in val acc
+    # (4 of 671 samples) on this plan, 0.013 in the largest weight.
+    assert _curve(plain) != _curve(warm)
+    assert max(abs(p[2] - w[2]) for p, w in zip(_curve(plain), _curve(warm))) < 0.005
+    rt = Runtime(threads=1, device="cpu", precision="fp32")
+    exact = stage_prefix_key(plan, 1, teacher_sha256="a" * 64, runtime=rt)
+    assert stage_prefix_key(plan, 1, teacher_sha256="a" * 64, runtime=rt, teacher_logits="exact") == exact
+    assert stage_prefix_key(plan, 1, teacher_sha256="a" * 64, runtime=rt, teacher_logits="float16") != exact
+
+
+def test_the_key_says_what_determines_the_batches_and_the_teacher(tiny_problem):
+    rt = Runtime(threads=1, device="cpu", precision="fp32")
+    base = make_plan(tiny_problem, [("kd", 2), ("dkd", 2)], recipe=AUG)
+
+    def key(plan=base, k=1, epoch=1, loader_seed=7, shape=(100, 1, 8, 8), sha="a" * 64, runtime=rt, stored="exact"):
+        return teacher_logits_key(plan, k, epoch, loader_seed=loader_seed, train_shape=shape, teacher_sha256=sha,
+                                  runtime=runtime, stored=stored)
+
+    def recipe(**update):
+        return base.model_copy(update={"recipe": base.recipe.model_copy(update=update)})
+
+    k0 = key()
+    different = [
+        key(plan=base.model_copy(update={"seed": base.seed + 1})), key(epoch=0), key(k=0), key(loader_seed=8),
+        key(sha="b" * 64), key(shape=(101, 1, 8, 8)), key(stored="float16"),
+        key(plan=recipe(augment=AugmentSpec(crop_padding=1))), key(plan=recipe(augment=AugmentSpec(flip=True))),
+        key(plan=recipe(batch_size=32)),
+        key(runtime=Runtime(threads=2, device="cpu", precision="fp32")),
+        key(runtime=Runtime(threads=1, device="cuda", precision="fp32")),
+        key(runtime=Runtime(threads=1, device="cpu", precision="bf16")),
+        key(plan=base.model_copy(update={"problem": base.problem.model_copy(update={
+            "dataset": base.problem.dataset.model_copy(update={"split_seed": 1})})})),
+    ]
+    assert len({k0, *different}) == len(different) + 1
+    # What does not change a batch or the teacher is shared: the lr, the stages' methods and epochs.
+    assert key(plan=recipe(lr=0.01)) == k0
+    assert key(plan=make_plan(tiny_problem, [("fitnet", 5), ("kd", 1)], recipe=AUG)) == k0
+
+
+def test_a_stored_epoch_that_does_not_match_its_batches_fails_loudly(tiny_problem, shared):
+    plan = make_plan(tiny_problem, [("kd", 1)], recipe=AUG)
+    store = LogitStore(None)
+    run_plan(plan, logit_store=store, **shared)
+    (key,) = _keys(plan, shared, 0, 1)
+    entry = store.get(key)
+    assert entry is not None
+    # As if the key had missed the crop: same shuffle and logits, other images.
+    store.put(key, EpochLogits(entry.logits, entry.indices, entry.checks + 1.0, entry.dtype))
+    with pytest.raises(StoreMismatch, match="does not match"):
+        run_plan(plan, logit_store=store, **shared)
+    assert store.get(key) is None  # discarded: the next run computes and puts it again
+
+
+def test_logits_only_methods_never_read_teacher_features(tiny_problem, shared, monkeypatch):
+    logit_only = sorted(n for n, cls in METHODS.items() if not cls.teacher_features)
+    assert logit_only == ["ce", "dkd", "kd"]
+    store = LogitStore(None)
+    for name in logit_only:
+        plan = make_plan(tiny_problem, [(name, 1)], recipe=AUG)
+        run_plan(plan, logit_store=store, **shared)
+        assert run_plan(plan, logit_store=store, **shared).teacher_epochs_served == 1
+    # A method that declared itself logits-only but reads features is told so, not given garbage.
+    monkeypatch.setattr(FitNet, "teacher_features", False)
+    plan = make_plan(tiny_problem, [("fitnet", 1)], recipe=AUG)
+    with pytest.raises(AttributeError, match="teacher_features"):
+        run_plan(plan, logit_store=store, **shared)
+
+
+def test_unaugmented_runs_leave_the_store_alone(tiny_problem, shared):
+    store = LogitStore(None)
+    run_plan(make_plan(tiny_problem, [("kd", 1)]), logit_store=store, **shared)
+    assert store.stored == 0 and store.memory_bytes() == 0
+
+
+def _entry(n: int, fill: float = 1.0) -> EpochLogits:
+    return EpochLogits(torch.full((n, 10), fill), torch.arange(n), torch.zeros(1, 2, dtype=torch.float64),
+                       torch.float32)
+
+
+def test_both_tiers_keep_to_their_caps(tmp_path):
+    size = _entry(1000).nbytes
+    mem = LogitStore(None, memory_max_bytes=int(2.5 * size))
+    for key in "abc":
+        mem.put(key, _entry(1000))
+    assert mem.get("a") is None and mem.memory_bytes() <= mem.memory_max_bytes
+    assert mem.get("b") is not None  # b used: c is now the least recently used
+    mem.put("d", _entry(1000))
+    assert (mem.get("c"), mem.get("b") is not None, mem.get("d") is not None) == (None, True, True)
+    # Larger than the memory cap: not kept in memory, still on disk.
+    big = LogitStore(tmp_path / "big", memory_max_bytes=size // 2)
+    big.put("a", _entry(1000))
+    assert big.memory_bytes() == 0 and big.get("a") is not None
+
+    probe = LogitStore(tmp_path / "probe")
+    probe.put("probe", _entry(1000))
+    assert probe.disk is not None
+    file_size = probe.disk.size_bytes()
+    disk = LogitStore(tmp_path / "disk", max_bytes=int(2.5 * file_size), memory_max_bytes=0)
+    for key in "abc":
+        disk.put(key, _entry(1000, fill=float(ord(key))))
+    assert disk.disk is not None and disk.disk.size_bytes() <= disk.disk.max_bytes
+    assert disk.get("a") is None and [p.stem for p, _, _ in disk.disk.entries()] == ["b", "c"]
+    got = disk.get("c")
+    assert got is not None and torch.equal(got.logits, _entry(1000, fill=float(ord("c"))).logits)
+
+
+def test_the_search_keeps_the_store_beside_the_stage_cache(tmp_path):
+    from smskd_search.search import trainable as tr
+    from smskd_search.search.teacher_transport import TeacherPayload
+
+    payload = TeacherPayload({}, b"")
+    stages, _, logits = tr._caches(tr.TrialContext(teacher=payload, cache_dir=str(tmp_path / "cache"),
+                                                   cache_max_bytes=12345))
+    assert isinstance(logits, LogitStore) and logits.disk is not None and stages is not None
+    assert logits.disk.root == tmp_path / "cache" / "teacher_logits" and logits.disk.max_bytes == 12345
+    assert stages.root.parent == logits.disk.root.parent
+    # The same process's next trial gets the same store (its memory tier carries over).
+    assert tr._caches(tr.TrialContext(teacher=payload, cache_dir=str(tmp_path / "cache")))[2] is logits
+    # --no-cache: no store at all.
+    assert tr._caches(tr.TrialContext(teacher=payload, cache_dir=None))[2] is None
+
+
+def test_a_trial_hands_the_store_to_its_run(tiny_problem, tmp_path, monkeypatch):
+    import smskd_search.engine as engine
+    from smskd_search.search import trainable as tr
+    from smskd_search.search.teacher_transport import TeacherPayload
+
+    class Tune:
+        reports: list[dict] = []
+
+        def get_checkpoint(self):
+            return None
+
+        def report(self, metrics, checkpoint=None):
+            self.reports.append(metrics)
+
+    got: list = []
+    monkeypatch.setattr(tr, "tune", Tune())
+    monkeypatch.setattr(tr, "_shared_inputs", lambda plan, context, root: (None, None, None))
+    monkeypatch.setattr(engine, "run_plan", lambda plan, **kw: got.append(kw.get("logit_store")))
+    plan = make_plan(tiny_problem, [("kd", 1)], recipe=AUG)
+    for cache_dir in (tmp_path / "cache", None):
+        context = tr.TrialContext(teacher=TeacherPayload({}, b""), cache_dir=str(cache_dir) if cache_dir else None)
+        tr.train_trial({"plan_yaml": plan.to_yaml(), "run_dir": str(tmp_path / "run"), "threads": 1}, context)
+    assert Tune.reports == []  # no failure reported
+    assert isinstance(got[0], LogitStore) and got[0].disk is not None
+    assert got[0].disk.root == tmp_path / "cache" / "teacher_logits" and got[1] is None
