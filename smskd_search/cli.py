@@ -283,6 +283,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs must be >= 1 (got {args.jobs})")
+    line.update("  starting the runs")
     rows, verdict = run_verify(plan, seeds=args.seeds, device=args.device, teacher_cache=STUDIES_DIR / "teachers",
                                methods=methods, method_params=params, on_run=on_run, jobs=args.jobs)
     line.done()

@@ -170,8 +170,16 @@ class _Outcome:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(problem: Any, record: Any, device: str, threads: int, data: Any = None) -> None:
+def _init_worker(problem: Any, record: Any, device: str, threads: int, data: Any = None,
+                 in_pool: bool = False) -> None:
     import torch
+
+    if in_pool:
+        import signal
+
+        # A terminal's Ctrl-C reaches the whole process group: the parent stops the pool, and a
+        # worker must not take the signal as its current run's failure and go on to the next.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from smskd_search.data import load_data
     from smskd_search.engine import load_teacher
@@ -180,6 +188,10 @@ def _init_worker(problem: Any, record: Any, device: str, threads: int, data: Any
     data = data if data is not None else load_data(problem.dataset, device)
     _WORKER.update(data=data, record=record, device=device,
                    teacher=load_teacher(problem, record, data.info, device))
+
+
+def _run_indexed(task: tuple[int, Plan]) -> tuple[int, _Outcome]:
+    return task[0], _run_one(task[1])
 
 
 def _run_one(plan: Plan) -> _Outcome:
@@ -194,12 +206,18 @@ def _run_one(plan: Plan) -> _Outcome:
     return _Outcome(test.acc, result.final_val_acc, test.n, result.stages[-1].n_val)
 
 
+# Each worker holds its own copy of the data and the teacher: a bound on the memory a default takes.
+MAX_DEFAULT_JOBS = 8
+
+
 def default_jobs(device: str, threads: int, runs: int) -> int:
-    """Worker processes for ``verify``: one per ``threads`` CPU cores on a CPU, one on a GPU (where
-    the runs already share the device), never more than there are runs."""
+    """Worker processes for ``verify``: one per ``threads`` of the cores this process may use on a
+    CPU (its affinity, as a batch scheduler sets it; at most :data:`MAX_DEFAULT_JOBS`), one on a GPU
+    (where the runs already share the device), never more than there are runs."""
     if device != "cpu":
         return 1
-    return max(1, min(runs, (os.cpu_count() or 1) // max(threads, 1)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(runs, MAX_DEFAULT_JOBS, cores // max(threads, 1)))
 
 
 def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = None,
@@ -262,14 +280,20 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
             _WORKER.clear()
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # spawn, not fork: a forked child of a process with torch's thread pools can hang.
-        with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(plan.problem, record, str(dev), threads)) as pool:
-            futures = {pool.submit(_run_one, p): i for i, (_, p) in enumerate(tasks)}
-            for done, fut in enumerate(as_completed(futures), 1):
-                finished(futures[fut], fut.result(), done)
+        pool = multiprocessing.get_context("spawn").Pool(n_jobs, initializer=_init_worker,
+                                                         initargs=(plan.problem, record, str(dev), threads, None, True))
+        try:
+            indexed = [(i, p) for i, (_, p) in enumerate(tasks)]
+            for done, (i, outcome) in enumerate(pool.imap_unordered(_run_indexed, indexed), 1):
+                finished(i, outcome, done)
+            pool.close()
+        except BaseException:
+            pool.terminate()  # Ctrl-C or a run's error: the runs still queued or running are dropped
+            raise
+        finally:
+            pool.join()
     for (row, p), outcome in zip(tasks, outcomes):
         assert outcome is not None
         if outcome.diverged is not None:

@@ -8,8 +8,8 @@ trial that trains that epoch, whatever its method, lr or epoch count. :func:`tea
 hashes what determines them (the data split and its shape, the batch size, the augmentation, the
 seed, the stage and its loader seed, the epoch, the teacher's sha256, the machine's numerics, this
 engine's version); :class:`LogitStore` keeps them, one entry per (stream, epoch), in a
-:class:`~smskd_search.engine.prefix_cache.PrefixCache` folder (atomic puts, LRU eviction beyond a
-cap) and in a bounded in-process LRU.
+:class:`~smskd_search.engine.prefix_cache.PrefixCache` folder (atomic puts; a full folder takes no
+more, see :meth:`LogitStore.put`) and in a bounded in-process LRU.
 
 Only methods that read nothing of the teacher but its logits (``Method.teacher_features`` False:
 KD, DKD, CE) are served from the store; the TCP weights of the reference term read the logits only
@@ -127,9 +127,8 @@ class LogitStore:
     """Teacher logits per (batch stream, epoch): an in-process LRU over an optional folder.
 
     Args:
-        root: The folder (a :class:`PrefixCache`: atomic puts, least recently used evicted beyond
-            ``max_bytes``); None: this process only.
-        max_bytes: The folder's cap.
+        root: The folder (a :class:`PrefixCache`: atomic puts); None: this process only.
+        max_bytes: The folder's cap: once full, it takes no more entries (:meth:`put` says why).
         memory_max_bytes: The cap of the entries kept in this process (least recently used go
             first; an entry larger than the cap is not kept in memory).
         dtype: None keeps the logits as the forward produced them (exact); ``torch.float16`` halves
@@ -177,7 +176,8 @@ class LogitStore:
         return self.disk is not None and self.disk.path(key).is_file()
 
     def get(self, key: str) -> EpochLogits | None:
-        """The entry under ``key`` (on the CPU), or None; a hit counts as a use in both tiers."""
+        """The entry under ``key`` (on the CPU), or None; a hit counts as a use in the tier that
+        served it (a hit in memory leaves the folder's order alone)."""
         with self._lock:
             entry = self._memory.get(key)
             if entry is not None:
@@ -196,13 +196,22 @@ class LogitStore:
         self._remember(key, entry)
         return entry
 
-    def put(self, key: str, entry: EpochLogits) -> None:
-        """Keep ``entry`` (converted to the store's dtype) in memory and in the folder."""
+    def put(self, key: str, entry: EpochLogits) -> bool:
+        """Keep ``entry`` (converted to the store's dtype) in memory and, where it fits, in the folder.
+
+        A full folder keeps what it has: a stage's epochs are put in order and read in order, so
+        evicting the least recently used entry to make room would drop the first epochs of the very
+        stream being put (a 240-epoch CIFAR-100 stage is about 4 GB of logits), and no later trial
+        would get a hit. Returns whether the folder took it.
+        """
         entry = self._compact(entry)
         self._remember(key, entry)
-        if self.disk is not None:
-            self.disk.put(key, entry.to_payload())  # a failed write fails nothing: the store only saves work
+        taken = False
+        if self.disk is not None and self.disk.size_bytes() + entry.nbytes <= self.disk.max_bytes:
+            # A failed write fails nothing: the store only saves work.
+            taken = self.disk.put(key, entry.to_payload()) is not None
         self.stored += 1
+        return taken
 
     def discard(self, key: str) -> None:
         with self._lock:
@@ -248,11 +257,15 @@ class EpochTeacher:
         need_features: Whether the stage's method reads the teacher's features.
         device: Where the training batches are.
         record: Record the logits where they are not served (False: the store has them already).
+        round_to: A lossy store's dtype: the logits the forward gives are rounded to it before the
+            epoch trains on them, so that a run's numbers do not depend on whether an earlier run
+            had put the epoch (served and computed epochs see the same values).
     """
 
     def __init__(self, forward: FrozenForward, stored: EpochLogits | None, *, need_features: bool,
-                 device: torch.device, record: bool = True):
+                 device: torch.device, record: bool = True, round_to: torch.dtype | None = None):
         self.forward = forward
+        self.round_to = round_to
         self.serving = stored is not None and not need_features
         self.recording = record and stored is None
         self._stored = stored
@@ -280,6 +293,8 @@ class EpochTeacher:
             self._batch += 1
             return out, NO_TEACHER_FEATURES
         logits, feats = self.forward(x, idx)
+        if self.round_to is not None and logits.dtype.itemsize > self.round_to.itemsize:
+            logits = logits.to(self.round_to).to(logits.dtype)
         if self.recording:
             self._parts.append((logits.detach(), idx, _fingerprint(x)))
         return logits, feats

@@ -502,8 +502,9 @@ def _epoch_teacher(run: _Run, stage: _Stage, epoch: int) -> tuple[TeacherForward
     store, need_features = run.logit_store, stage.method.teacher_features
     if need_features:
         # The forward runs anyway: its logits are put only where the store lacks them (not loaded).
-        return EpochTeacher(run.teacher_fw, None, need_features=True, device=run.dev, record=not store.has(key)), key
-    return EpochTeacher(run.teacher_fw, store.get(key), need_features=False, device=run.dev), key
+        return EpochTeacher(run.teacher_fw, None, need_features=True, device=run.dev, record=not store.has(key),
+                            round_to=store.dtype), key
+    return EpochTeacher(run.teacher_fw, store.get(key), need_features=False, device=run.dev, round_to=store.dtype), key
 
 
 def _finish_epoch_teacher(run: _Run, teacher: EpochTeacher, key: str) -> None:
