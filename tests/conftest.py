@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -42,3 +44,25 @@ def make_plan(problem: ProblemSpec, stages: list[tuple[str, int]], **kw) -> Plan
     plan = build_plan(space, stages, name=kw.pop("name", "plan"), seed=kw.pop("seed", None),
                       **kw.pop("reference", {}))
     return plan.model_copy(update=kw) if kw else plan
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(heading: str, nth: int = 0) -> list[str]:
+    """The commands of the ``nth`` bash block after ``heading`` in the README: comments dropped,
+    continuations joined (the README's commands are tested as typed)."""
+    text = README.read_text()
+    start = text.index(heading)
+    blocks = re.findall(r"```bash\n(.*?)```", text[start:], re.S)
+    assert len(blocks) > nth, f"no bash block {nth} after {heading!r}"
+    commands, pending = [], ""
+    for raw in blocks[nth].splitlines():
+        line = re.sub(r"\s+#.*$", "", raw).rstrip()
+        if line.endswith("\\"):
+            pending += line[:-1].strip() + " "
+            continue
+        if pending + line.strip():
+            commands.append(pending + line.strip())
+        pending = ""
+    return commands

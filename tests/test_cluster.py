@@ -254,7 +254,7 @@ def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(two_node_cluste
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: --storage: the cluster has 2 nodes, and trials on the others cannot reach {studies} on this machine; "
-        "pass --storage with a folder every node mounts at the same path")
+        "pass --storage with a folder every node mounts at the same path, or an s3:// URI")
     assert sorted((p.name, p.read_bytes()) for p in studies.iterdir()) == before  # refused before anything
 
     shared = tmp_path / "shared"  # both nodes of this cluster see this machine's disk
@@ -276,10 +276,10 @@ def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(two_node_cluste
 
 
 def test_storage_must_be_a_writable_folder(tmp_path):
-    assert cluster.check_storage(tmp_path / "new" / "folder") == (tmp_path / "new" / "folder").absolute()
+    assert cluster.check_storage(tmp_path / "new" / "folder") == str((tmp_path / "new" / "folder").absolute())
     assert (tmp_path / "new" / "folder").is_dir()
-    with pytest.raises(UserError, match=r"^--storage s3://bucket/x: URIs \(s3://, gs://, \.\.\.\) are not supported yet"):
-        cluster.check_storage("s3://bucket/x")
+    with pytest.raises(UserError, match=r"^--storage gs://bucket/x: the scheme gs:// is not supported \(supported: s3://"):
+        cluster.check_storage("gs://bucket/x")
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"^--storage .*/file/sub: cannot make the folder"):
         cluster.check_storage(tmp_path / "file" / "sub")

@@ -22,6 +22,7 @@ from smskd_search.errors import UserError
 from smskd_search.search import confirm as cf
 from smskd_search.search import lifecycle as lc
 from smskd_search.search import storage as st
+from smskd_search.search import storage_fs as sfs
 from smskd_search.search.cluster import check_address, check_nodes_reach, check_requests, check_storage, start_ray
 from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
@@ -180,7 +181,7 @@ def run_search(
         if address is not None:
             # On a cluster, before anything is written: every node must reach what trials write.
             ray_started = start_ray(address)
-            check_nodes_reach(storage_root or studies_dir.absolute(), given=storage_root is not None)
+            check_nodes_reach(storage_root or str(studies_dir.absolute()), given=storage_root is not None)
         studies_dir.mkdir(parents=True, exist_ok=True)
         lock = st.StudyLock(studies_dir, name).acquire()
     except BaseException:
@@ -227,7 +228,7 @@ def run_search(
         common: dict[str, Any] = dict(
             space=sp, session=session, teacher=teacher, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
             max_concurrent=max_concurrent, address=address, deadline=start + timeout if timeout is not None else None,
-            start=start, on_progress=on_progress, cache_dir=session.storage_root / "cache" if cache else None,
+            start=start, on_progress=on_progress, cache_dir=sfs.join(session.storage_root, "cache") if cache else None,
             cache_max_bytes=cache_max_bytes)
         # The budget; then, while new infrastructure failures left it short (they do not count toward
         # it), another round for their retries and the trials still owed, at most INFRA_ATTEMPTS in all.
