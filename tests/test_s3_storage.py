@@ -135,6 +135,47 @@ def test_the_stage_cache_in_a_bucket_stores_evicts_and_drops_damaged_entries(s3_
     assert cache.get("b") is None and "c/b.pt" not in _keys(client, "cache")
 
 
+def test_a_trial_on_s3_uploads_its_stages_and_a_rerun_adopts_them(s3_server, tmp_path, monkeypatch):
+    """The trainable alone (Tune stood in for, as in tests/test_cluster.py): it trains in a scratch
+    folder, keeps each stage checkpoint in the bucket, removes the scratch folder, and a rerun
+    given that run folder replays the stages from the bucket instead of training them."""
+    from test_cluster import _run_trial, _trial_config
+
+    from smskd_search.engine import ensure_teacher
+    from smskd_search.search import storage_fs as sfs
+    from smskd_search.search.teacher_transport import pack
+    from smskd_search.search.trainable import TrialContext
+    from smskd_search.space import load_space
+
+    for k, v in CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    client = _bucket(s3_server, "trial")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    space_file = tmp_path / "t.yaml"
+    space_file.write_text(yaml.safe_dump({**SPACE, "search": {**SPACE["search"],
+                                                             "epochs": {"min": 1, "max": 1}}}))
+    space = load_space(space_file)
+    record = ensure_teacher(space.space.problem, cache_root=tmp_path / "teachers")
+    runs = f"s3://trial/runs?endpoint_override={s3_server}&scheme=http"
+    config, _ = _trial_config(space, record.sha256, runs)
+    assert config["run_dir"] == sfs.join(runs, "00000")
+    first = _run_trial(config, TrialContext(teacher=pack(record), keep_run_dirs=True), monkeypatch)
+    assert [r["error"] for r in first] == [None, None] and not any(r["replayed"] for r in first)
+    # (pyarrow may leave an empty folder marker, a key ending in "/", beside the files)
+    assert sorted(k for k in _keys(client, "trial") if not k.endswith("/")) == ["runs/00000/stage1.pt",
+                                                                               "runs/00000/stage2.pt"]
+    assert not list((tmp_path / "scratch").glob("smskd-trial-*"))  # the scratch folder went
+    # A rerun (another run folder, this one to continue from) replays both stages from the bucket,
+    # with the same values, and then drops both run folders.
+    rerun = {**config, "run_dir": sfs.join(runs, "00001"), "resume_dirs": [config["run_dir"]]}
+    second = _run_trial(rerun, TrialContext(teacher=pack(record)), monkeypatch)
+    assert [r["replayed"] for r in second] == [True, True]
+    assert [r["val_acc"] for r in second] == [r["val_acc"] for r in first]
+    assert [k for k in _keys(client, "trial") if not k.endswith("/")] == []
+    assert not list((tmp_path / "scratch").glob("smskd-trial-*"))
+
+
 SPACE = {"name": "s3s", "problem": {
     "dataset": {"name": "digits", "val_fraction": 0.25},
     "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}, "student": {"arch": "cnn_nano"}},

@@ -160,18 +160,27 @@ def is_infrastructure_error(exc: BaseException) -> bool:
 
 def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Run the trial's plan; see the module docstring."""
-    from smskd_search.engine import Diverged, EpochMetrics, discard_unsafe_checkpoints, latest_checkpoint, run_plan
-    from smskd_search.plan import parse_plan
-
     started, started_at = time.perf_counter(), time.time()
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    # Results depend on torch's thread count on the CPU; the trial records the number it used.
-    torch.set_num_threads(max(1, int(config["threads"])))
-    plan = parse_plan(yaml.safe_load(config["plan_yaml"]), source="trial plan")
     # The run folder where the stage checkpoints are kept (a folder or a URI in the storage), and
     # the folder this trial trains in (the same folder, or a scratch folder on this node).
     kept = str(config["run_dir"])
     run_dir = run_dirs.work_dir(kept)
+    try:
+        _train(config, context, kept, run_dir, started, started_at)
+    finally:
+        # A URI's scratch folder goes however the trial ends (Tune stops a pruned one inside a report).
+        run_dirs.finish(run_dir, kept)
+
+
+def _train(config: dict[str, Any], context: TrialContext, kept: str, run_dir: Path, started: float,
+           started_at: float) -> None:
+    from smskd_search.engine import Diverged, EpochMetrics, discard_unsafe_checkpoints, latest_checkpoint, run_plan
+    from smskd_search.plan import parse_plan
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    # Results depend on torch's thread count on the CPU; the trial records the number it used.
+    torch.set_num_threads(max(1, int(config["threads"])))
+    plan = parse_plan(yaml.safe_load(config["plan_yaml"]), source="trial plan")
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
@@ -272,7 +281,6 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
         tune.report(TrialReport.failure(message.splitlines()[0][:500] if message else type(exc).__name__,
                                         total_epochs=total, traceback=traceback.format_exc()[-4000:],
                                         infrastructure=infra).to_dict())
-    run_dirs.finish(run_dir, kept)
     if not context.keep_run_dirs and not infra:
         # Finished (completed, or failed through its plan): the checkpoints were only there for a
         # resume. An infrastructure failure keeps them: its retry starts from the last stage.
