@@ -127,9 +127,10 @@ def run_search(
             ``studies_dir/cache/teacher_outputs``. The values are the same as without it (on CPU).
         cache_max_bytes: The size cap of each of the two cache folders (least recently used first).
         storage: A folder for everything trials write (stage checkpoints, Tune's files, the stage
-            cache), which every node of a cluster must mount at the same path; default
-            ``studies_dir``. The study file stays in ``studies_dir`` (only the driver writes it).
-            Joining a cluster of several nodes without it is refused before anything is written.
+            cache), which every node of a cluster must mount at the same path, or an ``s3://`` URI
+            (pyarrow's form, :mod:`~smskd_search.search.storage_fs`); default ``studies_dir``. The
+            study file stays in ``studies_dir`` (only the driver writes it). Joining a cluster of
+            several nodes without it is refused before anything is written.
         on_progress: Called with a :class:`ProgressInfo` whenever the counts change.
         on_teacher_epoch: Called (epoch, epochs, loss, val_acc) while the teacher trains.
         on_teacher_start: Called with a :class:`~smskd_search.engine.teacher.TeacherJob` (what,
