@@ -258,12 +258,13 @@ def _wait_for_nodes(address: str, n: int, env: dict, timeout: float = 120) -> di
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture
-def namespaced_cluster(tmp_path):
+@pytest.fixture(scope="module")
+def namespaced_cluster(tmp_path_factory):
     """The README's cluster (section "On a Ray cluster", its commands as typed) on this machine: a head
     with no CPUs (so every trial runs on the other node), and a worker node with 2 CPUs in its own
     mount namespace where the checkout's ``studies/``, the test's studies folder and ``~/.cache`` are
-    empty tmpfs mounts: what the driver keeps there does not exist for the worker's trials.
+    empty tmpfs mounts: what the driver keeps there does not exist for the worker's trials. The nodes
+    start without the AWS variables: a trial has them only where the driver sends them.
 
     Yields the address, the worker's node id, the studies folder, the environment and the README's
     search command (split, ``HEAD:6379`` and ``/mnt/shared/smskd`` replaced). Only the processes
@@ -279,6 +280,7 @@ def namespaced_cluster(tmp_path):
     from conftest import readme_block
 
     head_cmd, worker_cmd, search_cmd = readme_block("## On a Ray cluster")
+    tmp_path = tmp_path_factory.mktemp("two-nodes")
     # A short folder of its own (Ray's socket paths must stay under 108 characters).
     temp = Path(tempfile.mkdtemp(prefix="ray2n-", dir="/tmp"))
     studies = tmp_path / "studies"
@@ -298,7 +300,8 @@ def namespaced_cluster(tmp_path):
     def own(node: str) -> list[str]:
         return ["--temp-dir", str(temp / node), "--disable-usage-stats", "--block"]
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["RAY_AUTH_MODE"] = "disabled"
     procs: list[subprocess.Popen] = []
     try:
         procs.append(subprocess.Popen([*typed(head_cmd), *own("head"), "--include-dashboard", "false"], env=env,
@@ -326,15 +329,20 @@ def namespaced_cluster(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(namespaced_cluster, tmp_path):
-    address, worker, studies, env, search = namespaced_cluster
-    space = tmp_path / "two.yaml"
+def _two_space(folder: Path) -> Path:
+    space = folder / "two.yaml"
     space.write_text(yaml.safe_dump({"name": "two", "problem": {
         "dataset": {"name": "digits", "val_fraction": 0.25},
         "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}, "student": {"arch": "cnn_nano"}},
         "search": {"methods": ["kd", "dkd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1},
                    "baseline_epochs": 1, "pruning": {"enabled": False}}}))
+    return space
+
+
+@pytest.mark.slow
+def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(namespaced_cluster, tmp_path):
+    address, worker, studies, env, search = namespaced_cluster
+    space = _two_space(tmp_path)
     (studies / "keep.txt").write_text("untouched")
     before = sorted((p.name, p.read_bytes()) for p in studies.iterdir())
     env = {**env, "SMSKD_STUDIES": str(studies)}
@@ -376,6 +384,32 @@ def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(namespaced_clus
     assert (shared / "two" / "ray").is_dir() and list((shared / "cache" / "stages").glob("*.pt"))
     assert not (studies / "two" / "ray").exists() and (studies / "two.db").is_file()
     assert not [p for p in shared.rglob(".smskd-storage-check-*")]  # the reachability marker is gone
+
+
+@pytest.mark.slow
+def test_a_search_on_two_nodes_with_s3_storage_sends_the_workers_the_aws_variables(namespaced_cluster, s3_server,
+                                                                                  tmp_path):
+    from conftest import S3_CREDENTIALS, s3_bucket, s3_keys
+
+    address, worker, studies, env, search = namespaced_cluster
+    client = s3_bucket(s3_server, "twonodes")
+    at = search.index("--storage")
+    # The endpoint in AWS_ENDPOINT_URL, not in the URI: a trial without the driver's variables would
+    # try AWS itself (unreachable here) and fail.
+    cmd = [*search[:at], "--storage", "s3://twonodes/smskd", *search[at + 2:], "--space", str(_two_space(tmp_path)),
+           "--no-confirm", "--study", "two-s3"]
+    ran = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={
+        **env, **S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{s3_server}", "SMSKD_STUDIES": str(studies)})
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    trials = optuna.load_study(study_name="two-s3", storage=st.storage_url(st.db_path(studies, "two-s3"))).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    trained = [t for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is None]
+    assert len(trained) >= 2 and {t.user_attrs[st.ATTR_NODE] for t in trained} == {worker}
+    keys = s3_keys(client, "twonodes")
+    assert [k for k in keys if k.startswith("smskd/two-s3/ray/run-")], keys
+    assert [k for k in keys if re.match(r"^smskd/cache/stages/[0-9a-f]+\.pt$", k)], keys
+    assert not [k for k in keys if ".smskd-storage-check" in k]  # the marker every node saw is gone
+    assert not (studies / "two-s3" / "ray").exists() and not (studies / "two-s3" / "trials").exists()
 
 
 def test_storage_must_be_a_writable_folder(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,62 +18,14 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import S3_CREDENTIALS as CREDENTIALS
+from conftest import free_port as _free_port
+from conftest import s3_bucket as _bucket
+from conftest import s3_keys as _keys
 from optuna.trial import TrialState
 
 from smskd_search.errors import UserError
 from smskd_search.search import storage as st
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """An S3-compatible server (moto's server mode) on a free port; yields its ``host:port``."""
-    pytest.importorskip("moto.server", reason="moto is not installed: pip install 'moto[server]' (the test extra)")
-    pytest.importorskip("boto3", reason="boto3 is not installed: pip install 'moto[server]' (the test extra)")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto's server did not start on port {port}")
-                time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _bucket(endpoint: str, name: str):
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=f"http://{endpoint}", **{
-        "aws_access_key_id": CREDENTIALS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        "region_name": CREDENTIALS["AWS_DEFAULT_REGION"]})
-    client.create_bucket(Bucket=name)
-    return client
-
-
-def _keys(client, bucket: str) -> list[str]:
-    keys, token = [], None
-    while True:
-        page = client.list_objects_v2(Bucket=bucket, **({"ContinuationToken": token} if token else {}))
-        keys += [o["Key"] for o in page.get("Contents", [])]
-        if not page.get("IsTruncated"):
-            return keys
-        token = page["NextContinuationToken"]
 
 
 def test_a_storage_uri_is_checked_before_anything_is_written(s3_server, tmp_path, monkeypatch):
