@@ -360,10 +360,13 @@ def _search_parser(prog: str) -> argparse.ArgumentParser:
                         "stages there; with augmentation, the teacher's logits of each epoch are kept in "
                         "studies/cache/teacher_logits and KD, DKD and CE epochs read them)")
     p.add_argument("--cache-max-gb", type=float, default=2.0, metavar="GB",
-                   help="size cap of each cache folder, least recently used entries go first (default 2)")
-    p.add_argument("--storage", default=None, metavar="FOLDER",
+                   help="size cap of each cache folder (stage cache: least recently used entries go first; "
+                        "teacher logits: a full folder takes no more) (default 2)")
+    p.add_argument("--storage", default=None, metavar="FOLDER|URI",
                    help="where trials write (stage checkpoints, Tune's files, the stage cache): on a cluster of several "
-                        "nodes, a folder every node mounts at the same path (default: studies/)")
+                        "nodes, a folder every node mounts at the same path, or an s3:// URI (pyarrow's form, e.g. "
+                        "s3://bucket/prefix?endpoint_override=host:9000&scheme=http; credentials from the AWS_* "
+                        "variables) (default: studies/)")
     p.add_argument("--deterministic", action="store_true",
                    help="the same space and --seed give the same study on CPU (one trial at a time)")
     p.set_defaults(func=cmd_search)

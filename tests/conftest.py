@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -59,3 +65,81 @@ def make_plan(problem: ProblemSpec, stages: list[tuple[str, int]], **kw) -> Plan
     plan = build_plan(space, stages, name=kw.pop("name", "plan"), seed=kw.pop("seed", None),
                       **kw.pop("reference", {}))
     return plan.model_copy(update=kw) if kw else plan
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(heading: str, nth: int = 0) -> list[str]:
+    """The commands of the ``nth`` bash block after ``heading`` in the README: comments dropped,
+    continuations joined (the README's commands are tested as typed)."""
+    text = README.read_text()
+    start = text.index(heading)
+    blocks = re.findall(r"```bash\n(.*?)```", text[start:], re.S)
+    assert len(blocks) > nth, f"no bash block {nth} after {heading!r}"
+    commands, pending = [], ""
+    for raw in blocks[nth].splitlines():
+        line = re.sub(r"\s+#.*$", "", raw).rstrip()
+        if line.endswith("\\"):
+            pending += line[:-1].strip() + " "
+            continue
+        if pending + line.strip():
+            commands.append(pending + line.strip())
+        pending = ""
+    return commands
+
+
+# ------------------------------------------------------------------ an S3-compatible server
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto's server mode) on a free port; yields its ``host:port``."""
+    pytest.importorskip("moto.server", reason="moto is not installed: pip install 'moto[server]' (the test extra)")
+    pytest.importorskip("boto3", reason="boto3 is not installed: pip install 'moto[server]' (the test extra)")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto's server did not start on port {port}")
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def s3_bucket(endpoint: str, name: str):
+    """A new bucket on the server; returns a boto3 client of it."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://{endpoint}", **{
+        "aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_CREDENTIALS["AWS_DEFAULT_REGION"]})
+    client.create_bucket(Bucket=name)
+    return client
+
+
+def s3_keys(client, bucket: str) -> list[str]:
+    """Every key in the bucket."""
+    keys, token = [], None
+    while True:
+        page = client.list_objects_v2(Bucket=bucket, **({"ContinuationToken": token} if token else {}))
+        keys += [o["Key"] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return keys
+        token = page["NextContinuationToken"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import math
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -222,64 +224,199 @@ def test_a_bad_address_fails_fast_and_writes_nothing(tmp_path):
 
 
 
-@pytest.fixture
-def two_node_cluster():
-    """A real two-node Ray cluster on this machine: a head with no CPUs (so every trial runs on the
-    other node) and a worker node with 2 CPUs. Only its own processes are stopped at the end."""
-    from ray.cluster_utils import Cluster
+def _namespace_prefix() -> list[str] | None:
+    """The command that runs the worker node in a mount namespace of its own, or None where this
+    machine does not allow one: ``unshare -m`` as root, else a user namespace (``unshare -rm``)."""
+    for prefix in (["unshare", "-m"], ["unshare", "-r", "-m"]):
+        try:
+            probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if probe.returncode == 0:
+            return prefix
+    return None
 
-    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    c.add_node(num_cpus=2)
-    c.wait_for_nodes()
-    yield c
-    c.shutdown()
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
 
 
-@pytest.mark.slow
-def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(two_node_cluster, tmp_path):
-    space = tmp_path / "two.yaml"
+def _wait_for_nodes(address: str, n: int, env: dict, timeout: float = 120) -> dict[str, float]:
+    """{node id: CPUs} of the cluster's alive nodes, once there are ``n`` of them."""
+    probe = ("import json, ray, time, sys\n"
+             f"ray.init(address={address!r}, logging_level='ERROR')\n"
+             f"deadline = time.monotonic() + {timeout}\n"
+             "while True:\n"
+             "    alive = {x['NodeID']: x['Resources'].get('CPU', 0.0) for x in ray.nodes() if x['Alive']}\n"
+             f"    if len(alive) >= {n} or time.monotonic() > deadline: break\n"
+             "    time.sleep(0.5)\n"
+             "print(json.dumps(alive))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout + 60, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def namespaced_cluster(tmp_path_factory):
+    """The README's cluster (section "On a Ray cluster", its commands as typed) on this machine: a head
+    with no CPUs (so every trial runs on the other node), and a worker node with 2 CPUs in its own
+    mount namespace where the checkout's ``studies/``, the test's studies folder and ``~/.cache`` are
+    empty tmpfs mounts: what the driver keeps there does not exist for the worker's trials. The nodes
+    start without the AWS variables: a trial has them only where the driver sends them.
+
+    Yields the address, the worker's node id, the studies folder, the environment and the README's
+    search command (split, ``HEAD:6379`` and ``/mnt/shared/smskd`` replaced). Only the processes
+    started here are stopped (each ``ray start --block`` in its own process group, the group
+    killed; never a ``ray stop``, which stops every Ray on the machine).
+    """
+    prefix = _namespace_prefix()
+    if prefix is None:
+        pytest.skip("this machine allows no mount namespace (unshare -m / unshare -rm): no isolated worker node")
+    import shlex
+    import tempfile
+
+    from conftest import readme_block
+
+    head_cmd, worker_cmd, search_cmd = readme_block("## On a Ray cluster")
+    tmp_path = tmp_path_factory.mktemp("two-nodes")
+    # A short folder of its own (Ray's socket paths must stay under 108 characters).
+    temp = Path(tempfile.mkdtemp(prefix="ray2n-", dir="/tmp"))
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    home_cache = Path.home() / ".cache"
+    home_cache.mkdir(exist_ok=True)
+    port = _closed_port()
+    address = f"127.0.0.1:{port}"
+
+    def typed(cmd: str) -> list[str]:
+        words = shlex.split(cmd.replace("HEAD:6379", address).replace("--port 6379", f"--port {port}")
+                            .replace("/mnt/shared/smskd", str(tmp_path / "shared")))
+        return ([_ray_cli()] if words[0] == "ray" else [sys.executable, "-m", "smskd_search.cli"]) + words[1:]
+
+    # Only what this test needs besides the README's words: its own folders, no dashboard, and a
+    # foreground process to stop.
+    def own(node: str) -> list[str]:
+        return ["--temp-dir", str(temp / node), "--disable-usage-stats", "--block"]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(subprocess.Popen([*typed(head_cmd), *own("head"), "--include-dashboard", "false"], env=env,
+                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        hidden = " && ".join(f"mount -t tmpfs tmpfs {d}" for d in (ROOT / "studies", studies, home_cache))
+        worker_line = shlex.join([*typed(worker_cmd), *own("worker")])
+        procs.append(subprocess.Popen([*prefix, "sh", "-c", f"{hidden} && exec {worker_line}"], env=env,
+                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        nodes = _wait_for_nodes(address, 2, env)
+        assert len(nodes) == 2 and sorted(nodes.values()) == [0.0, 2.0], nodes
+        worker = next(n for n, cpus in nodes.items() if cpus)
+        yield address, worker, studies, env, typed(search_cmd)
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(procs):
+            try:
+                proc.wait(timeout=5)  # (`ray start --block` often outlives its SIGTERM: then the group is killed)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _two_space(folder: Path) -> Path:
+    space = folder / "two.yaml"
     space.write_text(yaml.safe_dump({"name": "two", "problem": {
         "dataset": {"name": "digits", "val_fraction": 0.25},
         "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}, "student": {"arch": "cnn_nano"}},
         "search": {"methods": ["kd", "dkd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1},
                    "baseline_epochs": 1, "pruning": {"enabled": False}}}))
-    studies = tmp_path / "studies"
-    studies.mkdir()
+    return space
+
+
+@pytest.mark.slow
+def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(namespaced_cluster, tmp_path):
+    address, worker, studies, env, search = namespaced_cluster
+    space = _two_space(tmp_path)
     (studies / "keep.txt").write_text("untouched")
     before = sorted((p.name, p.read_bytes()) for p in studies.iterdir())
-    env = {**os.environ, "SMSKD_STUDIES": str(studies), "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "smskd_search.cli", "--space", str(space), "--budget", "2", "--no-confirm",
-           "--address", two_node_cluster.address]
+    env = {**env, "SMSKD_STUDIES": str(studies)}
+    at = search.index("--storage")
+    shared = Path(search[at + 1])  # the README's shared folder: outside the worker's tmpfs mounts
+    assert "--budget" in search and search[search.index("--address") + 1] == address
+    cmd = [*search[:at], *search[at + 2:], "--space", str(space), "--no-confirm"]  # without --storage
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: --storage: the cluster has 2 nodes, and trials on the others cannot reach {studies} on this machine; "
-        "pass --storage with a folder every node mounts at the same path")
+        "pass --storage with a folder every node mounts at the same path, or an s3:// URI")
+    # A folder only the driver sees (the worker's view of studies/ is an empty tmpfs): refused by
+    # the marker check, before the study or the teacher exists.
+    local = studies / "local"
+    refused = subprocess.run([*cmd, "--storage", str(local)], capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert re.fullmatch(rf"error: --storage {re.escape(str(local))}: node \S+ \([^)]+\) does not see this "
+                        r"folder; pass a folder every node mounts at the same path",
+                        refused.stderr.strip().splitlines()[-1]), refused.stderr[-2000:]
+    local.rmdir()  # (made by the folder check; empty: the marker went)
     assert sorted((p.name, p.read_bytes()) for p in studies.iterdir()) == before  # refused before anything
 
-    shared = tmp_path / "shared"  # both nodes of this cluster see this machine's disk
     ran = subprocess.run([*cmd, "--storage", str(shared)], capture_output=True, text=True, timeout=600, env=env)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     # The teacher trained as a Ray task, on the worker node (the head has no CPUs), its progress
-    # shown on the driver and its checkpoint cached there.
-    worker = [n for n in two_node_cluster.list_all_nodes() if n is not two_node_cluster.head_node][0]
-    assert f"note:      the teacher trained as a Ray task on node {worker.node_id}" in ran.stdout, ran.stdout[-3000:]
+    # shown on the driver and its checkpoint cached there; the worker never saw that file.
+    assert f"note:      the teacher trained as a Ray task on node {worker}" in ran.stdout, ran.stdout[-3000:]
     assert "training the teacher cnn_small" in ran.stdout and "epoch 1/1" in ran.stdout
     assert len(list((studies / "teachers").glob("*/teacher.pt"))) == 1
     trials = optuna.load_study(study_name="two", storage=st.storage_url(st.db_path(studies, "two"))).get_trials()
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    # Every trial that trained ran on the worker node (a plan that repeats a finished one is answered
+    # from it, on the driver, without running).
+    trained = [t for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is None]
+    assert len(trained) >= 2 and {t.user_attrs[st.ATTR_NODE] for t in trained} == {worker}
     # Everything trials wrote is under --storage (Tune's files, the stage cache); the study file
     # stays with the driver.
-    assert (shared / "two" / "ray").is_dir() and (shared / "cache" / "stages").is_dir()
+    assert (shared / "two" / "ray").is_dir() and list((shared / "cache" / "stages").glob("*.pt"))
     assert not (studies / "two" / "ray").exists() and (studies / "two.db").is_file()
     assert not [p for p in shared.rglob(".smskd-storage-check-*")]  # the reachability marker is gone
 
 
+@pytest.mark.slow
+def test_a_search_on_two_nodes_with_s3_storage_sends_the_workers_the_aws_variables(namespaced_cluster, s3_server,
+                                                                                  tmp_path):
+    from conftest import S3_CREDENTIALS, s3_bucket, s3_keys
+
+    address, worker, studies, env, search = namespaced_cluster
+    client = s3_bucket(s3_server, "twonodes")
+    at = search.index("--storage")
+    # The endpoint in AWS_ENDPOINT_URL, not in the URI: a trial without the driver's variables would
+    # try AWS itself (unreachable here) and fail.
+    cmd = [*search[:at], "--storage", "s3://twonodes/smskd", *search[at + 2:], "--space", str(_two_space(tmp_path)),
+           "--no-confirm", "--study", "two-s3"]
+    ran = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={
+        **env, **S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{s3_server}", "SMSKD_STUDIES": str(studies)})
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    trials = optuna.load_study(study_name="two-s3", storage=st.storage_url(st.db_path(studies, "two-s3"))).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    trained = [t for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is None]
+    assert len(trained) >= 2 and {t.user_attrs[st.ATTR_NODE] for t in trained} == {worker}
+    keys = s3_keys(client, "twonodes")
+    assert [k for k in keys if k.startswith("smskd/two-s3/ray/run-")], keys
+    assert [k for k in keys if re.match(r"^smskd/cache/stages/[0-9a-f]+\.pt$", k)], keys
+    assert not [k for k in keys if ".smskd-storage-check" in k]  # the marker every node saw is gone
+    assert not (studies / "two-s3" / "ray").exists() and not (studies / "two-s3" / "trials").exists()
+
+
 def test_storage_must_be_a_writable_folder(tmp_path):
-    assert cluster.check_storage(tmp_path / "new" / "folder") == (tmp_path / "new" / "folder").absolute()
+    assert cluster.check_storage(tmp_path / "new" / "folder") == str((tmp_path / "new" / "folder").absolute())
     assert (tmp_path / "new" / "folder").is_dir()
-    with pytest.raises(UserError, match=r"^--storage s3://bucket/x: URIs \(s3://, gs://, \.\.\.\) are not supported yet"):
-        cluster.check_storage("s3://bucket/x")
+    with pytest.raises(UserError, match=r"^--storage gs://bucket/x: the scheme gs:// is not supported \(supported: s3://"):
+        cluster.check_storage("gs://bucket/x")
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"^--storage .*/file/sub: cannot make the folder"):
         cluster.check_storage(tmp_path / "file" / "sub")

@@ -241,8 +241,8 @@ def test_the_search_keeps_the_store_beside_the_stage_cache(tmp_path):
     stages, _, logits = tr._caches(tr.TrialContext(teacher=payload, cache_dir=str(tmp_path / "cache"),
                                                    cache_max_bytes=12345))
     assert isinstance(logits, LogitStore) and logits.disk is not None and stages is not None
-    assert logits.disk.root == tmp_path / "cache" / "teacher_logits" and logits.disk.max_bytes == 12345
-    assert stages.root.parent == logits.disk.root.parent
+    assert logits.disk.path("k") == tmp_path / "cache" / "teacher_logits" / "k.pt" and logits.disk.max_bytes == 12345
+    assert stages.path("k").parent.parent == logits.disk.path("k").parent.parent
     # The same process's next trial gets the same store (its memory tier carries over).
     assert tr._caches(tr.TrialContext(teacher=payload, cache_dir=str(tmp_path / "cache")))[2] is logits
     # --no-cache: no store at all.
@@ -273,4 +273,4 @@ def test_a_trial_hands_the_store_to_its_run(tiny_problem, tmp_path, monkeypatch)
         tr.train_trial({"plan_yaml": plan.to_yaml(), "run_dir": str(tmp_path / "run"), "threads": 1}, context)
     assert Tune.reports == []  # no failure reported
     assert isinstance(got[0], LogitStore) and got[0].disk is not None
-    assert got[0].disk.root == tmp_path / "cache" / "teacher_logits" and got[1] is None
+    assert got[0].disk.path("k") == tmp_path / "cache" / "teacher_logits" / "k.pt" and got[1] is None

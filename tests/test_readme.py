@@ -16,27 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import readme_block as _block_after
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "README.md"  # (readme_block reads the same file)
 BIN = Path(sys.executable).parent
-
-
-def _block_after(heading: str) -> list[str]:
-    """The commands of the first bash block after ``heading``: comments dropped, continuations joined."""
-    text = README.read_text()
-    start = text.index(heading)
-    block = re.search(r"```bash\n(.*?)```", text[start:], re.S)
-    assert block, f"no bash block after {heading!r}"
-    commands, pending = [], ""
-    for raw in block.group(1).splitlines():
-        line = re.sub(r"\s+#.*$", "", raw).rstrip()
-        if line.endswith("\\"):
-            pending += line[:-1].strip() + " "
-            continue
-        if pending + line.strip():
-            commands.append(pending + line.strip())
-        pending = ""
-    return commands
 
 
 def test_the_quick_start_is_two_commands_and_activates_what_it_installs():

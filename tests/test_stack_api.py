@@ -92,9 +92,23 @@ def test_the_ray_api_we_call_is_there():
     _require("tune.report", _params(tune.report), {"metrics", "checkpoint"}, pkg)
     _require("TuneConfig", _params(tune.TuneConfig), {"search_alg", "scheduler", "num_samples", "max_concurrent_trials",
                                                       "reuse_actors", "time_budget_s", "trial_dirname_creator"}, pkg)
-    _require("RunConfig", _params(tune.RunConfig), {"name", "storage_path", "verbose", "callbacks", "failure_config",
-                                                    "checkpoint_config"}, pkg)
+    _require("RunConfig", _params(tune.RunConfig), {"name", "storage_path", "storage_filesystem", "verbose", "callbacks",
+                                                    "failure_config", "checkpoint_config"}, pkg)
     _require("Callback", set(dir(tune.Callback)), {"on_trial_complete", "on_trial_error", "on_step_end"}, pkg)
+
+
+def test_the_pyarrow_fs_api_we_call_is_there():
+    import pyarrow.fs as pafs
+
+    pkg = "pyarrow"
+    _require("pyarrow.fs", set(dir(pafs)), {"FileSystem", "FileSelector", "FileType", "copy_files", "S3FileSystem"}, pkg)
+    _require("FileSystem", set(dir(pafs.FileSystem)), {"from_uri", "get_file_info", "open_input_file", "open_output_stream",
+                                                       "move", "delete_file", "delete_dir"}, pkg)
+    # (a compiled class: no signature to read; constructing one with the keywords is the check)
+    selector = pafs.FileSelector("x", allow_not_found=True, recursive=True)
+    assert selector.allow_not_found and selector.recursive
+    _require("copy_files", _params(pafs.copy_files), {"source", "destination", "source_filesystem",
+                                                      "destination_filesystem"}, pkg)
 
 
 def test_the_optuna_api_we_call_is_there():

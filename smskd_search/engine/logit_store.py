@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from smskd_search.engine.frozen import FrozenForward
-from smskd_search.engine.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache, Runtime, _digest
+from smskd_search.engine.prefix_cache import DEFAULT_MAX_BYTES, EntryFolder, PrefixCache, Runtime, _digest
 from smskd_search.models.base import Features
 from smskd_search.plan import Plan
 
@@ -135,7 +135,7 @@ class LogitStore:
             fp32 entries, with other numbers (opt-in, see the module docstring).
     """
 
-    def __init__(self, root: str | Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+    def __init__(self, root: str | Path | EntryFolder | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                  memory_max_bytes: int = DEFAULT_MEMORY_BYTES, dtype: torch.dtype | None = None):
         if dtype not in (None, torch.float16):
             raise ValueError(f"dtype: None (exact) or torch.float16, not {dtype}")
@@ -173,7 +173,7 @@ class LogitStore:
         with self._lock:
             if key in self._memory:
                 return True
-        return self.disk is not None and self.disk.path(key).is_file()
+        return self.disk is not None and self.disk.has(key)
 
     def get(self, key: str) -> EpochLogits | None:
         """The entry under ``key`` (on the CPU), or None; a hit counts as a use in the tier that
@@ -191,7 +191,7 @@ class LogitStore:
         try:
             entry = EpochLogits.from_payload(payload)
         except (KeyError, TypeError, ValueError, AttributeError):
-            self.disk.path(key).unlink(missing_ok=True)  # not an entry this engine wrote
+            self.disk.discard(key)  # not an entry this engine wrote
             return None
         self._remember(key, entry)
         return entry
@@ -217,7 +217,7 @@ class LogitStore:
         with self._lock:
             self._memory.pop(key, None)
         if self.disk is not None:
-            self.disk.path(key).unlink(missing_ok=True)
+            self.disk.discard(key)
 
     def _compact(self, entry: EpochLogits) -> EpochLogits:
         logits = entry.logits.detach().cpu()

@@ -14,10 +14,11 @@ spans all stages, so a prefix depends on the plan's total epochs, i.e. on the la
 and fp16 runs with grad scaling (the scaler's state carries across stages and is not checkpointed).
 
 :class:`PrefixCache` is a folder of ``<key>.pt`` files (tensors and plain data, loaded with
-``weights_only=True``): a put writes a temporary file of its own and ``os.replace``s it, so two
+``weights_only=True``): a put writes a temporary file of its own and moves it into place, so two
 writers of one key (two trials wanting the same prefix at once both train it) never leave half a
 file, and the second write is harmless; a get touches the file's mtime, and a put evicts the least
-recently used files beyond ``max_bytes``. :class:`FrozenOutputsMemo` keeps a frozen teacher's
+recently used files beyond ``max_bytes``. The folder is a :class:`LocalFolder` or any other
+:class:`EntryFolder` (the search layer keeps one in an object store). :class:`FrozenOutputsMemo` keeps a frozen teacher's
 outputs over the (unaugmented) training split across runs, in the process and optionally in such a
 folder, so that they are computed once.
 
@@ -33,9 +34,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import torch
 
@@ -122,97 +124,171 @@ def stage_prefix_key(plan: Plan, k: int, *, teacher_sha256: str, runtime: Runtim
     return _digest(data)
 
 
-class PrefixCache:
-    """A folder of cache entries ``<key>.pt`` capped at ``max_bytes`` (least recently used go first).
+class EntryFolder(Protocol):
+    """Where a :class:`PrefixCache` keeps its files: a flat folder of named files.
 
-    Args:
-        root: The folder (made on the first put).
-        max_bytes: The cap on the entries' total size; a put evicts the least recently used entries
-            beyond it (the entry just written always stays).
+    :class:`LocalFolder` is a folder on this machine; the search layer has one in an object store
+    (:class:`smskd_search.search.storage_fs.ArrowFolder`).
     """
 
-    def __init__(self, root: str | Path, max_bytes: int = DEFAULT_MAX_BYTES):
+    def where(self, name: str) -> Any:
+        """The file's full name (a Path for a local folder), for messages and tests."""
+
+    def open(self, name: str) -> AbstractContextManager[IO[bytes]]:
+        """A readable, seekable file; FileNotFoundError if there is none."""
+
+    def write(self, name: str, fill: Callable[[IO[bytes]], None]) -> None:
+        """Write the file through ``fill``, atomically (never half a file under ``name``); OSError on failure."""
+
+    def remove(self, name: str) -> None:
+        """Remove the file; nothing if it is not there."""
+
+    def touch(self, name: str) -> None:
+        """Record a use now (for the least-recently-used order); FileNotFoundError if it is gone."""
+
+    def entries(self) -> list[tuple[str, int, int]]:
+        """(name, size, last use in ns) of every ``*.pt`` file."""
+
+
+class LocalFolder:
+    """A folder on this machine (made on the first write)."""
+
+    def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
         self._last_stamp = 0
 
-    def path(self, key: str) -> Path:
-        return self.root / f"{key}.pt"
+    def where(self, name: str) -> Path:
+        return self.root / name
 
-    def _stamp(self, path: Path) -> None:
+    def open(self, name: str) -> AbstractContextManager[IO[bytes]]:
+        return open(self.root / name, "rb")
+
+    def write(self, name: str, fill: Callable[[IO[bytes]], None]) -> None:
+        # A temporary file of its own, then os.replace: two writers of one name never leave half a
+        # file, and the second write is harmless.
+        tmp = self.root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                fill(f)
+            os.replace(tmp, self.root / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def remove(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+    def touch(self, name: str) -> None:
         # Set explicitly, in ns and strictly increasing in this process: the file system's own
         # clock is coarse (milliseconds), too coarse to order two quick uses.
         with self._lock:
             self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
             stamp = self._last_stamp
-        os.utime(path, ns=(stamp, stamp))
+        os.utime(self.root / name, ns=(stamp, stamp))
 
-    def get(self, key: str) -> dict | None:
-        """The entry stored under ``key`` (tensors and plain data), or None; a hit counts as a use."""
-        path = self.path(key)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            return None
-        except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss, and goes
-            path.unlink(missing_ok=True)
-            return None
-        if not isinstance(payload, dict) or payload.get("cache_key") != key:
-            path.unlink(missing_ok=True)
-            return None
-        try:
-            self._stamp(path)
-        except FileNotFoundError:  # evicted by another process just now: we have it anyway
-            pass
-        return payload
-
-    def put(self, key: str, payload: dict) -> Path | None:
-        """Store ``payload`` under ``key`` (atomically), then evict beyond the cap.
-
-        Returns the entry's file, or None where it could not be written (a full disk, a folder this
-        node may not write): the cache only saves work, so a failed put fails nothing.
-        """
-        path = self.path(key)
-        tmp = self.root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            torch.save({**payload, "cache_key": key}, tmp)
-            os.replace(tmp, path)
-            self._stamp(path)
-            self.evict(keep=path)
-        except (OSError, RuntimeError):  # RuntimeError: torch.save on a full disk (its zip writer)
-            return None
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
-
-    def entries(self) -> list[tuple[Path, int, int]]:
-        """(path, size, mtime_ns) of every entry, least recently used first."""
+    def entries(self) -> list[tuple[str, int, int]]:
         out = []
         for p in self.root.glob("*.pt") if self.root.is_dir() else []:
             try:
                 s = p.stat()
             except FileNotFoundError:
                 continue
-            out.append((p, s.st_size, s.st_mtime_ns))
-        return sorted(out, key=lambda e: (e[2], e[0].name))
+            out.append((p.name, s.st_size, s.st_mtime_ns))
+        return out
+
+
+class PrefixCache:
+    """A folder of cache entries ``<key>.pt`` capped at ``max_bytes`` (least recently used go first).
+
+    Args:
+        root: The folder (made on the first put), or an :class:`EntryFolder` (another storage).
+        max_bytes: The cap on the entries' total size; a put evicts the least recently used entries
+            beyond it (the entry just written always stays).
+    """
+
+    def __init__(self, root: str | Path | EntryFolder, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.folder: EntryFolder = LocalFolder(root) if isinstance(root, (str, Path)) else root
+        self.max_bytes = int(max_bytes)
+
+    def path(self, key: str) -> Any:
+        """The entry's file (a Path in a local folder)."""
+        return self.folder.where(f"{key}.pt")
+
+    def get(self, key: str) -> dict | None:
+        """The entry stored under ``key`` (tensors and plain data), or None; a hit counts as a use."""
+        name = f"{key}.pt"
+        try:
+            with self.folder.open(name) as f:
+                payload = torch.load(f, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss, and goes
+            self._remove(name)
+            return None
+        if not isinstance(payload, dict) or payload.get("cache_key") != key:
+            self._remove(name)
+            return None
+        try:
+            self.folder.touch(name)
+        except OSError:  # evicted by another process just now: we have it anyway
+            pass
+        return payload
+
+    def has(self, key: str) -> bool:
+        """Whether an entry is stored under ``key`` (without loading it; not a use)."""
+        try:
+            with self.folder.open(f"{key}.pt"):
+                return True
+        except OSError:  # FileNotFoundError among them
+            return False
+
+    def discard(self, key: str) -> None:
+        """Remove the entry under ``key``, if any."""
+        self._remove(f"{key}.pt")
+
+    def _remove(self, name: str) -> None:
+        try:
+            self.folder.remove(name)
+        except OSError:
+            pass
+
+    def put(self, key: str, payload: dict) -> Any:
+        """Store ``payload`` under ``key`` (atomically), then evict beyond the cap.
+
+        Returns the entry's file (:meth:`path`), or None where it could not be written (a full disk,
+        a folder this node may not write): the cache only saves work, so a failed put fails nothing.
+        """
+        name = f"{key}.pt"
+        try:
+            self.folder.write(name, lambda f: torch.save({**payload, "cache_key": key}, f))
+            self.folder.touch(name)
+            self.evict(keep=name)
+        except (OSError, RuntimeError):  # RuntimeError: torch.save on a full disk (its zip writer)
+            return None
+        return self.path(key)
+
+    def entries(self) -> list[tuple[Any, int, int]]:
+        """(file, size, last use in ns) of every entry, least recently used first."""
+        listed = sorted(self.folder.entries(), key=lambda e: (e[2], e[0]))
+        return [(self.folder.where(n), size, stamp) for n, size, stamp in listed]
 
     def size_bytes(self) -> int:
-        return sum(size for _, size, _ in self.entries())
+        return sum(size for _, size, _ in self.folder.entries())
 
-    def evict(self, keep: Path | None = None) -> list[Path]:
-        """Remove the least recently used entries until the total is within the cap."""
-        entries = self.entries()
+    def evict(self, keep: str | None = None) -> list[Any]:
+        """Remove the least recently used entries until the total is within the cap; ``keep``: a name
+        that stays."""
+        entries = sorted(self.folder.entries(), key=lambda e: (e[2], e[0]))
         total = sum(size for _, size, _ in entries)
         dropped = []
-        for p, size, _ in entries:
+        for name, size, _ in entries:
             if total <= self.max_bytes:
                 break
-            if p == keep:
+            if name == keep:
                 continue
-            p.unlink(missing_ok=True)
-            dropped.append(p)
+            self._remove(name)
+            dropped.append(self.folder.where(name))
             total -= size
         return dropped
 
@@ -281,7 +357,9 @@ class FrozenOutputsMemo:
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "ENGINE_VERSION",
+    "EntryFolder",
     "FrozenOutputsMemo",
+    "LocalFolder",
     "PrefixCache",
     "Runtime",
     "cacheable",

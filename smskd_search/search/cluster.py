@@ -13,11 +13,14 @@ from pathlib import Path
 
 from smskd_search.data import ENV_VARS as DATA_ENV_VARS
 from smskd_search.errors import UserError
+from smskd_search.search import storage_fs as sfs
+from smskd_search.search.storage_fs import AWS_ENV
 from smskd_search.space import RuntimeSpec
 
 # Environment variables a trial worker must see as the driver does (set before Ray starts): the
 # data layer's own list, so that a variable it starts reading is propagated without a second edit.
-PROPAGATED_ENV = (*DATA_ENV_VARS, "RAY_CHDIR_TO_TRIAL_DIR")
+# With them, the AWS variables a trial reads its --storage URI with (credentials, region, endpoint).
+PROPAGATED_ENV = (*DATA_ENV_VARS, "RAY_CHDIR_TO_TRIAL_DIR", *AWS_ENV)
 # Of those, the ones holding a path: made absolute, since a trial on another node (or in another
 # working directory) would resolve a relative one elsewhere.
 PATH_ENV = DATA_ENV_VARS
@@ -154,8 +157,9 @@ def check_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> No
         raise UserError(f"--address {address}: no Ray cluster answers at {hp[0]}:{hp[1]}{where} ({why})") from None
 
 
-def check_storage(storage: str | os.PathLike | None) -> Path | None:
-    """``--storage`` as an absolute folder (made if missing), or None; one UserError line otherwise.
+def check_storage(storage: str | os.PathLike | None) -> str | None:
+    """``--storage`` as an absolute folder (made if missing) or a URI whose bucket answers, or None;
+    one UserError line otherwise (:func:`~smskd_search.search.storage_fs.check_uri`).
 
     Example:
 
@@ -165,9 +169,8 @@ def check_storage(storage: str | os.PathLike | None) -> Path | None:
     if storage is None:
         return None
     text = str(storage)
-    if "://" in text:
-        raise UserError(f"--storage {text}: URIs (s3://, gs://, ...) are not supported yet; pass a folder that "
-                        "every node mounts at the same path (NFS or the like)")
+    if sfs.is_uri(text):
+        return sfs.check_uri(text)
     root = Path(text).expanduser().absolute()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -175,10 +178,10 @@ def check_storage(storage: str | os.PathLike | None) -> Path | None:
         raise UserError(f"--storage {text}: cannot make the folder: {exc.strerror or exc}") from None
     if not os.access(root, os.W_OK):
         raise UserError(f"--storage {text}: {root} is not writable")
-    return root
+    return str(root)
 
 
-def check_nodes_reach(root: Path, given: bool) -> int:
+def check_nodes_reach(root: str, given: bool) -> int:
     """On a cluster of several nodes, check that every node sees ``root``; returns the node count.
 
     Trials on other nodes write their stage checkpoints, Tune's files and the stage cache under
@@ -187,7 +190,8 @@ def check_nodes_reach(root: Path, given: bool) -> int:
     marker file written here must be visible from a task pinned to each node.
 
     Args:
-        root: The storage folder (absolute).
+        root: The storage folder (absolute) or URI: a URI's marker is looked for through its
+            filesystem, so that a node whose credentials or endpoint reach another server fails here.
         given: Whether the user passed ``--storage``.
     """
     from smskd_search.search._ray import ray
@@ -199,15 +203,21 @@ def check_nodes_reach(root: Path, given: bool) -> int:
         return len(nodes)
     if not given:
         raise UserError(f"--storage: the cluster has {len(nodes)} nodes, and trials on the others cannot reach "
-                        f"{root} on this machine; pass --storage with a folder every node mounts at the same path")
-    marker = root / f".smskd-storage-check-{os.getpid()}-{socket.gethostname()}"
-    marker.write_text("seen\n")
+                        f"{root} on this machine; pass --storage with a folder every node mounts at the same path, "
+                        "or an s3:// URI")
+    marker = sfs.join(root, f".smskd-storage-check-{os.getpid()}-{socket.gethostname()}")
+    sfs.write_text(marker, "seen\n")
     try:
         @ray.remote(num_cpus=0)
         def sees(path: str) -> tuple[bool, str]:
-            return os.path.isfile(path), socket.gethostname()
+            from smskd_search.search import storage_fs
 
-        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+            try:
+                return storage_fs.exists(path), socket.gethostname()
+            except OSError:  # the endpoint or the credentials fail on that node
+                return False, socket.gethostname()
+
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker)
                 for n in nodes]
         try:
             answers = ray.get(refs, timeout=120)
@@ -216,10 +226,11 @@ def check_nodes_reach(root: Path, given: bool) -> int:
                             "(a node without free CPUs for a zero-CPU task, or one that is gone)") from None
         for node, (seen, host) in zip(nodes, answers):
             if not seen:
-                raise UserError(f"--storage {root}: node {host} ({node.get('NodeManagerAddress')}) does not see this folder; "
-                                "pass a folder every node mounts at the same path")
+                what = ("does not see what this machine wrote there (its endpoint or credentials reach another storage)"
+                        if sfs.is_uri(root) else "does not see this folder; pass a folder every node mounts at the same path")
+                raise UserError(f"--storage {root}: node {host} ({node.get('NodeManagerAddress')}) {what}")
     finally:
-        marker.unlink(missing_ok=True)
+        sfs.remove(marker)
     return len(nodes)
 
 

@@ -8,7 +8,6 @@ the last stage checkpoint of the interrupted one.
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,9 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.errors import UserError
+from smskd_search.search import run_dirs
 from smskd_search.search import storage as st
+from smskd_search.search import storage_fs as sfs
 from smskd_search.search.sampling import BASELINE_ATTR, FIXED_PLAN_ATTR, baseline_plans
 from smskd_search.space import LoadedSpace
 
@@ -33,9 +34,10 @@ class StudySession:
         path: The study file.
         study: The Optuna study.
         storage: The storage ``study`` was opened on (for writes to trials by number).
-        runs_dir: Where the trials' stage checkpoints live while they run.
-        storage_root: The folder everything trials write lives under (``--storage``; the studies
-            folder by default): ``<root>/<study>/trials``, ``<root>/<study>/ray``, ``<root>/cache``.
+        runs_dir: Where the trials' stage checkpoints live while they run (a folder or a URI).
+        storage_root: The folder or URI everything trials write lives under (``--storage``; the
+            studies folder by default): ``<root>/<study>/trials``, ``<root>/<study>/ray``,
+            ``<root>/cache`` (see :func:`storage_text`).
         notes: What the lifecycle did, in words, for the summary.
     """
 
@@ -43,16 +45,31 @@ class StudySession:
     path: Path
     study: optuna.Study
     storage: RDBStorage
-    runs_dir: Path
-    storage_root: Path
+    runs_dir: str
+    storage_root: str
     notes: list[str] = field(default_factory=list)
 
     def trials(self) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False)
 
 
+def storage_text(storage_root: str | Path) -> str:
+    """How a study records its storage: a folder resolved to its absolute path, a URI as given.
+
+    Example:
+
+        >>> storage_text("s3://bucket/prefix/")
+        's3://bucket/prefix'
+    """
+    text = str(storage_root)
+    if sfs.is_uri(text):
+        base, sep, query = text.partition("?")
+        return base.rstrip("/") + sep + query
+    return str(Path(text).resolve())
+
+
 def open_session(space: LoadedSpace, studies_dir: Path, name: str, *, resume: bool, seed: int,
-                 budget: int, storage_root: Path | None = None) -> StudySession:
+                 budget: int, storage_root: str | Path | None = None) -> StudySession:
     """Create the study (or load it for a resume, checked against the space); trials write under
     ``storage_root`` (default: ``studies_dir``)."""
     path = st.db_path(studies_dir, name)
@@ -67,15 +84,15 @@ def open_session(space: LoadedSpace, studies_dir: Path, name: str, *, resume: bo
         study = st.load_study_for_resume(space, studies_dir, name, budget=budget, storage=storage)
     else:
         study = st.create_study(space, studies_dir, name, seed=seed, budget=budget, storage=storage)
-    root = (storage_root or studies_dir).resolve()
-    return StudySession(name, path, study, storage, root / name / "trials", root)
+    root = storage_text(storage_root or studies_dir)
+    return StudySession(name, path, study, storage, sfs.join(root, name, "trials"), root)
 
 
-def check_resume_storage(studies_dir: Path, name: str, storage_root: Path) -> None:
+def check_resume_storage(studies_dir: Path, name: str, storage_root: str | Path) -> None:
     """Before a resume writes anything: the study's trials must write where they did (their stage
     checkpoints, Tune's files and the retries' folders are there); read-only, one UserError line."""
     study = optuna.load_study(study_name=name, storage=st.readonly_storage(st.db_path(studies_dir, name)))
-    used, here = study.user_attrs.get(st.ATTR_STORAGE_ROOT), str(storage_root.resolve())
+    used, here = study.user_attrs.get(st.ATTR_STORAGE_ROOT), storage_text(storage_root)
     if used is not None and used != here:
         raise UserError(f"--storage: study {name} keeps its trials' files in {used}; resume it with "
                         f"--storage {used} (not {here})")
@@ -84,7 +101,7 @@ def check_resume_storage(studies_dir: Path, name: str, storage_root: Path) -> No
 def bind_storage_root(session: StudySession) -> None:
     """Record where the study's trials write (see :func:`check_resume_storage`)."""
     if session.study.user_attrs.get(st.ATTR_STORAGE_ROOT) is None:
-        session.study.set_user_attr(st.ATTR_STORAGE_ROOT, str(session.storage_root))
+        session.study.set_user_attr(st.ATTR_STORAGE_ROOT, session.storage_root)
 
 
 def close(session: StudySession) -> None:
@@ -189,19 +206,19 @@ def enqueue_baselines(session: StudySession, space: LoadedSpace, teacher_sha256:
 
 def clean_run_dirs(session: StudySession) -> None:
     """Drop stage checkpoints nobody will resume from (finished trials, rerun interrupted ones)."""
-    if not session.runs_dir.is_dir():
+    present = {rel for rel, _, _, is_dir in sfs.listing(session.runs_dir) if is_dir}
+    if not present:
         return
     trials = session.trials()
     # An interrupted (or infrastructure-failed) trial's checkpoints stay until a rerun of its plan
     # has finished for good.
     settled = {int(n) for t in trials if st.finished_for_good(t) for n in t.user_attrs.get(st.ATTR_RESUME_FROM, [])}
     for t in trials:
-        d = session.runs_dir / f"{t.number:05d}"
-        if not d.exists() or t.state in (TrialState.RUNNING, TrialState.WAITING):
+        if f"{t.number:05d}" not in present or t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
         if (t.user_attrs.get(st.ATTR_INTERRUPTED) or t.user_attrs.get(st.ATTR_INFRA)) and t.number not in settled:
             continue
-        shutil.rmtree(d, ignore_errors=True)
+        run_dirs.drop(sfs.join(session.runs_dir, f"{t.number:05d}"))
 
 
 __all__ = [
@@ -214,4 +231,5 @@ __all__ = [
     "enqueue_retries",
     "fail_orphans",
     "open_session",
+    "storage_text",
 ]

@@ -22,6 +22,7 @@ from smskd_search.errors import UserError
 from smskd_search.search import confirm as cf
 from smskd_search.search import lifecycle as lc
 from smskd_search.search import storage as st
+from smskd_search.search import storage_fs as sfs
 from smskd_search.search.cluster import check_address, check_nodes_reach, check_requests, check_storage, start_ray
 from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
@@ -128,9 +129,10 @@ def run_search(
             read them instead of running the teacher). The values are the same as without it (on CPU).
         cache_max_bytes: The size cap of each of the three cache folders (least recently used first).
         storage: A folder for everything trials write (stage checkpoints, Tune's files, the stage
-            cache), which every node of a cluster must mount at the same path; default
-            ``studies_dir``. The study file stays in ``studies_dir`` (only the driver writes it).
-            Joining a cluster of several nodes without it is refused before anything is written.
+            cache), which every node of a cluster must mount at the same path, or an ``s3://`` URI
+            (pyarrow's form, :mod:`~smskd_search.search.storage_fs`); default ``studies_dir``. The
+            study file stays in ``studies_dir`` (only the driver writes it). Joining a cluster of
+            several nodes without it is refused before anything is written.
         on_progress: Called with a :class:`ProgressInfo` whenever the counts change.
         on_teacher_epoch: Called (epoch, epochs, loss, val_acc) while the teacher trains.
         on_teacher_start: Called with a :class:`~smskd_search.engine.teacher.TeacherJob` (what,
@@ -182,7 +184,7 @@ def run_search(
         if address is not None:
             # On a cluster, before anything is written: every node must reach what trials write.
             ray_started = start_ray(address)
-            check_nodes_reach(storage_root or studies_dir.absolute(), given=storage_root is not None)
+            check_nodes_reach(storage_root or str(studies_dir.absolute()), given=storage_root is not None)
         studies_dir.mkdir(parents=True, exist_ok=True)
         lock = st.StudyLock(studies_dir, name).acquire()
     except BaseException:
@@ -229,7 +231,7 @@ def run_search(
         common: dict[str, Any] = dict(
             space=sp, session=session, teacher=teacher, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
             max_concurrent=max_concurrent, address=address, deadline=start + timeout if timeout is not None else None,
-            start=start, on_progress=on_progress, cache_dir=session.storage_root / "cache" if cache else None,
+            start=start, on_progress=on_progress, cache_dir=sfs.join(session.storage_root, "cache") if cache else None,
             cache_max_bytes=cache_max_bytes)
         # The budget; then, while new infrastructure failures left it short (they do not count toward
         # it), another round for their retries and the trials still owed, at most INFRA_ATTEMPTS in all.

@@ -250,6 +250,8 @@ class StudySearcher(Searcher):
                 trial.set_user_attr(st.ATTR_N_VAL, int(r.n_val))
             if first and r.trial_started_at is not None:
                 trial.set_user_attr(st.ATTR_TRIAL_STARTED_AT, round(r.trial_started_at, 3))
+            if first and r.node is not None:
+                trial.set_user_attr(st.ATTR_NODE, r.node)
             if r.cum_epochs == max(rec.steps):
                 # How much of the trial the stage-prefix cache supplied, and how much it trained.
                 trial.set_user_attr(st.ATTR_EPOCHS_REUSED, int(r.epochs_reused))

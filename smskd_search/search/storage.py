@@ -44,6 +44,7 @@ ATTR_FAIL_TRACEBACK = "fail_traceback"
 ATTR_PRUNED_REASON = "pruned_reason"  # the rung, the trial's value and the cutoff it fell below
 ATTR_TRIAL_SECONDS = "trial_seconds"  # time inside the trainable up to the last stage reported
 ATTR_TRIAL_STARTED_AT = "trial_started_at"  # unix time the trainable started (Optuna's start is the ask)
+ATTR_NODE = "node"  # the Ray node id the trial ran on (where its checkpoints were written from)
 # Set on trials that ended FAIL because the search stopped under them (not because the plan failed):
 # they do not count against the budget, and a resume runs their plan again.
 ATTR_INTERRUPTED = "interrupted"
@@ -448,6 +449,7 @@ __all__ = [
     "ATTR_EPOCH_VAL_ACC",
     "ATTR_STAGE_CUM_EPOCHS",
     "ATTR_STAGE_REPORTED_AT",
+    "ATTR_NODE",
     "ATTR_STAGE_VAL_ACC",
     "ATTR_THREADS",
     "ATTR_TOTAL_EPOCHS",

@@ -7,8 +7,9 @@ stops it, Tune ends the trial inside that report. Where the space prunes at the 
 (``pruning.decide_at: rungs``), the trial also reports, without a checkpoint, after exactly each
 rung's number of cumulative epochs when that falls inside a stage.
 
-Stage checkpoints live in the trial's run folder (``<studies_dir>/<study>/trials/<number>``), which
-is what makes a killed search resumable: a resumed study runs an interrupted trial's plan again
+Stage checkpoints live in the trial's run folder (``<storage>/<study>/trials/<number>``; a trial
+on a URI storage trains in a scratch folder and uploads each, see :mod:`~smskd_search.search.run_dirs`),
+which is what makes a killed search resumable: a resumed study runs an interrupted trial's plan again
 from its last finished stage. Tune's own checkpoint of the trial (``tune.get_checkpoint()``) is
 used the same way when Tune restarts a trial whose worker died.
 
@@ -45,7 +46,9 @@ import torch
 import yaml
 
 from smskd_search.errors import UserError
-from smskd_search.search._ray import tune
+from smskd_search.search import run_dirs
+from smskd_search.search import storage_fs as sfs
+from smskd_search.search._ray import ray, tune
 from smskd_search.search.teacher_transport import TeacherPayload, unpack
 from smskd_search.search.trial_report import TrialReport
 
@@ -112,40 +115,31 @@ def _shared_inputs(plan: Any, context: TrialContext, data_root: str | None = Non
     return data, teacher, record
 
 
+def _cache_folder(root: str, name: str) -> Any:
+    """A cache's folder under ``root``: a local folder, or one in the storage a URI names."""
+    return sfs.ArrowFolder(sfs.join(root, name)) if sfs.is_uri(root) else Path(root) / name
+
+
 def _caches(context: TrialContext) -> tuple[Any, Any, Any]:
     """The stage cache (or None), this process's teacher-output memo, the teacher-logit store (or None)."""
     from smskd_search.engine import FrozenOutputsMemo, LogitStore, PrefixCache
 
-    root = Path(context.cache_dir) if context.cache_dir else None
-    stages = PrefixCache(root / "stages", context.cache_max_bytes) if root is not None else None
+    root = context.cache_dir
+    stages = PrefixCache(_cache_folder(root, "stages"), context.cache_max_bytes) if root else None
     key = str(root)
     memo = _FROZEN_MEMO.get(key)
     if memo is None:
         _FROZEN_MEMO.clear()  # one memo (one teacher's outputs) per worker process
-        store = PrefixCache(root / "teacher_outputs", context.cache_max_bytes) if root is not None else None
+        store = PrefixCache(_cache_folder(root, "teacher_outputs"), context.cache_max_bytes) if root else None
         memo = _FROZEN_MEMO[key] = FrozenOutputsMemo(store)
     logits = None
-    if root is not None:
+    if root:
         # Kept per process so that its in-memory tier serves the next trial of a reused worker too.
         logits = _LOGIT_STORE.get(key)
         if logits is None:
             _LOGIT_STORE.clear()
-            logits = _LOGIT_STORE[key] = LogitStore(root / "teacher_logits", context.cache_max_bytes)
+            logits = _LOGIT_STORE[key] = LogitStore(_cache_folder(root, "teacher_logits"), context.cache_max_bytes)
     return stages, memo, logits
-
-
-def _stage_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("stage*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
-
-
-def _adopt_checkpoints(src: Path, run_dir: Path) -> None:
-    """Copy stage checkpoints from an earlier attempt that are further along than ours."""
-    mine = {p.name for p in _stage_files(run_dir)}
-    for p in _stage_files(src):
-        if p.name not in mine:
-            tmp = run_dir / (p.name + ".part")
-            shutil.copy2(p, tmp)
-            tmp.replace(run_dir / p.name)  # never a half-copied checkpoint, even if killed here
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -178,23 +172,36 @@ def is_infrastructure_error(exc: BaseException) -> bool:
 
 def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Run the trial's plan; see the module docstring."""
+    started, started_at = time.perf_counter(), time.time()
+    # The run folder where the stage checkpoints are kept (a folder or a URI in the storage), and
+    # the folder this trial trains in (the same folder, or a scratch folder on this node).
+    kept = str(config["run_dir"])
+    run_dir = run_dirs.work_dir(kept)
+    try:
+        _train(config, context, kept, run_dir, started, started_at)
+    finally:
+        # A URI's scratch folder goes however the trial ends (Tune stops a pruned one inside a report).
+        run_dirs.finish(run_dir, kept)
+
+
+def _train(config: dict[str, Any], context: TrialContext, kept: str, run_dir: Path, started: float,
+           started_at: float) -> None:
     from smskd_search.engine import Diverged, EpochMetrics, discard_unsafe_checkpoints, latest_checkpoint, run_plan
     from smskd_search.plan import parse_plan
 
-    started, started_at = time.perf_counter(), time.time()
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     # Results depend on torch's thread count on the CPU; the trial records the number it used.
     torch.set_num_threads(max(1, int(config["threads"])))
     plan = parse_plan(yaml.safe_load(config["plan_yaml"]), source="trial plan")
-    run_dir = Path(config["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            _adopt_checkpoints(Path(d), run_dir)
-    resume_dirs = [Path(d) for d in config.get("resume_dirs") or []]
-    for d in resume_dirs:  # nearest first; stage files of one plan are the same in all of them
-        if d.is_dir():
-            _adopt_checkpoints(d, run_dir)
+            run_dirs.adopt(d, run_dir)
+    resume_dirs = [str(d) for d in config.get("resume_dirs") or []]
+    # Its own run folder first (Tune restarted it, or an upload got ahead of Tune's checkpoint), then
+    # the earlier attempts', nearest first; stage files of one plan are the same in all of them.
+    for d in [kept, *resume_dirs]:
+        run_dirs.adopt(d, run_dir)
     # A stage checkpoint that would need to run code to load (an older format) is trained again.
     discard_unsafe_checkpoints(run_dir)
 
@@ -213,7 +220,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
             epochs_trained=counts["trained"],
             epochs_reused=max(0, cum_epochs - counts["resumed"] - counts["trained"]),
             # Seconds inside this function so far: Ray's overhead is the search's wall time less this.
-            trial_seconds=time.perf_counter() - started, trial_started_at=started_at,
+            trial_seconds=time.perf_counter() - started, trial_started_at=started_at, node=node,
             baseline=bool(config.get("baseline")),
             # The learning curve up to here (the engine evaluates every epoch); the study keeps it.
             epoch_val_acc=[float(v) for v in epoch_val_acc],
@@ -258,6 +265,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
         if checkpoint is None:
             tune.report(m)
             return False
+        run_dirs.push(checkpoint, kept)  # in the storage before Tune hears of the stage
         staging = run_dir / f"tune-stage{stage_index + 1}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -288,8 +296,8 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     if not context.keep_run_dirs and not infra:
         # Finished (completed, or failed through its plan): the checkpoints were only there for a
         # resume. An infrastructure failure keeps them: its retry starts from the last stage.
-        for d in [run_dir, *resume_dirs]:
-            shutil.rmtree(d, ignore_errors=True)
+        for d in [kept, *resume_dirs]:
+            run_dirs.drop(d)
 
 
 __all__ = ["TrialContext", "is_infrastructure_error", "train_trial"]

@@ -46,6 +46,7 @@ class TrialReport:
         baseline: True for an enqueued baseline (measured in full, never pruned).
         trial_seconds: Seconds inside the trainable so far.
         trial_started_at: Unix time the trainable started.
+        node: The Ray node the trial ran on (its node id; None outside Ray).
         epoch_val_acc: Validation accuracy after each epoch of the stage up to here.
         error: The failure, in one line; set only on a failure report.
         infrastructure: The failure came from the machinery (storage, memory, the device), not from
@@ -70,6 +71,7 @@ class TrialReport:
     baseline: bool = False
     trial_seconds: float | None = None
     trial_started_at: float | None = None
+    node: str | None = None
     epoch_val_acc: list[float] = field(default_factory=list)
     error: str | None = None
     traceback: str | None = None

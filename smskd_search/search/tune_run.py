@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from smskd_search.data.sources import absolute_root
 from smskd_search.engine import DEFAULT_MAX_BYTES, TeacherRecord
 from smskd_search.search import storage as st
+from smskd_search.search import storage_fs as sfs
 from smskd_search.search.cluster import TrialResources, quiet_ray_loggers, start_ray, trial_resources
 from smskd_search.search.lifecycle import StudySession
 from smskd_search.search.progress import ProgressInfo, progress_callback
@@ -35,12 +35,12 @@ class PlanConfigs:
     A class, not a closure: Tune pickles its searcher.
     """
 
-    def __init__(self, space: Space, teacher_sha256: str, threads: int, runs_dir: Path, study: str,
+    def __init__(self, space: Space, teacher_sha256: str, threads: int, runs_dir: str | Path, study: str,
                  rung_epochs: list[int] | None = None):
         self.space = space
         self.teacher_sha256 = teacher_sha256
         self.threads = threads
-        self.runs_dir = runs_dir
+        self.runs_dir = str(runs_dir)  # a folder or a URI (storage_fs.join makes its children)
         self.study = study
         self.rung_epochs = list(rung_epochs or [])
         # A relative dataset root means the driver's working directory: made absolute here, on the
@@ -49,13 +49,13 @@ class PlanConfigs:
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         plan = suggest_plan(trial, self.space, self.teacher_sha256, name=f"{self.study}-trial{trial.number}")
-        run_dir = self.runs_dir / f"{trial.number:05d}"
+        run_dir = sfs.join(self.runs_dir, f"{trial.number:05d}")
         for key, value in {
             st.ATTR_PLAN: plan.to_yaml(),
             st.ATTR_SEQUENCE: plan.sequence(),
             st.ATTR_TOTAL_EPOCHS: plan.total_epochs,
             st.ATTR_THREADS: self.threads,
-            st.ATTR_RUN_DIR: str(run_dir),
+            st.ATTR_RUN_DIR: run_dir,
         }.items():
             trial.set_user_attr(key, value)
         if self.data_root is not None:
@@ -65,8 +65,8 @@ class PlanConfigs:
             "sequence": plan.sequence(),
             # The searcher answers a plan already finished in the study from it (and stores the key).
             "plan_key": plan.canonical_hash(),
-            "run_dir": str(run_dir),
-            "resume_dirs": [str(self.runs_dir / f"{int(n):05d}") for n in trial.user_attrs.get(st.ATTR_RESUME_FROM, [])],
+            "run_dir": run_dir,
+            "resume_dirs": [sfs.join(self.runs_dir, f"{int(n):05d}") for n in trial.user_attrs.get(st.ATTR_RESUME_FROM, [])],
             "threads": self.threads,
             # A baseline is measured in full: it is what the sequences must beat, never pruned.
             "baseline": trial.user_attrs.get(BASELINE_ATTR),
@@ -126,7 +126,7 @@ class TuneSettings:
         start: ``time.monotonic()`` at the search's start (for the progress line).
         on_progress: Called with a :class:`ProgressInfo` when the counts change.
         phase: ``"search"``, or ``"confirm"`` for the confirmation runs (enqueued, never pruned).
-        cache_dir: The stage-prefix cache's folder (``<studies_dir>/cache``); None: no stage cache.
+        cache_dir: The stage-prefix cache's folder or URI (``<storage>/cache``); None: no stage cache.
         cache_max_bytes: The cache's size cap.
     """
 
@@ -146,7 +146,7 @@ class TuneSettings:
     start: float = field(default_factory=time.monotonic)
     on_progress: Callable[[ProgressInfo], None] | None = None
     phase: str = "search"
-    cache_dir: Path | None = None
+    cache_dir: str | None = None
     cache_max_bytes: int = DEFAULT_MAX_BYTES
 
 
@@ -193,7 +193,7 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
                                  stop_reason=scheduler.stop_reason if scheduler is not None else None,
                                  max_trials=s.trials)
         context = TrialContext(teacher=pack(s.teacher), device=resources.device,
-                               cache_dir=str(s.cache_dir.resolve()) if s.cache_dir is not None else None,
+                               cache_dir=s.cache_dir,
                                cache_max_bytes=s.cache_max_bytes)
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources.per_trial)
         time_budget = None
@@ -207,7 +207,9 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
             answered = searcher.answered
             callbacks.append(progress_callback(s.on_progress, s.session.name, s.budget, s.before, s.start,
                                                answered=lambda: len(answered), phase=s.phase))
-        ray_dir = s.session.storage_root / s.session.name / "ray"
+        ray_dir = sfs.join(s.session.storage_root, s.session.name, "ray")
+        # A URI goes to Tune as its filesystem and the path inside it (Tune's own way to take one).
+        fs, ray_path = sfs.filesystem(ray_dir) if sfs.is_uri(ray_dir) else (None, ray_dir)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -217,7 +219,8 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
             ),
             run_config=tune.RunConfig(
                 name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(ray_dir.resolve()),
+                storage_path=ray_path,
+                storage_filesystem=fs,
                 verbose=0,
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=1),
@@ -232,8 +235,10 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
             interrupted = True
         # Tune's copies of the stage checkpoints only serve its failure recovery during the run
         # (a resume works from the study and the trial folders).
-        for ckpt in ray_dir.glob("run-*/*/checkpoint_*"):
-            shutil.rmtree(ckpt, ignore_errors=True)
+        for rel, _, _, is_dir in sfs.listing(ray_dir, recursive=True):
+            parts = rel.split("/")
+            if is_dir and len(parts) == 3 and parts[0].startswith("run-") and parts[2].startswith("checkpoint_"):
+                sfs.remove(sfs.join(ray_dir, rel))
         return TuneOutcome(resources, interrupted, notes)
     finally:
         if searcher is not None:
