@@ -188,6 +188,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- search
 def cmd_search(args: argparse.Namespace) -> int:
+    from smskd_search.search_flags import check_search_flags
+
+    # Before the imports below (torch, Ray, scikit-learn: seconds): a wrong flag is said at once.
+    check_search_flags(budget=args.budget, timeout=args.timeout, cpus_per_trial=args.cpus_per_trial,
+                       gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+                       cache=not args.no_cache, cache_max_bytes=int(args.cache_max_gb * 2**30),
+                       deterministic=args.deterministic,
+                       confirm=None if args.no_confirm else (args.confirm, 0, args.confirm_seeds))
     from smskd_search.search import ConfirmSettings, ProgressInfo, run_search
     from smskd_search.space import load_space
     from smskd_search.summary_text import format_leaderboard, progress_line

@@ -120,7 +120,11 @@ def s3_server():
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def s3_bucket(endpoint: str, name: str):

@@ -320,10 +320,15 @@ def namespaced_cluster(tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in reversed(procs):
             try:
-                proc.wait(timeout=5)  # (`ray start --block` often outlives its SIGTERM: then the group is killed)
+                proc.wait(timeout=5)  # (`ray start --block` often outlives its SIGTERM)
             except subprocess.TimeoutExpired:
+                pass
+            # Always, after the wait: the raylet and workers of the group may outlive `ray start`.
+            try:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
         import shutil
 
         shutil.rmtree(temp, ignore_errors=True)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+
+# scikit-learn is imported where a split is made: it takes seconds to import (scipy.stats with it),
+# which every command that loads no data (studies, export, methods, a refused flag) would pay.
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, held_out) with ``fraction`` of every class held out, both sorted."""
+    from sklearn.model_selection import train_test_split
+
     idx = np.arange(len(labels))
     keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed, shuffle=True)
     return np.sort(keep), np.sort(held)
@@ -17,6 +21,8 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Sorted indices of ``size`` samples with the class proportions of ``labels``."""
     if size >= len(labels):
         return np.arange(len(labels))
+    from sklearn.model_selection import train_test_split
+
     idx = np.arange(len(labels))
     keep, _ = train_test_split(idx, train_size=size, stratify=labels, random_state=seed, shuffle=True)
     return np.sort(keep)

@@ -15,12 +15,13 @@ from smskd_search.data import ENV_VARS as DATA_ENV_VARS
 from smskd_search.errors import UserError
 from smskd_search.search import storage_fs as sfs
 from smskd_search.search.storage_fs import AWS_ENV
+from smskd_search.search_flags import check_requests
 from smskd_search.space import RuntimeSpec
 
 # Environment variables a trial worker must see as the driver does (set before Ray starts): the
 # data layer's own list, so that a variable it starts reading is propagated without a second edit.
 # With them, the AWS variables a trial reads its --storage URI with (credentials, region, endpoint).
-PROPAGATED_ENV = (*DATA_ENV_VARS, "RAY_CHDIR_TO_TRIAL_DIR", *AWS_ENV)
+PROPAGATED_ENV = (*DATA_ENV_VARS, "RAY_CHDIR_TO_TRIAL_DIR")
 # Of those, the ones holding a path: made absolute, since a trial on another node (or in another
 # working directory) would resolve a relative one elsewhere.
 PATH_ENV = DATA_ENV_VARS
@@ -49,16 +50,6 @@ class TrialResources:
     def threads(self) -> int:
         """torch threads per trial: its CPU share, at least one."""
         return max(1, int(self.per_trial["cpu"]))
-
-
-def check_requests(cpus_per_trial: float | None, gpus_per_trial: float | None, max_concurrent: int | None) -> None:
-    """The flags' own ranges, checked before anything is written or started."""
-    if cpus_per_trial is not None and cpus_per_trial <= 0:
-        raise UserError(f"--cpus-per-trial must be > 0 (got {cpus_per_trial:g})")
-    if gpus_per_trial is not None and gpus_per_trial < 0:
-        raise UserError(f"--gpus-per-trial must be >= 0 (got {gpus_per_trial:g})")
-    if max_concurrent is not None and max_concurrent < 1:
-        raise UserError(f"--max-concurrent must be >= 1 (got {max_concurrent})")
 
 
 def trial_resources(cluster: dict[str, float], runtime: RuntimeSpec, cpus_per_trial: float | None,
@@ -206,7 +197,10 @@ def check_nodes_reach(root: str, given: bool) -> int:
                         f"{root} on this machine; pass --storage with a folder every node mounts at the same path, "
                         "or an s3:// URI")
     marker = sfs.join(root, f".smskd-storage-check-{os.getpid()}-{socket.gethostname()}")
-    sfs.write_text(marker, "seen\n")
+    try:
+        sfs.write_text(marker, "seen\n")
+    except OSError as exc:  # a bucket this driver may read but not write, a full disk
+        raise UserError(f"--storage {root}: cannot write there: {str(exc).strip().splitlines()[0][:300]}") from None
     try:
         @ray.remote(num_cpus=0)
         def sees(path: str) -> tuple[bool, str]:
@@ -234,14 +228,33 @@ def check_nodes_reach(root: str, given: bool) -> int:
     return len(nodes)
 
 
-def start_ray(address: str | None) -> bool:
-    """Start local Ray (or join ``address``) unless this process already has Ray; True if started."""
+def worker_env(environ: Mapping[str, str], storage: str | None) -> dict[str, str]:
+    """What trial workers get of ``environ``: :data:`PROPAGATED_ENV`, and the AWS variables only
+    where ``storage`` is a URI.
+
+    Example:
+        >>> env = {"SMSKD_DATA": "/data", "AWS_SECRET_ACCESS_KEY": "s"}
+        >>> worker_env(env, "/mnt/shared"), worker_env(env, "s3://b/p")
+        ({'SMSKD_DATA': '/data'}, {'SMSKD_DATA': '/data', 'AWS_SECRET_ACCESS_KEY': 's'})
+    """
+    aws = AWS_ENV if storage is not None and sfs.is_uri(storage) else ()
+    return propagated_env(environ, (*PROPAGATED_ENV, *aws))
+
+
+def start_ray(address: str | None, storage: str | None = None) -> bool:
+    """Start local Ray (or join ``address``) unless this process already has Ray; True if started.
+
+    The workers get :data:`PROPAGATED_ENV` as this process has them, and the AWS variables
+    (:data:`~smskd_search.search.storage_fs.AWS_ENV`) only where ``storage`` is a URI: Ray writes a
+    runtime environment into its logs on every node, and a search that does not need the
+    credentials should not spread them.
+    """
     from smskd_search.search._ray import ENV_DEFAULTS, ray
 
     if ray.is_initialized():
         return False
     check_address(address)
-    env_vars = propagated_env(os.environ, (*PROPAGATED_ENV, *ENV_DEFAULTS))
+    env_vars = {**propagated_env(os.environ, tuple(ENV_DEFAULTS)), **worker_env(os.environ, storage)}
     try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
@@ -264,4 +277,5 @@ def quiet_ray_loggers() -> None:
 
 
 __all__ = ["PATH_ENV", "PROPAGATED_ENV", "TrialResources", "check_address", "check_nodes_reach", "check_requests", "check_storage",
+           "worker_env",
            "propagated_env", "quiet_ray_loggers", "start_ray", "trial_resources"]

@@ -8,6 +8,7 @@ its stage ends (:func:`push`), and removes the scratch folder when it ends.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,10 +24,29 @@ def _is_stage_file(name: str) -> bool:
     return name.startswith("stage") and name.endswith(".pt") and name[5:-3].isdigit()
 
 
+SCRATCH_PREFIX = "smskd-trial-"
+
+
+def _sweep_scratch() -> None:
+    """Remove the scratch folders of trial processes that are gone (killed with no clean-up)."""
+    for p in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = p.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # alive, and someone else's
+            pass
+
+
 def work_dir(run_dir: str) -> Path:
-    """The folder the trial trains in: its run folder, or a new scratch folder for a URI."""
+    """The folder the trial trains in: its run folder, or a new scratch folder for a URI (named by
+    the process, so that the next trial on the node removes it if this process dies uncleanly)."""
     if sfs.is_uri(run_dir):
-        return Path(tempfile.mkdtemp(prefix="smskd-trial-"))
+        _sweep_scratch()
+        return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path

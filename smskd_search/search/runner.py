@@ -23,12 +23,13 @@ from smskd_search.search import confirm as cf
 from smskd_search.search import lifecycle as lc
 from smskd_search.search import storage as st
 from smskd_search.search import storage_fs as sfs
-from smskd_search.search.cluster import check_address, check_nodes_reach, check_requests, check_storage, start_ray
+from smskd_search.search.cluster import check_address, check_nodes_reach, check_storage, start_ray
 from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
 from smskd_search.search.progress import ProgressInfo
 from smskd_search.search.teacher_task import ensure_teacher_on_cluster
 from smskd_search.search.tune_run import TuneSettings, run_tune
+from smskd_search.search_flags import check_search_flags
 from smskd_search.space import LoadedSpace
 
 if TYPE_CHECKING:
@@ -154,19 +155,12 @@ def run_search(
     if sp.search is None:
         raise UserError(f"{space.path}: the space has no 'search' part: nothing to search over")
     search = sp.search
-    if budget < 1:
-        raise UserError(f"--budget must be >= 1 (got {budget})")
-    if timeout is not None and timeout <= 0:
-        raise UserError(f"--timeout must be > 0 seconds (got {timeout:g})")
-    check_requests(cpus_per_trial, gpus_per_trial, max_concurrent)
-    if cache and cache_max_bytes < 1:
-        raise UserError(f"--cache-max-gb must be > 0 (got {cache_max_bytes / 2**30:g})")
+    check_search_flags(budget=budget, timeout=timeout, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                       max_concurrent=max_concurrent, cache=cache, cache_max_bytes=cache_max_bytes,
+                       deterministic=deterministic,
+                       confirm=None if confirm is None else (confirm.plans, confirm.baselines, confirm.seeds))
     if deterministic:
-        if max_concurrent not in (None, 1):
-            raise UserError(f"--max-concurrent {max_concurrent}: --deterministic runs one trial at a time")
         max_concurrent = 1
-    if confirm is not None and (confirm.plans < 0 or confirm.baselines < 0 or confirm.seeds < 0):
-        raise UserError(f"--confirm/--confirm-seeds must be >= 0 (got {confirm.plans} plans, {confirm.seeds} seeds)")
     # Before the study file exists: an unreachable cluster leaves nothing behind, and says so at once.
     check_address(address)
     name = st.check_study_name(study or st.study_name_from(sp.name))
@@ -183,7 +177,7 @@ def run_search(
     try:
         if address is not None:
             # On a cluster, before anything is written: every node must reach what trials write.
-            ray_started = start_ray(address)
+            ray_started = start_ray(address, storage_root)
             check_nodes_reach(storage_root or str(studies_dir.absolute()), given=storage_root is not None)
         studies_dir.mkdir(parents=True, exist_ok=True)
         lock = st.StudyLock(studies_dir, name).acquire()
@@ -240,7 +234,7 @@ def run_search(
 
         n_infra, rounds = _n_infra(before), 0
         while remaining > 0 and not interrupted_by_signal and not timed_out():
-            ray_started = ray_started or start_ray(address)
+            ray_started = ray_started or start_ray(address, storage_root)
             outcome = run_tune(TuneSettings(**common, trials=remaining, budget=budget, before=before,
                                             seed=seed + len(before), prune=prune))
             rounds += 1
@@ -264,7 +258,7 @@ def run_search(
                 confirmed_with = confirm
                 waiting = cf.enqueue(session, rank_by_single_seed(session.trials()), sp.seed, confirm)
                 if waiting:
-                    ray_started = ray_started or start_ray(address)
+                    ray_started = ray_started or start_ray(address, storage_root)
                     outcome = run_tune(TuneSettings(**common, trials=waiting, budget=waiting, before=[], seed=seed,
                                                     prune=False, phase="confirm"))
                     session.notes += outcome.notes

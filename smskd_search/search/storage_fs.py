@@ -26,15 +26,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from smskd_search.errors import UserError
 
 # The AWS variables pyarrow's S3 filesystem reads (credentials, region, an S3-compatible endpoint):
-# a trial on a worker needs them as the driver has them.
+# a trial on a worker needs them as the driver has them, when the storage is a URI. Not the profile
+# and the config/credential file paths: those name files on the driver, and would override a
+# worker node's own credential setup.
 AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
-           "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
+           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")
 # URI schemes accepted for --storage (the ones tested: S3 and S3-compatible servers).
 SCHEMES = ("s3",)
 # Seconds to wait for the endpoint to answer before the storage is called unreachable.
@@ -75,10 +76,10 @@ def filesystem(location: str) -> tuple[Any, str]:
     with _FS_LOCK:
         made = _FS.get(key)
         if made is None:
-            fs, bucket_path = pafs.FileSystem.from_uri(location)
-            made = _FS[key] = (fs, bucket_path[: len(bucket_path) - len(parts.path.strip("/"))].rstrip("/"))
+            fs, _ = pafs.FileSystem.from_uri(location)
+            made = _FS[key] = (fs, unquote(parts.netloc.rpartition("@")[2]))  # the bucket, as pyarrow reads it
     fs, bucket = made
-    path = parts.path.strip("/")
+    path = unquote(parts.path).strip("/")
     return fs, f"{bucket}/{path}" if path else bucket
 
 
@@ -111,7 +112,12 @@ def check_uri(location: str, flag: str = "--storage", timeout: float = CHECK_TIM
     One UserError line naming ``flag`` for an unsupported scheme, a URI pyarrow does not parse, an
     endpoint nobody answers at, or a bucket that is missing or not readable with these credentials.
     """
-    scheme = urlsplit(location).scheme
+    parts = urlsplit(location)
+    if parts.username or parts.password:
+        # Not repeated here: the URI is stored in the study and in Tune's files, and errors are logged.
+        raise UserError(f"{flag}: a URI with credentials in it (s3://KEY:SECRET@...) is refused, since the study "
+                        "and Tune's files record the URI; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
+    scheme = parts.scheme
     if scheme not in SCHEMES:
         raise UserError(f"{flag} {location}: the scheme {scheme}:// is not supported (supported: "
                         f"{', '.join(s + '://' for s in SCHEMES)}, or a folder every node mounts)")
@@ -123,17 +129,15 @@ def check_uri(location: str, flag: str = "--storage", timeout: float = CHECK_TIM
         except OSError as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
             raise UserError(f"{flag} {location}: no storage server answers at {where[0]}:{where[1]} ({why})") from None
-    try:
-        fs, path = filesystem(location)
-    except Exception as exc:  # noqa: BLE001 - pyarrow's ArrowInvalid and OSError alike: the URI is wrong
-        raise UserError(f"{flag} {location}: {_first_line(exc)}") from None
-    bucket = path.split("/", 1)[0]
     answer: list[Any] = []
+    bucket = unquote(parts.netloc)
 
     def look() -> None:
         try:
+            # Made here, inside the bound: for AWS itself, pyarrow asks the network for the bucket's region.
+            fs, _ = filesystem(location)
             answer.append(fs.get_file_info(bucket))
-        except Exception as exc:  # noqa: BLE001 - reported below, in one line
+        except Exception as exc:  # noqa: BLE001 - pyarrow's ArrowInvalid and OSError alike, in one line below
             answer.append(exc)
 
     # pyarrow retries a failing request for a while on its own: bounded here, in a thread.

@@ -193,17 +193,23 @@ def _train(config: dict[str, Any], context: TrialContext, kept: str, run_dir: Pa
     # Results depend on torch's thread count on the CPU; the trial records the number it used.
     torch.set_num_threads(max(1, int(config["threads"])))
     plan = parse_plan(yaml.safe_load(config["plan_yaml"]), source="trial plan")
-    restored = tune.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            run_dirs.adopt(d, run_dir)
     resume_dirs = [str(d) for d in config.get("resume_dirs") or []]
-    # Its own run folder first (Tune restarted it, or an upload got ahead of Tune's checkpoint), then
-    # the earlier attempts', nearest first; stage files of one plan are the same in all of them.
-    for d in [kept, *resume_dirs]:
-        run_dirs.adopt(d, run_dir)
-    # A stage checkpoint that would need to run code to load (an older format) is trained again.
-    discard_unsafe_checkpoints(run_dir)
+    try:
+        restored = tune.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as d:
+                run_dirs.adopt(d, run_dir)
+        # Its own run folder first (Tune restarted it, or an upload got ahead of Tune's checkpoint),
+        # then the earlier attempts', nearest first; stage files of one plan are the same in all of them.
+        for d in [kept, *resume_dirs]:
+            run_dirs.adopt(d, run_dir)
+        # A stage checkpoint that would need to run code to load (an older format) is trained again.
+        discard_unsafe_checkpoints(run_dir)
+    except OSError as exc:  # a download from the storage failed: retried as the machinery's failure
+        message = f"infrastructure: {type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+        tune.report(TrialReport.failure(message, total_epochs=plan.total_epochs,
+                                        traceback=traceback.format_exc()[-4000:], infrastructure=True).to_dict())
+        return
 
     n_stages, total = len(plan.stages), plan.total_epochs
     rung_epochs = set(config.get("rung_epochs") or [])

@@ -170,7 +170,7 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
     assert search is not None
     multi = bool(search.objective.cost_objective)
     notes: list[str] = []
-    started = start_ray(s.address)
+    started = start_ray(s.address, s.session.storage_root)
     quiet_ray_loggers()
     searcher: StudySearcher | None = None
     resources: TrialResources | None = None
