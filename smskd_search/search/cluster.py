@@ -14,6 +14,7 @@ from pathlib import Path
 from smskd_search.data import ENV_VARS as DATA_ENV_VARS
 from smskd_search.errors import UserError
 from smskd_search.search import storage_fs as sfs
+from smskd_search.search.net import unreachable
 from smskd_search.search.storage_fs import AWS_ENV
 from smskd_search.search_flags import check_requests
 from smskd_search.space import RuntimeSpec
@@ -140,12 +141,9 @@ def check_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> No
     hp = _host_port(target)
     if hp is None:
         raise UserError(f"--address {address}: {target!r} is not 'auto', host:port or ray://host:port{where}")
-    try:
-        with socket.create_connection(hp, timeout=timeout):
-            pass
-    except OSError as exc:
-        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
-        raise UserError(f"--address {address}: no Ray cluster answers at {hp[0]}:{hp[1]}{where} ({why})") from None
+    why = unreachable(hp, timeout)
+    if why is not None:
+        raise UserError(f"--address {address}: no Ray cluster answers at {hp[0]}:{hp[1]}{where} ({why})")
 
 
 def check_storage(storage: str | os.PathLike | None) -> str | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from typing import IO, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from smskd_search.errors import UserError
+from smskd_search.search.net import unreachable
 
 # The AWS variables pyarrow's S3 filesystem reads (credentials, region, an S3-compatible endpoint):
 # a trial on a worker needs them as the driver has them, when the storage is a URI. Not the profile
@@ -122,13 +122,9 @@ def check_uri(location: str, flag: str = "--storage", timeout: float = CHECK_TIM
         raise UserError(f"{flag} {location}: the scheme {scheme}:// is not supported (supported: "
                         f"{', '.join(s + '://' for s in SCHEMES)}, or a folder every node mounts)")
     where = _endpoint(location)
-    if where is not None:
-        try:
-            with socket.create_connection(where, timeout=CONNECT_TIMEOUT_S):
-                pass
-        except OSError as exc:
-            why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
-            raise UserError(f"{flag} {location}: no storage server answers at {where[0]}:{where[1]} ({why})") from None
+    why = unreachable(where, CONNECT_TIMEOUT_S) if where is not None else None
+    if where is not None and why is not None:
+        raise UserError(f"{flag} {location}: no storage server answers at {where[0]}:{where[1]} ({why})")
     answer: list[Any] = []
     bucket = unquote(parts.netloc)
 
