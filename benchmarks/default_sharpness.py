@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    ap.add_argument("--weight-decay", type=float, default=None)
     ap.add_argument("--epochs", type=int, default=10, help="total epochs of every single-method run")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--methods", default=None, help="comma-separated (default: ce and the space's methods)")
@@ -68,6 +70,10 @@ def main() -> None:
         recipe = recipe.model_copy(update={"lr": args.lr})
     if args.batch_size is not None:
         recipe = recipe.model_copy(update={"batch_size": args.batch_size})
+    if args.optimizer is not None:
+        recipe = recipe.model_copy(update={"optimizer": args.optimizer})
+    if args.weight_decay is not None:
+        recipe = recipe.model_copy(update={"weight_decay": args.weight_decay})
     if args.teacher_crop is not None or args.teacher_epochs is not None:
         t = sp.problem.teacher
         t_recipe = t.recipe
@@ -96,7 +102,7 @@ def main() -> None:
                                              data.info.image_size))
     print(f"problem: {sp.problem.dataset.name}, teacher {sp.problem.teacher.arch} (val {100 * record.val_acc:.2f}%), "
           f"student {sp.problem.student.arch}{f' {args.widths}' if args.widths else ''} ({n_params} parameters), "
-          f"lr {recipe.lr:g}, batch {recipe.batch_size}, crop {recipe.augment.crop_padding} "
+          f"{recipe.optimizer} lr {recipe.lr:g} wd {recipe.weight_decay:g}, batch {recipe.batch_size}, crop {recipe.augment.crop_padding} "
           f"(teacher {sp.problem.teacher.recipe.augment.crop_padding}), "
           f"{args.epochs} epochs, seeds 0..{args.seeds - 1}, n_val {data.info.num_val}")
     rows: dict[str, tuple[list[float], list[float]]] = {}

@@ -7,7 +7,15 @@ import pytest
 import torch
 from conftest import make_plan
 
-from smskd_search.engine import FrozenOutputsMemo, PrefixCache, Runtime, run_plan, stage_prefix_key
+from smskd_search.engine import (
+    FrozenOutputsMemo,
+    PrefixCache,
+    Runtime,
+    partial_stage_key,
+    pick_precision,
+    run_plan,
+    stage_prefix_key,
+)
 from smskd_search.engine import frozen as frozen_mod
 
 REF = {"weight_mode": "inverse", "lambda_ref": 1.5}
@@ -142,3 +150,68 @@ def test_the_teacher_outputs_are_computed_once_and_give_the_same_values(tiny_pro
     assert len(calls) == 1 and other.loaded == 1 and other.computed == 0
     assert _curve(plain) == _curve(first) == _curve(second) == _curve(third)
     assert all(torch.equal(v, _student(third)[k]) for k, v in _student(plain).items())
+
+
+class _Stop(Exception):
+    """What a search's report does to a pruned trial: the run ends inside the epoch callback."""
+
+
+def _stop_at(cum: int):
+    def on_epoch_end(k, em):
+        if em.cum_epochs == cum:
+            raise _Stop
+    return on_epoch_end
+
+
+@pytest.mark.parametrize(("cut_plan", "target", "cut"), [
+    # Cut 2 epochs into a 3-epoch first stage; CRD draws negatives from torch's global stream and
+    # updates memory banks that are buffers, so the entry must carry both.
+    ([("crd", 3), ("kd", 1)], [("crd", 3), ("dkd", 2)], 2),
+    # Cut inside the second stage, whose reference is the first stage's student.
+    ([("kd", 2), ("dkd", 3), ("kd", 1)], [("kd", 2), ("dkd", 3), ("fitnet", 1)], 4),
+])
+def test_a_stage_cut_at_a_rung_goes_on_from_where_it_stopped(tiny_problem, teacher_cache, tmp_path, cut_plan,
+                                                             target, cut):
+    rungs = {1, cut, 6}
+    target_plan = make_plan(tiny_problem, target, reference=REF)
+    scratch = run_plan(target_plan, teacher_cache=teacher_cache)
+
+    cache = PrefixCache(tmp_path / "stages")
+    with pytest.raises(_Stop):
+        run_plan(make_plan(tiny_problem, cut_plan, reference=REF), teacher_cache=teacher_cache, stage_cache=cache,
+                 partial_at=rungs, on_epoch_end=_stop_at(cut))
+    reported = []
+    cached = run_plan(target_plan, teacher_cache=teacher_cache, stage_cache=cache, partial_at=rungs,
+                      on_epochs_reused=lambda k, ems: reported.append((k, [m.cum_epochs for m in ems])))
+    total = target_plan.total_epochs
+    # The finished stages before the cut and the cut stage's first epochs come from the cache.
+    assert (cached.epochs_reused, cached.epochs_trained) == (cut, total - cut)
+    stage_of_cut = 0 if cut < target[0][1] else 1
+    assert reported == [(stage_of_cut, list(range(target[0][1] + 1 if stage_of_cut else 1, cut + 1)))]
+    assert _curve(cached) == _curve(scratch)
+    a, b = _student(scratch), _student(cached)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The finished stages replaced their partial entries: one entry per stage of the two plans,
+    # less the shared ones, and nothing partial left where the stage finished.
+    names = {p.name for p, _, _ in cache.entries()}
+    cpu = torch.device("cpu")
+    rt = Runtime.current(cpu, pick_precision(cpu, "auto"))
+    sha = scratch.teacher.sha256
+    full = [stage_prefix_key(target_plan, k, teacher_sha256=sha, runtime=rt) for k in range(len(target))]
+    assert {f"{k}.pt" for k in full} <= names
+    assert f"{partial_stage_key(full[stage_of_cut], cut - (target[0][1] if stage_of_cut else 0))}.pt" not in names
+
+
+def test_a_partial_entry_that_does_not_fit_is_ignored(tiny_problem, teacher_cache, tmp_path):
+    plan = make_plan(tiny_problem, [("kd", 3)])
+    scratch = run_plan(plan, teacher_cache=teacher_cache)
+    cache = PrefixCache(tmp_path / "stages")
+    with pytest.raises(_Stop):
+        run_plan(plan, teacher_cache=teacher_cache, stage_cache=cache, partial_at={2}, on_epoch_end=_stop_at(2))
+    [(path, _, _)] = cache.entries()
+    entry = torch.load(path, weights_only=True)
+    entry["student"] = {k: v.flatten()[:1] for k, v in entry["student"].items()}  # the wrong shapes
+    torch.save(entry, path)
+    again = run_plan(plan, teacher_cache=teacher_cache, stage_cache=cache, partial_at={2})
+    assert (again.epochs_reused, again.epochs_trained) == (0, 3)
+    assert _curve(again) == _curve(scratch)

@@ -131,8 +131,9 @@ def test_a_trial_on_s3_uploads_its_stages_and_a_rerun_adopts_them(s3_server, tmp
 SPACE = {"name": "s3s", "problem": {
     "dataset": {"name": "digits", "val_fraction": 0.25},
     "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}, "student": {"arch": "cnn_nano"}},
-    # Two stages of a few epochs: a kill can land between a trial's first and second stage.
-    "search": {"methods": ["kd", "dkd"], "stages": {"min": 2, "max": 2}, "epochs": {"min": 3, "max": 3},
+    # Two stages of 8 epochs: the kill lands while the second trains (about a second here: with 3
+    # epochs a fast machine finished the trial, and dropped its run folder, before the kill).
+    "search": {"methods": ["kd", "dkd"], "stages": {"min": 2, "max": 2}, "epochs": {"min": 8, "max": 8},
                "pruning": {"enabled": False}}}
 STAGE_KEY = re.compile(r"^smskd/s3s/trials/(\d+)/stage\d+\.pt$")
 

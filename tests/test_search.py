@@ -6,6 +6,7 @@ The Ray searches are module fixtures shared by several tests: each Ray start cos
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -357,6 +358,23 @@ def test_trainable_reports_resumes_and_fails_cleanly(tmp_path, monkeypatch):
     (failed, _), = run(_FakeTune(), tmp_path / "d", the_plan=bad)
     assert failed["error"].startswith("UserError: teacher_sha256") and math.isnan(failed["val_acc"])
     assert failed["cum_epochs"] == 0 and not failed["final"]
+
+    # With the stage cache: a trial pruned inside its first stage (stopped in its rung report at 2
+    # epochs) leaves that stage's state there; a later plan with that first stage goes on from the
+    # rung, reports the rung as reused, and lands on the values of the plan trained in full.
+    uncached = context
+    context = dataclasses.replace(context, cache_dir=str(tmp_path / "cache"))
+    first = make_plan(space, [("kd", 3)], teacher_sha256=record.sha256)
+    later = make_plan(space, [("kd", 3), ("dkd", 1)], weight_mode="inverse", teacher_sha256=record.sha256)
+    pruned = run(_FakeTune(stop_after=1), tmp_path / "g", the_plan=first, rung_epochs=[2])
+    assert [(m["cum_epochs"], m["stage_end"]) for m, _ in pruned] == [(2, False)]
+    went_on = run(_FakeTune(), tmp_path / "h", the_plan=later, rung_epochs=[2])
+    assert [(m["cum_epochs"], m["stage_end"], m["reused"], m["epochs_reused"], m["epochs_trained"])
+            for m, _ in went_on] == [(2, False, True, 2, 0), (3, True, False, 2, 1), (4, True, False, 2, 2)]
+    context = uncached
+    in_full = run(_FakeTune(), tmp_path / "i", the_plan=later, rung_epochs=[2])
+    assert [m["val_acc"] for m, _ in went_on] == [m["val_acc"] for m, _ in in_full]
+    assert [m["epochs_reused"] for m, _ in in_full] == [0, 0, 0]
 
 
 def test_trainable_starts_from_the_stage_cache_and_reports_every_rung(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from smskd_search.engine.prefix_cache import (
     FrozenOutputsMemo,
     PrefixCache,
     Runtime,
+    partial_stage_key,
     stage_prefix_key,
 )
 from smskd_search.engine.tcp import reference_loss, tcp_weights
@@ -50,6 +51,7 @@ __all__ = [
     "pick_device",
     "pick_precision",
     "reference_loss",
+    "partial_stage_key",
     "run_plan",
     "stage_prefix_key",
     "tcp_weights",

@@ -8,7 +8,9 @@ optimizer and a restarted lr schedule unless the plan says otherwise. From stage
 
 Given a stage-prefix cache (:mod:`~smskd_search.engine.prefix_cache`), a run starts from the longest
 prefix of its stages stored there and puts every stage it trains; the numbers are those of a run
-from scratch (each stage reseeds itself from the plan's seed and its index). Given a teacher-logit
+from scratch (each stage reseeds itself from the plan's seed and its index). Asked to (``partial_at``,
+the search's rungs), it also puts a stage's state part-way through (student, the method's modules,
+optimizer, random streams), and goes on from such an entry when a stage it must train has one. Given a teacher-logit
 store (:mod:`~smskd_search.engine.logit_store`), an epoch on augmented batches whose method reads
 only the teacher's logits takes them from the store when another run put them, with the same
 numbers, and every epoch that ran the teacher forward puts its logits there.
@@ -18,9 +20,10 @@ Neither Ray nor Optuna is imported here: a plan runs wherever torch runs.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +43,7 @@ from smskd_search.engine.prefix_cache import (
     Runtime,
     cacheable,
     frozen_outputs_key,
+    partial_stage_key,
     stage_prefix_key,
 )
 from smskd_search.engine.teacher import DEFAULT_CACHE, TeacherRecord, ensure_teacher, load_teacher
@@ -127,6 +131,8 @@ class StageCallback(Protocol):
 
 
 EpochCallback = Callable[[int, EpochMetrics], None]
+# (stage index, the epochs of that stage taken from a partial cache entry instead of trained)
+EpochsReusedCallback = Callable[[int, list[EpochMetrics]], None]
 
 
 def checkpoint_path(out_dir: Path, stage_index: int) -> Path:
@@ -265,6 +271,8 @@ def run_plan(
     stage_cache: PrefixCache | None = None,
     frozen_memo: FrozenOutputsMemo | None = None,
     logit_store: LogitStore | None = None,
+    partial_at: Collection[int] = (),
+    on_epochs_reused: EpochsReusedCallback | None = None,
 ) -> RunResult:
     """Run a plan stage by stage; see the module docstring for the exact semantics.
 
@@ -290,6 +298,12 @@ def run_plan(
         logit_store: Keeps the teacher's logits per epoch of augmented batches across runs; an epoch
             of a method that reads only the teacher's logits (KD, DKD, CE) takes them from there.
             Unused where batches are not augmented (the teacher is precomputed over the split).
+        partial_at: Cumulative epochs (the search's rungs) at which a stage still under way is put
+            in ``stage_cache`` (:func:`~smskd_search.engine.prefix_cache.partial_stage_key`), so that
+            a trial stopped there leaves its stage reusable. A stage to be trained that has such an
+            entry goes on from its latest one, with the same numbers as from its start.
+        on_epochs_reused: Called with a stage's epochs taken from such an entry (before the stage
+            trains the rest), so that a caller can report them as it reports trained epochs.
 
     Returns:
         The :class:`RunResult`: per-stage validation accuracy and curves.
@@ -322,7 +336,7 @@ def run_plan(
              for k in range(len(plan.stages))] if stage_cache is not None and skipped is None else None)
     reused_until = _from_stage_cache(run, stage_cache, keys) if stage_cache is not None and keys else run.start_stage
     stopped = False
-    trained = 0
+    trained = partly_reused = 0
     for k in range(run.start_stage, len(plan.stages)):
         if k < reused_until:
             result = run.results[k]
@@ -330,18 +344,34 @@ def run_plan(
         else:
             stage = _build_stage(run, k)
             _stage_optimizer(run, stage)
-            result = _train_stage(run, stage, on_epoch_end)
-            trained += result.epochs
+            partial_keys = (_partial_keys(run, k, keys[k], partial_at)
+                            if stage_cache is not None and keys is not None else {})
+            start = _from_partial(run, stage, stage_cache, partial_keys) if stage_cache is not None else None
+            done = len(start.epoch_metrics) if start is not None else 0
+            if start is not None:
+                partly_reused += done
+                if on_epochs_reused is not None:
+                    on_epochs_reused(k, list(start.epoch_metrics))
+
+            def put_partial(result: StageResult, stage: _Stage = stage, partial_keys: dict = partial_keys) -> None:
+                assert stage_cache is not None
+                stage_cache.put(partial_keys[len(result.epoch_metrics)], _partial_payload(run, stage, result))
+
+            result = _train_stage(run, stage, on_epoch_end, start=start, save_after=set(partial_keys),
+                                  put_partial=put_partial)
+            trained += result.epochs - done
             run.results.append(result)
             ckpt_file = _save_stage(run, k, out) if out is not None else None
             del stage  # the stage's extra modules and reference go with it
             if stage_cache is not None and keys is not None:
                 stage_cache.put(keys[k], _stage_payload(run, k))
+                for key in partial_keys.values():  # the finished stage's entry answers for them now
+                    stage_cache.discard(key)
         wants_stop = on_stage_end is not None and on_stage_end(k, result.cum_epochs, result, ckpt_file)
         if wants_stop and k + 1 < len(plan.stages):
             stopped = True
             break
-    reused = sum(r.epochs for r in run.results if r.reused)
+    reused = sum(r.epochs for r in run.results if r.reused) + partly_reused
     return RunResult(plan.content_hash(), run.results, stopped, run.resumed_from, run.teacher_record, run.data.info,
                      run.student if keep_student else None, epochs_reused=reused, epochs_trained=trained,
                      epochs_resumed=epochs_resumed, cache_skipped=skipped,
@@ -365,6 +395,72 @@ def _from_stage_cache(run: _Run, cache: PrefixCache, keys: list[str]) -> int:
         run.results = run.results[: run.start_stage] + results[run.start_stage:]
         return k + 1
     return run.start_stage
+
+
+def _partial_keys(run: _Run, k: int, prefix_key: str, partial_at: Collection[int]) -> dict[int, str]:
+    """{epochs done: key} of stage k's partial entries at the cumulative epochs inside the stage."""
+    before, epochs = run.cum_epochs, run.plan.stages[k].epochs
+    return {c - before: partial_stage_key(prefix_key, c - before) for c in sorted(set(partial_at))
+            if before < c < before + epochs}
+
+
+def _rng_states(run: _Run, stage: _Stage) -> dict[str, Any]:
+    return {"loader_rng": stage.loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
+
+
+def _set_rng_states(run: _Run, stage: _Stage, states: dict[str, Any]) -> None:
+    stage.loader.generator.set_state(states["loader_rng"])
+    torch.set_rng_state(states["torch_rng"])
+    if run.dev.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda_rng"], run.dev)
+
+
+def _partial_payload(run: _Run, stage: _Stage, result: StageResult) -> dict:
+    """Stage ``stage`` after ``len(result.epoch_metrics)`` epochs: all that its next epoch reads."""
+    assert run.optimizer is not None
+    return {
+        "version": CHECKPOINT_VERSION,
+        "kind": "partial_stage",
+        "stage_index": stage.index,
+        "epochs_done": len(result.epoch_metrics),
+        "student": {n: t.detach().cpu() for n, t in run.student.state_dict().items()},
+        "method": {n: t.detach().cpu() for n, t in stage.method.state_dict().items()},
+        "optimizer": run.optimizer.state_dict(),
+        **_rng_states(run, stage),
+        "stage": asdict(result),
+    }
+
+
+def _from_partial(run: _Run, stage: _Stage, cache: PrefixCache, keys: dict[int, str]) -> StageResult | None:
+    """Load the stage's latest partial entry into the student, the method, the optimizer and the
+    random streams; returns the stage's result so far (its epochs' metrics), or None (nothing found:
+    everything as it was)."""
+    assert run.optimizer is not None
+    for done in sorted(keys, reverse=True):
+        entry = cache.get(keys[done])
+        if entry is None:
+            continue
+        before = (copy.deepcopy(run.student.state_dict()), copy.deepcopy(stage.method.state_dict()),
+                  copy.deepcopy(run.optimizer.state_dict()), _rng_states(run, stage))
+        try:
+            result = _stage_result_from_dict(entry["stage"])
+            if (entry.get("kind") != "partial_stage" or entry["epochs_done"] != done
+                    or len(result.epoch_metrics) != done or result.index != stage.index):
+                raise ValueError("not this stage's partial entry")
+            run.student.load_state_dict(entry["student"])
+            stage.method.load_state_dict(entry["method"])
+            run.optimizer.load_state_dict(entry["optimizer"])
+            _set_rng_states(run, stage, entry)
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            # Not an entry this engine wrote: put everything back and train the stage from its start.
+            run.student.load_state_dict(before[0])
+            stage.method.load_state_dict(before[1])
+            run.optimizer.load_state_dict(before[2])
+            _set_rng_states(run, stage, before[3])
+            continue
+        return result
+    return None
 
 
 def _set_up(plan: Plan, device: torch.device | str | None, precision: str, data: DataSplits | None,
@@ -465,13 +561,18 @@ def _stage_optimizer(run: _Run, stage: _Stage) -> None:
     )
 
 
-def _train_stage(run: _Run, stage: _Stage, on_epoch_end: EpochCallback | None) -> StageResult:
-    """The stage's epochs, each followed by a validation pass; stops at a non-finite loss."""
+def _train_stage(run: _Run, stage: _Stage, on_epoch_end: EpochCallback | None, *, start: StageResult | None = None,
+                 save_after: Collection[int] = (), put_partial: Callable[[StageResult], None] | None = None,
+                 ) -> StageResult:
+    """The stage's epochs (those after ``start``'s, when it goes on from a partial entry), each followed
+    by a validation pass, and by ``put_partial`` after the epoch counts in ``save_after``; stops at a
+    non-finite loss."""
     assert run.optimizer is not None and stage.schedule is not None
-    cum_epochs = run.cum_epochs
-    result = StageResult(stage.index, stage.spec.method, stage.spec.epochs, cum_epochs, 0.0, 0.0,
-                         run.data.info.num_val, stage.reference is not None and stage.reference.active)
-    for e in range(stage.spec.epochs):
+    result = start if start is not None else StageResult(
+        stage.index, stage.spec.method, stage.spec.epochs, run.cum_epochs, 0.0, 0.0, run.data.info.num_val,
+        stage.reference is not None and stage.reference.active)
+    cum_epochs = run.cum_epochs + len(result.epoch_metrics)
+    for e in range(len(result.epoch_metrics), stage.spec.epochs):
         teacher, store_key = _epoch_teacher(run, stage, e)
         stats = train_epoch(student=run.student, method=stage.method, teacher=teacher,
                             reference=stage.reference, loader=stage.loader, optimizer=run.optimizer,
@@ -485,6 +586,8 @@ def _train_stage(run: _Run, stage: _Stage, on_epoch_end: EpochCallback | None) -
         em = EpochMetrics(e + 1, cum_epochs, stats.loss, stats.ce, stats.kd, stats.ref, stats.acc,
                           stats.lr, val.acc, val.loss)
         result.epoch_metrics.append(em)
+        if put_partial is not None and e + 1 in save_after:
+            put_partial(result)  # before the callback: a search may stop the run inside it
         if on_epoch_end is not None:
             on_epoch_end(stage.index, em)
     last = result.epoch_metrics[-1]

@@ -9,6 +9,13 @@ exactly those; plans that share a prefix (``kd(8) -> crd(8)`` and ``kd(8) -> rkd
 share its key, and :func:`smskd_search.engine.run_plan` starts such a plan from the longest prefix
 found in a :class:`PrefixCache` and trains only the rest, with the same numbers as from scratch.
 
+A stage cut short at a rung (a pruned trial) is reusable too: with the stage's own schedule (its
+epochs are part of its key), the state after its first ``e`` epochs is the same for every plan with
+that prefix, so :func:`partial_stage_key` names it and the engine puts the student, the method's
+modules, the optimizer and the random streams there at the epochs it is asked to (the search's
+rungs); a later plan with that prefix goes on from there. A finished stage's entry replaces its
+partial ones.
+
 Not cached (:func:`cacheable` says why): plans with ``restart_optimizer: false`` (one lr schedule
 spans all stages, so a prefix depends on the plan's total epochs, i.e. on the later stages too),
 and fp16 runs with grad scaling (the scaler's state carries across stages and is not checkpointed).
@@ -122,6 +129,14 @@ def stage_prefix_key(plan: Plan, k: int, *, teacher_sha256: str, runtime: Runtim
     if teacher_logits != "exact":
         data["teacher_logits"] = teacher_logits  # only then: the keys of exact runs stay as they were
     return _digest(data)
+
+
+def partial_stage_key(prefix_key: str, epochs_done: int) -> str:
+    """The cache key of a stage cut after ``epochs_done`` of its epochs, given the key of its prefix
+    (:func:`stage_prefix_key` of that stage, which holds the stage's full epochs and so its schedule)."""
+    if epochs_done < 1:
+        raise ValueError(f"epochs_done must be at least 1, not {epochs_done}")
+    return _digest({"format": FORMAT, "prefix": prefix_key, "epochs_done": int(epochs_done)})
 
 
 class EntryFolder(Protocol):
@@ -364,5 +379,6 @@ __all__ = [
     "Runtime",
     "cacheable",
     "frozen_outputs_key",
+    "partial_stage_key",
     "stage_prefix_key",
 ]

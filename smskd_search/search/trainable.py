@@ -17,7 +17,9 @@ Finished stages also go into the study storage's stage-prefix cache (``<studies_
 see :mod:`smskd_search.engine.prefix_cache`): a trial whose plan starts with stages another trial
 already trained starts from there. It reports those stages as if it had trained them (every rung
 inside them included, so the scheduler judges it at the same points), marked ``reused``, and
-counts ``epochs_reused`` and ``epochs_trained`` in every report. Two trials wanting one prefix at
+counts ``epochs_reused`` and ``epochs_trained`` in every report. A stage still under way at a rung is
+put there too, so that a trial pruned inside a stage leaves it reusable: a later trial whose plan
+has that stage goes on from the rung. Two trials wanting one prefix at
 once both train it (the cache's put is atomic: the second write replaces the first with the same
 numbers). The frozen teacher's outputs over the training split are computed once per worker
 process, and once per study where ``cache/teacher_outputs`` has them already. With augmented
@@ -259,6 +261,13 @@ def _train(config: dict[str, Any], context: TrialContext, kept: str, run_dir: Pa
         if m is not None:
             tune.report(m.to_dict())
 
+    def on_epochs_reused(stage_index: int, ems: list[Any]) -> None:
+        # The first epochs of a stage another trial was stopped in (at a rung): reported as trained ones.
+        for em in ems:
+            m = rung_report(stage_index, em, data.info.num_val, False, reused=True)
+            if m is not None:
+                tune.report(m.to_dict())
+
     def on_stage_end(stage_index: int, cum_epochs: int, result: Any, checkpoint: Path | None) -> bool:
         if result.reused:
             # A stage from the stage cache: its rungs are reported as a trained stage's would be.
@@ -289,7 +298,8 @@ def _train(config: dict[str, Any], context: TrialContext, kept: str, run_dir: Pa
         stage_cache, memo, logit_store = _caches(context)
         run_plan(plan, device=context.device, out_dir=run_dir, resume=True, on_stage_end=on_stage_end,
                  on_epoch_end=on_epoch_end, data=data, teacher_model=teacher, teacher_record=record,
-                 keep_student=False, stage_cache=stage_cache, frozen_memo=memo, logit_store=logit_store)
+                 keep_student=False, stage_cache=stage_cache, frozen_memo=memo, logit_store=logit_store,
+                 partial_at=rung_epochs, on_epochs_reused=on_epochs_reused)
     except Exception as exc:  # noqa: BLE001 - reported as the trial's failure (SystemExit is Tune's stop)
         # A divergence is said as it is ("diverged: non-finite loss at stage k, epoch e").
         message = str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}".strip()
