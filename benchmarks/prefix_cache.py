@@ -36,10 +36,12 @@ from smskd_search.search import storage as st  # noqa: E402
 from smskd_search.space import load_space  # noqa: E402
 
 
-def measure(space, studies: Path, name: str, budget: int, seed: int, cache: bool) -> dict:
+def measure(space, studies: Path, name: str, budget: int, seed: int, cache: bool, confirm: bool) -> dict:
+    from smskd_search.search.runner import DEFAULT_CONFIRM
+
     t0 = time.perf_counter()
-    summary = run_search(space, budget=budget, study=name, studies_dir=studies, seed=seed, confirm=None,
-                         deterministic=True, cache=cache)
+    summary = run_search(space, budget=budget, study=name, studies_dir=studies, seed=seed,
+                         confirm=DEFAULT_CONFIRM if confirm else None, deterministic=True, cache=cache)
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=st.open_storage(st.db_path(studies, name)))
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
@@ -63,6 +65,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--order", choices=["cache-first", "no-cache-first"], default="cache-first")
     ap.add_argument("--keep", action="store_true", help="keep the studies folder")
+    ap.add_argument("--confirm", action="store_true",
+                    help="with the search's default confirmation runs (their trials are compared too)")
     args = ap.parse_args()
 
     space = load_space(args.space)
@@ -72,9 +76,11 @@ def main() -> None:
         t0 = time.perf_counter()
         record = ensure_teacher(space.space.problem, cache_root=studies / "teachers")
         print(f"space {space.path.name}; teacher {record.arch} trained in {time.perf_counter() - t0:.1f}s; "
-              f"budget {args.budget}, sampler seed {args.seed}, --deterministic, no confirmation, {args.order}")
+              f"budget {args.budget}, sampler seed {args.seed}, --deterministic, "
+              f"{'default confirmation' if args.confirm else 'no confirmation'}, {args.order}")
         order = [True, False] if args.order == "cache-first" else [False, True]
-        r = {c: measure(space, studies, "cache" if c else "no-cache", args.budget, args.seed, c) for c in order}
+        r = {c: measure(space, studies, "cache" if c else "no-cache", args.budget, args.seed, c, args.confirm)
+             for c in order}
         on, off = r[True], r[False]
         print(f"\n{'':<12}{'wall':>9}{'complete':>10}{'pruned':>8}{'failed':>8}{'trained':>9}{'reused':>8}"
               f"{'trials reusing':>16}   best val acc")

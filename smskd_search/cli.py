@@ -293,12 +293,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UserError(f"--jobs must be >= 1 (got {args.jobs})")
     line.update("  starting the runs")
     rows, verdict = run_verify(plan, seeds=args.seeds, device=args.device, teacher_cache=STUDIES_DIR / "teachers",
-                               methods=methods, method_params=params, on_run=on_run, jobs=args.jobs)
+                               methods=methods, method_params=params, on_run=on_run, jobs=args.jobs,
+                               stage_cache=None if args.no_cache else STUDIES_DIR / "cache" / "stages")
     line.done()
     print(f"plan {plan.name}: {plan.sequence()}  ({plan.total_epochs} epochs) against {against} at equal epochs, "
           f"the same {args.seeds} seed(s) from {plan.seed + SEED_OFFSET}, "
           f"threads {torch.get_num_threads()}; test accuracy:")
     print(format_table(rows, verdict))
+    trained, reused = sum(r.epochs_trained for r in rows), sum(r.epochs_reused for r in rows)
+    print(f"epochs: {trained} trained" + (" (stage cache off)" if args.no_cache
+                                         else f", {reused} reused from the stage cache ({STUDIES_DIR / 'cache' / 'stages'})"))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -439,6 +443,9 @@ def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
                    help="runs side by side, one process each (default: CPU cores / threads on a CPU, 1 on a GPU); "
                         "the numbers do not depend on it")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--no-cache", action="store_true",
+                   help="train every stage (default: take stages from the studies folder's stage cache, and put "
+                        "the ones trained there; the numbers are the same)")
     p.set_defaults(func=cmd_verify)
     parsers["verify"] = p
 

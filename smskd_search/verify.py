@@ -15,6 +15,10 @@ Each row gets the paired difference plan - row over the seeds (mean +- s.e.) and
 plan is better or worse beyond 2 paired s.e., or no difference is shown. A run whose loss went
 non-finite marks its row ``diverged``. The claim "the sequence beats every single method" is made
 only when the plan is better than each of them beyond 2 paired s.e.
+
+Given a stage-prefix cache (the CLI uses the studies folder's, as a search does), the twins take the
+plan's first stage on each seed from it instead of training it again (the plan's runs are queued
+first), and a second ``verify`` of a plan trains nothing; the numbers are those of runs from scratch.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class VerifyRow:
     n_test: int | None = None
     n_val: int | None = None
     diverged: str | None = None  # the first divergence message, if a run of this row diverged
+    # Over its seeds: epochs trained, and epochs taken from the stage cache.
+    epochs_trained: int = 0
+    epochs_reused: int = 0
 
     @property
     def mean(self) -> float:
@@ -164,6 +171,8 @@ class _Outcome:
     n_test: int = 0
     n_val: int = 0
     diverged: str | None = None
+    epochs_trained: int = 0
+    epochs_reused: int = 0
 
 
 # A worker process's data split and teacher, loaded once by _init_worker and shared by its runs.
@@ -171,7 +180,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(problem: Any, record: Any, device: str, threads: int, data: Any = None,
-                 in_pool: bool = False) -> None:
+                 in_pool: bool = False, stage_cache: tuple[str, int] | None = None) -> None:
     import torch
 
     if in_pool:
@@ -182,12 +191,13 @@ def _init_worker(problem: Any, record: Any, device: str, threads: int, data: Any
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from smskd_search.data import load_data
-    from smskd_search.engine import load_teacher
+    from smskd_search.engine import PrefixCache, load_teacher
 
     torch.set_num_threads(threads)
     data = data if data is not None else load_data(problem.dataset, device)
     _WORKER.update(data=data, record=record, device=device,
-                   teacher=load_teacher(problem, record, data.info, device))
+                   teacher=load_teacher(problem, record, data.info, device),
+                   stage_cache=PrefixCache(stage_cache[0], stage_cache[1]) if stage_cache is not None else None)
 
 
 def _run_indexed(task: tuple[int, Plan]) -> tuple[int, _Outcome]:
@@ -199,11 +209,13 @@ def _run_one(plan: Plan) -> _Outcome:
 
     w = _WORKER
     try:
-        result = run_plan(plan, device=w["device"], data=w["data"], teacher_model=w["teacher"], teacher_record=w["record"])
+        result = run_plan(plan, device=w["device"], data=w["data"], teacher_model=w["teacher"], teacher_record=w["record"],
+                          stage_cache=w.get("stage_cache"))
     except Diverged as exc:
         return _Outcome(diverged=str(exc))
     test = evaluate_test(plan, result)
-    return _Outcome(test.acc, result.final_val_acc, test.n, result.stages[-1].n_val)
+    return _Outcome(test.acc, result.final_val_acc, test.n, result.stages[-1].n_val, None, result.epochs_trained,
+                    result.epochs_reused)
 
 
 # Each worker holds its own copy of the data and the teacher: a bound on the memory a default takes.
@@ -224,7 +236,8 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
                teacher_cache: str | Path = Path("studies") / "teachers", methods: list[str] | None = None,
                method_params: dict[str, dict[str, Any]] | None = None, on_run: RunCallback | None = None,
                on_result: Callable[[VerifyRow, int, float], None] | None = None,
-               jobs: int | None = 1) -> tuple[list[VerifyRow], Verdict]:
+               jobs: int | None = 1, stage_cache: str | Path | None = None,
+               cache_max_bytes: int = 2 * 2**30) -> tuple[list[VerifyRow], Verdict]:
     """Run every comparison plan on the same ``seeds`` fresh seeds and judge each row.
 
     Args:
@@ -239,6 +252,9 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
         on_result: Called with each row, seed and test accuracy, in row and seed order.
         jobs: Worker processes running the runs side by side (``None``: :func:`default_jobs`).
             Each run is the same computation in any process, so the numbers do not depend on it.
+        stage_cache: A stage-prefix cache folder (a search's ``<studies>/cache/stages``): stages
+            found there are not trained again, and every stage trained is put there; None: none.
+        cache_max_bytes: Its cap (least recently used entries go first).
 
     Thread count is the caller's business (``torch.set_num_threads``; the workers take the same);
     the data split and the teacher are the plan's own and are shared by all runs.
@@ -271,8 +287,9 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
         if on_run is not None:
             on_run(tasks[i][0].label, tasks[i][1].seed, done, len(tasks))
 
+    cache = (str(stage_cache), int(cache_max_bytes)) if stage_cache is not None else None
     if n_jobs == 1:
-        _init_worker(plan.problem, record, str(dev), threads, data)
+        _init_worker(plan.problem, record, str(dev), threads, data, stage_cache=cache)
         try:
             for i, (_, p) in enumerate(tasks):
                 finished(i, _run_one(p), i + 1)
@@ -283,7 +300,8 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
 
         # spawn, not fork: a forked child of a process with torch's thread pools can hang.
         pool = multiprocessing.get_context("spawn").Pool(n_jobs, initializer=_init_worker,
-                                                         initargs=(plan.problem, record, str(dev), threads, None, True))
+                                                         initargs=(plan.problem, record, str(dev), threads, None, True,
+                                                                   cache))
         try:
             indexed = [(i, p) for i, (_, p) in enumerate(tasks)]
             for done, (i, outcome) in enumerate(pool.imap_unordered(_run_indexed, indexed), 1):
@@ -303,6 +321,8 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
         row.test_acc.append(outcome.test_acc)
         row.val_acc.append(outcome.val_acc)
         row.n_test, row.n_val = outcome.n_test, outcome.n_val
+        row.epochs_trained += outcome.epochs_trained
+        row.epochs_reused += outcome.epochs_reused
         if on_result is not None:
             on_result(row, p.seed, outcome.test_acc)
     return rows, judge(rows)
@@ -342,6 +362,7 @@ def to_dict(rows: list[VerifyRow], verdict: Verdict) -> dict:
         "rows": [{"label": r.label, "sequence": r.plan.sequence(), "total_epochs": r.plan.total_epochs,
                   "seeds": r.seeds, "test_acc": r.test_acc, "val_acc": r.val_acc, "n_test": r.n_test,
                   "n_val": r.n_val, "mean": r.mean if r.test_acc else None, "std": r.std, "diverged": r.diverged,
+                  "epochs_trained": r.epochs_trained, "epochs_reused": r.epochs_reused,
                   "plan_minus_row": pair(r.label)} for r in rows],
         "claim": verdict.claim,
         "rival": verdict.rival.label if verdict.rival else None,

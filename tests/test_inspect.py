@@ -361,6 +361,21 @@ def test_verify_cli_prints_a_table_per_row(tiny_study, studies_root, space_path,
     for label in labels:
         assert re.search(rf"^{re.escape(label)}\s", r.stdout, re.M), r.stdout
     assert "n_test" in r.stdout and "plan vs best single method" in r.stdout and "paired" in r.stdout
+    # The twins took the plan's first stage on each seed from the stage cache; the rest was trained.
+    by_label = {row["label"]: row for row in data["rows"]}
+    assert [(by_label[t]["epochs_reused"], by_label[t]["epochs_trained"]) for t in ("no-reference", "uniform")] == \
+        [(2, 2), (2, 2)]
+    assert sum(row["epochs_reused"] for row in data["rows"]) == 4
+    trained = sum(row["epochs_trained"] for row in data["rows"])
+    assert f"epochs: {trained} trained, 4 reused from the stage cache" in r.stdout
+    # A second verify of the plan trains nothing, in this process, and gives the same numbers.
+    again = cli("verify", str(path), "--seeds", "2", "--space", str(space_path), "--out", str(tmp_path / "again.json"),
+                "--jobs", "1", studies=studies_root)
+    assert again.returncode == 0, again.stderr
+    assert f"epochs: 0 trained, {trained + 4} reused from the stage cache" in again.stdout
+    second = json.loads((tmp_path / "again.json").read_text())
+    assert [(row["label"], row["test_acc"], row["val_acc"]) for row in second["rows"]] == \
+        [(row["label"], row["test_acc"], row["val_acc"]) for row in data["rows"]]
 
 
 # ---------------------------------------------------------------------------------------- report
