@@ -291,10 +291,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs must be >= 1 (got {args.jobs})")
+    if not args.no_cache and not args.cache_max_gb > 0:
+        raise UserError(f"--cache-max-gb must be > 0 (got {args.cache_max_gb:g})")
     line.update("  starting the runs")
     rows, verdict = run_verify(plan, seeds=args.seeds, device=args.device, teacher_cache=STUDIES_DIR / "teachers",
                                methods=methods, method_params=params, on_run=on_run, jobs=args.jobs,
-                               stage_cache=None if args.no_cache else STUDIES_DIR / "cache" / "stages")
+                               stage_cache=None if args.no_cache else STUDIES_DIR / "cache" / "stages",
+                               cache_max_bytes=int(args.cache_max_gb * 2**30))
     line.done()
     print(f"plan {plan.name}: {plan.sequence()}  ({plan.total_epochs} epochs) against {against} at equal epochs, "
           f"the same {args.seeds} seed(s) from {plan.seed + SEED_OFFSET}, "
@@ -446,6 +449,9 @@ def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--no-cache", action="store_true",
                    help="train every stage (default: take stages from the studies folder's stage cache, and put "
                         "the ones trained there; the numbers are the same)")
+    p.add_argument("--cache-max-gb", type=float, default=2.0, metavar="GB",
+                   help="size cap of the stage cache, as for search: least recently used entries go first, "
+                        "so give the search's cap when it had a larger one (default 2)")
     p.set_defaults(func=cmd_verify)
     parsers["verify"] = p
 

@@ -335,6 +335,8 @@ def test_verify_cli_prints_a_table_per_row(tiny_study, studies_root, space_path,
     plan = plan.model_copy(update={"provenance": {"threads": 1}})
     path = tmp_path / "plan.yaml"
     path.write_text(plan.to_yaml())
+    bad = cli("verify", str(path), "--cache-max-gb", "0", studies=studies_root)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --cache-max-gb must be > 0 (got 0)", bad.stderr
     # Two worker processes: a run gives the same numbers in a worker as here (checked below).
     r = cli("verify", str(path), "--seeds", "2", "--space", str(space_path), "--out", str(tmp_path / "verify.json"),
             "--jobs", "2", studies=studies_root)

@@ -72,3 +72,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+
+
+def device_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The accelerator's random stream (None on the CPU, whose stream ``torch.get_rng_state`` has)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_device_rng_state(device: torch.device, state: torch.Tensor | None) -> None:
+    """Put back what ``device_rng_state`` returned."""
+    if device.type == "cuda" and state is not None:
+        torch.cuda.set_rng_state(state, device)

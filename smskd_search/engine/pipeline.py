@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from smskd_search.data import DataInfo, DataSplits, TensorLoader, load_data, load_test_split
-from smskd_search.engine.device import Precision, pick_device, pick_precision
+from smskd_search.engine.device import Precision, device_rng_state, pick_device, pick_precision, set_device_rng_state
 from smskd_search.engine.evaluate import EvalResult, evaluate
 from smskd_search.engine.frozen import FrozenForward, freeze, frozen_copy
 from smskd_search.engine.logit_store import EpochTeacher, LogitStore, StoreMismatch, teacher_logits_key
@@ -353,20 +353,23 @@ def run_plan(
                 if on_epochs_reused is not None:
                     on_epochs_reused(k, list(start.epoch_metrics))
 
-            def put_partial(result: StageResult, stage: _Stage = stage, partial_keys: dict = partial_keys) -> None:
+            # The stage comes in as an argument, not through the closure, so that nothing holds it
+            # (its method and reference with their precomputed outputs) once `del stage` below runs.
+            def put_partial(stage: _Stage, result: StageResult, partial_keys: dict = partial_keys) -> None:
                 assert stage_cache is not None
                 stage_cache.put(partial_keys[len(result.epoch_metrics)], _partial_payload(run, stage, result))
 
             result = _train_stage(run, stage, on_epoch_end, start=start, save_after=set(partial_keys),
                                   put_partial=put_partial)
+            del put_partial, start
             trained += result.epochs - done
             run.results.append(result)
             ckpt_file = _save_stage(run, k, out) if out is not None else None
             del stage  # the stage's extra modules and reference go with it
             if stage_cache is not None and keys is not None:
-                stage_cache.put(keys[k], _stage_payload(run, k))
-                for key in partial_keys.values():  # the finished stage's entry answers for them now
-                    stage_cache.discard(key)
+                if stage_cache.put(keys[k], _stage_payload(run, k)) is not None:
+                    for key in partial_keys.values():  # the finished stage's entry answers for them now
+                        stage_cache.discard(key)
         wants_stop = on_stage_end is not None and on_stage_end(k, result.cum_epochs, result, ckpt_file)
         if wants_stop and k + 1 < len(plan.stages):
             stopped = True
@@ -406,14 +409,13 @@ def _partial_keys(run: _Run, k: int, prefix_key: str, partial_at: Collection[int
 
 def _rng_states(run: _Run, stage: _Stage) -> dict[str, Any]:
     return {"loader_rng": stage.loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
+            "cuda_rng": device_rng_state(run.dev)}
 
 
 def _set_rng_states(run: _Run, stage: _Stage, states: dict[str, Any]) -> None:
     stage.loader.generator.set_state(states["loader_rng"])
     torch.set_rng_state(states["torch_rng"])
-    if run.dev.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda_rng"], run.dev)
+    set_device_rng_state(run.dev, states["cuda_rng"])
 
 
 def _partial_payload(run: _Run, stage: _Stage, result: StageResult) -> dict:
@@ -562,7 +564,8 @@ def _stage_optimizer(run: _Run, stage: _Stage) -> None:
 
 
 def _train_stage(run: _Run, stage: _Stage, on_epoch_end: EpochCallback | None, *, start: StageResult | None = None,
-                 save_after: Collection[int] = (), put_partial: Callable[[StageResult], None] | None = None,
+                 save_after: Collection[int] = (),
+                 put_partial: Callable[[_Stage, StageResult], None] | None = None,
                  ) -> StageResult:
     """The stage's epochs (those after ``start``'s, when it goes on from a partial entry), each followed
     by a validation pass, and by ``put_partial`` after the epoch counts in ``save_after``; stops at a
@@ -587,7 +590,7 @@ def _train_stage(run: _Run, stage: _Stage, on_epoch_end: EpochCallback | None, *
                           stats.lr, val.acc, val.loss)
         result.epoch_metrics.append(em)
         if put_partial is not None and e + 1 in save_after:
-            put_partial(result)  # before the callback: a search may stop the run inside it
+            put_partial(stage, result)  # before the callback: a search may stop the run inside it
         if on_epoch_end is not None:
             on_epoch_end(stage.index, em)
     last = result.epoch_metrics[-1]
