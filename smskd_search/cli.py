@@ -341,7 +341,9 @@ def cmd_studies(args: argparse.Namespace) -> int:
             n = trial_n_val(s.db_path, s.best_trial)
             over = f" over {s.best_confirmed_seeds} fresh seeds" if s.best_confirmed_seeds else (f" (n={n})" if n else "")
             best = f"best {_pct(s.best_value)}{over} #{s.best_trial} {s.best_sequence or ''}"
-        confirm = f" (+{s.n_confirmation_runs} confirmation runs)" if s.n_confirmation_runs else ""
+        extra = ([f"+{s.n_repeats} repeats"] if s.n_repeats else []) + \
+            ([f"+{s.n_confirmation_runs} confirmation runs"] if s.n_confirmation_runs else [])
+        confirm = f" ({', '.join(extra)})" if extra else ""
         print(f"{s.name:<24} {s.n_trials}{budget} trials{confirm}: {c.get('COMPLETE', 0)} complete, "
               f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed, {c.get('RUNNING', 0)} running  {best}")
     return 0

@@ -20,8 +20,9 @@ def progress_line(p: ProgressInfo) -> str:
         return (f"[{p.elapsed_s:5.0f}s] confirming on fresh seeds: {p.done}/{p.budget} runs  running {p.running}  "
                 f"failed {p.failed}")
     best = f"best {100 * p.best_value:.2f}%" if p.best_value is not None else "best -"
+    repeats = f"  repeats {p.repeats}" if p.repeats else ""
     return (f"[{p.elapsed_s:5.0f}s] done {p.done}/{p.budget}  running {p.running}  "
-            f"pruned {p.pruned}  failed {p.failed}  {best}")
+            f"pruned {p.pruned}  failed {p.failed}{repeats}  {best}")
 
 
 def _pct(p: float) -> str:
@@ -122,10 +123,11 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
     else:
         lines.append("no completed trial yet")
     c = summary.counts
-    trials_word = (f"{summary.done}/{summary.budget} trials: {c.get('COMPLETE', 0) - summary.n_confirmation_runs} complete, "
+    trained = c.get('COMPLETE', 0) - summary.n_confirmation_runs - summary.n_repeats
+    trials_word = (f"{summary.done}/{summary.budget} trials: {trained} complete, "
                    f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0) - summary.n_interrupted - summary.n_infrastructure} failed")
     if summary.n_repeats:
-        trials_word += f" ({summary.n_repeats} of them repeated a finished plan and took its result)"
+        trials_word += f" (+{summary.n_repeats} repeats of finished plans, answered from the study, off the budget)"
     if summary.n_interrupted:
         trials_word += f" (+{summary.n_interrupted} cut short by a stop)"
     if summary.n_infrastructure:

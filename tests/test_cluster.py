@@ -339,8 +339,9 @@ def _two_space(folder: Path) -> Path:
     space.write_text(yaml.safe_dump({"name": "two", "problem": {
         "dataset": {"name": "digits", "val_fraction": 0.25},
         "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}, "student": {"arch": "cnn_nano"}},
-        "search": {"methods": ["kd", "dkd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1},
-                   "baseline_epochs": 1, "pruning": {"enabled": False}}}))
+        # Four one-epoch plans, the four baselines: the README's --budget 4 trains each once.
+        "search": {"methods": ["kd", "dkd", "pkt", "rkd"], "stages": {"min": 1, "max": 1},
+                   "epochs": {"min": 1, "max": 1}, "baseline_epochs": 1, "pruning": {"enabled": False}}}))
     return space
 
 

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from smskd_search.engine import Diverged, run_plan
 from smskd_search.plan import RecipeSpec, save_plan
 from smskd_search.search import run_search
+from smskd_search.search import lifecycle as lc
 from smskd_search.search import storage as st
 from smskd_search.space import load_space
 
@@ -45,11 +46,11 @@ def test_train_of_a_diverging_plan_exits_non_zero_with_the_reason(tmp_path, tiny
     assert "Traceback" not in proc.stderr
 
 
-def _searcher(define, max_trials=None):
+def _searcher(define, max_trials=None, max_repeats=30):
     from smskd_search.search.searcher import StudySearcher
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    return StudySearcher(study, define, max_trials=max_trials)
+    return StudySearcher(study, define, max_trials=max_trials, max_repeats=max_repeats)
 
 
 def test_the_searcher_answers_a_finished_plan_from_the_study():
@@ -59,18 +60,32 @@ def test_the_searcher_answers_a_finished_plan_from_the_study():
         asked.append(trial.number)
         return {"plan_key": "same-plan"}
 
-    s = _searcher(define, max_trials=3)
+    s = _searcher(define, max_trials=3, max_repeats=2)
     assert s.suggest("a") == {"plan_key": "same-plan"}
     s.on_trial_result("a", {"val_acc": 0.6, "cum_epochs": 1, "n_val": 100, "epoch_val_acc": [0.6]})
     s.on_trial_complete("a", {"val_acc": 0.7, "cum_epochs": 2, "final": True, "total_epochs": 2, "n_val": 100,
                               "epoch_val_acc": [0.7]})
-    # The next two asks sample the same plan: told from trial 0, not handed to Tune; then the
-    # budget is spent.
-    assert s.suggest("b") == "FINISHED" and asked == [0, 1, 2] and s.answered == [1, 2]
+    # The next two asks sample the same plan: told from trial 0, not handed to Tune; two in a row
+    # (max_repeats) and the sampler is taken to have run dry, with 2 of the 3 trials still unspent.
+    assert not s.exhausted
+    assert s.suggest("b") == "FINISHED" and asked == [0, 1, 2] and s.answered == [1, 2] and s.exhausted
     a, b, c = s.study.trials
     assert a.state == b.state == c.state == TrialState.COMPLETE and a.value == b.value == c.value == 0.7
     assert b.user_attrs[st.ATTR_REPEAT_OF] == 0 and c.user_attrs[st.ATTR_STAGE_VAL_ACC] == [0.6, 0.7]
     assert b.user_attrs[st.ATTR_N_VAL] == 100 and b.intermediate_values == {}  # rungs see it once
+
+
+def test_answered_repeats_do_not_use_the_budget():
+    keys = iter(["p1", "p1", "p1", "p2", "p1", "p3"])
+    s = _searcher(lambda trial: {"plan_key": next(keys)}, max_trials=3, max_repeats=3)
+    assert s.suggest("a")["plan_key"] == "p1"
+    s.on_trial_complete("a", {"val_acc": 0.7, "cum_epochs": 2, "final": True, "total_epochs": 2})
+    # Two repeats of p1 (answered), then p2 is handed to Tune: the second of the 3 budget trials.
+    assert s.suggest("b")["plan_key"] == "p2" and s.answered == [1, 2]
+    # A new plan resets the count in a row: one more repeat is not the end.
+    assert s.suggest("c")["plan_key"] == "p3" and s.answered == [1, 2, 4] and not s.exhausted
+    assert s.suggest("d") == "FINISHED" and not s.exhausted  # three trials handed: the budget is spent
+    assert len(s.study.trials) == 6
 
 
 def test_a_running_plan_or_another_plan_is_trained():
@@ -98,15 +113,22 @@ def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path, local_ra
     summary = run_search(load_space(space), budget=4, studies_dir=tmp_path, address="local", max_concurrent=1,
                          confirm=None)
     trials = optuna.load_study(study_name="one", storage=summary.storage_url).get_trials()
-    assert summary.done == 4 and [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    # Repeats are off the budget: the one plan is trained, then the sampler proposes it again
+    # MAX_REPEATS_IN_A_ROW times and the search stops as exhausted (not as interrupted).
+    n = lc.MAX_REPEATS_IN_A_ROW
+    assert summary.done == 1 and summary.stop_reason == "exhausted" and not summary.interrupted
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * (1 + n)
     trained = [t for t in trials if st.ATTR_TRIAL_STARTED_AT in t.user_attrs]  # the trainable ran
     assert [t.number for t in trained] == [0]
-    assert [t.user_attrs.get(st.ATTR_REPEAT_OF) for t in trials] == [None, 0, 0, 0]
+    assert [t.user_attrs.get(st.ATTR_REPEAT_OF) for t in trials] == [None] + [0] * n
     assert len({t.value for t in trials}) == 1
     assert [r.number for r in summary.top] == [0]
     from smskd_search.summary_text import format_leaderboard
 
-    assert summary.n_repeats == 3 and "(3 of them repeated a finished plan and took its result)" in format_leaderboard(summary)
+    text = format_leaderboard(summary)
+    assert summary.n_repeats == n and f"1/4 trials: 1 complete, 0 pruned, 0 failed (+{n} repeats" in text
+    assert f"proposed only finished plans {n} times in a row: stopped with 1 of the 4 budget trials" in text
+    assert "--resume" not in text
 
 
 @pytest.mark.slow
@@ -195,7 +217,9 @@ def test_two_deterministic_runs_give_the_same_study(tmp_path, local_ray):
         assert not Path(f"{summary.db_path}-wal").exists() and not Path(f"{summary.db_path}-shm").exists()
         # ... and reading it (the studies listing) leaves it so.
         (info,) = [i for i in st.list_studies(tmp_path) if i.name == name]
-        assert info.n_trials == 8 and info.n_confirmation_runs == len(_fingerprint(summary.db_path, name)) - 8
+        # The budget's 8 trials, beside them the repeats answered from the study and the confirmation runs.
+        assert info.n_trials == 8 and info.n_repeats == summary.n_repeats
+        assert info.n_confirmation_runs == len(_fingerprint(summary.db_path, name)) - 8 - info.n_repeats
         assert not Path(f"{summary.db_path}-wal").exists()
         runs.append(_fingerprint(summary.db_path, name))
     assert len(runs[0]) > 8 and runs[0] == runs[1]  # the budget and the confirmation runs

@@ -149,6 +149,11 @@ def _retried(trials: list[FrozenTrial]) -> set[int]:
 # first and two retries; after that the trial stays FAIL, still off the budget.
 INFRA_ATTEMPTS = 3
 
+# Finished plans the sampler may propose in a row (each answered from the study, off the budget)
+# before a search stops as exhausted: a space with a handful of plans runs dry, and TPE settled on a
+# few plans keeps proposing them. Each such ask costs one sampler call and one study write.
+MAX_REPEATS_IN_A_ROW = 30
+
 
 def _to_retry(t: FrozenTrial, infra: set[int]) -> bool:
     """``infra``: the numbers of the study's infrastructure failures (a plan's earlier attempts)."""
@@ -223,6 +228,7 @@ def clean_run_dirs(session: StudySession) -> None:
 
 __all__ = [
     "StudySession",
+    "MAX_REPEATS_IN_A_ROW",
     "budget_done",
     "clean_run_dirs",
     "close",

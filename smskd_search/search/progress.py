@@ -32,6 +32,7 @@ class ProgressInfo:
     best_sequence: str | None
     elapsed_s: float
     phase: str = "search"  # "search" (the budget) or "confirm" (the confirmation runs after it)
+    repeats: int = 0  # repeats of finished plans answered from the study in this run (off the budget)
 
 
 def counts_by_kind(trials: list[FrozenTrial]) -> tuple[int, int, int]:
@@ -57,7 +58,7 @@ def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: 
                       phase: str = "search") -> Any:
     """A Tune callback that sends a :class:`ProgressInfo` whenever the counts change (at most 1/s
     otherwise); no database reads while trials run. ``answered``: trials the searcher answered
-    from the study without Tune (repeated plans), counted as complete."""
+    from the study without Tune (repeated plans), shown apart: they do not count toward the budget."""
     from smskd_search.search._ray import tune
 
     class _Progress(tune.Callback):
@@ -69,10 +70,9 @@ def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: 
             self._seen: set[str] = set()
 
         def _info(self) -> ProgressInfo:
-            complete = self.complete + answered()
-            return ProgressInfo(study, budget, complete + self.pruned + self.failed,
-                                complete, self.pruned, self.failed, self.running, self.best_value,
-                                self.best_sequence, time.monotonic() - start, phase)
+            return ProgressInfo(study, budget, self.complete + self.pruned + self.failed,
+                                self.complete, self.pruned, self.failed, self.running, self.best_value,
+                                self.best_sequence, time.monotonic() - start, phase, answered())
 
         def _send(self, force: bool = False) -> None:
             now = time.monotonic()

@@ -49,7 +49,9 @@ class SearchSummary:
     n_interrupted: int  # FAIL trials the search cut short (not the plan's fault; a resume re-runs them)
     elapsed_s: float
     interrupted: bool
-    stop_reason: str  # "budget", "timeout", "interrupted" or "infrastructure" (short after its retries)
+    # "budget", "exhausted" (the sampler proposed only finished plans), "timeout", "interrupted" or
+    # "infrastructure" (short after its retries)
+    stop_reason: str
     budget: int
     done: int
     top: list[LeaderboardRow]
@@ -60,7 +62,7 @@ class SearchSummary:
     notes: list[str] = field(default_factory=list)
     confirm: ConfirmSettings | None = None  # None: no confirmation (off, or not reached)
     n_confirmation_runs: int = 0  # COMPLETE confirmation runs in the study
-    n_repeats: int = 0  # budget trials answered from the study (their plan had finished already)
+    n_repeats: int = 0  # trials answered from the study (their plan had finished already): off the budget
     # Epochs the study's trials trained, and took from the stage-prefix cache (confirmation runs included).
     epochs_trained: int = 0
     epochs_reused: int = 0
@@ -233,6 +235,7 @@ def run_search(
             return timeout is not None and time.monotonic() > start + timeout
 
         n_infra, rounds = _n_infra(before), 0
+        exhausted = False
         while remaining > 0 and not interrupted_by_signal and not timed_out():
             ray_started = ray_started or start_ray(address, storage_root)
             outcome = run_tune(TuneSettings(**common, trials=remaining, budget=budget, before=before,
@@ -240,18 +243,25 @@ def run_search(
             rounds += 1
             session.notes += outcome.notes
             interrupted_by_signal = outcome.interrupted
+            exhausted = outcome.exhausted
             if outcome.resources is not None:
                 resources, concurrent = outcome.resources.per_trial, outcome.resources.concurrent
             before = session.trials()
             remaining = budget - lc.budget_done(before)
-            if interrupted_by_signal or timed_out() or rounds >= lc.INFRA_ATTEMPTS or _n_infra(before) == n_infra:
+            if exhausted:
+                session.notes.append(
+                    f"the sampler proposed only finished plans {lc.MAX_REPEATS_IN_A_ROW} times in a row: stopped with "
+                    f"{lc.budget_done(before)} of the {budget} budget trials (the space, or the region the sampler "
+                    f"settled on, has no new plan)")
+            if exhausted or interrupted_by_signal or timed_out() or rounds >= lc.INFRA_ATTEMPTS \
+                    or _n_infra(before) == n_infra:
                 break
             n_infra = _n_infra(before)
             lc.enqueue_retries(session, infrastructure_only=True)
         multi = bool(search.objective.cost_objective)
         confirmed_with: ConfirmSettings | None = None
         if confirm is not None and confirm.enabled and not interrupted_by_signal \
-                and lc.budget_done(session.trials()) >= budget:
+                and (exhausted or lc.budget_done(session.trials()) >= budget):
             if multi:
                 session.notes.append("no confirmation runs in an accuracy-vs-cost (multi-objective) search")
             else:
@@ -276,6 +286,8 @@ def run_search(
         done = lc.budget_done(trials)
         if done >= budget:
             reason = "budget"
+        elif exhausted:
+            reason = "exhausted"
         elif timeout is not None and not interrupted_by_signal and elapsed >= timeout:
             reason = "timeout"
         elif not interrupted_by_signal and _n_infra(trials):
@@ -296,7 +308,7 @@ def run_search(
         return SearchSummary(
             study=name, db_path=path, storage_url=st.storage_url(path), counts=st.counts_by_state(trials),
             n_interrupted=sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INTERRUPTED)),
-            elapsed_s=elapsed, interrupted=done < budget, stop_reason=reason, budget=budget, done=done,
+            elapsed_s=elapsed, interrupted=done < budget and not exhausted, stop_reason=reason, budget=budget, done=done,
             top=top, best_plan_path=best_path, multi_objective=multi, notes=session.notes,
             resources_per_trial=resources, max_concurrent=concurrent, confirm=confirmed_with,
             n_confirmation_runs=n_confirm,

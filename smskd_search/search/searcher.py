@@ -39,6 +39,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.search import storage as st
+from smskd_search.search.lifecycle import MAX_REPEATS_IN_A_ROW
 from smskd_search.search._ray import ray  # noqa: F401  (the environment before Ray's import)
 from smskd_search.search.trial_report import METRIC, TrialReport
 
@@ -83,7 +84,9 @@ class StudySearcher(Searcher):
             stage PRUNED (otherwise the search cut it short: FAIL, interrupted).
         stop_reason: The scheduler's account of why it stopped a trial (Tune trial id -> reason or
             None); a stopped trial without a reason was cut short by the search.
-        max_trials: Trials to ask for in all (answered repeats included); then ``FINISHED``.
+        max_trials: Trials to hand to Tune (answered repeats not included); then ``FINISHED``.
+        max_repeats: Finished plans the sampler may propose in a row before the searcher gives up
+            (``exhausted``) and returns ``FINISHED``.
 
     Example:
 
@@ -98,7 +101,8 @@ class StudySearcher(Searcher):
     """
 
     def __init__(self, study: optuna.Study, define: DefineByRun, *, pruning: bool = True,
-                 stop_reason: Callable[[str], str | None] | None = None, max_trials: int | None = None):
+                 stop_reason: Callable[[str], str | None] | None = None, max_trials: int | None = None,
+                 max_repeats: int = MAX_REPEATS_IN_A_ROW):
         self.multi_objective = len(study.directions) > 1
         super().__init__(metric=METRIC, mode="max")
         self.study = study
@@ -110,7 +114,11 @@ class StudySearcher(Searcher):
         self._finished: set[str] = set()
         self._records: dict[str, _Record] = {}
         self._max_trials = max_trials
-        self._asked = 0
+        self._max_repeats = max_repeats
+        self._handed = 0  # trials handed to Tune
+        self._in_a_row = 0  # finished plans proposed since the last new one
+        # True once the sampler proposed only finished plans max_repeats times in a row.
+        self.exhausted = False
         # Trial numbers answered from the study (a progress line counts them as done).
         self.answered: list[int] = []
         self._finished_plans: dict[str, _Finished] = {}
@@ -123,9 +131,11 @@ class StudySearcher(Searcher):
         return metric in (None, METRIC) and mode in (None, "max")
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]  # FINISHED is a str
-        while self._max_trials is None or self._asked < self._max_trials:
+        while self._max_trials is None or self._handed < self._max_trials:
+            if self._in_a_row >= self._max_repeats:
+                self.exhausted = True
+                break
             trial = self.study.ask()
-            self._asked += 1
             self._trials[trial_id] = trial
             try:
                 config = self._define(trial)
@@ -138,9 +148,12 @@ class StudySearcher(Searcher):
                 trial.set_user_attr(st.ATTR_PLAN_KEY, key)
             done = self._finished_plans.get(key) if key else None
             if done is None:
+                self._handed += 1
+                self._in_a_row = 0
                 return config
             del self._trials[trial_id]
             self._answer_repeat(trial, done)
+            self._in_a_row += 1
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -362,8 +362,10 @@ def finished_for_good(t: FrozenTrial) -> bool:
 
 
 def counts_toward_budget(t: FrozenTrial) -> bool:
-    """Trials finished for good use the budget, except the confirmation runs after it."""
-    return finished_for_good(t) and t.user_attrs.get(ATTR_CONFIRM_OF) is None
+    """Trials finished for good use the budget, except the confirmation runs after it and the repeats
+    of finished plans answered from the study (nothing trained)."""
+    return (finished_for_good(t) and t.user_attrs.get(ATTR_CONFIRM_OF) is None
+            and t.user_attrs.get(ATTR_REPEAT_OF) is None)
 
 
 @dataclass
@@ -380,6 +382,7 @@ class StudyInfo:
     directions: list[str] = field(default_factory=list)
     error: str | None = None
     n_confirmation_runs: int = 0  # beside n_trials (the budget's)
+    n_repeats: int = 0  # beside n_trials: repeats of finished plans answered from the study
     best_confirmed_seeds: int = 0  # best_value is the mean over these many fresh seeds (0: one run)
 
 
@@ -396,11 +399,14 @@ def study_info(path: str | Path) -> StudyInfo:
     best = ranked[0] if ranked else None
     confirmed = confirmations(trials).get(best.number) if best is not None else None
     searched = [t for t in trials if not is_confirmation(t)]
+    repeats = [t for t in searched if t.user_attrs.get(ATTR_REPEAT_OF) is not None]
+    budget_trials = [t for t in searched if t.user_attrs.get(ATTR_REPEAT_OF) is None]
     return StudyInfo(
         name=name,
         db_path=p,
-        counts=counts_by_state(searched),
-        n_trials=len(searched),
+        counts=counts_by_state(budget_trials),
+        n_trials=len(budget_trials),
+        n_repeats=len(repeats),
         n_confirmation_runs=len(trials) - len(searched),
         best_confirmed_seeds=confirmed.n if confirmed is not None else 0,
         best_value=(confirmed.mean if confirmed is not None else best.values[0]) if best else None,

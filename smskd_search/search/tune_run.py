@@ -157,6 +157,8 @@ class TuneOutcome:
     resources: TrialResources | None
     interrupted: bool  # a second Ctrl-C reached us while Tune was winding down
     notes: list[str] = field(default_factory=list)
+    # The sampler proposed only finished plans MAX_REPEATS_IN_A_ROW times in a row: no new plan to train.
+    exhausted: bool = False
 
 
 def run_tune(s: TuneSettings) -> TuneOutcome:
@@ -239,7 +241,7 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
             parts = rel.split("/")
             if is_dir and len(parts) == 3 and parts[0].startswith("run-") and parts[2].startswith("checkpoint_"):
                 sfs.remove(sfs.join(ray_dir, rel))
-        return TuneOutcome(resources, interrupted, notes)
+        return TuneOutcome(resources, interrupted, notes, exhausted=searcher.exhausted)
     finally:
         if searcher is not None:
             left = searcher.fail_unfinished("interrupted: the search stopped while this trial ran")
