@@ -17,8 +17,8 @@ from optuna.trial import TrialState
 
 from smskd_search.engine import Diverged, run_plan
 from smskd_search.plan import RecipeSpec, save_plan
-from smskd_search.search import run_search
 from smskd_search.search import lifecycle as lc
+from smskd_search.search import run_search
 from smskd_search.search import storage as st
 from smskd_search.space import load_space
 

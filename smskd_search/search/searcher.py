@@ -39,8 +39,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.search import storage as st
-from smskd_search.search.lifecycle import MAX_REPEATS_IN_A_ROW
 from smskd_search.search._ray import ray  # noqa: F401  (the environment before Ray's import)
+from smskd_search.search.lifecycle import MAX_REPEATS_IN_A_ROW
 from smskd_search.search.trial_report import METRIC, TrialReport
 
 from ray.tune.search import Searcher
