@@ -88,6 +88,28 @@ def test_answered_repeats_do_not_use_the_budget():
     assert len(s.study.trials) == 6
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_the_ask_after_a_repeat_explores():
+    from smskd_search.search.searcher import StudySearcher
+
+    # A sampler settled on x = 0 (TPE after a good plan, in the extreme): alone it would only repeat.
+    settled = optuna.samplers.PartialFixedSampler({"x": 0}, optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(direction="maximize", sampler=settled)
+
+    def define(trial):
+        return {"plan_key": f"x={trial.suggest_int('x', 0, 10**6)}"}
+
+    s = StudySearcher(study, define, max_trials=3, max_repeats=5,
+                      explore=optuna.samplers.RandomSampler(seed=1))
+    for tid in "abc":
+        assert s.suggest(tid) != "FINISHED"
+        s.on_trial_complete(tid, {"val_acc": 0.5, "cum_epochs": 1, "final": True, "total_epochs": 1})
+    xs = [t.params["x"] for t in study.trials]
+    # x = 0 trained once; each later proposal of it is answered, and the next ask is the explorer's.
+    assert xs[0] == 0 and xs[1] == 0 and xs[3] == 0 and 0 not in (xs[2], xs[4]) and len(xs) == 5
+    assert s.answered == [1, 3] and study.sampler is settled and not s.exhausted
+
+
 def test_a_running_plan_or_another_plan_is_trained():
     keys = iter(["p1", "p1", "p2"])
     s = _searcher(lambda trial: {"plan_key": next(keys)})

@@ -27,10 +27,11 @@ them FAIL after ``fit()``. No private attribute of Ray or Optuna is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,7 @@ class StudySearcher(Searcher):
         max_trials: Trials to hand to Tune (answered repeats not included); then ``FINISHED``.
         max_repeats: Finished plans the sampler may propose in a row before the searcher gives up
             (``exhausted``) and returns ``FINISHED``.
+        explore: The sampler of the ask after a repeat (None: the study's own sampler throughout).
 
     Example:
 
@@ -102,7 +104,7 @@ class StudySearcher(Searcher):
 
     def __init__(self, study: optuna.Study, define: DefineByRun, *, pruning: bool = True,
                  stop_reason: Callable[[str], str | None] | None = None, max_trials: int | None = None,
-                 max_repeats: int = MAX_REPEATS_IN_A_ROW):
+                 max_repeats: int = MAX_REPEATS_IN_A_ROW, explore: optuna.samplers.BaseSampler | None = None):
         self.multi_objective = len(study.directions) > 1
         super().__init__(metric=METRIC, mode="max")
         self.study = study
@@ -115,6 +117,7 @@ class StudySearcher(Searcher):
         self._records: dict[str, _Record] = {}
         self._max_trials = max_trials
         self._max_repeats = max_repeats
+        self._explore = explore
         self._handed = 0  # trials handed to Tune
         self._in_a_row = 0  # finished plans proposed since the last new one
         # True once the sampler proposed only finished plans max_repeats times in a row.
@@ -135,13 +138,15 @@ class StudySearcher(Searcher):
             if self._in_a_row >= self._max_repeats:
                 self.exhausted = True
                 break
-            trial = self.study.ask()
-            self._trials[trial_id] = trial
-            try:
-                config = self._define(trial)
-            except BaseException as exc:
-                self._tell(trial_id, None, TrialState.FAIL, fail_reason=f"sampling failed: {type(exc).__name__}: {exc}")
-                raise
+            with self._sampler_of_this_ask():
+                trial = self.study.ask()
+                self._trials[trial_id] = trial
+                try:
+                    config = self._define(trial)
+                except BaseException as exc:
+                    self._tell(trial_id, None, TrialState.FAIL,
+                               fail_reason=f"sampling failed: {type(exc).__name__}: {exc}")
+                    raise
             key = config.get("plan_key")
             if key:
                 # Stored on the trial: what a repeat of its plan is looked up by, now and on resume.
@@ -223,6 +228,20 @@ class StudySearcher(Searcher):
             elif self._tell(tid, None, TrialState.FAIL, fail_reason=reason, interrupted=True):
                 failed.append(trial.number)
         return failed
+
+    @contextlib.contextmanager
+    def _sampler_of_this_ask(self) -> Iterator[None]:
+        # Optuna samples at ask (relative) and at every suggest call (independent) from
+        # study.sampler, so the explorer stands in for both, then the study's sampler is back.
+        if not self._in_a_row or self._explore is None:
+            yield
+            return
+        own = self.study.sampler
+        self.study.sampler = self._explore
+        try:
+            yield
+        finally:
+            self.study.sampler = own
 
     def _answer_repeat(self, trial: optuna.Trial, done: _Finished) -> None:
         for key, value in done.attrs.items():

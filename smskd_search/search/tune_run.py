@@ -193,7 +193,9 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
         s.session.study.sampler = make_sampler(s.space, s.seed)
         searcher = StudySearcher(s.session.study, configs, pruning=scheduler is not None,
                                  stop_reason=scheduler.stop_reason if scheduler is not None else None,
-                                 max_trials=s.trials)
+                                 max_trials=s.trials,
+                                 # A plan once more rather than a new one: the next ask explores.
+                                 explore=optuna.samplers.RandomSampler(seed=s.seed + 1))
         context = TrialContext(teacher=pack(s.teacher), device=resources.device,
                                cache_dir=s.cache_dir,
                                cache_max_bytes=s.cache_max_bytes)
