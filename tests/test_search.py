@@ -439,6 +439,11 @@ def _trials(db: Path, name: str):
     return optuna.load_study(study_name=name, storage=st.storage_url(db)).get_trials(deepcopy=False)
 
 
+def _trained(trials) -> list:
+    """The trials that trained: a repeat of a finished plan is answered from the study, off the budget."""
+    return [t for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is None]
+
+
 @pytest.fixture(scope="module")
 def main_search(studies_root, local_ray):
     space = load_space(write_space(studies_root, "main", MAIN_SEARCH))
@@ -456,9 +461,11 @@ def test_search_records_the_expected_study(main_search, studies_root):
     assert not summary.interrupted and summary.stop_reason == "budget"
     assert summary.resources_per_trial == {"cpu": 1.0} and summary.max_concurrent == 2
     trials = _trials(summary.db_path, "main")
-    assert len(trials) == 7 and summary.done == 7
+    assert len(_trained(trials)) == 7 and summary.done == 7
+    assert len(trials) == 7 + summary.n_repeats
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     teacher_sha = optuna.load_study(study_name="main", storage=summary.storage_url).user_attrs["teacher_sha256"]
+    trials = _trained(trials)
     for t in trials:
         # Parameters map to the plan the trial ran, and every plan validates.
         plan = plan_from_params(t.params, space, teacher_sha, user_attrs=t.user_attrs)
@@ -559,7 +566,7 @@ def pruned_search(studies_root, local_ray):
 
 @pytest.mark.slow
 def test_pruned_trials_are_pruned_with_stage_values(pruned_search):
-    trials = _trials(pruned_search.db_path, pruned_search.study)
+    trials = _trained(_trials(pruned_search.db_path, pruned_search.study))
     assert len(trials) == 8
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -600,7 +607,7 @@ def rung_search(studies_root, local_ray):
 
 @pytest.mark.slow
 def test_pruning_at_the_rungs_judges_trials_mid_stage(rung_search):
-    trials = _trials(rung_search.db_path, rung_search.study)
+    trials = _trained(_trials(rung_search.db_path, rung_search.study))
     assert len(trials) == 6 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, [(t.user_attrs[st.ATTR_SEQUENCE], t.intermediate_values) for t in trials]
