@@ -383,7 +383,7 @@ def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(namespaced_clus
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
     # Every trial that trained ran on the worker node (a plan that repeats a finished one is answered
     # from it, on the driver, without running).
-    trained = [t for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is None]
+    trained = [t for t in trials if not st.is_repeat(t)]
     assert len(trained) >= 2 and {t.user_attrs[st.ATTR_NODE] for t in trained} == {worker}
     # Everything trials wrote is under --storage (Tune's files, the stage cache); the study file
     # stays with the driver.
@@ -409,7 +409,7 @@ def test_a_search_on_two_nodes_with_s3_storage_sends_the_workers_the_aws_variabl
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     trials = optuna.load_study(study_name="two-s3", storage=st.storage_url(st.db_path(studies, "two-s3"))).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
-    trained = [t for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is None]
+    trained = [t for t in trials if not st.is_repeat(t)]
     assert len(trained) >= 2 and {t.user_attrs[st.ATTR_NODE] for t in trained} == {worker}
     keys = s3_keys(client, "twonodes")
     assert [k for k in keys if k.startswith("smskd/two-s3/ray/run-")], keys

@@ -156,7 +156,7 @@ def test_dashboard_serves_the_study_and_its_trials(tiny_study, studies_root):
         stored = open_study(db).get_trials(deepcopy=False)
         assert len(detail["trials"]) == len(stored)
         # A budget of 5 trains 5 plans; repeats of finished plans are answered from the study on top.
-        assert sum(t.user_attrs.get(st.ATTR_REPEAT_OF) is None for t in stored) == 5
+        assert sum(not st.is_repeat(t) for t in stored) == 5
         for api_trial, t in zip(sorted(detail["trials"], key=lambda x: x["number"]), stored):
             attrs = {a["key"]: a["value"] for a in api_trial["user_attrs"]}
             assert attrs[st.ATTR_SEQUENCE] == t.user_attrs[st.ATTR_SEQUENCE]
@@ -165,7 +165,7 @@ def test_dashboard_serves_the_study_and_its_trials(tiny_study, studies_root):
             steps = {iv["step"]: iv["value"] for iv in api_trial["intermediate_values"]}
             assert steps == {int(k): v for k, v in t.intermediate_values.items()}
             # A trial answered from the study (its plan had finished already) has no curve of its own.
-            assert steps or t.user_attrs.get(st.ATTR_REPEAT_OF) is not None
+            assert steps or st.is_repeat(t)
         assert {a["key"]: a["value"] for a in detail["trials"][0]["user_attrs"]}.get(BASELINE_ATTR)
     finally:
         code = dash.stop()

@@ -441,7 +441,7 @@ def _trials(db: Path, name: str):
 
 def _trained(trials) -> list:
     """The trials that trained: a repeat of a finished plan is answered from the study, off the budget."""
-    return [t for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is None]
+    return [t for t in trials if not st.is_repeat(t)]
 
 
 @pytest.fixture(scope="module")
@@ -756,7 +756,7 @@ def test_resume_after_a_hard_kill_finishes_the_budget(resumed_search, studies_ro
             # Killed while its plan was being sampled (before the plan attribute was written): the
             # rerun keeps every parameter already drawn and samples the rest.
             assert all(rerun.params[k] == v for k, v in o.params.items())
-        if rerun.user_attrs.get(st.ATTR_REPEAT_OF) is not None:
+        if st.is_repeat(rerun):
             # Its plan had finished in another trial meanwhile (a small space repeats plans): the rerun
             # took that trial's result instead of training at all.
             original = by_number[rerun.user_attrs[st.ATTR_REPEAT_OF]]

@@ -71,7 +71,7 @@ def _distinct(ranked: list[FrozenTrial]) -> list[FrozenTrial]:
     out, seen = [], set()
     for t in ranked:
         key = plan_key(t)
-        if t.user_attrs.get(st.ATTR_REPEAT_OF) is not None or (key is not None and key in seen):
+        if st.is_repeat(t) or (key is not None and key in seen):
             continue
         if key is not None:
             seen.add(key)

@@ -312,7 +312,7 @@ def run_search(
             top=top, best_plan_path=best_path, multi_objective=multi, notes=session.notes,
             resources_per_trial=resources, max_concurrent=concurrent, confirm=confirmed_with,
             n_confirmation_runs=n_confirm,
-            n_repeats=sum(1 for t in trials if t.user_attrs.get(st.ATTR_REPEAT_OF) is not None),
+            n_repeats=sum(1 for t in trials if st.is_repeat(t)),
             all_failed=_all_failed(trials),
             n_infrastructure=_n_infra(trials),
             epochs_trained=sum(int(t.user_attrs.get(st.ATTR_EPOCHS_TRAINED) or 0) for t in trials),

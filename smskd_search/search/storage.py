@@ -361,11 +361,16 @@ def finished_for_good(t: FrozenTrial) -> bool:
     return t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED) and not t.user_attrs.get(ATTR_INFRA)
 
 
+def is_repeat(t: FrozenTrial) -> bool:
+    """A trial answered from the study: its plan had finished already (``repeat_of`` names that trial)."""
+    return t.user_attrs.get(ATTR_REPEAT_OF) is not None
+
+
 def counts_toward_budget(t: FrozenTrial) -> bool:
     """Trials finished for good use the budget, except the confirmation runs after it and the repeats
     of finished plans answered from the study (nothing trained)."""
     return (finished_for_good(t) and t.user_attrs.get(ATTR_CONFIRM_OF) is None
-            and t.user_attrs.get(ATTR_REPEAT_OF) is None)
+            and not is_repeat(t))
 
 
 @dataclass
@@ -399,8 +404,8 @@ def study_info(path: str | Path) -> StudyInfo:
     best = ranked[0] if ranked else None
     confirmed = confirmations(trials).get(best.number) if best is not None else None
     searched = [t for t in trials if not is_confirmation(t)]
-    repeats = [t for t in searched if t.user_attrs.get(ATTR_REPEAT_OF) is not None]
-    budget_trials = [t for t in searched if t.user_attrs.get(ATTR_REPEAT_OF) is None]
+    repeats = [t for t in searched if is_repeat(t)]
+    budget_trials = [t for t in searched if not is_repeat(t)]
     return StudyInfo(
         name=name,
         db_path=p,
@@ -468,6 +473,7 @@ __all__ = [
     "create_study",
     "db_path",
     "fail_orphans",
+    "is_repeat",
     "list_studies",
     "load_study_for_resume",
     "open_storage",
