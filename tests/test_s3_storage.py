@@ -78,10 +78,19 @@ def test_the_stage_cache_in_a_bucket_stores_evicts_and_drops_damaged_entries(s3_
         if i:
             time.sleep(1.1)  # (an object's time is in whole seconds: the order of writes must show)
         cache.put(key, entry)
-    # The oldest write went; the writes went through temporary keys, none left.
+    # The oldest write went; nothing but the entries was written (no temporary key).
     assert sorted(k.rsplit("/", 1)[1] for k in _keys(client, "cache") if k.endswith(".pt")) == ["b.pt", "c.pt"]
     assert cache.get("a") is None and cache.get("b") is not None and cache.size_bytes() <= cache.max_bytes
-    assert not [k for k in _keys(client, "cache") if k.endswith(".tmp")]
+    assert sorted(k for k in _keys(client, "cache") if not k.endswith("/")) == ["c/b.pt", "c/c.pt"]
+
+    # A write that fails half-way stores nothing under its name.
+    def half(f):
+        f.write(b"x" * 100)
+        raise OSError("the disk went away")
+
+    with pytest.raises(OSError, match="went away"):
+        folder.write("half.pt", half)
+    assert "c/half.pt" not in _keys(client, "cache")
     # A damaged entry is a miss, and goes.
     client.put_object(Bucket="cache", Key="c/b.pt", Body=b"not a checkpoint")
     assert cache.get("b") is None and "c/b.pt" not in _keys(client, "cache")

@@ -763,8 +763,15 @@ def test_resume_after_a_hard_kill_finishes_the_budget(resumed_search, studies_ro
             assert original.user_attrs[st.ATTR_PLAN_KEY] == rerun.user_attrs[st.ATTR_PLAN_KEY]
             assert rerun.value == original.value and st.ATTR_TRIAL_STARTED_AT not in rerun.user_attrs
         elif o.intermediate_values:
-            # It went on from the orphan's stage checkpoints instead of training those stages again.
-            assert rerun.user_attrs[st.ATTR_REPLAYED_STAGES] >= len(o.intermediate_values)
+            # It did not train again the epochs the orphan had reported: it replayed the orphan's stage
+            # checkpoints or, where the orphan's stages came from the stage cache (a reused stage
+            # before the last one keeps no checkpoint of its own), took them from the cache again.
+            done, reached = max(o.intermediate_values), max(rerun.intermediate_values)
+            assert rerun.user_attrs[st.ATTR_EPOCHS_TRAINED] <= reached - done
+            if st.ATTR_REPLAYED_STAGES in rerun.user_attrs:
+                assert rerun.user_attrs[st.ATTR_REPLAYED_STAGES] >= len(o.intermediate_values)
+            else:
+                assert rerun.user_attrs[st.ATTR_EPOCHS_REUSED] >= done
             assert all(rerun.intermediate_values[k] == v for k, v in o.intermediate_values.items())
         if rerun.state == TrialState.COMPLETE:
             # Continued from a stage checkpoint or not, the values are the plan's, bit for bit.

@@ -17,10 +17,10 @@ the stage cache (``<root>/cache``, an :class:`ArrowFolder` per cache).
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -211,19 +211,22 @@ def listing(location: str, recursive: bool = False) -> list[tuple[str, int, int,
             for i in infos]
 
 
-def upload(local: Path, location: str) -> None:
-    """Copy a local file to ``location`` whole: through a temporary key moved into place, so that a
-    trial killed mid-upload never leaves half a checkpoint under the final name."""
-    import pyarrow.fs as pafs
+def _put_whole(location: str, data: bytes) -> None:
+    """Write ``data`` as the object at ``location`` in one call.
 
+    An S3 object appears whole or not at all: a PUT, or a multipart upload once it is completed. With
+    every byte in hand before the stream opens, a process killed mid-write leaves nothing under any
+    name (an unfinished multipart upload is not an object), so no temporary key is needed; one would
+    be left behind by a ``kill -9`` and would cost a server-side copy for each write.
+    """
     fs, path = filesystem(location)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.part"
-    try:
-        pafs.copy_files(str(local), tmp, destination_filesystem=fs)
-        fs.move(tmp, path)
-    finally:
-        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-            fs.delete_file(tmp)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def upload(local: Path, location: str) -> None:
+    """Copy a local file to ``location`` whole (see :func:`_put_whole`)."""
+    _put_whole(location, local.read_bytes())
 
 
 def download(location: str, local: Path) -> None:
@@ -260,19 +263,11 @@ class ArrowFolder:
             yield f
 
     def write(self, name: str, fill: Callable[[IO[bytes]], None]) -> None:
-        # A stream that fails half-way is still completed by its close: written under a temporary
-        # name, moved into place only when whole.
-        fs, path = self._path(name)
-        tmp = path.rsplit("/", 1)[0] + f"/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with fs.open_output_stream(tmp) as f:
-                fill(f)
-            fs.move(tmp, path)
-        finally:
-            try:
-                fs.delete_file(tmp)
-            except FileNotFoundError:
-                pass
+        # Filled in memory first: a pyarrow output stream that fails half-way is still completed by
+        # its close, which would store half an entry under the final name.
+        buf = io.BytesIO()
+        fill(buf)
+        _put_whole(self.where(name), buf.getvalue())
 
     def remove(self, name: str) -> None:
         fs, path = self._path(name)
