@@ -29,6 +29,27 @@ PROBLEM = {
 }
 
 
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> Path:
+    """PROBLEM's teacher, trained once for the module's searches (each would otherwise train it in a
+    Ray task of its own: a worker start and the training, about 10 s). The teacher's own path through
+    the search is tested in tests/test_search.py and tests/test_cluster.py."""
+    from smskd_search.engine import ensure_teacher
+    from smskd_search.plan import ProblemSpec
+
+    folder = tmp_path_factory.mktemp("winners-teachers")
+    ensure_teacher(ProblemSpec.model_validate(PROBLEM), cache_root=folder)
+    return folder
+
+
+def _studies(folder: Path, teachers: Path) -> Path:
+    """``folder`` as a studies folder whose teacher cache holds PROBLEM's teacher."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "teachers").exists():
+        (folder / "teachers").symlink_to(teachers)
+    return folder
+
+
 def test_a_non_finite_loss_fails_the_plan_at_once(tiny_problem, teacher_cache):
     plan = make_plan(tiny_problem, [("kd", 3), ("dkd", 2)], recipe=RecipeSpec(lr=1e4))
     with pytest.raises(Diverged, match=r"^diverged: non-finite loss at stage 1, epoch 1$"):
@@ -129,10 +150,10 @@ def _one_stage_space(folder: Path, name: str, methods: list[str]) -> Path:
 
 
 @pytest.mark.slow
-def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path, local_ray):
+def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path, local_ray, teachers):
     # One method, one stage of one epoch: every trial is the same plan (the baseline included).
     space = _one_stage_space(tmp_path, "one", ["kd"])
-    summary = run_search(load_space(space), budget=4, studies_dir=tmp_path, address="local", max_concurrent=1,
+    summary = run_search(load_space(space), budget=4, studies_dir=_studies(tmp_path, teachers), address="local", max_concurrent=1,
                          confirm=None)
     trials = optuna.load_study(study_name="one", storage=summary.storage_url).get_trials()
     # Repeats are off the budget: the one plan is trained, then the sampler proposes it again
@@ -154,12 +175,12 @@ def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path, local_ra
 
 
 @pytest.mark.slow
-def test_search_records_a_diverged_plan_as_failed_and_goes_on(tmp_path, local_ray):
+def test_search_records_a_diverged_plan_as_failed_and_goes_on(tmp_path, local_ray, teachers):
     space = tmp_path / "hot.yaml"
     space.write_text(yaml.safe_dump({"name": "hot", "problem": PROBLEM, "recipe": {"lr": 1e4}, "search": {
         "methods": ["kd", "dkd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 2},
         "pruning": {"enabled": False}}}))
-    summary = run_search(load_space(space), budget=3, studies_dir=tmp_path, address="local", max_concurrent=1,
+    summary = run_search(load_space(space), budget=3, studies_dir=_studies(tmp_path, teachers), address="local", max_concurrent=1,
                          baselines=False)
     trials = optuna.load_study(study_name="hot", storage=summary.storage_url).get_trials()
     assert summary.done == 3 and not summary.interrupted and summary.top == []
@@ -172,7 +193,7 @@ def test_search_records_a_diverged_plan_as_failed_and_goes_on(tmp_path, local_ra
 
 
 @pytest.mark.slow
-def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_path, local_ray):
+def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_path, local_ray, teachers):
     from smskd_search.export import export_plans
     from smskd_search.search import ConfirmSettings
     from smskd_search.search.confirm import SEED_OFFSET
@@ -185,7 +206,7 @@ def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_p
         "weight_modes": ["inverse"], "pruning": {"enabled": False}, "sampler": {"kind": "random"}}}))
     settings = ConfirmSettings(plans=2, baselines=1, seeds=2)
     # 4 baselines (each method alone, a sequence without reference), then 5 sampled plans.
-    summary = run_search(load_space(space), budget=9, studies_dir=tmp_path, address="local", max_concurrent=2,
+    summary = run_search(load_space(space), budget=9, studies_dir=_studies(tmp_path, teachers), address="local", max_concurrent=2,
                          confirm=settings)
     trials = optuna.load_study(study_name="conf", storage=summary.storage_url).get_trials()
     runs = [t for t in trials if t.user_attrs.get(st.ATTR_CONFIRM_OF) is not None]
@@ -221,7 +242,7 @@ def _fingerprint(db: Path, name: str) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_two_deterministic_runs_give_the_same_study(tmp_path, local_ray):
+def test_two_deterministic_runs_give_the_same_study(tmp_path, local_ray, teachers):
     from smskd_search.search import ConfirmSettings
 
     space = tmp_path / "det.yaml"
@@ -232,7 +253,7 @@ def test_two_deterministic_runs_give_the_same_study(tmp_path, local_ray):
         "sampler": {"kind": "tpe", "n_startup_trials": 2}}}))
     runs = []
     for name in ("det-a", "det-b"):
-        summary = run_search(load_space(space), budget=8, study=name, studies_dir=tmp_path, address="local",
+        summary = run_search(load_space(space), budget=8, study=name, studies_dir=_studies(tmp_path, teachers), address="local",
                              seed=3, deterministic=True, confirm=ConfirmSettings(plans=1, baselines=1, seeds=1))
         assert summary.max_concurrent == 1
         # A finished study is one file: the write-ahead log is folded back in.
@@ -314,7 +335,7 @@ def test_bad_search_flags_are_refused_before_anything_is_written(tmp_path, flags
 
 
 @pytest.mark.slow
-def test_a_search_whose_trials_all_fail_exits_non_zero_with_the_first_reason(tmp_path):
+def test_a_search_whose_trials_all_fail_exits_non_zero_with_the_first_reason(tmp_path, teachers):
     space = tmp_path / "hot.yaml"
     space.write_text(yaml.safe_dump({"name": "hot", "problem": PROBLEM, "recipe": {"lr": 1e4}, "search": {
         "methods": ["kd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 1, "max": 1},
@@ -322,7 +343,7 @@ def test_a_search_whose_trials_all_fail_exits_non_zero_with_the_first_reason(tmp
     proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--space", str(space), "--budget", "2",
                            "--max-concurrent", "1", "--no-baselines", "--no-confirm"],
                           capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "SMSKD_STUDIES": str(tmp_path / "studies")})
+                          env={**os.environ, "SMSKD_STUDIES": str(_studies(tmp_path / "studies", teachers))})
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: all 2 trial(s) of study hot failed; the first, #0: diverged: non-finite loss at stage 1, "
@@ -346,14 +367,14 @@ def test_infrastructure_errors_are_told_apart_from_plan_failures():
 
 
 @pytest.mark.slow
-def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path, local_ray):
+def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path, local_ray, teachers):
     # The first trial's folder cannot be made (a file is in the way: what a full or read-only disk
     # looks like to the trial). It fails through no fault of its plan: retried, and the budget of 2
     # still gets 2 trials that ran.
     space = _one_stage_space(tmp_path, "infra", ["kd", "dkd"])
     (tmp_path / "infra" / "trials").mkdir(parents=True)
     (tmp_path / "infra" / "trials" / "00000").write_text("in the way")
-    summary = run_search(load_space(space), budget=2, studies_dir=tmp_path, address="local", max_concurrent=1,
+    summary = run_search(load_space(space), budget=2, studies_dir=_studies(tmp_path, teachers), address="local", max_concurrent=1,
                          confirm=None)
     trials = optuna.load_study(study_name="infra", storage=summary.storage_url).get_trials()
     first = trials[0]
@@ -371,17 +392,20 @@ def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path, local_ray
 
 
 @pytest.mark.slow
-def test_a_search_the_infrastructure_keeps_failing_stops_with_that_reason(tmp_path, local_ray):
+def test_a_search_the_infrastructure_keeps_failing_stops_with_that_reason(tmp_path, local_ray, teachers):
     # No trial folder can be made at all (a file where the trials' folder goes): the plan is tried
     # 3 times in all, then the search stops short of its budget, saying why, instead of looping.
     space = _one_stage_space(tmp_path, "broken", ["kd"])
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "trials").write_text("in the way")
-    summary = run_search(load_space(space), budget=1, studies_dir=tmp_path, address="local", max_concurrent=1,
+    summary = run_search(load_space(space), budget=1, studies_dir=_studies(tmp_path, teachers), address="local", max_concurrent=1,
                          confirm=None)
     trials = optuna.load_study(study_name="broken", storage=summary.storage_url).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
     assert all(t.user_attrs.get(st.ATTR_INFRA) for t in trials)
+    # The trial says what the machine refused (reported by the trial, not a raise Tune retries first).
+    assert all(t.user_attrs[st.ATTR_FAIL_REASON] == f"infrastructure: NotADirectoryError: [Errno 20] Not a directory: "
+               f"'{tmp_path / 'broken' / 'trials' / f'{t.number:05d}'}'" for t in trials), [t.user_attrs for t in trials]
     assert [t.user_attrs.get(st.ATTR_RETRY_OF) for t in trials] == [None, 0, 1]
     assert summary.done == 0 and summary.stop_reason == "infrastructure" and summary.n_infrastructure == 3
     from smskd_search.summary_text import format_leaderboard

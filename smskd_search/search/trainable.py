@@ -172,13 +172,28 @@ def is_infrastructure_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _INFRA_RUNTIME_ERRORS)
 
 
+def _report_infrastructure_failure(exc: OSError, total_epochs: int) -> None:
+    message = f"infrastructure: {type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+    tune.report(TrialReport.failure(message, total_epochs=total_epochs, traceback=traceback.format_exc()[-4000:],
+                                    infrastructure=True).to_dict())
+
+
 def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Run the trial's plan; see the module docstring."""
     started, started_at = time.perf_counter(), time.time()
     # The run folder where the stage checkpoints are kept (a folder or a URI in the storage), and
     # the folder this trial trains in (the same folder, or a scratch folder on this node).
     kept = str(config["run_dir"])
-    run_dir = run_dirs.work_dir(kept)
+    try:
+        run_dir = run_dirs.work_dir(kept)
+    except OSError as exc:
+        # Reported, not raised: a raise makes Tune restart the actor and try once more before the
+        # searcher's own retry (one more worker start, about 5 s, for nothing).
+        from smskd_search.plan import parse_plan
+
+        total = parse_plan(yaml.safe_load(config["plan_yaml"]), source="trial plan").total_epochs
+        _report_infrastructure_failure(exc, total)
+        return
     try:
         _train(config, context, kept, run_dir, started, started_at)
     finally:
@@ -208,9 +223,7 @@ def _train(config: dict[str, Any], context: TrialContext, kept: str, run_dir: Pa
         # A stage checkpoint that would need to run code to load (an older format) is trained again.
         discard_unsafe_checkpoints(run_dir)
     except OSError as exc:  # a download from the storage failed: retried as the machinery's failure
-        message = f"infrastructure: {type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
-        tune.report(TrialReport.failure(message, total_epochs=plan.total_epochs,
-                                        traceback=traceback.format_exc()[-4000:], infrastructure=True).to_dict())
+        _report_infrastructure_failure(exc, plan.total_epochs)
         return
 
     n_stages, total = len(plan.stages), plan.total_epochs
