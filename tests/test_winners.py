@@ -43,7 +43,7 @@ def teachers(tmp_path_factory) -> Path:
 
 
 def _studies(folder: Path, teachers: Path) -> Path:
-    """``folder`` as a studies folder whose teacher cache holds PROBLEM's teacher."""
+    """``folder`` as a studies folder whose teacher cache is ``teachers`` (trained teachers to reuse)."""
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "teachers").exists():
         (folder / "teachers").symlink_to(teachers)
@@ -58,10 +58,9 @@ def test_a_non_finite_loss_fails_the_plan_at_once(tiny_problem, teacher_cache):
 
 def test_train_of_a_diverging_plan_exits_non_zero_with_the_reason(tmp_path, tiny_problem, teacher_cache):
     path = save_plan(make_plan(tiny_problem, [("kd", 2)], recipe=RecipeSpec(lr=1e4)), tmp_path / "hot.yaml")
-    (tmp_path / "studies").mkdir()
-    (tmp_path / "studies" / "teachers").symlink_to(teacher_cache)  # the session's trained teacher
+    studies = _studies(tmp_path / "studies", teacher_cache)  # the session's trained teacher
     proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "train", str(path), "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True, env={**os.environ, "SMSKD_STUDIES": str(tmp_path / "studies")})
+                          capture_output=True, text=True, env={**os.environ, "SMSKD_STUDIES": str(studies)})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: diverged: non-finite loss at stage 1, epoch 1"
     assert "Traceback" not in proc.stderr

@@ -42,7 +42,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -53,6 +53,9 @@ from smskd_search.search import storage_fs as sfs
 from smskd_search.search._ray import ray, tune
 from smskd_search.search.teacher_transport import TeacherPayload, unpack
 from smskd_search.search.trial_report import TrialReport
+
+if TYPE_CHECKING:
+    from smskd_search.plan import Plan
 
 # Per worker process: with reuse_actors the data and the teacher stay loaded across trials.
 _DATA_CACHE: dict[str, Any] = {}
@@ -183,33 +186,31 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     started, started_at = time.perf_counter(), time.time()
     # The run folder where the stage checkpoints are kept (a folder or a URI in the storage), and
     # the folder this trial trains in (the same folder, or a scratch folder on this node).
+    from smskd_search.plan import parse_plan
+
+    plan = parse_plan(yaml.safe_load(config["plan_yaml"]), source="trial plan")
     kept = str(config["run_dir"])
     try:
         run_dir = run_dirs.work_dir(kept)
     except OSError as exc:
         # Reported, not raised: a raise makes Tune restart the actor and try once more before the
         # searcher's own retry (one more worker start, about 5 s, for nothing).
-        from smskd_search.plan import parse_plan
-
-        total = parse_plan(yaml.safe_load(config["plan_yaml"]), source="trial plan").total_epochs
-        _report_infrastructure_failure(exc, total)
+        _report_infrastructure_failure(exc, plan.total_epochs)
         return
     try:
-        _train(config, context, kept, run_dir, started, started_at)
+        _train(config, context, plan, kept, run_dir, started, started_at)
     finally:
         # A URI's scratch folder goes however the trial ends (Tune stops a pruned one inside a report).
         run_dirs.finish(run_dir, kept)
 
 
-def _train(config: dict[str, Any], context: TrialContext, kept: str, run_dir: Path, started: float,
+def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str, run_dir: Path, started: float,
            started_at: float) -> None:
     from smskd_search.engine import Diverged, EpochMetrics, discard_unsafe_checkpoints, latest_checkpoint, run_plan
-    from smskd_search.plan import parse_plan
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     # Results depend on torch's thread count on the CPU; the trial records the number it used.
     torch.set_num_threads(max(1, int(config["threads"])))
-    plan = parse_plan(yaml.safe_load(config["plan_yaml"]), source="trial plan")
     resume_dirs = [str(d) for d in config.get("resume_dirs") or []]
     try:
         restored = tune.get_checkpoint()
