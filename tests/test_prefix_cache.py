@@ -17,6 +17,8 @@ from smskd_search.engine import (
     stage_prefix_key,
 )
 from smskd_search.engine import frozen as frozen_mod
+from smskd_search.engine.prefix_cache import schedule_prefix, shared_across_lengths
+from smskd_search.plan import RecipeSpec, ScheduleSpec
 
 REF = {"weight_mode": "inverse", "lambda_ref": 1.5}
 
@@ -199,7 +201,64 @@ def test_a_stage_cut_at_a_rung_goes_on_from_where_it_stopped(tiny_problem, teach
     sha = scratch.teacher.sha256
     full = [stage_prefix_key(target_plan, k, teacher_sha256=sha, runtime=rt) for k in range(len(target))]
     assert {f"{k}.pt" for k in full} <= names
-    assert f"{partial_stage_key(full[stage_of_cut], cut - (target[0][1] if stage_of_cut else 0))}.pt" not in names
+    done = cut - (target[0][1] if stage_of_cut else 0)
+    partial = partial_stage_key(target_plan, stage_of_cut, done, teacher_sha256=sha, runtime=rt)
+    assert f"{partial}.pt" not in names
+
+
+STEP = RecipeSpec(lr=0.05, schedule=ScheduleSpec(kind="step", milestones=[0.5, 0.75], gamma=0.1))
+
+
+def test_partial_keys_are_shared_by_stage_lengths_whose_schedules_agree(tiny_problem):
+    rt = Runtime(threads=1, device="cpu", precision="none")
+
+    def key(stages, k, done, recipe=STEP, **kw):
+        plan = make_plan(tiny_problem, stages, recipe=recipe, reference=REF, **kw)
+        return partial_stage_key(plan, k, done, teacher_sha256="t", runtime=rt)
+
+    # A step schedule with its first milestone at half the stage: kd(4) and kd(6) run their first
+    # 2 epochs at the base lr, kd(6)'s third epoch too, kd(4)'s third one at a tenth of it.
+    assert key([("kd", 4)], 0, 2) == key([("kd", 6), ("dkd", 1)], 0, 2) == key([("kd", 5)], 0, 2)
+    assert key([("kd", 4)], 0, 3) != key([("kd", 6)], 0, 3)
+    assert schedule_prefix(STEP.schedule, 4, 3) == ["step", [1.0, 1.0, pytest.approx(0.1)]]
+    assert shared_across_lengths(STEP.schedule, 4, 2) and shared_across_lengths(STEP.schedule, 8, 5)
+    # What the stage is, and what came before it, still count.
+    assert key([("kd", 4)], 0, 2) != key([("dkd", 4)], 0, 2)
+    assert key([("kd", 4)], 0, 2) != key([("kd", 4)], 0, 1)
+    assert key([("kd", 4)], 0, 2) != key([("kd", 4)], 0, 2, seed=1)
+    assert key([("kd", 2), ("dkd", 4)], 1, 2) == key([("kd", 2), ("dkd", 6)], 1, 2)
+    assert key([("kd", 2), ("dkd", 4)], 1, 2) != key([("kd", 3), ("dkd", 4)], 1, 2)
+    # A cosine schedule moves every step with the stage's length: only the same length shares.
+    cos = RecipeSpec(lr=0.05)
+    assert key([("kd", 4)], 0, 2, recipe=cos) != key([("kd", 6)], 0, 2, recipe=cos)
+    assert key([("kd", 4)], 0, 2, recipe=cos) == key([("kd", 4), ("dkd", 1)], 0, 2, recipe=cos)
+    assert not shared_across_lengths(cos.schedule, 4, 2)
+    with pytest.raises(ValueError):
+        key([("kd", 4)], 0, 4)
+
+
+def test_a_longer_stage_goes_on_from_a_shorter_ones_cut_under_a_step_schedule(tiny_problem, teacher_cache, tmp_path):
+    target = make_plan(tiny_problem, [("kd", 6), ("dkd", 1)], recipe=STEP, reference=REF)
+    scratch = run_plan(target, teacher_cache=teacher_cache)
+    cache = PrefixCache(tmp_path / "stages")
+    # A 4-epoch kd stage that finishes, past the rung at 2: its partial entry stays for other lengths.
+    short = run_plan(make_plan(tiny_problem, [("kd", 4)], recipe=STEP, reference=REF), teacher_cache=teacher_cache,
+                     stage_cache=cache, partial_at={2})
+    assert short.epochs_trained == 4 and len(cache.entries()) == 2
+    cached = run_plan(target, teacher_cache=teacher_cache, stage_cache=cache, partial_at={2})
+    assert (cached.epochs_reused, cached.epochs_trained) == (2, 5)
+    assert cached.stages[0].epochs == 6
+    assert _curve(cached) == _curve(scratch)
+    a, b = _student(scratch), _student(cached)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Under cosine the same two plans share nothing, and the finished stage leaves no partial entry.
+    cos_cache = PrefixCache(tmp_path / "cosine")
+    run_plan(make_plan(tiny_problem, [("kd", 4)], reference=REF), teacher_cache=teacher_cache, stage_cache=cos_cache,
+             partial_at={2})
+    assert len(cos_cache.entries()) == 1
+    again = run_plan(make_plan(tiny_problem, [("kd", 6), ("dkd", 1)], reference=REF), teacher_cache=teacher_cache,
+                     stage_cache=cos_cache, partial_at={2})
+    assert (again.epochs_reused, again.epochs_trained) == (0, 7)
 
 
 def test_a_partial_entry_that_does_not_fit_is_ignored(tiny_problem, teacher_cache, tmp_path):

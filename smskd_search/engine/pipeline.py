@@ -44,6 +44,7 @@ from smskd_search.engine.prefix_cache import (
     cacheable,
     frozen_outputs_key,
     partial_stage_key,
+    shared_across_lengths,
     stage_prefix_key,
 )
 from smskd_search.engine.teacher import DEFAULT_CACHE, TeacherRecord, ensure_teacher, load_teacher
@@ -344,7 +345,7 @@ def run_plan(
         else:
             stage = _build_stage(run, k)
             _stage_optimizer(run, stage)
-            partial_keys = (_partial_keys(run, k, keys[k], partial_at)
+            partial_keys = (_partial_keys(run, k, partial_at, logits_tag)
                             if stage_cache is not None and keys is not None else {})
             start = _from_partial(run, stage, stage_cache, partial_keys) if stage_cache is not None else None
             done = len(start.epoch_metrics) if start is not None else 0
@@ -368,8 +369,11 @@ def run_plan(
             del stage  # the stage's extra modules and reference go with it
             if stage_cache is not None and keys is not None:
                 if stage_cache.put(keys[k], _stage_payload(run, k)) is not None:
-                    for key in partial_keys.values():  # the finished stage's entry answers for them now
-                        stage_cache.discard(key)
+                    # The finished stage's entry answers for its partial ones now, unless a stage of
+                    # another length can go on from them (a step schedule before its milestone).
+                    for done, key in partial_keys.items():
+                        if not shared_across_lengths(plan.recipe.schedule, plan.stages[k].epochs, done):
+                            stage_cache.discard(key)
         wants_stop = on_stage_end is not None and on_stage_end(k, result.cum_epochs, result, ckpt_file)
         if wants_stop and k + 1 < len(plan.stages):
             stopped = True
@@ -400,11 +404,12 @@ def _from_stage_cache(run: _Run, cache: PrefixCache, keys: list[str]) -> int:
     return run.start_stage
 
 
-def _partial_keys(run: _Run, k: int, prefix_key: str, partial_at: Collection[int]) -> dict[int, str]:
+def _partial_keys(run: _Run, k: int, partial_at: Collection[int], logits_tag: str) -> dict[int, str]:
     """{epochs done: key} of stage k's partial entries at the cumulative epochs inside the stage."""
     before, epochs = run.cum_epochs, run.plan.stages[k].epochs
-    return {c - before: partial_stage_key(prefix_key, c - before) for c in sorted(set(partial_at))
-            if before < c < before + epochs}
+    return {c - before: partial_stage_key(run.plan, k, c - before, teacher_sha256=run.teacher_record.sha256,
+                                          runtime=run.runtime, teacher_logits=logits_tag)
+            for c in sorted(set(partial_at)) if before < c < before + epochs}
 
 
 def _rng_states(run: _Run, stage: _Stage) -> dict[str, Any]:
@@ -454,6 +459,7 @@ def _from_partial(run: _Run, stage: _Stage, cache: PrefixCache, keys: dict[int, 
             stage.method.load_state_dict(entry["method"])
             run.optimizer.load_state_dict(entry["optimizer"])
             _set_rng_states(run, stage, entry)
+            result.epochs = stage.spec.epochs  # the entry may come from a stage of another length
         except (KeyError, TypeError, ValueError, RuntimeError):
             # Not an entry this engine wrote: put everything back and train the stage from its start.
             run.student.load_state_dict(before[0])

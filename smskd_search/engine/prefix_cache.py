@@ -9,12 +9,15 @@ exactly those; plans that share a prefix (``kd(8) -> crd(8)`` and ``kd(8) -> rkd
 share its key, and :func:`smskd_search.engine.run_plan` starts such a plan from the longest prefix
 found in a :class:`PrefixCache` and trains only the rest, with the same numbers as from scratch.
 
-A stage cut short at a rung (a pruned trial) is reusable too: with the stage's own schedule (its
-epochs are part of its key), the state after its first ``e`` epochs is the same for every plan with
-that prefix, so :func:`partial_stage_key` names it and the engine puts the student, the method's
+A stage cut short at a rung (a pruned trial) is reusable too: the state after its first ``e`` epochs
+is the same for every plan with that prefix whose stage ran those epochs at the same learning rates,
+so :func:`partial_stage_key` names it by the prefix less the stage's length plus what those epochs
+saw of the schedule (:func:`schedule_prefix`), and the engine puts the student, the method's
 modules, the optimizer and the random streams there at the epochs it is asked to (the search's
-rungs); a later plan with that prefix goes on from there. A finished stage's entry replaces its
-partial ones.
+rungs); a later plan with that prefix goes on from there. Under a step schedule (the CIFAR benchmark
+recipe) stages of different lengths share these entries up to their first milestone; under a
+cosine one only a stage of the same length does, and a finished stage's entry replaces its partial
+ones.
 
 Not cached (:func:`cacheable` says why): plans with ``restart_optimizer: false`` (one lr schedule
 spans all stages, so a prefix depends on the plan's total epochs, i.e. on the later stages too),
@@ -49,13 +52,16 @@ from typing import IO, Any, Protocol
 import torch
 
 from smskd_search.engine.device import Precision
+from smskd_search.engine.optim import lr_at, step_progress
 from smskd_search.models.base import Features
-from smskd_search.plan import Plan
+from smskd_search.plan import Plan, ScheduleSpec
 
 # Bump when a change to the engine changes what a stage computes: older cache entries then miss.
 ENGINE_VERSION = 1
 DEFAULT_MAX_BYTES = 2 * 2**30
 FORMAT = 1
+# Partial entries are keyed by the schedule their epochs saw, not the stage's length (format 2).
+PARTIAL_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -91,22 +97,7 @@ def cacheable(plan: Plan, precision: Precision) -> str | None:
     return None
 
 
-def stage_prefix_key(plan: Plan, k: int, *, teacher_sha256: str, runtime: Runtime,
-                     teacher_logits: str = "exact") -> str:
-    """The cache key of the plan's stages ``0..k`` (0-based ``k``): everything that determines the
-    student at the end of stage ``k``.
-
-    The reference settings count only from a prefix of two stages on, canonicalised as in
-    :meth:`Plan.canonical_hash` (weight mode ``none`` zeroes the term whatever the rest says).
-
-    Args:
-        plan: The plan.
-        k: The last stage of the prefix (0-based).
-        teacher_sha256: The teacher's weights.
-        runtime: The machine's numerics.
-        teacher_logits: ``"exact"``, or the lossy dtype of a teacher-logit store the run reads
-            (:mod:`~smskd_search.engine.logit_store`): such stages have other numbers, so other keys.
-    """
+def _prefix_data(plan: Plan, k: int, runtime: Runtime, teacher_sha256: str, teacher_logits: str) -> dict[str, Any]:
     if not 0 <= k < len(plan.stages):
         raise IndexError(f"stage {k} of a {len(plan.stages)}-stage plan")
     reference: dict[str, Any] | None = None
@@ -128,15 +119,87 @@ def stage_prefix_key(plan: Plan, k: int, *, teacher_sha256: str, runtime: Runtim
     }
     if teacher_logits != "exact":
         data["teacher_logits"] = teacher_logits  # only then: the keys of exact runs stay as they were
-    return _digest(data)
+    return data
 
 
-def partial_stage_key(prefix_key: str, epochs_done: int) -> str:
-    """The cache key of a stage cut after ``epochs_done`` of its epochs, given the key of its prefix
-    (:func:`stage_prefix_key` of that stage, which holds the stage's full epochs and so its schedule)."""
-    if epochs_done < 1:
-        raise ValueError(f"epochs_done must be at least 1, not {epochs_done}")
-    return _digest({"format": FORMAT, "prefix": prefix_key, "epochs_done": int(epochs_done)})
+def stage_prefix_key(plan: Plan, k: int, *, teacher_sha256: str, runtime: Runtime,
+                     teacher_logits: str = "exact") -> str:
+    """The cache key of the plan's stages ``0..k`` (0-based ``k``): everything that determines the
+    student at the end of stage ``k``.
+
+    The reference settings count only from a prefix of two stages on, canonicalised as in
+    :meth:`Plan.canonical_hash` (weight mode ``none`` zeroes the term whatever the rest says).
+
+    Args:
+        plan: The plan.
+        k: The last stage of the prefix (0-based).
+        teacher_sha256: The teacher's weights.
+        runtime: The machine's numerics.
+        teacher_logits: ``"exact"``, or the lossy dtype of a teacher-logit store the run reads
+            (:mod:`~smskd_search.engine.logit_store`): such stages have other numbers, so other keys.
+    """
+    return _digest(_prefix_data(plan, k, runtime, teacher_sha256, teacher_logits))
+
+
+def schedule_prefix(schedule: ScheduleSpec, stage_epochs: int, epochs_done: int) -> list[Any]:
+    """What the first ``epochs_done`` epochs of a ``stage_epochs``-epoch stage see of its lr schedule
+    (as multiples of the base lr), in a form that is equal for two stage lengths exactly when those
+    epochs ran at the same learning rates.
+
+    A step schedule (the CIFAR benchmark recipe: milestones at fractions of the stage) keeps the base
+    lr until its first milestone, so ``kd(160)`` and ``kd(200)`` run their first 100 epochs alike; a
+    cosine schedule moves every step by the stage's length, so its epochs are the stage's own.
+
+    Example:
+        >>> from smskd_search.plan import ScheduleSpec
+        >>> step = ScheduleSpec(kind="step", milestones=[0.5], gamma=0.1)
+        >>> schedule_prefix(step, 4, 2) == schedule_prefix(step, 6, 2)
+        True
+        >>> schedule_prefix(ScheduleSpec(kind="cosine"), 4, 2) == schedule_prefix(ScheduleSpec(kind="cosine"), 6, 2)
+        False
+    """
+    if schedule.kind == "constant":
+        return ["constant"]
+    if schedule.kind == "step":
+        # The engine's own rule (lr_at at the epoch's progress): decays happen at epoch boundaries.
+        return ["step", [lr_at(1.0, schedule, step_progress(e, 0, 1, stage_epochs, "step")) for e in range(epochs_done)]]
+    return [schedule.kind, stage_epochs]
+
+
+def shared_across_lengths(schedule: ScheduleSpec, stage_epochs: int, epochs_done: int) -> bool:
+    """Whether a stage of another length runs its first ``epochs_done`` epochs as this one does (so
+    that a partial entry there serves it)."""
+    mine = schedule_prefix(schedule, stage_epochs, epochs_done)
+    return any(schedule_prefix(schedule, other, epochs_done) == mine
+               for other in range(epochs_done + 1, 2 * stage_epochs + 2) if other != stage_epochs)
+
+
+def partial_stage_key(plan: Plan, k: int, epochs_done: int, *, teacher_sha256: str, runtime: Runtime,
+                      teacher_logits: str = "exact") -> str:
+    """The cache key of stage ``k`` cut after ``epochs_done`` of its epochs.
+
+    It holds what :func:`stage_prefix_key` holds, except the stage's own length: in its place, what
+    its first ``epochs_done`` epochs saw of the lr schedule (:func:`schedule_prefix`). Nothing else
+    that a stage computes reads its length (the loader is seeded by the plan's seed and the stage's
+    index, warm-ups count from the stage's start), so stages of different lengths whose schedules
+    agree that far share the entry: under a step schedule a 160-epoch and a 200-epoch first stage
+    share their first 100 epochs. Under a cosine schedule the key holds the length (no sharing).
+
+    Args:
+        plan: The plan.
+        k: The cut stage (0-based).
+        epochs_done: Epochs of stage ``k`` trained at the cut (at least 1, less than the stage's).
+        teacher_sha256: The teacher's weights.
+        runtime: The machine's numerics.
+        teacher_logits: As for :func:`stage_prefix_key`.
+    """
+    data = _prefix_data(plan, k, runtime, teacher_sha256, teacher_logits)
+    epochs = plan.stages[k].epochs
+    if not 1 <= epochs_done < epochs:
+        raise ValueError(f"epochs_done must be at least 1 and less than the stage's {epochs} epochs, not {epochs_done}")
+    del data["stages"][k]["epochs"]
+    schedule = schedule_prefix(plan.recipe.schedule, epochs, epochs_done)
+    return _digest({"format": PARTIAL_FORMAT, "prefix": data, "epochs_done": int(epochs_done), "schedule": schedule})
 
 
 class EntryFolder(Protocol):
@@ -380,5 +443,7 @@ __all__ = [
     "cacheable",
     "frozen_outputs_key",
     "partial_stage_key",
+    "schedule_prefix",
+    "shared_across_lengths",
     "stage_prefix_key",
 ]
