@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from smskd_search.errors import UserError, format_validation_error
 
@@ -57,9 +57,12 @@ class AugmentSpec(Strict):
 
 
 class ScheduleSpec(Strict):
-    kind: Literal["constant", "step", "cosine"] = "cosine"
+    kind: Literal["constant", "step", "cosine", "wsd"] = "cosine"
     # For "step": fractions of the stage's epochs at which lr is multiplied by gamma.
     # The CIFAR-100 benchmark's 150/180/210 of 240 epochs is [0.625, 0.75, 0.875].
+    # For "wsd" (warmup-free warmup-stable-decay): the base lr until the first milestone, then a
+    # cosine decay to zero over the rest of the stage; stages of one method but different lengths
+    # run alike until the shorter one's decay starts, so the stage cache can share those epochs.
     milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
     gamma: float = Field(0.1, gt=0.0, le=1.0)
 
@@ -69,6 +72,12 @@ class ScheduleSpec(Strict):
         if any(not 0.0 < m < 1.0 for m in v) or v != sorted(v):
             raise ValueError("milestones must be increasing fractions in (0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _decay_start(self) -> ScheduleSpec:
+        if self.kind == "wsd" and not self.milestones:
+            raise ValueError("a wsd schedule needs milestones: [start of the decay, as a fraction of the stage]")
+        return self
 
 
 class RecipeSpec(Strict):

@@ -260,3 +260,22 @@ def test_train_cli_two_stage_plan_reports_test_accuracy(tmp_path, tiny_problem, 
     # The same plan through the library, same thread count: the same numbers.
     lib = run_plan(plan, teacher_cache=tmp_path / "studies" / "teachers")
     assert [s["val_acc"] for s in res["stages"]] == [s.val_acc for s in lib.stages]
+
+
+def test_lr_schedules_at_hand_computed_points():
+    import math
+
+    from smskd_search.engine.optim import lr_at, step_progress
+
+    cos, step = ScheduleSpec(kind="cosine"), ScheduleSpec(kind="step", milestones=[0.5, 0.75], gamma=0.1)
+    wsd = ScheduleSpec(kind="wsd", milestones=[0.6])
+    assert lr_at(0.1, cos, 0.5) == pytest.approx(0.05)
+    # step: epoch boundaries only; 3 of 4 epochs in: past the first milestone, not the second.
+    assert [lr_at(1.0, step, step_progress(e, 7, 8, 4, "step")) for e in range(4)] == pytest.approx([1, 1, 0.1, 0.01])
+    # wsd: flat until 60% of the stage, then half a cosine over the remaining 40%.
+    assert lr_at(0.1, wsd, 0.0) == lr_at(0.1, wsd, 0.599) == 0.1
+    assert lr_at(0.1, wsd, 0.8) == pytest.approx(0.05)
+    assert lr_at(0.1, wsd, 0.7) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(0.1, wsd, 1.0) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="wsd schedule needs milestones"):
+        ScheduleSpec(kind="wsd", milestones=[])

@@ -233,6 +233,11 @@ def test_partial_keys_are_shared_by_stage_lengths_whose_schedules_agree(tiny_pro
     assert key([("kd", 4)], 0, 2, recipe=cos) != key([("kd", 6)], 0, 2, recipe=cos)
     assert key([("kd", 4)], 0, 2, recipe=cos) == key([("kd", 4), ("dkd", 1)], 0, 2, recipe=cos)
     assert not shared_across_lengths(cos.schedule, 4, 2)
+    # wsd: the base lr until the decay starts (half the stage here), then a cosine to zero.
+    wsd = RecipeSpec(lr=0.05, schedule=ScheduleSpec(kind="wsd", milestones=[0.5]))
+    assert key([("kd", 4)], 0, 2, recipe=wsd) == key([("kd", 8)], 0, 2, recipe=wsd)
+    assert key([("kd", 4)], 0, 3, recipe=wsd) != key([("kd", 8)], 0, 3, recipe=wsd)
+    assert key([("kd", 4)], 0, 2, recipe=wsd) != key([("kd", 4)], 0, 2)
     with pytest.raises(ValueError):
         key([("kd", 4)], 0, 4)
 

@@ -22,12 +22,18 @@ def build_optimizer(groups: list[dict], recipe: RecipeSpec, device: torch.device
 def lr_at(base_lr: float, schedule: ScheduleSpec, progress: float) -> float:
     """Learning rate at ``progress`` in [0, 1) of the schedule's span (a stage, or the whole run).
 
-    Step decays happen at epoch boundaries (as in the benchmark codebases); cosine decays per step.
+    Step decays happen at epoch boundaries (as in the benchmark codebases); cosine decays per step,
+    and so does ``wsd`` after its first milestone.
     """
     if schedule.kind == "constant":
         return base_lr
     if schedule.kind == "cosine":
         return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule.kind == "wsd":
+        start = schedule.milestones[0]
+        if progress < start:
+            return base_lr
+        return 0.5 * base_lr * (1.0 + math.cos(math.pi * min((progress - start) / (1.0 - start), 1.0)))
     passed = sum(1 for m in schedule.milestones if progress >= m - 1e-9)
     return base_lr * schedule.gamma**passed
 

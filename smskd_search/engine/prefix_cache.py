@@ -147,8 +147,9 @@ def schedule_prefix(schedule: ScheduleSpec, stage_epochs: int, epochs_done: int)
     epochs ran at the same learning rates.
 
     A step schedule (the CIFAR benchmark recipe: milestones at fractions of the stage) keeps the base
-    lr until its first milestone, so ``kd(160)`` and ``kd(200)`` run their first 100 epochs alike; a
-    cosine schedule moves every step by the stage's length, so its epochs are the stage's own.
+    lr until its first milestone, so ``kd(160)`` and ``kd(200)`` run their first 100 epochs alike, and
+    so does ``wsd`` until its decay starts; a cosine schedule moves every step by the stage's length,
+    so its epochs are the stage's own.
 
     Example:
         >>> from smskd_search.plan import ScheduleSpec
@@ -163,6 +164,9 @@ def schedule_prefix(schedule: ScheduleSpec, stage_epochs: int, epochs_done: int)
     if schedule.kind == "step":
         # The engine's own rule (lr_at at the epoch's progress): decays happen at epoch boundaries.
         return ["step", [lr_at(1.0, schedule, step_progress(e, 0, 1, stage_epochs, "step")) for e in range(epochs_done)]]
+    if schedule.kind == "wsd" and epochs_done <= schedule.milestones[0] * stage_epochs:
+        # Every step of those epochs is before the decay (its progress is below done / stage_epochs).
+        return ["wsd", "stable", epochs_done]
     return [schedule.kind, stage_epochs]
 
 
