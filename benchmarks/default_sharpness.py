@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--teacher-crop", type=int, default=None,
                     help="crop padding of the teacher's own training (a teacher trained without shifts is wrong on shifted digits)")
     ap.add_argument("--teacher-epochs", type=int, default=None)
+    ap.add_argument("--teacher-arch", default=None, help="the teacher's arch (default: the space's)")
     ap.add_argument("--val-fraction", type=float, default=None,
                     help="share of the non-test images held out for validation (the teacher trains on the rest too)")
     ap.add_argument("--train-subset", type=int, default=None, help="a seeded subset of the training images (before the validation split)")
@@ -81,8 +82,11 @@ def main() -> None:
         recipe = recipe.model_copy(update={"optimizer": args.optimizer})
     if args.weight_decay is not None:
         recipe = recipe.model_copy(update={"weight_decay": args.weight_decay})
+    if args.teacher_arch is not None:
+        problem = update.get("problem", sp.problem)
+        update["problem"] = problem.model_copy(update={"teacher": problem.teacher.model_copy(update={"arch": args.teacher_arch})})
     if args.teacher_crop is not None or args.teacher_epochs is not None:
-        t = sp.problem.teacher
+        t = update.get("problem", sp.problem).teacher
         t_recipe = t.recipe
         if args.teacher_crop is not None:
             t_recipe = t_recipe.model_copy(update={"augment": AugmentSpec(crop_padding=args.teacher_crop, flip=False)})

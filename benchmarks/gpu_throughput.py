@@ -122,7 +122,7 @@ class Ours:
                  stage2: bool, recipe: RecipeSpec, compile_models: bool = False):
         self.prec, self.device = prec, device
         self.student = prec.prepare_model(copy.deepcopy(models.student0))
-        ctx = MethodContext(models.s_shapes, models.t_shapes, models.teacher, models.num_classes, len(split), 240)
+        ctx = MethodContext(models.s_shapes, models.t_shapes, models.teacher, models.num_classes, len(split))
         self.method = build_method("kd", {}, ctx).to(device)
         self.recipe = recipe.model_copy(update={"batch_size": batch})
         self.opt = build_optimizer([{"params": trainable(self.student.parameters())}], self.recipe, device)

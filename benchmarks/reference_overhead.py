@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         params = dict(space.search.method_params.get(mname, {})) if space.search is not None else {}
         torch.manual_seed(2)
         method0 = build_method(mname, params, MethodContext(s_shapes, t_shapes, teacher, info.num_classes,
-                                                            info.num_train, 10)).to(device)
+                                                            info.num_train)).to(device)
 
         def make(variant: str, loader_factory):
             student = copy.deepcopy(student0)

@@ -111,7 +111,7 @@ def test_reference_is_frozen_during_a_stage(tiny_problem, teacher_cache):
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     shapes = probe_shapes(student, (1, 8, 8)), probe_shapes(teacher, (1, 8, 8))
-    method = build_method("fitnet", {}, MethodContext(*shapes, teacher, 10, len(data.train), 1))
+    method = build_method("fitnet", {}, MethodContext(*shapes, teacher, 10, len(data.train)))
     opt = torch.optim.SGD(list(student.parameters()) + list(method.parameters()), lr=0.1, momentum=0.9)
     for cache in (False, True):
         imgs = data.train.images if cache else None

@@ -79,7 +79,7 @@ def cycle_labels(n: int, classes: int = 10) -> torch.Tensor:
 
 
 def make_ctx(num_train: int = 50, teacher: nn.Module | None = None, labels: torch.Tensor | None = None) -> MethodContext:
-    return MethodContext(S_SHAPES, T_SHAPES, teacher or FakeTeacher(), 10, num_train, 5,
+    return MethodContext(S_SHAPES, T_SHAPES, teacher or FakeTeacher(), 10, num_train,
                          cycle_labels(num_train) if labels is None else labels)
 
 
@@ -220,7 +220,7 @@ def fitnet_on(s_shape: tuple[int, int, int], t_shape: tuple[int, int, int]):
     """FitNets with its hint at stage 1 of synthetic shapes (student s_shape, teacher t_shape)."""
     ss = FeatureShapes(stages=(s_shape, s_shape), preact=(s_shape, s_shape), pooled=(s_shape[0],), logits=(10,))
     ts = FeatureShapes(stages=(t_shape, t_shape), preact=(t_shape, t_shape), pooled=(t_shape[0],), logits=(10,))
-    return build_method("fitnet", {"hint_layer": 1}, MethodContext(ss, ts, FakeTeacher(), 10, 50, 5))
+    return build_method("fitnet", {"hint_layer": 1}, MethodContext(ss, ts, FakeTeacher(), 10, 50))
 
 
 @pytest.mark.parametrize("s_hw,t_hw,kind,kernel,stride,padding", [
@@ -268,7 +268,7 @@ def test_fitnet_regressor_size_on_resnet8x4_from_resnet32x4():
         pytest.skip("CIFAR zoo not registered yet")
     t_shapes = probe_shapes(create_model("resnet32x4", 100, 3, 32), (3, 32, 32))
     s_shapes = probe_shapes(create_model("resnet8x4", 100, 3, 32), (3, 32, 32))
-    m = build_method("fitnet", {}, MethodContext(s_shapes, t_shapes, FakeTeacher(), 100, 50, 5))
+    m = build_method("fitnet", {}, MethodContext(s_shapes, t_shapes, FakeTeacher(), 100, 50))
     # The hint is stage index 2 of stem + 3 stages, the peers' HINT_LAYER 2 / --hint_layer 2: the
     # second stage's output, 128 x 16 x 16 in both models.
     assert (m.s_idx, m.t_idx) == (2, 2)
@@ -568,7 +568,7 @@ def test_crd_negatives_sized_to_the_dataset():
     with pytest.raises(ValueError, match="two classes"):
         build_method("crd", {}, make_ctx(num_train=10, labels=torch.zeros(10, dtype=torch.long)))
     with pytest.raises(ValueError, match="labels"):
-        build_method("crd", {}, MethodContext(S_SHAPES, T_SHAPES, FakeTeacher(), 10, 10, 5))
+        build_method("crd", {}, MethodContext(S_SHAPES, T_SHAPES, FakeTeacher(), 10, 10))
     with pytest.raises(ValueError, match="indices"):
         m(make_batch(b=4))
 
@@ -687,7 +687,7 @@ def pairs():
 def test_one_training_step(pairs, pair_key, name):
     pair = pairs(pair_key)
     num_train = 64
-    ctx = MethodContext(pair.s_shapes, pair.t_shapes, pair.teacher, pair.classes, num_train, 3,
+    ctx = MethodContext(pair.s_shapes, pair.t_shapes, pair.teacher, pair.classes, num_train,
                         cycle_labels(num_train, pair.classes))
     method = build_method(name, {}, ctx)
     student = pair.student
@@ -778,7 +778,7 @@ def test_ofd_on_a_teacher_without_bn_before_its_preactivations():
         p.requires_grad_(False)
     student = create_model("resnet8x4", 100, 3, 32)
     t_shapes, s_shapes = probe_shapes(teacher, (3, 32, 32)), probe_shapes(student, (3, 32, 32))
-    method = build_method("ofd", {}, MethodContext(s_shapes, t_shapes, teacher, 100, 64, 3))
+    method = build_method("ofd", {}, MethodContext(s_shapes, t_shapes, teacher, 100, 64))
     assert "empirical" in method.margin_sources
     state = {k: v.clone() for k, v in teacher.state_dict().items()}
     x = torch.randn(4, 3, 32, 32)

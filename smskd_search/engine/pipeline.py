@@ -529,7 +529,7 @@ def _build_stage(run: _Run, k: int) -> _Stage:
     spec = plan.stages[k]
     seed = _stage_seed(plan.seed, k)
     torch.manual_seed(seed)
-    ctx = MethodContext(run.s_shapes, run.t_shapes, run.teacher_model, info.num_classes, info.num_train, spec.epochs,
+    ctx = MethodContext(run.s_shapes, run.t_shapes, run.teacher_model, info.num_classes, info.num_train,
                         run.data.train.labels)
     method = build_method(spec.method, spec.params, ctx).to(run.dev)
     reference = None

@@ -35,7 +35,8 @@ class MethodContext:
     teacher: nn.Module  # frozen, eval mode: read statistics only (OFD's margins), never train it
     num_classes: int
     num_train: int  # size of the training split (CRD sizes its memory bank to it)
-    stage_epochs: int
+    # No stage length here on purpose: the stage cache lets stages of one method but different
+    # lengths share their first epochs where the lr schedule allows it (engine/prefix_cache.py).
     # Labels of the training split, by position (CRD draws its negatives from other classes); None
     # where the caller has none (a method that needs them says so when it is built).
     train_labels: torch.Tensor | None = None
