@@ -101,7 +101,7 @@ def main() -> None:
             print(f"wall time, warm cache / no cache: {warm['wall']:.1f}s / {off['wall']:.1f}s = "
                   f"{warm['wall'] / off['wall']:.3f} ({warm['trained']} epochs trained): the floor of the ratio")
         same = on["trials"] == off["trials"] and (warm is None or warm["trials"] == on["trials"])
-        print(f"the two studies' trials (plan key, state, value, intermediate values) identical: {same}")
+        print(f"the studies' trials (plan key, state, value, intermediate values) identical: {same}")
         if not same:
             for i, (a, b) in enumerate(zip(on["trials"], off["trials"])):
                 if a != b:
