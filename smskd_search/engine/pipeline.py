@@ -370,7 +370,7 @@ def run_plan(
             if stage_cache is not None and keys is not None:
                 if stage_cache.put(keys[k], _stage_payload(run, k)) is not None:
                     # The finished stage's entry answers for its partial ones now, unless a stage of
-                    # another length can go on from them (a step schedule before its milestone).
+                    # another length can go on from them (a step or wsd schedule before its decay).
                     for done, key in partial_keys.items():
                         if not shared_across_lengths(plan.recipe.schedule, plan.stages[k].epochs, done):
                             stage_cache.discard(key)

@@ -15,7 +15,8 @@ so :func:`partial_stage_key` names it by the prefix less the stage's length plus
 saw of the schedule (:func:`schedule_prefix`), and the engine puts the student, the method's
 modules, the optimizer and the random streams there at the epochs it is asked to (the search's
 rungs); a later plan with that prefix goes on from there. Under a step schedule (the CIFAR benchmark
-recipe) stages of different lengths share these entries up to their first milestone; under a
+recipe) stages of different lengths share these entries up to their first milestone, under ``wsd``
+until their decay starts; under a
 cosine one only a stage of the same length does, and a finished stage's entry replaces its partial
 ones.
 
