@@ -157,10 +157,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         return False
 
     result = run_plan(plan, device=device, out_dir=out, resume=args.resume, on_stage_end=on_stage,
-                      on_epoch_end=on_epoch, teacher_cache=STUDIES_DIR / "teachers")
+                      on_epoch_end=on_epoch, teacher_cache=STUDIES_DIR / "teachers", precision=args.precision,
+                      deterministic=args.deterministic)
     if result.resumed_from_stage is not None:
         print(f"resumed after stage {result.resumed_from_stage + 1} from {out}")
-    test = evaluate_test(plan, result)
+    for note in result.notes:
+        print(f"note: {note}")
+    test = evaluate_test(plan, result, precision=args.precision)
     write_results(out / "results.json", plan, result, test)
     print(describe(result.teacher))
     print(f"final: val acc {_pct(result.final_val_acc)} (n={result.stages[-1].n_val}), "
@@ -385,7 +388,9 @@ def _search_parser(prog: str) -> argparse.ArgumentParser:
                         "s3://bucket/prefix?endpoint_override=host:9000&scheme=http; credentials from the AWS_* "
                         "variables) (default: studies/)")
     p.add_argument("--deterministic", action="store_true",
-                   help="the same space and --seed give the same study on CPU (one trial at a time)")
+                   help="the same space and --seed give the same study (one trial at a time); on a GPU this also turns "
+                        "on PyTorch's deterministic algorithms (slower). Without it, a CPU study is still "
+                        "bit-for-bit per trial, a GPU one close, not bit-for-bit")
     p.set_defaults(func=cmd_search)
     return p
 
@@ -395,7 +400,7 @@ def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
 
     p = argparse.ArgumentParser(prog=f"{prog} teacher", description="Train (or check) and cache the space's teacher.")
     p.add_argument("--space", default=None, help="space file or built-in name (default: default)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when present)")
     p.add_argument("--cache", default=None, help="teacher cache folder (default: studies/teachers)")
     p.set_defaults(func=cmd_teacher)
     parsers["teacher"] = p
@@ -406,11 +411,17 @@ def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--epochs", type=int, default=None, help="single-method baseline: its epochs")
     p.add_argument("--space", default=None, help="single-method baseline: the space (default: default)")
     p.add_argument("--seed", type=int, default=None, help="override the plan's seed")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the plan's recorded count, else torch's); CPU numbers depend on it")
     p.add_argument("--out", default=None, help="output folder (default: studies/runs/<plan>-<hash>/)")
     p.add_argument("--resume", action="store_true", help="continue from the last stage checkpoint in --out")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on a GPU with native bf16 (compute capability 8.0+), fp16 with grad scaling on "
+                        "older GPUs, fp32 on the CPU (default auto)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="on a GPU, PyTorch's deterministic algorithms: the same bits on every run, slower (a CPU run "
+                        "is bit-for-bit without it; a GPU run without it is close, not bit-for-bit)")
     p.set_defaults(func=cmd_train)
     parsers["train"] = p
 
@@ -442,7 +453,7 @@ def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--space", default=None,
                    help="compare with every single method of this space (default: the plan's provenance space, "
                         "else the plan's own methods)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the plan's recorded count)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs side by side, one process each (default: CPU cores / threads on a CPU, 1 on a GPU); "

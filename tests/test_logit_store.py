@@ -4,6 +4,8 @@ the CPU, a stream the key got wrong is caught, and both tiers keep to their caps
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import make_plan
@@ -266,7 +268,7 @@ def test_a_trial_hands_the_store_to_its_run(tiny_problem, tmp_path, monkeypatch)
     got: list = []
     monkeypatch.setattr(tr, "tune", Tune())
     monkeypatch.setattr(tr, "_shared_inputs", lambda plan, context, root: (None, None, None))
-    monkeypatch.setattr(engine, "run_plan", lambda plan, **kw: got.append(kw.get("logit_store")))
+    monkeypatch.setattr(engine, "run_plan", lambda plan, **kw: got.append(kw.get("logit_store")) or SimpleNamespace(notes=[]))
     plan = make_plan(tiny_problem, [("kd", 1)], recipe=AUG)
     for cache_dir in (tmp_path / "cache", None):
         context = tr.TrialContext(teacher=TeacherPayload({}, b""), cache_dir=str(cache_dir) if cache_dir else None)

@@ -101,9 +101,12 @@ class TensorLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment if augment is not None and augment.enabled else None
+        # Imported here: the engine package imports this module (the device module is its own).
+        from smskd_search.engine.device import make_generator, same_device
+
         device = split.labels.device
-        self.generator = generator if generator is not None else torch.Generator(device).manual_seed(0)
-        if self.generator.device != device:
+        self.generator = generator if generator is not None else make_generator(device, 0)
+        if not same_device(self.generator.device, device):
             raise ValueError(f"the generator is on {self.generator.device}, the data on {device}")
         self.drop_last = drop_last
 

@@ -85,8 +85,7 @@ def teacher_logits_key(plan: Plan, k: int, epoch: int, *, loader_seed: int, trai
         "loader_seed": loader_seed,
         "epoch": epoch,
         "stored": stored,
-        "runtime": {"threads": runtime.threads, "device": runtime.device, "precision": runtime.precision,
-                    "torch": runtime.torch_version, "engine": runtime.engine_version},
+        "runtime": runtime.key_data(),
     }
     return _digest(data)
 

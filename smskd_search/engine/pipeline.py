@@ -32,7 +32,16 @@ import torch
 from torch import nn
 
 from smskd_search.data import DataInfo, DataSplits, TensorLoader, load_data, load_test_split
-from smskd_search.engine.device import Precision, device_rng_state, pick_device, pick_precision, set_device_rng_state
+from smskd_search.engine.device import (
+    Precision,
+    device_name,
+    device_rng_state,
+    make_generator,
+    pick_device,
+    pick_precision,
+    set_device_rng_state,
+    set_numerics,
+)
 from smskd_search.engine.evaluate import EvalResult, evaluate
 from smskd_search.engine.frozen import FrozenForward, freeze, frozen_copy
 from smskd_search.engine.logit_store import EpochTeacher, LogitStore, StoreMismatch, teacher_logits_key
@@ -108,6 +117,8 @@ class RunResult:
     cache_skipped: str | None = None
     # Trained epochs whose teacher logits came from the logit store (no teacher forward).
     teacher_epochs_served: int = 0
+    # What the caller should say (a resume from a checkpoint made on another device or precision).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def final_val_acc(self) -> float:
@@ -229,6 +240,7 @@ class _Run:
     scaler: Any
     runtime: Runtime
     logit_store: LogitStore | None = None
+    notes: list[str] = field(default_factory=list)
     teacher_epochs_served: int = 0
     results: list[StageResult] = field(default_factory=list)
     start_stage: int = 0
@@ -274,6 +286,7 @@ def run_plan(
     logit_store: LogitStore | None = None,
     partial_at: Collection[int] = (),
     on_epochs_reused: EpochsReusedCallback | None = None,
+    deterministic: bool = False,
 ) -> RunResult:
     """Run a plan stage by stage; see the module docstring for the exact semantics.
 
@@ -305,6 +318,9 @@ def run_plan(
             entry goes on from its latest one, with the same numbers as from its start.
         on_epochs_reused: Called with a stage's epochs taken from such an entry (before the stage
             trains the rest), so that a caller can report them as it reports trained epochs.
+        deterministic: On a GPU, PyTorch's deterministic algorithms (no TF32, no cuDNN autotuner):
+            the same plan and seed then give the same bits there too, at a cost in speed. Without
+            it, GPU runs agree closely, not bitwise. (A CPU run is bit-reproducible either way.)
 
     Returns:
         The :class:`RunResult`: per-stage validation accuracy and curves.
@@ -323,7 +339,7 @@ def run_plan(
     """
     check_plan(plan)
     run = _set_up(plan, device, precision, data, teacher_record, teacher_model, teacher_cache, cache_frozen_outputs,
-                  frozen_memo)
+                  frozen_memo, deterministic)
     if logit_store is not None and not run.teacher_fw.cached:
         run.logit_store = logit_store
     logits_tag = run.logit_store.tag if run.logit_store is not None else "exact"
@@ -382,7 +398,7 @@ def run_plan(
     return RunResult(plan.content_hash(), run.results, stopped, run.resumed_from, run.teacher_record, run.data.info,
                      run.student if keep_student else None, epochs_reused=reused, epochs_trained=trained,
                      epochs_resumed=epochs_resumed, cache_skipped=skipped,
-                     teacher_epochs_served=run.teacher_epochs_served)
+                     teacher_epochs_served=run.teacher_epochs_served, notes=run.notes)
 
 
 def _from_stage_cache(run: _Run, cache: PrefixCache, keys: list[str]) -> int:
@@ -433,7 +449,7 @@ def _partial_payload(run: _Run, stage: _Stage, result: StageResult) -> dict:
         "epochs_done": len(result.epoch_metrics),
         "student": {n: t.detach().cpu() for n, t in run.student.state_dict().items()},
         "method": {n: t.detach().cpu() for n, t in stage.method.state_dict().items()},
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": _on_cpu(run.optimizer.state_dict()),
         **_rng_states(run, stage),
         "stage": asdict(result),
     }
@@ -473,10 +489,12 @@ def _from_partial(run: _Run, stage: _Stage, cache: PrefixCache, keys: dict[int, 
 
 def _set_up(plan: Plan, device: torch.device | str | None, precision: str, data: DataSplits | None,
             teacher_record: TeacherRecord | None, teacher_model: nn.Module | None, teacher_cache: str | Path,
-            cache_frozen_outputs: bool, frozen_memo: FrozenOutputsMemo | None = None) -> _Run:
+            cache_frozen_outputs: bool, frozen_memo: FrozenOutputsMemo | None = None,
+            deterministic: bool = False) -> _Run:
     """Data, the teacher (checked against the plan), a fresh student and the shapes methods probe."""
-    dev = pick_device(str(device) if device is not None else None)
+    dev = pick_device(device)
     prec = pick_precision(dev, precision)
+    set_numerics(dev, prec, deterministic)
     if data is None:
         data = load_data(plan.problem.dataset, dev)
     info = data.info
@@ -521,6 +539,12 @@ def _resume(run: _Run, out: Path) -> None:
     run.start_stage = ckpt["stage_index"] + 1
     run.resumed_from = ckpt["stage_index"]
     run.opt_state = ckpt.get("optimizer")
+    made_on = ckpt.get("made_on")
+    here = _made_on(run)
+    if made_on is not None and (made_on["device"], made_on["precision"]) != (here["device"], here["precision"]):
+        run.notes.append(f"resumed after stage {ckpt['stage_index'] + 1} from a checkpoint made on {made_on['device']} "
+                         f"({made_on['precision']}), going on on {here['device']} ({here['precision']}): "
+                         "the later stages' numbers differ from a run on one machine")
 
 
 def _build_stage(run: _Run, k: int) -> _Stage:
@@ -539,7 +563,7 @@ def _build_stage(run: _Run, k: int) -> _Stage:
                                plan.recipe.eval_batch_size, need_features=plan.reference.loss == "feature_mse")
         reference = ReferenceTerm(ref_fw, plan.reference)
     loader = TensorLoader(run.data.train, plan.recipe.batch_size, shuffle=True, augment=plan.recipe.augment,
-                          generator=torch.Generator(run.dev).manual_seed(seed))
+                          generator=make_generator(run.dev, seed))
     return _Stage(k, spec, seed, method, reference, loader)
 
 
@@ -642,7 +666,8 @@ def _stage_payload(run: _Run, k: int) -> dict:
         "stage_index": k,
         "student": {n: t.detach().cpu() for n, t in run.student.state_dict().items()},
         "optimizer": None if run.plan.restart_optimizer or run.optimizer is None
-        else _student_only_state(run.optimizer),
+        else _on_cpu(_student_only_state(run.optimizer)),
+        "made_on": _made_on(run),
         # Plain data only (loaded back with weights_only=True): dataclasses as dicts of numbers.
         # (Whether a stage came from the stage cache belongs to the run, not to the stage.)
         "results": [{**asdict(r), "reused": False} for r in run.results[: k + 1]],
@@ -654,6 +679,22 @@ def _save_stage(run: _Run, k: int, out: Path) -> Path:
     path = checkpoint_path(out, k)
     _save_checkpoint(path, _stage_payload(run, k))
     return path
+
+
+def _made_on(run: _Run) -> dict[str, str]:
+    """Where a checkpoint's numbers were made: the device (a GPU by its name), precision, GPU numerics."""
+    return {"device": device_name(run.dev), "precision": run.prec.name, "numerics": run.runtime.numerics}
+
+
+def _on_cpu(state: Any) -> Any:
+    """An optimizer state dict with its tensors on the CPU (a checkpoint must load where there is no GPU)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_on_cpu(v) for v in state]
+    return state
 
 
 def _student_only_state(optimizer: torch.optim.Optimizer) -> dict:

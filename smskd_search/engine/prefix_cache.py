@@ -52,7 +52,7 @@ from typing import IO, Any, Protocol
 
 import torch
 
-from smskd_search.engine.device import Precision
+from smskd_search.engine.device import Precision, current_numerics, device_name
 from smskd_search.engine.optim import lr_at, step_progress
 from smskd_search.models.base import Features
 from smskd_search.plan import Plan, ScheduleSpec
@@ -74,15 +74,27 @@ class Runtime:
     precision: str
     torch_version: str = torch.__version__
     engine_version: int = ENGINE_VERSION
+    # A GPU's TF32, cuDNN and determinism settings (:meth:`Numerics.key`); empty on a CPU, where they
+    # change nothing (so CPU keys are what they were before the field existed).
+    numerics: str = ""
 
     @classmethod
     def current(cls, device: torch.device, precision: Precision) -> Runtime:
         dev = device.type
         if device.type == "cuda":
-            dev += ":" + torch.cuda.get_device_name(device)
+            dev += ":" + device_name(device)
         prec = (f"{precision.autocast_dtype}/scaling={precision.grad_scaling}/"
                 f"channels_last={precision.channels_last}")
-        return cls(torch.get_num_threads(), dev, prec)
+        numerics = current_numerics(device).key() if device.type == "cuda" else ""
+        return cls(torch.get_num_threads(), dev, prec, numerics=numerics)
+
+    def key_data(self) -> dict[str, Any]:
+        """What of the runtime goes into a cache key."""
+        data: dict[str, Any] = {"threads": self.threads, "device": self.device, "precision": self.precision,
+                                "torch": self.torch_version, "engine": self.engine_version}
+        if self.numerics:
+            data["numerics"] = self.numerics
+        return data
 
 
 def _digest(data: Any, n: int = 32) -> str:
@@ -115,8 +127,7 @@ def _prefix_data(plan: Plan, k: int, runtime: Runtime, teacher_sha256: str, teac
         "stages": [s.model_dump(mode="json") for s in plan.stages[: k + 1]],
         "reference": reference,
         "restart_optimizer": plan.restart_optimizer,
-        "runtime": {"threads": runtime.threads, "device": runtime.device, "precision": runtime.precision,
-                    "torch": runtime.torch_version, "engine": runtime.engine_version},
+        "runtime": runtime.key_data(),
     }
     if teacher_logits != "exact":
         data["teacher_logits"] = teacher_logits  # only then: the keys of exact runs stay as they were
@@ -385,7 +396,8 @@ def frozen_outputs_key(*, teacher_sha256: str, data_identity: Any, need_features
     """The memo key of a frozen teacher's outputs over a training split."""
     return _digest({"teacher": teacher_sha256, "data": data_identity, "features": need_features,
                     "batch_size": batch_size, "runtime": [runtime.threads, runtime.device, runtime.precision,
-                                                          runtime.torch_version, runtime.engine_version]})
+                                                          runtime.torch_version, runtime.engine_version]
+                                                         + ([runtime.numerics] if runtime.numerics else [])})
 
 
 def _to_payload(cache: tuple[torch.Tensor, Features | None]) -> dict:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from smskd_search.data import DataSplits, TensorLoader, load_data, load_test_split
-from smskd_search.engine.device import Precision, pick_precision
+from smskd_search.engine.device import Precision, make_generator, pick_device, pick_precision, release_memory, set_numerics
 from smskd_search.engine.evaluate import evaluate
 from smskd_search.engine.frozen import freeze
 from smskd_search.engine.optim import backward_and_step, build_optimizer, lr_at, set_lr, step_progress, trainable
@@ -138,7 +138,7 @@ def train_teacher_model(problem: ProblemSpec, data: DataSplits, device: torch.de
     model = precision.prepare_model(model.to(device))
     opt = build_optimizer([{"params": trainable(model.parameters())}], recipe, device)
     loader = TensorLoader(data.train, recipe.batch_size, shuffle=True, augment=recipe.augment,
-                          generator=torch.Generator(device).manual_seed(recipe.seed))
+                          generator=make_generator(device, recipe.seed))
     scaler = precision.grad_scaler()
     for epoch in range(recipe.epochs):
         model.train()
@@ -197,6 +197,7 @@ def ensure_teacher(
     with_test: bool = False,
     on_epoch: EpochCallback | None = None,
     on_start: Callable[[TeacherJob], None] | None = None,
+    deterministic: bool = False,
 ) -> TeacherRecord:
     """The cached teacher of a problem: a cache hit, a checked user checkpoint, or a trained one.
 
@@ -210,8 +211,10 @@ def ensure_teacher(
         on_epoch: Called (epoch, epochs, train loss, val acc) after each teacher epoch.
         on_start: Called once with the :class:`TeacherJob` before a teacher is trained (not on a
             cache hit or a user checkpoint).
+        deterministic: On a GPU, train with PyTorch's deterministic algorithms (see
+            :func:`~smskd_search.engine.device.set_numerics`).
     """
-    device = torch.device(device)
+    device = pick_device(device)
     folder = teacher_dir(problem, cache_root)
     meta_path = folder / "teacher.json"
     record = cached_teacher(problem, cache_root)
@@ -223,6 +226,7 @@ def ensure_teacher(
     if data is None:
         data = load_data(problem.dataset, device)
     precision = pick_precision(device)
+    set_numerics(device, precision, deterministic)
     info = data.info
     if problem.teacher.checkpoint:
         model = create_model(problem.teacher.arch, info.num_classes, info.in_channels, info.image_size)
@@ -247,6 +251,8 @@ def ensure_teacher(
         record = _add_test_accuracy(problem, record, device, data, model)
     folder.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(asdict(record), indent=2))
+    del model, data
+    release_memory(device)  # the trials that follow need the GPU more than this process's cache
     return record
 
 

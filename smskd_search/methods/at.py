@@ -8,6 +8,7 @@ from pydantic import Field
 
 from smskd_search.methods.base import KDBatch, Method, MethodContext, MethodParams, register_method
 from smskd_search.methods.common import paired_stages
+from smskd_search.models.pool import adaptive_avg_pool2d
 
 
 class ATParams(MethodParams):
@@ -22,9 +23,9 @@ def attention_map(f: torch.Tensor, p: float) -> torch.Tensor:
 def at_stage_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float) -> torch.Tensor:
     hs, ht = f_s.shape[2], f_t.shape[2]
     if hs > ht:
-        f_s = F.adaptive_avg_pool2d(f_s, f_t.shape[2:])
+        f_s = adaptive_avg_pool2d(f_s, f_t.shape[2:])
     elif hs < ht:
-        f_t = F.adaptive_avg_pool2d(f_t, f_s.shape[2:])
+        f_t = adaptive_avg_pool2d(f_t, f_s.shape[2:])
     return (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
 
 

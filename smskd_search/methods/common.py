@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smskd_search.models.pool import adaptive_avg_pool2d
+
 
 def paired_stages(n_student: int, n_teacher: int, skip_stem: bool = True) -> list[tuple[int, int]]:
     """Pairs of (student, teacher) indices into Features.stages, deepest stages aligned.
@@ -53,7 +55,7 @@ def resize_to(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
     if x.shape[-2] >= hw[0] and x.shape[-1] >= hw[1]:
-        return F.adaptive_avg_pool2d(x, hw)
+        return adaptive_avg_pool2d(x, hw)
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
 
 

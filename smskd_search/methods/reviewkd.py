@@ -15,6 +15,7 @@ from torch import nn
 
 from smskd_search.methods.base import KDBatch, Method, MethodContext, MethodParams, register_method
 from smskd_search.methods.common import paired_stages
+from smskd_search.models.pool import adaptive_avg_pool2d
 
 
 class ReviewKDParams(MethodParams):
@@ -67,7 +68,7 @@ def hcl_loss(f_s: torch.Tensor, f_t: torch.Tensor, pyramid: list[int] | tuple[in
         if size >= side:
             continue
         w /= 2.0
-        loss = loss + w * F.mse_loss(F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size))
+        loss = loss + w * F.mse_loss(adaptive_avg_pool2d(f_s, size), adaptive_avg_pool2d(f_t, size))
         total += w
     return loss / total
 

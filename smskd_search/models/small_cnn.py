@@ -4,10 +4,10 @@ students 10x to 2500x smaller, all with the same stem + 3 stages layout as the C
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smskd_search.models.base import Features, ZooModel, register_model, relu_stages
+from smskd_search.models.pool import adaptive_avg_pool2d
 
 
 class ConvBN(nn.Sequential):
@@ -29,7 +29,7 @@ class SmallCNN(ZooModel):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
         out, stages, preact = relu_stages(self.stem(x), self.stages)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        pooled = torch.flatten(adaptive_avg_pool2d(out, 1), 1)
         return self.fc(pooled), Features(stages, preact, pooled)
 
     def preact_bns(self) -> list[nn.Module | None]:

@@ -124,6 +124,9 @@ def run_search(
         deterministic: The same space and ``seed`` give the same study on CPU (same trials, same
             values): trials run one at a time, so the sampler is asked and told, and the rungs
             filled, in trial-number order. Costs the parallelism (about 2x the wall time on 2 cores).
+            On a GPU, the teacher and the trials also run PyTorch's deterministic algorithms
+            (:func:`~smskd_search.engine.device.set_numerics`); without it GPU values are close,
+            not bit-for-bit, from run to run.
         cache: Keep every finished stage in ``studies_dir/cache/stages`` (shared by the studies
             there: its key says everything that determines a stage) and start each trial from the
             longest prefix of its stages found there; the frozen teacher's outputs are kept in
@@ -191,21 +194,26 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line and summary say it all
     try:
         from smskd_search.engine import ensure_teacher, pick_device
+        from smskd_search.engine.device import cuda_available
 
         # The study file first, so that the dashboard can open it while the teacher trains.
         session = lc.open_session(space, studies_dir, name, resume=resume, seed=seed, budget=budget,
                                   storage_root=storage_root)
         lc.bind_storage_root(session)
         try:
-            if address is not None:
-                # On a cluster: where the cluster has the resources for it, not on the driver.
+            if address is not None or cuda_available():
+                # On a cluster: where the cluster has the resources for it, not on the driver. On a
+                # GPU machine too: Ray starts while the teacher trains, and the task's worker exits
+                # after it, so no process holds the teacher's GPU memory while the trials run.
+                ray_started = ray_started or start_ray(address, storage_root)
                 teacher, node = ensure_teacher_on_cluster(sp.problem, studies_dir / "teachers", on_epoch=on_teacher_epoch,
-                                                          on_start=on_teacher_start)
-                if node is not None:
+                                                          on_start=on_teacher_start, deterministic=deterministic)
+                if node is not None and address is not None:
                     session.notes.append(f"the teacher trained as a Ray task on node {node}")
             else:
                 teacher = ensure_teacher(sp.problem, cache_root=studies_dir / "teachers", device=pick_device(None),
-                                         on_epoch=on_teacher_epoch, on_start=on_teacher_start)
+                                         on_epoch=on_teacher_epoch, on_start=on_teacher_start,
+                                         deterministic=deterministic)
         except BaseException:
             if not resume:
                 lc.discard_if_empty(session)
@@ -228,7 +236,7 @@ def run_search(
             space=sp, session=session, teacher=teacher, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
             max_concurrent=max_concurrent, address=address, deadline=start + timeout if timeout is not None else None,
             start=start, on_progress=on_progress, cache_dir=sfs.join(session.storage_root, "cache") if cache else None,
-            cache_max_bytes=cache_max_bytes)
+            cache_max_bytes=cache_max_bytes, deterministic=deterministic)
         # The budget; then, while new infrastructure failures left it short (they do not count toward
         # it), another round for their retries and the trials still owed, at most INFRA_ATTEMPTS in all.
         def timed_out() -> bool:

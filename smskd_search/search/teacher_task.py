@@ -5,8 +5,9 @@ resnet32x4 there would take hours on its CPU. So on a cluster (``--address``) a 
 the cache is trained by a Ray task that asks for one GPU where the cluster has one (else the CPUs of
 its largest node); its progress comes back through a Ray queue and is shown as on the driver, and
 its checkpoint comes back as bytes that the driver stores in its teacher cache (the trials then get
-them through the object store, see :mod:`~smskd_search.search.teacher_transport`). Searches on
-local Ray train the teacher in the driver's process, as before.
+them through the object store, see :mod:`~smskd_search.search.teacher_transport`). A search on local
+Ray with a GPU trains it so too (its worker exits after the task, handing back the GPU memory it
+held); on local Ray without one, the teacher trains in the driver's process.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def task_resources(cluster: dict[str, float], nodes: list[dict[str, Any]]) -> di
     return {"num_cpus": max(1, int(max(per_node, default=1)))}
 
 
-def _train(problem_json: dict[str, Any], progress: Any) -> tuple[bytes, dict[str, Any], str]:
+def _train(problem_json: dict[str, Any], progress: Any, deterministic: bool = False) -> tuple[bytes, dict[str, Any], str]:
     """In the task: train the teacher on this node's best device; its bytes, record and node id."""
     import torch
 
@@ -60,14 +61,15 @@ def _train(problem_json: dict[str, Any], progress: Any) -> tuple[bytes, dict[str
     with tempfile.TemporaryDirectory(prefix="smskd-teacher-") as tmp:
         record = ensure_teacher(problem, cache_root=tmp, device=pick_device(None),
                                 on_start=lambda job: progress.put(("start", asdict(job))),
-                                on_epoch=lambda *a: progress.put(("epoch", a)))
+                                on_epoch=lambda *a: progress.put(("epoch", a)), deterministic=deterministic)
         weights = Path(record.path).read_bytes()
     return weights, asdict(record), ray.get_runtime_context().get_node_id()
 
 
 def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
                               on_epoch: Callable[[int, int, float, float], None] | None = None,
-                              on_start: Callable[[TeacherJob], None] | None = None) -> tuple[TeacherRecord, str | None]:
+                              on_start: Callable[[TeacherJob], None] | None = None,
+                              deterministic: bool = False) -> tuple[TeacherRecord, str | None]:
     """The problem's teacher: from the driver's cache, else trained by a Ray task and cached here.
 
     Returns the record and the id of the node that trained it (None on a cache hit).
@@ -77,6 +79,7 @@ def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
         cache_root: The driver's teacher cache.
         on_epoch: Called (epoch, epochs, train loss, val acc) as the task trains.
         on_start: Called with the :class:`TeacherJob` when the task starts training.
+        deterministic: Train with PyTorch's deterministic algorithms on a GPU.
     """
     from smskd_search.search._ray import ray
 
@@ -94,7 +97,8 @@ def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
     sent = problem.model_copy(update={"dataset": dataset}).model_dump(mode="json")
     progress = Queue()
     opts = task_resources(ray.cluster_resources(), ray.nodes())
-    ref = ray.remote(_train).options(**opts, max_retries=0).remote(sent, progress)
+    # max_calls=1: the worker exits after the task, and its GPU memory (context, cache) goes with it.
+    ref = ray.remote(_train).options(**opts, max_retries=0, max_calls=1).remote(sent, progress, deterministic)
 
     def drain() -> None:
         while True:

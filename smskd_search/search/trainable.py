@@ -29,7 +29,14 @@ epoch on that stream reads them instead of running the teacher, with the same nu
 
 A plan that raises is reported as one result carrying ``error`` (and not raised to Tune): the
 searcher stores the message as the trial's ``fail_reason``, and Tune does not retry a plan that
-would fail again.
+would fail again. A device fault (out of GPU memory, a CUDA, cuBLAS or cuDNN error) is the machine's:
+after reporting it the trial raises :class:`DeviceFault`, so that Tune retires the worker (a CUDA
+context that hit an illegal address is unusable for good) and tries the trial once more in a fresh
+one; if that fails too, the searcher records an infrastructure failure, retried off the budget.
+
+On a GPU shared by several trials (``gpus_per_trial`` below 1), each worker caps its GPU memory at its
+share (:func:`~smskd_search.engine.device.limit_memory`): a trial that outgrows it fails with out of
+memory instead of taking its neighbours'.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -47,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
+from smskd_search.engine.device import is_device_fault
 from smskd_search.errors import UserError
 from smskd_search.search import run_dirs
 from smskd_search.search import storage_fs as sfs
@@ -76,6 +85,9 @@ class TrialContext:
             ``teacher_logits/``); None: no stage cache and no teacher-logit store, and the
             teacher's outputs are kept in this process only.
         cache_max_bytes: The cap of each of the three caches (least recently used entries go first).
+        deterministic: On a GPU, PyTorch's deterministic algorithms.
+        gpu_share: The GPUs each trial asked Ray for (a fraction when trials share a GPU): its cap
+            on the GPU's memory.
     """
 
     teacher: TeacherPayload
@@ -83,6 +95,12 @@ class TrialContext:
     keep_run_dirs: bool = False
     cache_dir: str | None = None
     cache_max_bytes: int = 2 * 2**30
+    deterministic: bool = False
+    gpu_share: float = 0.0
+
+
+class DeviceFault(RuntimeError):
+    """Raised to Tune after a device fault was reported, so that the worker that hit it is retired."""
 
 
 def _dataset_on_this_node(plan: Any, data_root: str | None) -> Any:
@@ -99,8 +117,11 @@ def _dataset_on_this_node(plan: Any, data_root: str | None) -> Any:
 def _shared_inputs(plan: Any, context: TrialContext, data_root: str | None = None) -> tuple[Any, Any, Any]:
     from smskd_search.data import load_data
     from smskd_search.engine import load_teacher
+    from smskd_search.engine.device import limit_memory, pick_device
 
-    dev = torch.device(context.device)
+    dev = pick_device(context.device)
+    if context.gpu_share:
+        limit_memory(dev, context.gpu_share)
     dataset = _dataset_on_this_node(plan, data_root)
     data_key = json.dumps([dataset.model_dump(mode="json"), context.device], sort_keys=True)
     data = _DATA_CACHE.get(data_key)
@@ -154,11 +175,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-_INFRA_RUNTIME_ERRORS = ("CUDA out of memory", "inline_container.cc", "PytorchStreamWriter", "file write failed")
+_INFRA_RUNTIME_ERRORS = ("inline_container.cc", "PytorchStreamWriter", "file write failed")
 
 
 def is_infrastructure_error(exc: BaseException) -> bool:
-    """A failure of the machine rather than of the plan: storage (OSError), memory (host or CUDA).
+    """A failure of the machine rather than of the plan: storage (OSError), memory (host or GPU), a
+    CUDA, cuBLAS or cuDNN error (:func:`~smskd_search.engine.device.is_device_fault`).
 
     A user error (a missing dataset, a bad checkpoint) is the plan's, even where an OSError caused it.
 
@@ -169,7 +191,7 @@ def is_infrastructure_error(exc: BaseException) -> bool:
     """
     if isinstance(exc, UserError):
         return False
-    if isinstance(exc, (OSError, MemoryError, torch.OutOfMemoryError)):
+    if isinstance(exc, (OSError, MemoryError)) or is_device_fault(exc):
         return True
     # torch.save on a full disk raises a RuntimeError from its zip writer, not an OSError.
     return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _INFRA_RUNTIME_ERRORS)
@@ -306,23 +328,29 @@ def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str,
             shutil.rmtree(staging, ignore_errors=True)
         return False
 
-    infra = False
+    infra = fault = False
     try:
         data, teacher, record = _shared_inputs(plan, context, config.get("data_root"))
         stage_cache, memo, logit_store = _caches(context)
-        run_plan(plan, device=context.device, out_dir=run_dir, resume=True, on_stage_end=on_stage_end,
-                 on_epoch_end=on_epoch_end, data=data, teacher_model=teacher, teacher_record=record,
-                 keep_student=False, stage_cache=stage_cache, frozen_memo=memo, logit_store=logit_store,
-                 partial_at=rung_epochs, on_epochs_reused=on_epochs_reused)
+        result = run_plan(plan, device=context.device, out_dir=run_dir, resume=True, on_stage_end=on_stage_end,
+                          on_epoch_end=on_epoch_end, data=data, teacher_model=teacher, teacher_record=record,
+                          keep_student=False, stage_cache=stage_cache, frozen_memo=memo, logit_store=logit_store,
+                          partial_at=rung_epochs, on_epochs_reused=on_epochs_reused,
+                          deterministic=context.deterministic)
+        for note in result.notes:
+            print(f"trial {plan.name}: {note}", file=sys.stderr)  # into the worker's log
     except Exception as exc:  # noqa: BLE001 - reported as the trial's failure (SystemExit is Tune's stop)
         # A divergence is said as it is ("diverged: non-finite loss at stage k, epoch e").
         message = str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}".strip()
         infra = is_infrastructure_error(exc)
+        fault = is_device_fault(exc)
         if infra:
             message = f"infrastructure: {message}"
         tune.report(TrialReport.failure(message.splitlines()[0][:500] if message else type(exc).__name__,
                                         total_epochs=total, traceback=traceback.format_exc()[-4000:],
                                         infrastructure=infra).to_dict())
+        if fault:
+            raise DeviceFault(message.splitlines()[0][:500]) from None
     if not context.keep_run_dirs and not infra:
         # Finished (completed, or failed through its plan): the checkpoints were only there for a
         # resume. An infrastructure failure keeps them: its retry starts from the last stage.
@@ -330,4 +358,4 @@ def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str,
             run_dirs.drop(d)
 
 
-__all__ = ["TrialContext", "is_infrastructure_error", "train_trial"]
+__all__ = ["DeviceFault", "TrialContext", "is_infrastructure_error", "train_trial"]

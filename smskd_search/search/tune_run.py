@@ -128,6 +128,7 @@ class TuneSettings:
         phase: ``"search"``, or ``"confirm"`` for the confirmation runs (enqueued, never pruned).
         cache_dir: The stage-prefix cache's folder or URI (``<storage>/cache``); None: no stage cache.
         cache_max_bytes: The cache's size cap.
+        deterministic: Trials on a GPU run PyTorch's deterministic algorithms.
     """
 
     space: Space
@@ -148,6 +149,7 @@ class TuneSettings:
     phase: str = "search"
     cache_dir: str | None = None
     cache_max_bytes: int = DEFAULT_MAX_BYTES
+    deterministic: bool = False
 
 
 @dataclass
@@ -198,7 +200,8 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
                                  explore=optuna.samplers.RandomSampler(seed=s.seed + 1))
         context = TrialContext(teacher=pack(s.teacher), device=resources.device,
                                cache_dir=s.cache_dir,
-                               cache_max_bytes=s.cache_max_bytes)
+                               cache_max_bytes=s.cache_max_bytes, deterministic=s.deterministic,
+                               gpu_share=float(resources.per_trial.get("gpu", 0.0)))
         trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources.per_trial)
         time_budget = None
         if s.deadline is not None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from smskd_search.models.pool import adaptive_avg_pool2d
 
 
 def pool_flatten(x: torch.Tensor) -> torch.Tensor:
     # Adaptive, not the benchmarks' fixed AvgPool2d(8)/(4): inputs range from 8x8 to 32x32, and at
     # 32x32 this averages the same window as the fixed pool did.
-    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    return torch.flatten(adaptive_avg_pool2d(x, 1), 1)
 
 
 def init_weights(model: nn.Module) -> None:
