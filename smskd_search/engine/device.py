@@ -108,6 +108,15 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def describe_device(device: torch.device) -> dict[str, object]:
+    """The device in figures a log can carry: name, and on a GPU its compute capability and memory."""
+    if device.type != "cuda":
+        return {"device": str(device), "name": "cpu"}
+    props = torch.cuda.get_device_properties(device)
+    return {"device": str(device), "name": props.name, "capability": f"{props.major}.{props.minor}",
+            "native_bf16": native_bf16(device), "memory_gib": round(props.total_memory / 2**30, 1)}
+
+
 def native_bf16(device: torch.device) -> bool:
     """bf16 in hardware: compute capability 8.0 and up (Ampere on). Older GPUs emulate it slowly,
     which ``torch.cuda.is_bf16_supported()`` counts as support by default."""

@@ -98,7 +98,8 @@ def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
     progress = Queue()
     opts = task_resources(ray.cluster_resources(), ray.nodes())
     # max_calls=1: the worker exits after the task, and its GPU memory (context, cache) goes with it.
-    ref = ray.remote(_train).options(**opts, max_retries=0, max_calls=1).remote(sent, progress, deterministic)
+    # (Ray takes max_calls only where the function is made remote, not in .options().)
+    ref = ray.remote(**opts, max_retries=0, max_calls=1)(_train).remote(sent, progress, deterministic)
 
     def drain() -> None:
         while True:
