@@ -61,7 +61,7 @@ from loader_throughput import PILArrayDataset, normalise_chw  # noqa: E402
 
 from smskd_search.data import TensorLoader, TensorSplit  # noqa: E402
 from smskd_search.data.__init__ import NORMALIZATION  # noqa: E402
-from smskd_search.engine.device import Precision, pick_precision  # noqa: E402
+from smskd_search.engine.device import Precision, make_generator, pick_device, pick_precision  # noqa: E402
 from smskd_search.engine.frozen import FrozenForward, freeze, frozen_copy  # noqa: E402
 from smskd_search.engine.optim import build_optimizer, trainable  # noqa: E402
 from smskd_search.engine.tcp import reference_loss, tcp_weights  # noqa: E402
@@ -140,7 +140,7 @@ class Ours:
             self.reference = ReferenceTerm(FrozenForward(torch.compile(ref) if compile_models else ref, prec),
                                            ReferenceSpec(lambda_ref=1.0, weight_mode="inverse"))
         self.loader = TensorLoader(split, batch, shuffle=True, augment=self.recipe.augment,
-                                   generator=torch.Generator(device).manual_seed(0))
+                                   generator=make_generator(device, 0))
         self.schedule = Schedule(self.recipe.lr, self.recipe.schedule, 240, 0)
         self.epoch = 0
 
@@ -229,7 +229,7 @@ def peak_memory_mib(device: torch.device) -> tuple[float, str]:
 
 def worker(args: argparse.Namespace) -> int:
     """One packed trial: wait at the barrier, run engine epochs for --pack-seconds, print JSON."""
-    device = torch.device(args.device if args.device != "auto" else "cuda")
+    device = pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
     prec = engine_precision(device, args.precision)
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: nothing measured" if not cuda else
               "--device cpu measures nothing meaningful: add --force for a dry run of the code paths")
         return 0
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     dry = device.type == "cpu"
     args.teacher = args.teacher or ("cnn_small" if dry else "resnet32x4")
     args.student = args.student or ("cnn_tiny" if dry else "resnet8x4")
