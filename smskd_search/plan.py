@@ -26,6 +26,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The datasets that ``DatasetSpec.download`` can fetch.
+DOWNLOADABLE = ("cifar10", "cifar100")
+# DatasetSpec fields that say where or how the data is read, not what it is: no hash covers them.
+NOT_HASHED = {"root", "download"}
+
+
 class DatasetSpec(Strict):
     name: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
     # Folder of the on-disk data; None means the dataset's default place (see smskd_search.data).
@@ -37,11 +43,22 @@ class DatasetSpec(Strict):
     # Train on a seeded, stratified subset of this many training images (drawn with split_seed,
     # before the validation split); None uses them all. The test split is never subsampled.
     train_subset: int | None = Field(None, ge=20)
+    # cifar10 / cifar100 only: when their files are missing under root, fetch them with torchvision's
+    # downloader (smskd_search.data.download). How the data is got, not what it is: never hashed.
+    download: bool = False
+
+    @model_validator(mode="after")
+    def _downloadable(self) -> DatasetSpec:
+        if self.download and self.name not in DOWNLOADABLE:
+            raise ValueError(f"download: only {' and '.join(DOWNLOADABLE)} can be downloaded; "
+                             f"{self.name} is read from what is on disk (set download: false)")
+        return self
 
     def hashed(self) -> dict[str, Any]:
-        """The fields that change the data, for hashes: ``root`` is where, not what; and a field
-        added since studies were first stored is left out while unset, so their hashes still hold."""
-        data = self.model_dump(mode="json", exclude={"root"})
+        """The fields that change the data, for hashes: ``root`` is where, not what, and ``download``
+        how; a field added since studies were first stored is left out while unset, so their hashes
+        still hold."""
+        data = self.model_dump(mode="json", exclude=NOT_HASHED)
         if data["train_subset"] is None:
             del data["train_subset"]
         return data
@@ -172,7 +189,9 @@ class Plan(Strict):
         return " -> ".join(f"{s.method}({s.epochs})" for s in self.stages)
 
     def _hashed(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json", exclude={"name", "provenance"})
+        # Plans hash their dataset's root (as they always have) but not how it is got (download).
+        data = self.model_dump(mode="json", exclude={"name": True, "provenance": True,
+                                                     "problem": {"dataset": {"download": True}}})
         if self.problem.dataset.train_subset is None:
             del data["problem"]["dataset"]["train_subset"]
         return data

@@ -169,14 +169,18 @@ def test_the_propagated_environment_is_what_the_data_layer_reads(tmp_path, monke
     from smskd_search import data
 
     read = _env_names_read(ROOT / "smskd_search" / "data")
-    assert read == set(data.ENV_VARS) == {"SMSKD_DATA", "SMSKD_CACHE", "SMSKD_TEST_ACCESS_LOG"}
+    assert read == set(data.ENV_VARS) == {"SMSKD_DATA", "SMSKD_CACHE", "SMSKD_TEST_ACCESS_LOG", "SMSKD_CIFAR_URL",
+                                          "SMSKD_CIFAR_MD5"}
+    assert set(cluster.PATH_ENV) == {"SMSKD_DATA", "SMSKD_CACHE", "SMSKD_TEST_ACCESS_LOG"}  # not the mirror URL or md5
     assert set(data.ENV_VARS) <= set(cluster.PROPAGATED_ENV)
     assert not {n for n in cluster.PROPAGATED_ENV if n.startswith("SMSKD_")} - read  # nothing nobody reads
     # Paths travel absolute: a trial elsewhere would resolve a relative one against its own folder.
     monkeypatch.chdir(tmp_path)
-    env = {"SMSKD_DATA": "data", "SMSKD_CACHE": "/abs/cache", "RAY_CHDIR_TO_TRIAL_DIR": "0", "OTHER": "x"}
+    env = {"SMSKD_DATA": "data", "SMSKD_CACHE": "/abs/cache", "RAY_CHDIR_TO_TRIAL_DIR": "0", "OTHER": "x",
+           "SMSKD_CIFAR_URL": "http://mirror/c.tar.gz"}
     assert cluster.propagated_env(env, cluster.PROPAGATED_ENV) == {
-        "SMSKD_DATA": str(tmp_path / "data"), "SMSKD_CACHE": "/abs/cache", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+        "SMSKD_DATA": str(tmp_path / "data"), "SMSKD_CACHE": "/abs/cache", "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        "SMSKD_CIFAR_URL": "http://mirror/c.tar.gz"}
 
 
 def _closed_port() -> int:

@@ -23,6 +23,7 @@ DOCTESTED = [
     "smskd_search.search.cluster",
     "smskd_search.search.teacher_task",
     "smskd_search.search.trainable",
+    "smskd_search.data.download",
 ]
 
 

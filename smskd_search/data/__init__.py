@@ -1,4 +1,4 @@
-"""Datasets by name, all offline, as seeded train / val / test splits held as tensors.
+"""Datasets by name, offline (but for CIFAR with ``download: true``), as seeded train / val / test splits held as tensors.
 
 ``load_data(spec)`` gives the train and validation splits: validation is always a seeded stratified
 split of the training data. The test split is only reachable through :func:`load_test_split`, an
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from smskd_search.data import sources
+from smskd_search.data.download import ENV_VARS as DOWNLOAD_ENV_VARS
 from smskd_search.data.loader import TensorLoader, TensorSplit, augment_batch
 from smskd_search.data.splits import stratified_split, stratified_subset
 from smskd_search.errors import UserError
@@ -25,7 +26,9 @@ from smskd_search.plan import DatasetSpec
 
 ENV_TEST_ACCESS_LOG = "SMSKD_TEST_ACCESS_LOG"
 # Every environment variable the data layer reads: a search propagates exactly these to its trials.
-ENV_VARS = (sources.ENV_DATA, sources.ENV_CACHE, ENV_TEST_ACCESS_LOG)
+# Those that hold a path (a search makes them absolute), then the download mirror's URL and md5.
+PATH_ENV_VARS = (sources.ENV_DATA, sources.ENV_CACHE, ENV_TEST_ACCESS_LOG)
+ENV_VARS = (*PATH_ENV_VARS, *DOWNLOAD_ENV_VARS)
 
 # Per-dataset normalisation (channel mean, std) of the [0, 1] images. imagefolder computes its own.
 NORMALIZATION = {
@@ -59,20 +62,20 @@ class DataSplits:
 
 
 @lru_cache(maxsize=4)
-def _arrays(name: str, root: str | None) -> sources.Arrays:
+def _arrays(name: str, root: str | None, download: bool = False) -> sources.Arrays:
     if name == "digits":
         return sources.load_digits_arrays()
     if name == "fashion_mnist":
         return sources.load_fashion_mnist_arrays(root)
     if name in ("cifar10", "cifar100"):
-        return sources.load_cifar_arrays(name, root)
+        return sources.load_cifar_arrays(name, root, download)
     if name == "imagefolder":
         return sources.load_imagefolder_arrays(root)
     raise ValueError(f"unknown dataset {name!r}")
 
 
 def _train_test(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    x, y, xt, yt = _arrays(spec.name, spec.root)
+    x, y, xt, yt = _arrays(spec.name, spec.root, spec.download)
     if xt is None:
         # No official test split (digits): a seeded stratified one, held out before anything else.
         keep, held = stratified_split(y, spec.test_fraction, spec.split_seed)
@@ -134,6 +137,7 @@ def load_test_split(spec: DatasetSpec, info: DataInfo, device: torch.device | st
 
 __all__ = [
     "ENV_VARS",
+    "PATH_ENV_VARS",
     "DataInfo",
     "DataSplits",
     "TensorLoader",

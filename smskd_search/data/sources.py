@@ -1,5 +1,6 @@
 """Readers for each dataset's on-disk format. Each returns (images, labels, test_images, test_labels)
-as numpy arrays: images NCHW (uint8, or float32 in [0, 1]), labels int64. Nothing is downloaded."""
+as numpy arrays: images NCHW (uint8, or float32 in [0, 1]), labels int64. Nothing is downloaded,
+except CIFAR-10/100 for a dataset with ``download: true`` (see :mod:`smskd_search.data.download`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smskd_search.data.download import cifar_source, download_cifar
 from smskd_search.errors import UserError
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
@@ -106,17 +108,26 @@ def _read_cifar_batches(files: list[Path], label_key: bytes) -> tuple[np.ndarray
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def load_cifar_arrays(name: str, root: str | None) -> Arrays:
+def load_cifar_arrays(name: str, root: str | None, download: bool = False) -> Arrays:
     """torchvision's python layout (<root>/cifar-10-batches-py or <root>/cifar-100-python), read
-    directly so that no download is ever attempted."""
+    directly; only when ``download`` is true and files are missing is the archive fetched first."""
     folder_name, train_files, test_file, label_key = CIFAR_LAYOUT[name]
     folder = (Path(root) if root is not None else default_root()) / folder_name
     files = [folder / f for f in train_files + [test_file]]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
+
+    def missing() -> list[str]:
+        return [f.name for f in files if not f.is_file()]
+
+    if missing() and download:
+        download_cifar(name, folder.parent, lambda: not missing())
+        if missing():
+            raise UserError(f"dataset.download: the archive fetched from {cifar_source(name)[0]} did not hold "
+                            f"{folder} (missing {', '.join(missing())})")
+    if missing():
         raise UserError(
-            f"dataset.root: {name} not found in {folder} (missing {', '.join(missing)}); download the "
-            f"python version from https://www.cs.toronto.edu/~kriz/cifar.html and extract it into {folder.parent}"
+            f"dataset.root: {name} not found in {folder} (missing {', '.join(missing())}); set dataset.download: "
+            f"true, or download the python version from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
+            f"into {folder.parent}"
         )
     try:
         x, y = _read_cifar_batches(files[:-1], label_key)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smskd_search.data import ENV_VARS as DATA_ENV_VARS
+from smskd_search.data import PATH_ENV_VARS as DATA_PATH_ENV_VARS
 from smskd_search.errors import UserError
 from smskd_search.search import storage_fs as sfs
 from smskd_search.search.net import unreachable
@@ -25,7 +26,7 @@ from smskd_search.space import RuntimeSpec
 PROPAGATED_ENV = (*DATA_ENV_VARS, "RAY_CHDIR_TO_TRIAL_DIR")
 # Of those, the ones holding a path: made absolute, since a trial on another node (or in another
 # working directory) would resolve a relative one elsewhere.
-PATH_ENV = DATA_ENV_VARS
+PATH_ENV = DATA_PATH_ENV_VARS
 # Seconds to wait for a TCP connection to a cluster's address before calling it unreachable (Ray
 # itself retries for about two minutes, printing each attempt).
 CONNECT_TIMEOUT_S = 3.0

@@ -156,8 +156,9 @@ def directions_for(space: LoadedSpace) -> list[str]:
 def _space_fingerprint(text: str) -> str:
     """What in a space changes the trials, as canonical JSON.
 
-    Comments, formatting, the description and the runtime defaults (resources) may change
-    between a search and its resume; the problem, recipes and search ranges may not.
+    Comments, formatting, the description, the runtime defaults (resources) and whether the dataset
+    may be downloaded may change between a search and its resume; the problem, recipes and search
+    ranges may not.
     """
     import yaml
 
@@ -167,6 +168,9 @@ def _space_fingerprint(text: str) -> str:
         return text
     if isinstance(data, dict):
         data = {k: v for k, v in data.items() if k not in ("name", "description", "runtime")}
+        problem = data.get("problem")
+        if isinstance(problem, dict) and isinstance(problem.get("dataset"), dict):
+            problem["dataset"].pop("download", None)
     return json.dumps(data, sort_keys=True, default=str)
 
 

@@ -108,7 +108,7 @@ def _dataset_on_this_node(plan: Any, data_root: str | None) -> Any:
     dataset = plan.problem.dataset
     if data_root:
         dataset = dataset.model_copy(update={"root": data_root})
-        if not os.path.isdir(data_root):
+        if not os.path.isdir(data_root) and not dataset.download:  # with download, the load fetches it here
             raise UserError(f"dataset.root: {data_root} not found on node {socket.gethostname()} "
                             f"(the space says {plan.problem.dataset.root!r})")
     return dataset
