@@ -21,7 +21,7 @@ sampled (``nvidia-smi``, every 0.5 s) throughout and averaged per step. Steps:
 
 Logs (one per step), ``gpu_util.csv`` and ``summary.json`` / ``summary.md`` go to ``--out``.
 
-    python benchmarks/gpu_check.py --data /tmp/cifar10              # one CUDA GPU, about 8 minutes
+    python benchmarks/gpu_check.py --data /tmp/cifar10              # one CUDA GPU, at most 8 minutes
     python benchmarks/gpu_check.py --device cpu --tiny              # every step on tiny sizes, CPU (tests)
 
 ``--data`` is an image folder with ``train/<class>/`` and ``test/<class>/`` (the CIFAR-10 JPEG copy
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--total-epochs", type=int, default=3, help="epochs of every searched plan")
     ap.add_argument("--gpus-per-trial", type=float, default=0.25, help="the packing (default 0.25: 4 trials per GPU)")
     ap.add_argument("--budget", type=int, default=8)
-    ap.add_argument("--throughput-args", default="--quick --skip compile --n-train 20000 --pack 1,2,4,8 --pack-seconds 8",
+    ap.add_argument("--throughput-args", default="--quick --skip compile --n-train 10000 --pack 1,4,8 --pack-seconds 6",
                     help="arguments for benchmarks/gpu_throughput.py on a GPU")
     ap.add_argument("--skip", default="", help="comma list of steps to leave out (e.g. throughput,verify)")
     ap.add_argument("--deadline-s", type=float, default=480.0,
