@@ -22,7 +22,7 @@ from smskd_search.space import make_plan as build_plan
 # The files that take longest (minutes: real searches, clusters, the README's commands), first: the
 # two workers of `-n 2 --dist loadfile` take files in this order, and a long file started last would
 # leave the other worker idle at the end.
-SLOWEST_FIRST = ("test_readme.py", "test_search.py", "test_winners.py", "test_cluster.py", "test_inspect.py",
+SLOWEST_FIRST = ("test_readme.py", "test_search.py", "test_winners.py", "test_cluster.py", "test_inspect.py", "test_gpu_check.py",
                  "test_s3_storage.py", "test_teacher.py")
 
 

@@ -183,3 +183,70 @@ def test_memory_helpers_do_nothing_on_a_cpu():
     assert dv.limit_memory(cpu, 0.25) is None and dv.peak_memory(cpu) == (0, 0)
     dv.release_memory(cpu)
     assert dv.device_name(cpu) == "cpu" and dv.device_rng_state(cpu) is None
+
+
+def test_a_checkpoint_records_where_it_was_made_and_a_resume_elsewhere_says_so(tiny_problem, teacher_cache, tmp_path):
+    from conftest import make_plan
+
+    from smskd_search.engine import latest_checkpoint, run_plan
+
+    plan = make_plan(tiny_problem, [("kd", 1), ("kd", 1)], restart_optimizer=False)
+    stop = lambda k, cum, res, ckpt: True  # noqa: E731 - after the first stage
+    run_plan(plan, teacher_cache=teacher_cache, out_dir=tmp_path, on_stage_end=stop)
+    path = tmp_path / "stage1.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["made_on"] == {"device": "cpu", "precision": "fp32", "numerics": ""}
+    # Its carried optimizer state is on the CPU, so it loads where there is no GPU.
+    momenta = [t for s in ckpt["optimizer"]["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert momenta and all(t.device.type == "cpu" for t in momenta)
+    assert run_plan(plan, teacher_cache=teacher_cache, out_dir=tmp_path, resume=True).notes == []
+    # The same checkpoint as if a GPU run in bf16 had written it: the resume goes on and says so, once.
+    ckpt["made_on"] = {"device": "NVIDIA H200", "precision": "bf16", "numerics": "tf32=True/cudnn_benchmark=True"}
+    torch.save(ckpt, path)
+    (tmp_path / "stage2.pt").unlink()
+    resumed = run_plan(plan, teacher_cache=teacher_cache, out_dir=tmp_path, resume=True)
+    assert resumed.resumed_from_stage == 0 and len(resumed.stages) == 2
+    assert resumed.notes == ["resumed after stage 1 from a checkpoint made on NVIDIA H200 (bf16), going on on cpu "
+                             "(fp32): the later stages' numbers differ from a run on one machine"]
+    assert latest_checkpoint(tmp_path, plan.content_hash())["made_on"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("exc, retired", [(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+                                          (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+                                          (OSError(28, "No space left on device"), False),
+                                          (ValueError("crd needs the labels"), False)])
+def test_a_trial_that_hits_a_device_fault_reports_it_and_retires_its_worker(tiny_problem, tmp_path, monkeypatch, exc,
+                                                                           retired):
+    """Reported as the machine's failure, then raised to Tune (which replaces an errored trial's
+    worker instead of reusing it); a plan's own failure and a storage failure are only reported."""
+    from conftest import make_plan
+
+    import smskd_search.engine as engine
+    from smskd_search.search import trainable as tr
+    from smskd_search.search.teacher_transport import TeacherPayload
+
+    reports: list[dict] = []
+
+    class Tune:
+        def get_checkpoint(self):
+            return None
+
+        def report(self, metrics, checkpoint=None):
+            reports.append(metrics)
+
+    def run_plan(plan, **kw):
+        raise exc
+
+    monkeypatch.setattr(tr, "tune", Tune())
+    monkeypatch.setattr(tr, "_shared_inputs", lambda plan, context, root: (None, None, None))
+    monkeypatch.setattr(engine, "run_plan", run_plan)
+    plan = make_plan(tiny_problem, [("kd", 1)])
+    config = {"plan_yaml": plan.to_yaml(), "run_dir": str(tmp_path / "run"), "threads": 1}
+    context = tr.TrialContext(teacher=TeacherPayload({}, b""))
+    if retired:
+        with pytest.raises(tr.DeviceFault, match="^infrastructure: "):
+            tr.train_trial(config, context)
+    else:
+        tr.train_trial(config, context)
+    assert len(reports) == 1 and reports[0]["infrastructure"] is (retired or isinstance(exc, OSError))
+    assert reports[0]["error"].startswith("infrastructure: " if reports[0]["infrastructure"] else type(exc).__name__)

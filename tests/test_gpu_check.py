@@ -1,0 +1,36 @@
+"""``benchmarks/gpu_check.py --device cpu --tiny``: the GPU check's every step, on a CPU, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_dry_run_passes_every_step_on_a_cpu(tmp_path):
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert list(steps) == ["environment", "teacher", "search", "gpu busy", "export", "train", "cpu eval",
+                           "deterministic", "verify", "throughput"]
+    # No nvidia-smi on a CPU: utilisation is not measured, and said so rather than passed.
+    assert steps.pop("gpu busy")["status"] == "N/A"
+    assert {name: s["status"] for name, s in steps.items()} == {name: "PASS" for name in steps}
+    assert steps["environment"]["figures"]["precision"] == "fp32"
+    search = steps["search"]["figures"]
+    assert search["budget_done"] == 8 and search["confirmation_runs"] >= 2 and "FAIL" not in search["trials"]
+    assert steps["cpu eval"]["figures"]["difference_points"] == 0.0  # the same device and precision: the same number
+    assert steps["deterministic"]["figures"]["identical"] and steps["deterministic"]["figures"]["default_runs_identical"]
+    assert (out / "studies" / "gpu-check" / "plans" / "rank1.yaml").is_file()
+    assert "| search | PASS |" in (out / "summary.md").read_text() and proc.stdout.strip().endswith("PASS")
