@@ -231,31 +231,6 @@ def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_p
     assert exported.trial == best
     text = format_leaderboard(summary)
     assert f"recommended: #{best} " in text and "fresh seeds" in text
-    # They ran in the budget's Tune run, in its workers (data and teacher loaded), not in a second one.
-    assert [p.name.startswith("run-") for p in (summary.db_path.parent / "conf" / "ray").iterdir()] == [True]
-
-
-def test_the_searcher_hands_out_what_comes_after_the_budget_once_the_budget_is_told():
-    from smskd_search.search.searcher import StudySearcher
-
-    from ray.tune.search import Searcher
-
-    study = optuna.create_study(direction="maximize")
-    calls = []
-
-    def after_budget() -> int:
-        calls.append([t.state.name for t in study.trials])
-        study.enqueue_trial({"x": 3})
-        return 1
-
-    s = StudySearcher(study, lambda t: {"x": t.suggest_int("x", 0, 3)}, pruning=False, max_trials=1,
-                      after_budget=after_budget)
-    assert "x" in s.suggest("t1")
-    assert s.suggest("t2") is None and calls == []  # t1 still runs: nothing comes next yet
-    s.on_trial_complete("t1", {"val_acc": 0.5, "cum_epochs": 2, "final": True, "total_epochs": 2})
-    assert s.suggest("t2") == {"x": 3} and calls == [["COMPLETE"]]
-    s.on_trial_complete("t2", {"val_acc": 0.6, "cum_epochs": 2, "final": True, "total_epochs": 2})
-    assert s.suggest("t3") == Searcher.FINISHED and len(calls) == 1  # called once
 
 
 def _fingerprint(db: Path, name: str) -> list[tuple]:

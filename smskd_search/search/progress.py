@@ -55,12 +55,10 @@ def best_of(trials: list[FrozenTrial]) -> tuple[float | None, str | None]:
 
 def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: int,
                       before: list[FrozenTrial], start: float, answered: Callable[[], int] = lambda: 0,
-                      phase: str = "search", confirm_runs: Callable[[], int] = lambda: 0) -> Any:
+                      phase: str = "search") -> Any:
     """A Tune callback that sends a :class:`ProgressInfo` whenever the counts change (at most 1/s
     otherwise); no database reads while trials run. ``answered``: trials the searcher answered
-    from the study without Tune (repeated plans), shown apart: they do not count toward the budget.
-    ``confirm_runs``: the confirmation runs enqueued in this Tune run after its budget (0 before):
-    from then on the snapshots count those runs, in the ``confirm`` phase."""
+    from the study without Tune (repeated plans), shown apart: they do not count toward the budget."""
     from smskd_search.search._ray import tune
 
     class _Progress(tune.Callback):
@@ -70,13 +68,8 @@ def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: 
             self.running = 0
             self._last = 0.0
             self._seen: set[str] = set()
-            self.confirmed = [0, 0, 0]  # complete, pruned, failed confirmation runs of this Tune run
 
         def _info(self) -> ProgressInfo:
-            if confirm_runs():
-                done = self.confirmed
-                return ProgressInfo(study, confirm_runs(), sum(done), done[0], done[1], done[2], self.running,
-                                    self.best_value, self.best_sequence, time.monotonic() - start, "confirm", answered())
             return ProgressInfo(study, budget, self.complete + self.pruned + self.failed,
                                 self.complete, self.pruned, self.failed, self.running, self.best_value,
                                 self.best_sequence, time.monotonic() - start, phase, answered())
@@ -100,11 +93,6 @@ def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: 
             self._seen.add(trial.trial_id)
             self._count_running(trials, trial)
             r = TrialReport.from_dict(trial.last_result)
-            if trial.config.get("confirmation") and confirm_runs():
-                kind = 2 if r is None or r.error else 0 if r.final else 1
-                self.confirmed[kind] += 0 if kind == 2 and r is not None and r.infrastructure else 1
-                self._send(force=True)
-                return
             if r is not None and r.error:
                 # An infrastructure failure is retried, not a failed plan: the next attempt counts.
                 self.failed += 0 if r.infrastructure else 1

@@ -236,10 +236,7 @@ def run_search(
             space=sp, session=session, teacher=teacher, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
             max_concurrent=max_concurrent, address=address, deadline=start + timeout if timeout is not None else None,
             start=start, on_progress=on_progress, cache_dir=sfs.join(session.storage_root, "cache") if cache else None,
-            cache_max_bytes=cache_max_bytes, deterministic=deterministic,
-            # The confirmation runs follow the budget in the same Tune run (its workers, already
-            # loaded); a separate run below confirms only what that left undone.
-            confirm=confirm if confirm is not None and confirm.enabled and not search.objective.cost_objective else None)
+            cache_max_bytes=cache_max_bytes, deterministic=deterministic)
         # The budget; then, while new infrastructure failures left it short (they do not count toward
         # it), another round for their retries and the trials still owed, at most INFRA_ATTEMPTS in all.
         def timed_out() -> bool:

@@ -16,14 +16,8 @@ end of a trial is told as:
 A trial whose plan (:meth:`Plan.canonical_hash`, the same seed included) already COMPLETE in the
 study is not trained again: it is told COMPLETE with that trial's value and stage values
 (``repeat_of`` names it), so that the sampler learns the plan's value once more without paying
-for it, and the next plan is asked for. Such answered trials are off the budget: the searcher
-returns ``FINISHED`` once ``max_trials`` trials have been handed to Tune.
-
-Given ``after_budget``, the searcher does not finish there: it waits (``suggest`` returns None)
-until every trial it handed out is told, then calls it once; the trials it enqueues in the study
-(the confirmation runs) are handed out next, in the same Tune run. Their workers are the budget's,
-with the data and the teacher already loaded (a second Tune run would start and load fresh ones:
-on a GPU the card idled about 20 s between the two).
+for it, and the next plan is asked for. Such answered trials count toward the budget: the searcher
+returns ``FINISHED`` once ``max_trials`` have been asked.
 
 After a hard kill the study may already hold a trial's outcome; telling it again raises
 ``UpdateFinishedTrialError``, which is expected and ignored. Trials left RUNNING when Tune stops
@@ -95,9 +89,6 @@ class StudySearcher(Searcher):
         max_repeats: Finished plans the sampler may propose in a row before the searcher gives up
             (``exhausted``) and returns ``FINISHED``.
         explore: The sampler of the ask after a repeat (None: the study's own sampler throughout).
-        after_budget: Called once every handed trial is told, after the last of ``max_trials`` (or
-            once the sampler is exhausted); returns how many trials it enqueued in the study, which
-            are then handed out too (None: ``FINISHED`` there).
 
     Example:
 
@@ -113,8 +104,7 @@ class StudySearcher(Searcher):
 
     def __init__(self, study: optuna.Study, define: DefineByRun, *, pruning: bool = True,
                  stop_reason: Callable[[str], str | None] | None = None, max_trials: int | None = None,
-                 max_repeats: int = MAX_REPEATS_IN_A_ROW, explore: optuna.samplers.BaseSampler | None = None,
-                 after_budget: Callable[[], int] | None = None):
+                 max_repeats: int = MAX_REPEATS_IN_A_ROW, explore: optuna.samplers.BaseSampler | None = None):
         self.multi_objective = len(study.directions) > 1
         super().__init__(metric=METRIC, mode="max")
         self.study = study
@@ -128,7 +118,6 @@ class StudySearcher(Searcher):
         self._max_trials = max_trials
         self._max_repeats = max_repeats
         self._explore = explore
-        self._after_budget = after_budget
         self._handed = 0  # trials handed to Tune
         self._in_a_row = 0  # finished plans proposed since the last new one
         # True once the sampler proposed only finished plans max_repeats times in a row.
@@ -170,14 +159,6 @@ class StudySearcher(Searcher):
             del self._trials[trial_id]
             self._answer_repeat(trial, done)
             self._in_a_row += 1
-        if self._after_budget is not None:
-            if any(tid not in self._finished for tid in self._trials):
-                return None  # the budget's last trials still run: what comes next depends on their values
-            more, self._after_budget = self._after_budget(), None
-            if more > 0:
-                self._max_trials = self._handed + more
-                self._in_a_row = 0  # the enqueued trials are new plans (fresh seeds): the count starts again
-                return self.suggest(trial_id)
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -265,8 +265,7 @@ def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str,
             epochs_reused=max(0, cum_epochs - counts["resumed"] - counts["trained"]),
             # Seconds inside this function so far: Ray's overhead is the search's wall time less this.
             trial_seconds=time.perf_counter() - started, trial_started_at=started_at, node=node,
-            # Measured in full, never pruned: a baseline, or a confirmation run.
-            baseline=bool(config.get("baseline") or config.get("confirmation")),
+            baseline=bool(config.get("baseline")),
             # The learning curve up to here (the engine evaluates every epoch); the study keeps it.
             epoch_val_acc=[float(v) for v in epoch_val_acc],
         )

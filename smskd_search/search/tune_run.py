@@ -21,7 +21,6 @@ from smskd_search.engine import DEFAULT_MAX_BYTES, TeacherRecord
 from smskd_search.search import storage as st
 from smskd_search.search import storage_fs as sfs
 from smskd_search.search.cluster import TrialResources, quiet_ray_loggers, start_ray, trial_resources
-from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.lifecycle import StudySession
 from smskd_search.search.progress import ProgressInfo, progress_callback
 from smskd_search.search.pruning import StageRungs
@@ -61,7 +60,6 @@ class PlanConfigs:
             trial.set_user_attr(key, value)
         if self.data_root is not None:
             trial.set_user_attr(st.ATTR_DATA_ROOT, self.data_root)
-        confirmation = trial.user_attrs.get(st.ATTR_CONFIRM_OF) is not None
         return {
             "plan_yaml": plan.to_yaml(),
             "sequence": plan.sequence(),
@@ -72,10 +70,8 @@ class PlanConfigs:
             "threads": self.threads,
             # A baseline is measured in full: it is what the sequences must beat, never pruned.
             "baseline": trial.user_attrs.get(BASELINE_ATTR),
-            # So is a confirmation run (it runs after the budget, in the same Tune run).
-            "confirmation": confirmation,
             # Cumulative epochs at which the trial also reports mid-stage (pruning at the rungs).
-            "rung_epochs": [] if confirmation else self.rung_epochs,
+            "rung_epochs": self.rung_epochs,
             # The dataset's root as the driver resolved it (None: the dataset's default place).
             "data_root": self.data_root,
         }
@@ -133,8 +129,6 @@ class TuneSettings:
         cache_dir: The stage-prefix cache's folder or URI (``<storage>/cache``); None: no stage cache.
         cache_max_bytes: The cache's size cap.
         deterministic: Trials on a GPU run PyTorch's deterministic algorithms.
-        confirm: Once the study's budget is done (or the sampler exhausted), enqueue its
-            confirmation runs and run them in this Tune run, in the budget's workers (None: not here).
     """
 
     space: Space
@@ -156,7 +150,6 @@ class TuneSettings:
     cache_dir: str | None = None
     cache_max_bytes: int = DEFAULT_MAX_BYTES
     deterministic: bool = False
-    confirm: ConfirmSettings | None = None
 
 
 @dataclass
@@ -200,20 +193,11 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
         configs = PlanConfigs(s.space, s.teacher.sha256, resources.threads, s.session.runs_dir, s.session.name,
                               rung_epochs)
         s.session.study.sampler = make_sampler(s.space, s.seed)
-        confirm_runs = [0]  # enqueued by the searcher once the budget is done (the progress line's phase)
-
-        def after_budget() -> int:
-            assert s.confirm is not None and searcher is not None
-            confirm_runs[0] = _enqueue_confirmation(s, exhausted=searcher.exhausted)
-            return confirm_runs[0]
-
-        confirming = s.confirm is not None and s.confirm.enabled and not multi and s.phase == "search"
         searcher = StudySearcher(s.session.study, configs, pruning=scheduler is not None,
                                  stop_reason=scheduler.stop_reason if scheduler is not None else None,
                                  max_trials=s.trials,
                                  # A plan once more rather than a new one: the next ask explores.
-                                 explore=optuna.samplers.RandomSampler(seed=s.seed + 1),
-                                 after_budget=after_budget if confirming else None)
+                                 explore=optuna.samplers.RandomSampler(seed=s.seed + 1))
         context = TrialContext(teacher=pack(s.teacher), device=resources.device,
                                cache_dir=s.cache_dir,
                                cache_max_bytes=s.cache_max_bytes, deterministic=s.deterministic,
@@ -229,17 +213,14 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
         if s.on_progress is not None:
             answered = searcher.answered
             callbacks.append(progress_callback(s.on_progress, s.session.name, s.budget, s.before, s.start,
-                                               answered=lambda: len(answered), phase=s.phase,
-                                               confirm_runs=lambda: confirm_runs[0]))
+                                               answered=lambda: len(answered), phase=s.phase))
         ray_dir = sfs.join(s.session.storage_root, s.session.name, "ray")
         # A URI goes to Tune as its filesystem and the path inside it (Tune's own way to take one).
         fs, ray_path = sfs.filesystem(ray_dir) if sfs.is_uri(ray_dir) else (None, ray_dir)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler,
-                # Tune creates at most num_samples trials: room for the confirmation runs after the budget.
-                num_samples=s.trials + (_most_confirmation_runs(s.confirm) if confirming else 0),
+                search_alg=searcher, scheduler=scheduler, num_samples=s.trials,
                 max_concurrent_trials=resources.concurrent, reuse_actors=True, time_budget_s=time_budget,
                 trial_dirname_creator=_trial_dirname,
             ),
@@ -273,23 +254,6 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
                 notes.append(f"{len(left)} trial(s) cut short by the stop: {left} (a --resume re-runs them)")
         if started:
             ray.shutdown()
-
-
-def _most_confirmation_runs(confirm: ConfirmSettings | None) -> int:
-    return 0 if confirm is None else (confirm.plans + confirm.baselines) * confirm.seeds
-
-
-def _enqueue_confirmation(s: TuneSettings, *, exhausted: bool) -> int:
-    """The study's confirmation runs, enqueued where its budget is done; how many wait now (0: none)."""
-    from smskd_search.search import confirm as cf
-    from smskd_search.search import lifecycle as lc
-    from smskd_search.search.leaderboard import rank_by_single_seed
-
-    assert s.confirm is not None
-    trials = s.session.trials()
-    if not exhausted and lc.budget_done(trials) < s.budget:
-        return 0  # short of the budget (infrastructure failures): the caller retries, then confirms
-    return cf.enqueue(s.session, rank_by_single_seed(trials), s.space.seed, s.confirm)
 
 
 def _trial_dirname(trial: Any) -> str:
