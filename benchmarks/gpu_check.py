@@ -198,6 +198,11 @@ runtime: {{cpus_per_trial: {cpus}, gpus_per_trial: {gpus}}}
 """
 
 
+def numbers_of(results: dict) -> list[list[tuple[float, float]]]:
+    """A ``train`` run's per-epoch (train loss, val acc), stage by stage, from its results.json."""
+    return [[(m["train_loss"], m["val_acc"]) for m in st["epoch_metrics"]] for st in results["stages"]]
+
+
 # --------------------------------------------------------------------------------------------- steps
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                 s.why = f"run {i}: exit {rc}: {text.strip().splitlines()[-1] if text.strip() else ''}"
                 return
             r = json.loads((run / "results.json").read_text())
-            got.append(([[(m["train_loss"], m["val_acc"]) for m in st["epoch_metrics"]] for st in r["stages"]], r["test_acc"]))
+            got.append((numbers_of(r), r["test_acc"]))
         s.figures = {"identical": got[0] == got[1], "test_acc": [round(100 * g[1], 2) for g in got]}
         s.status = "PASS" if got[0] == got[1] else "FAIL"
         # Without --deterministic: a second default run of the plan against the train step's (said, not judged).
@@ -366,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         rc, _, *_ = check.run("default_2", [*CLI, "train", str(state["plan"]), "--out", str(run), *dev_flag], 900)
         if rc == 0 and state.get("train_results"):
             a, b = state["train_results"], json.loads((run / "results.json").read_text())
-            curve = lambda r: [[(m["train_loss"], m["val_acc"]) for m in st["epoch_metrics"]] for st in r["stages"]]
-            s.figures["default_runs_identical"] = curve(a) == curve(b) and a["test_acc"] == b["test_acc"]
+            s.figures["default_runs_identical"] = numbers_of(a) == numbers_of(b) and a["test_acc"] == b["test_acc"]
             s.figures["default_runs_test_acc"] = [round(100 * a["test_acc"], 2), round(100 * b["test_acc"], 2)]
 
     def verify(s: Step) -> None:
