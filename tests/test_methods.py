@@ -650,6 +650,9 @@ ZOO_PAIRS = {
     "depth_width_wrn": ("wrn_40_2", "wrn_16_2", 3, 32),
     "depth_width_vgg": ("vgg13", "vgg8", 3, 32),
     "digits_default": ("cnn_large", "cnn_micro", 1, 8),
+    # torchvision's ImageNet architectures, at 64x64 to keep the step cheap on a CPU.
+    "imagenet_resnet": ("resnet34", "resnet18", 3, 64),
+    "imagenet_cross_family": ("resnet50", "mobilenet_v2", 3, 64),
 }
 
 

@@ -2,6 +2,7 @@
 
 from smskd_search.models import (
     cifar,  # noqa: F401  (registers the CIFAR benchmark zoo)
+    imagenet,  # noqa: F401  (registers torchvision's ImageNet architectures)
     small_cnn,  # noqa: F401  (registers the small CNNs)
 )
 from smskd_search.models.base import (
