@@ -12,16 +12,13 @@ from __future__ import annotations
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.resnet import Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from smskd_search.models.base import Features, ZooModel, register_model
 from smskd_search.models.pool import adaptive_avg_pool2d
 
-# torchvision's attribute names, in forward order; holding them directly keeps its state-dict keys.
-_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
 
-
-def residual_sum(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def residual_sum(block: BasicBlock | Bottleneck, x: torch.Tensor) -> torch.Tensor:
     """A torchvision BasicBlock's or Bottleneck's output before its final ReLU."""
     identity = x if block.downsample is None else block.downsample(x)
     out = torch.relu(block.bn1(block.conv1(x)))
@@ -42,15 +39,17 @@ class TorchvisionResNet(ZooModel):
 
     def __init__(self, net: torchvision.models.ResNet, in_channels: int = 3):
         super().__init__()
-        for name in _PARTS:
-            setattr(self, name, getattr(net, name))
+        # torchvision's modules under torchvision's names, in its order: its state-dict keys.
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.avgpool, self.fc = net.avgpool, net.fc
         if in_channels != 3:
             old = self.conv1
             self.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.input_shape = (in_channels, 224, 224)
 
-    def _layers(self) -> list[nn.Sequential]:
+    def _layers(self) -> list[nn.Sequential]:  # of BasicBlocks or Bottlenecks
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
