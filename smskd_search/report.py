@@ -4,7 +4,7 @@ Every figure sits in ``<div id="fig-...">`` with its figure JSON beside it in
 ``<script type="application/json" id="fig-...-json">``, drawn by one inline script: the page opens
 offline, and tests (or users) can read each figure's data without a browser.
 
-The page puts the noise floor first (README, "Honest numbers"): a search on a validation split of a few
+The page puts the noise floor first (docs/honest-numbers.md): a search on a validation split of a few
 hundred images can crown noise, so the winner's margin over the best enqueued baseline is set
 against the binomial standard error of the gap, in words.
 """

@@ -81,10 +81,11 @@ def make_plan(problem: ProblemSpec, stages: list[tuple[str, int]], **kw) -> Plan
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def readme_block(heading: str, nth: int = 0) -> list[str]:
-    """The commands of the ``nth`` bash block after ``heading`` in the README: comments dropped,
-    continuations joined (the README's commands are tested as typed)."""
-    text = README.read_text()
+def readme_block(heading: str, nth: int = 0, page: str = "README.md") -> list[str]:
+    """The commands of the ``nth`` bash block after ``heading`` in the README or one of its docs/
+    pages (``page``, relative to the repository root): comments dropped, continuations joined (the
+    documented commands are tested as typed)."""
+    text = (README.parent / page).read_text()
     start = text.index(heading)
     blocks = re.findall(r"```bash\n(.*?)```", text[start:], re.S)
     assert len(blocks) > nth, f"no bash block {nth} after {heading!r}"

@@ -283,7 +283,7 @@ def namespaced_cluster(tmp_path_factory):
 
     from conftest import readme_block
 
-    head_cmd, worker_cmd, search_cmd = readme_block("## On a Ray cluster")
+    head_cmd, worker_cmd, search_cmd = readme_block("# On a Ray cluster", page="docs/cluster.md")
     tmp_path = tmp_path_factory.mktemp("two-nodes")
     # A short folder of its own (Ray's socket paths must stay under 108 characters).
     temp = Path(tempfile.mkdtemp(prefix="ray2n-", dir="/tmp"))

@@ -1,5 +1,11 @@
-"""The README's commands as a user types them: the quick start activates what it installs, and every
-command of "What you can do" runs as written in a fresh folder (with a tiny budget)."""
+"""The README and docs/ as a user reads them: the quick start activates what it installs, every command
+of "Commands" runs as written in a fresh folder (with a tiny budget), the README stays a five-minute
+read, every relative link resolves, every plan example is a valid plan, and every command docs/ shows
+is either run here (a ``console`` transcript: the command and its exact output) or marked, just above
+its block, with why it cannot run here and which test runs it:
+
+    <!-- not run by tests/test_readme.py: needs a Ray cluster; tests/test_cluster.py runs these three commands -->
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,17 +25,75 @@ import pytest
 import yaml
 from conftest import readme_block as _block_after
 
-README = Path(__file__).resolve().parent.parent / "README.md"  # (readme_block reads the same file)
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"  # (readme_block reads the same file)
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 BIN = Path(sys.executable).parent
+README_MAX_CHARS = 12_000  # a newcomer's five minutes; the details go to docs/
+NOT_RUN = re.compile(r"<!-- not run by tests/test_readme\.py: (?P<why>[^;]+); (?P<by>[^>]*?(tests/test_\w+\.py)[^>]*) -->")
 
 
 def test_the_quick_start_is_two_commands_and_activates_what_it_installs():
     first, second = _block_after("## Quick start")
-    # Activation comes before the search, so that "What you can do" below runs as typed after it.
+    # Activation comes before the search, so that "Commands" below runs as typed after it.
     assert re.search(r"\. \.venv/bin/activate && .*pip install -e \. && smskd-search --budget 50$", first), first
     assert second.endswith("python -m pytest -q") and '.[test]"' in second
-    ci = (README.parent / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     assert '.venv/bin/pip install -q -e ".[test]"' in ci and ".venv/bin/python -m pytest -q" in ci
+
+
+def test_the_readme_is_a_five_minute_read():
+    text = README.read_text()
+    assert len(text) <= README_MAX_CHARS, f"README.md has {len(text)} characters; move details to docs/"
+    assert DOCS, "no docs/ pages"
+    linked = set(re.findall(r"\]\((docs/[^)#]+)", text))
+    assert linked == {f"docs/{p.name}" for p in DOCS}, "the README links every docs/ page (and no missing one)"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_resolves():
+    for page in [README, *DOCS]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto: not checked offline
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.is_file(), f"{page.relative_to(ROOT)}: link {target!r}: no file {dest}"
+            if anchor and dest.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", dest.read_text(), re.M)
+                assert anchor in {_slug(h) for h in headings}, f"{page.relative_to(ROOT)}: link {target!r}: no such heading"
+
+
+def test_every_plan_example_is_a_valid_plan():
+    from smskd_search.validate import parse_plan
+
+    examples = [(page, block) for page in [README, *DOCS]
+                for block in re.findall(r"```yaml\n(.*?)```", page.read_text(), re.S) if block.startswith("version:")]
+    assert any(page == README for page, _ in examples), "the README shows a plan"
+    for page, block in examples:
+        plan = parse_plan(yaml.safe_load(block), str(page.relative_to(ROOT)))
+        assert plan.stages, page
+
+
+def _blocks(page: Path, lang: str) -> list[tuple[str, str]]:
+    """Each ``lang`` block of ``page`` with the line just above its opening fence."""
+    return re.findall(rf"([^\n]*)\n```{lang}\n(.*?)```", page.read_text(), re.S)
+
+
+def test_docs_commands_are_run_here_or_say_which_test_runs_them():
+    marked = 0
+    for page in DOCS:
+        for above, block in _blocks(page, "bash"):
+            note = NOT_RUN.fullmatch(above.strip())
+            assert note, (f"{page.relative_to(ROOT)}: a bash block without the line "
+                          f"'<!-- not run by tests/test_readme.py: WHY; tests/test_X.py runs it -->' above it:\n{block}")
+            assert (ROOT / note.group(3)).is_file(), f"{page.relative_to(ROOT)}: {note.group(3)} does not exist"
+            marked += 1
+    assert marked >= 3, "the cluster, S3 and GPU commands are marked"
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -38,11 +103,34 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
-def test_what_you_can_do_runs_as_written(tmp_path):
+def _needs_the_script() -> None:
     if not (BIN / "smskd-search").is_file():
         pytest.skip(f"no smskd-search script beside {sys.executable} (install the project with pip install -e .)")
-    commands = _block_after("## What you can do")
+
+
+def test_docs_transcripts_run_as_shown(tmp_path):
+    """A ``console`` block is ``$ command`` lines, each followed by its exact output. An output that
+    starts with ``error:`` is bad input: exit 2, and nothing written in the folder it ran in."""
+    _needs_the_script()
+    shown = [(page, block) for page in DOCS for _, block in _blocks(page, "console")]
+    assert shown, "docs/cluster.md shows the refused --address"
+    env = _env(tmp_path)
+    for k, (page, block) in enumerate(shown):
+        for typed, expected in re.findall(r"^\$ (.+)\n((?:(?!\$ ).*\n)*)", block, re.M):
+            cwd = tmp_path / f"fresh{k}"
+            cwd.mkdir(exist_ok=True)
+            done = subprocess.run(typed, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+            assert (done.stdout + done.stderr).strip() == expected.strip(), f"{page.name}: {typed}\n{done.stdout}{done.stderr}"
+            if expected.startswith("error:"):
+                assert done.returncode == 2 and not any(cwd.iterdir()), (typed, done.returncode, list(cwd.iterdir()))
+            else:
+                assert done.returncode == 0, (typed, done.returncode)
+
+
+@pytest.mark.slow
+def test_the_commands_run_as_written(tmp_path):
+    _needs_the_script()
+    commands = _block_after("## Commands")
     assert len(commands) >= 12, commands
     env, cwd = _env(tmp_path), tmp_path / "fresh"
     cwd.mkdir()
@@ -93,19 +181,48 @@ def _check_output(cmd: str, out: str, cwd: Path) -> None:
 
 
 def _check_dashboard(cmd: str, cwd: Path, env: dict[str, str]) -> None:
+    """The dashboard command as typed, on its default port 8080, which this machine need not have free
+    (another program, or a dashboard the user left open). Only when the typed command cannot have its
+    port (the CLI refuses a port in use, or the dashboard exits before serving because something took
+    the port in between) it runs again with ``--port`` added, on a port the kernel just gave out as free.
+    That port is released before the child binds it, so it can be taken in between too: then the same
+    happens again, a few times. The answer must come from our child (still running, listing the fresh
+    folder's study), so a server someone else has on the port cannot pass for it."""
+    for attempt in range(5):
+        tried = cmd if attempt == 0 else f"{cmd} --port {_port_free_now()}"
+        if _serve_once(tried, cwd, env):
+            return
+    raise AssertionError(f"{cmd}: no port could be had in 5 attempts")
+
+
+def _port_free_now() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve_once(cmd: str, cwd: Path, env: dict[str, str]) -> bool:
+    """True when the dashboard served the study; False when its port was in use (try another)."""
     proc = subprocess.Popen(shlex.split(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         url = re.search(r"(http://\S+)", line)
-        assert url, line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
-        deadline, status = time.time() + 60, None
-        while time.time() < deadline and status is None:
+        deadline, status, body = time.time() + 60, None, ""
+        while url and time.time() < deadline and status is None and proc.poll() is None:
             try:
                 with urllib.request.urlopen(urllib.parse.urljoin(url.group(1), "/api/studies"), timeout=5) as r:
                     status, body = r.status, r.read().decode()
             except OSError:
                 time.sleep(0.5)
-        assert status == 200 and '"default"' in body, (status, line)
+        if not url:
+            proc.wait(timeout=60)  # refused: its stdout closed as it exits
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            assert "in use" in err.lower(), f"{cmd} exited {proc.returncode}:\n{line}{err[-2000:]}"
+            return False
+        assert status == 200 and '"default"' in body, (status, line, body[:500])
+        return True
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0

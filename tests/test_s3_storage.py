@@ -153,7 +153,7 @@ def _readme_uri(endpoint: str, bucket: str) -> str:
 
     from conftest import readme_block
 
-    exports, search = readme_block("## On a Ray cluster", nth=1)
+    exports, search = readme_block("# On a Ray cluster", nth=1, page="docs/cluster.md")
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"} <= {
         w.split("=")[0] for w in shlex.split(exports)[1:]}
     words = shlex.split(search)
