@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -198,6 +199,8 @@ def settings_from_flags(args: argparse.Namespace) -> SearchSettings:
     """The search's settings from its flags: checked once, here (a UserError naming the flag)."""
     from smskd_search.search_settings import ConfirmSettings, SearchSettings
 
+    if not math.isfinite(args.cache_max_gb):
+        raise UserError(f"--cache-max-gb must be a finite number > 0 (got {args.cache_max_gb:g})")
     return SearchSettings(
         budget=args.budget, study=args.study, studies_dir=STUDIES_DIR, max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address, seed=args.seed,

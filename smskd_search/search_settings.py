@@ -40,9 +40,10 @@ class ConfirmSettings:
 
 def check_requests(cpus_per_trial: float | None, gpus_per_trial: float | None, max_concurrent: int | None) -> None:
     """The resource flags' own ranges."""
-    if cpus_per_trial is not None and cpus_per_trial <= 0:
+    # Written as "not x > 0": a NaN fails the range too.
+    if cpus_per_trial is not None and not cpus_per_trial > 0:
         raise UserError(f"--cpus-per-trial must be > 0 (got {cpus_per_trial:g})")
-    if gpus_per_trial is not None and gpus_per_trial < 0:
+    if gpus_per_trial is not None and not gpus_per_trial >= 0:
         raise UserError(f"--gpus-per-trial must be >= 0 (got {gpus_per_trial:g})")
     if max_concurrent is not None and max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1 (got {max_concurrent})")
@@ -124,7 +125,7 @@ class SearchSettings:
     def _check(self) -> None:
         if self.budget < 1:
             raise UserError(f"--budget must be >= 1 (got {self.budget})")
-        if self.timeout is not None and self.timeout <= 0:
+        if self.timeout is not None and not self.timeout > 0:
             raise UserError(f"--timeout must be > 0 seconds (got {self.timeout:g})")
         check_requests(self.cpus_per_trial, self.gpus_per_trial, self.max_concurrent)
         if self.cache and self.cache_max_bytes < 1:

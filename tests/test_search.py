@@ -180,6 +180,8 @@ def test_a_failed_start_leaves_no_study_behind(tmp_path):
 @pytest.mark.parametrize("fields, line", [
     ({"budget": 0}, "--budget must be >= 1 (got 0)"),
     ({"timeout": 0.0}, "--timeout must be > 0 seconds (got 0)"),
+    ({"timeout": math.nan}, "--timeout must be > 0 seconds (got nan)"),
+    ({"gpus_per_trial": math.nan}, "--gpus-per-trial must be >= 0 (got nan)"),
     ({"cpus_per_trial": 0.0}, "--cpus-per-trial must be > 0 (got 0)"),
     ({"gpus_per_trial": -0.5}, "--gpus-per-trial must be >= 0 (got -0.5)"),
     ({"max_concurrent": 0}, "--max-concurrent must be >= 1 (got 0)"),
@@ -891,3 +893,10 @@ def test_the_search_flags_become_one_settings_object():
         budget=7, studies_dir=STUDIES_DIR, seed=3, prune=False, confirm=ConfirmSettings(plans=2, seeds=4),
         deterministic=True, cache=False, cache_max_bytes=2**29, storage="/mnt/shared")
     assert settings_from_flags(_search_parser("x").parse_args(["--no-confirm"])).confirm is None
+
+
+def test_a_non_finite_cache_cap_is_one_error_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--cache-max-gb", "nan"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "SMSKD_STUDIES": str(tmp_path / "studies")})
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --cache-max-gb must be a finite number > 0 (got nan)"
+    assert not (tmp_path / "studies").exists()
