@@ -30,6 +30,7 @@ _EXPORTS = {
     "UserError": "smskd_search.errors",
     "Plan": "smskd_search.plan",
     "save_plan": "smskd_search.plan",
+    "SearchSettings": "smskd_search.search_settings",
     "SearchSummary": "smskd_search.search",
     "TrialReport": "smskd_search.search",
     "run_search": "smskd_search.search",
@@ -45,6 +46,7 @@ __all__ = [
     "LoadedSpace",
     "Plan",
     "RunResult",
+    "SearchSettings",
     "SearchSummary",
     "Space",
     "StageResult",
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
     from smskd_search.errors import UserError
     from smskd_search.plan import Plan, save_plan
     from smskd_search.search import SearchSummary, TrialReport, run_search
+    from smskd_search.search_settings import SearchSettings
     from smskd_search.space import LoadedSpace, Space, load_space, make_plan
     from smskd_search.validate import load_plan
 

@@ -14,12 +14,17 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smskd_search.errors import UserError
+
+if TYPE_CHECKING:
+    from smskd_search.search_settings import SearchSettings
 
 STUDIES_DIR = Path(os.environ.get("SMSKD_STUDIES", "studies"))
 
@@ -190,16 +195,25 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- search
-def cmd_search(args: argparse.Namespace) -> int:
-    from smskd_search.search_flags import check_search_flags
+def settings_from_flags(args: argparse.Namespace) -> SearchSettings:
+    """The search's settings from its flags: checked once, here (a UserError naming the flag)."""
+    from smskd_search.search_settings import ConfirmSettings, SearchSettings
 
+    if not math.isfinite(args.cache_max_gb):
+        raise UserError(f"--cache-max-gb must be a finite number > 0 (got {args.cache_max_gb:g})")
+    return SearchSettings(
+        budget=args.budget, study=args.study, studies_dir=STUDIES_DIR, max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address, seed=args.seed,
+        timeout=args.timeout, resume=args.resume, prune=not args.no_prune, baselines=not args.no_baselines,
+        confirm=None if args.no_confirm else ConfirmSettings(plans=args.confirm, seeds=args.confirm_seeds),
+        deterministic=args.deterministic, cache=not args.no_cache, cache_max_bytes=int(args.cache_max_gb * 2**30),
+        storage=args.storage)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
     # Before the imports below (torch, Ray, scikit-learn: seconds): a wrong flag is said at once.
-    check_search_flags(budget=args.budget, timeout=args.timeout, cpus_per_trial=args.cpus_per_trial,
-                       gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
-                       cache=not args.no_cache, cache_max_bytes=int(args.cache_max_gb * 2**30),
-                       deterministic=args.deterministic,
-                       confirm=None if args.no_confirm else (args.confirm, 0, args.confirm_seeds))
-    from smskd_search.search import ConfirmSettings, ProgressInfo, run_search
+    settings = settings_from_flags(args)
+    from smskd_search.search import ProgressInfo, run_search
     from smskd_search.space import load_space
     from smskd_search.summary_text import format_leaderboard, progress_line
 
@@ -221,17 +235,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         if epoch == epochs:
             line.done()
 
-    summary = run_search(
-        loaded, budget=args.budget, study=args.study, studies_dir=STUDIES_DIR,
-        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, address=args.address, seed=args.seed,
-        timeout=args.timeout, resume=args.resume, prune=not args.no_prune,
-        baselines=not args.no_baselines, on_progress=on_progress, on_teacher_epoch=on_teacher_epoch,
-        on_teacher_start=on_teacher_start,
-        confirm=None if args.no_confirm else ConfirmSettings(plans=args.confirm, seeds=args.confirm_seeds),
-        deterministic=args.deterministic, cache=not args.no_cache,
-        cache_max_bytes=int(args.cache_max_gb * 2**30), storage=args.storage,
-    )
+    summary = run_search(loaded, settings, on_progress=on_progress, on_teacher_epoch=on_teacher_epoch,
+                         on_teacher_start=on_teacher_start)
     line.done()
     print(format_leaderboard(summary))
     if summary.all_failed is not None:
@@ -428,7 +433,12 @@ def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
     p = argparse.ArgumentParser(prog=f"{prog} methods", description="List the KD methods and their parameters.")
     p.set_defaults(func=cmd_methods)
     parsers["methods"] = p
+    return {**parsers, **_inspect_parsers(prog)}
 
+
+def _inspect_parsers(prog: str) -> dict[str, argparse.ArgumentParser]:
+    """The commands that read studies and plans: dashboard, export, verify, report, studies."""
+    parsers: dict[str, argparse.ArgumentParser] = {}
     p = argparse.ArgumentParser(prog=f"{prog} dashboard", description="Start optuna-dashboard on a study.")
     p.add_argument("study", nargs="?", default=None, help="study name (default: the most recently modified study)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")

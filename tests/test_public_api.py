@@ -18,6 +18,7 @@ DOCTESTED = [
     "smskd_search.stats",
     "smskd_search.plan",
     "smskd_search.space",
+    "smskd_search.search_settings",
     "smskd_search.search.trial_report",
     "smskd_search.search.searcher",
     "smskd_search.search.cluster",

@@ -177,6 +177,42 @@ def test_a_failed_start_leaves_no_study_behind(tmp_path):
         run_search(load_space(path), studies_dir=tmp_path, resume=True)
 
 
+@pytest.mark.parametrize("fields, line", [
+    ({"budget": 0}, "--budget must be >= 1 (got 0)"),
+    ({"timeout": 0.0}, "--timeout must be > 0 seconds (got 0)"),
+    ({"timeout": math.nan}, "--timeout must be > 0 seconds (got nan)"),
+    ({"gpus_per_trial": math.nan}, "--gpus-per-trial must be >= 0 (got nan)"),
+    ({"cpus_per_trial": 0.0}, "--cpus-per-trial must be > 0 (got 0)"),
+    ({"gpus_per_trial": -0.5}, "--gpus-per-trial must be >= 0 (got -0.5)"),
+    ({"max_concurrent": 0}, "--max-concurrent must be >= 1 (got 0)"),
+    ({"cache_max_bytes": 0}, "--cache-max-gb must be > 0 (got 0)"),
+    ({"deterministic": True, "max_concurrent": 2}, "--max-concurrent 2: --deterministic runs one trial at a time"),
+])
+def test_search_settings_are_checked_when_made_and_run_search_takes_them(tmp_path, fields, line):
+    from smskd_search.search import ConfirmSettings, SearchSettings
+
+    with pytest.raises(UserError) as err:
+        SearchSettings(studies_dir=tmp_path / "studies", **fields)
+    assert str(err.value) == line
+    # A notebook's keywords are the same fields, checked the same way, before anything is written.
+    space = load_space(write_space(tmp_path, "kw", MAIN_SEARCH))
+    with pytest.raises(UserError) as err:
+        run_search(space, studies_dir=tmp_path / "studies", **fields)
+    assert str(err.value) == line
+    assert not (tmp_path / "studies").exists()
+    settings = SearchSettings(studies_dir=str(tmp_path / "studies"), deterministic=True, confirm=ConfirmSettings(seeds=1))
+    assert settings.studies_dir == tmp_path / "studies" and settings.trials_at_once == 1
+    with pytest.raises(TypeError, match="not both"):
+        run_search(space, settings, budget=3)
+
+
+def test_the_settings_cache_cap_is_the_engines():
+    from smskd_search.engine.prefix_cache import DEFAULT_MAX_BYTES
+    from smskd_search.search import SearchSettings
+
+    assert SearchSettings().cache_max_bytes == DEFAULT_MAX_BYTES
+
+
 def test_resume_checks_the_space_and_the_lock_guards_a_live_study(tmp_path):
     import socket
 
@@ -845,3 +881,22 @@ def test_search_cli_turns_the_cache_off():
     assert _search_parser("x").parse_args(["--no-cache"]).no_cache
     args = _search_parser("x").parse_args([])
     assert not args.no_cache and args.cache_max_gb == 2.0
+
+
+def test_the_search_flags_become_one_settings_object():
+    from smskd_search.cli import STUDIES_DIR, _search_parser, settings_from_flags
+    from smskd_search.search import ConfirmSettings, SearchSettings
+
+    flags = ["--budget", "7", "--no-cache", "--no-prune", "--confirm", "2", "--confirm-seeds", "4", "--cache-max-gb", "0.5",
+             "--seed", "3", "--deterministic", "--storage", "/mnt/shared"]
+    assert settings_from_flags(_search_parser("x").parse_args(flags)) == SearchSettings(
+        budget=7, studies_dir=STUDIES_DIR, seed=3, prune=False, confirm=ConfirmSettings(plans=2, seeds=4),
+        deterministic=True, cache=False, cache_max_bytes=2**29, storage="/mnt/shared")
+    assert settings_from_flags(_search_parser("x").parse_args(["--no-confirm"])).confirm is None
+
+
+def test_a_non_finite_cache_cap_is_one_error_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--cache-max-gb", "nan"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "SMSKD_STUDIES": str(tmp_path / "studies")})
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --cache-max-gb must be a finite number > 0 (got nan)"
+    assert not (tmp_path / "studies").exists()

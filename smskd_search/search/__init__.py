@@ -10,6 +10,7 @@ from smskd_search.search.runner import SearchSummary, run_search
 from smskd_search.search.sampling import Baseline, baseline_plans, plan_from_params, suggest_plan
 from smskd_search.search.storage import StudyInfo, list_studies
 from smskd_search.search.trial_report import TrialReport
+from smskd_search.search_settings import SearchSettings
 
 __all__ = [
     "Baseline",
@@ -17,6 +18,7 @@ __all__ = [
     "Confirmed",
     "LeaderboardRow",
     "ProgressInfo",
+    "SearchSettings",
     "SearchSummary",
     "StudyInfo",
     "TrialReport",

@@ -17,7 +17,6 @@ from smskd_search.errors import UserError
 from smskd_search.search import storage_fs as sfs
 from smskd_search.search.net import unreachable
 from smskd_search.search.storage_fs import AWS_ENV
-from smskd_search.search_flags import check_requests
 from smskd_search.space import RuntimeSpec
 
 # Environment variables a trial worker must see as the driver does (set before Ray starts): the
@@ -65,7 +64,6 @@ def trial_resources(cluster: dict[str, float], runtime: RuntimeSpec, cpus_per_tr
         >>> r.per_trial, r.device, r.concurrent
         ({'cpu': 1.0}, 'cpu', 2)
     """
-    check_requests(cpus_per_trial, gpus_per_trial, max_concurrent)
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     cpt = float(cpus_per_trial if cpus_per_trial is not None else runtime.cpus_per_trial)
     if cpus and cpt > cpus:
@@ -275,6 +273,6 @@ def quiet_ray_loggers() -> None:
     logging.getLogger("ray").setLevel(logging.ERROR)
 
 
-__all__ = ["PATH_ENV", "PROPAGATED_ENV", "TrialResources", "check_address", "check_nodes_reach", "check_requests", "check_storage",
+__all__ = ["PATH_ENV", "PROPAGATED_ENV", "TrialResources", "check_address", "check_nodes_reach", "check_storage",
            "worker_env",
            "propagated_env", "quiet_ray_loggers", "start_ray", "trial_resources"]

@@ -19,30 +19,12 @@ from optuna.trial import FrozenTrial, TrialState
 from smskd_search.search import storage as st
 from smskd_search.search.lifecycle import StudySession
 from smskd_search.search.sampling import BASELINE_ATTR, FIXED_PLAN_ATTR
+from smskd_search.search_settings import ConfirmSettings
 from smskd_search.stats import mean_se
 from smskd_search.validate import parse_plan
 
 # Confirmation seeds start here (plus the space's seed): far from the seeds a search trains with.
 SEED_OFFSET = 1000
-
-
-@dataclass(frozen=True)
-class ConfirmSettings:
-    """How many plans to confirm, and on how many fresh seeds.
-
-    Args:
-        plans: The best distinct searched plans (by their single-seed value) to confirm.
-        baselines: The best baselines to confirm beside them (what the plans must beat).
-        seeds: Fresh seeds per plan (the same seeds for every plan, so differences are paired).
-    """
-
-    plans: int = 3
-    baselines: int = 2
-    seeds: int = 3
-
-    @property
-    def enabled(self) -> bool:
-        return self.seeds > 0 and self.plans + self.baselines > 0
 
 
 @dataclass(frozen=True)

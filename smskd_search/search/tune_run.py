@@ -1,7 +1,8 @@
 """One Tune run of a study's next trials: the searcher, the scheduler, the trainable and Ray.
 
-:func:`run_tune` takes a :class:`TuneSettings` and returns a :class:`TuneOutcome`; it starts Ray
-(unless this process already has it) and shuts down what it started.
+:func:`run_tune` takes the search's :class:`TuneSettings` and this run's :class:`TuneRound`, and
+returns a :class:`TuneOutcome`; it starts Ray (unless this process already has it) and shuts down
+what it started.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.data.sources import absolute_root
-from smskd_search.engine import DEFAULT_MAX_BYTES, TeacherRecord
+from smskd_search.engine import TeacherRecord
 from smskd_search.search import storage as st
 from smskd_search.search import storage_fs as sfs
 from smskd_search.search.cluster import TrialResources, quiet_ray_loggers, start_ray, trial_resources
@@ -26,7 +27,12 @@ from smskd_search.search.progress import ProgressInfo, progress_callback
 from smskd_search.search.pruning import StageRungs
 from smskd_search.search.sampling import BASELINE_ATTR, suggest_plan
 from smskd_search.search.teacher_transport import pack
+from smskd_search.search_settings import SearchSettings
 from smskd_search.space import SearchSpec, Space
+
+if TYPE_CHECKING:
+    from smskd_search.search.scheduler import StageASHAScheduler
+    from smskd_search.search.searcher import StudySearcher
 
 
 class PlanConfigs:
@@ -107,49 +113,56 @@ def rungs_for(search: SearchSpec, before: list[FrozenTrial]) -> StageRungs:
     return rungs
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneSettings:
-    """Everything one Tune run needs.
+    """What every Tune run of one search shares.
 
     Args:
+        settings: The search's settings (resource requests, address, cache, deterministic, timeout).
         space: The space searched.
         session: The open study (its lock held by the caller).
         teacher: The study's teacher, trained or loaded.
-        trials: Trials to run in this Tune run.
-        budget: The study's whole budget (for the progress line).
-        before: The study's trials before this run.
-        seed: The sampler's seed for this run.
-        prune: Whether the space's pruning applies.
-        cpus_per_trial, gpus_per_trial, max_concurrent: Overrides of the space's runtime.
-        address: A Ray cluster to join (None: start local Ray).
-        deadline: ``time.monotonic()`` after which no trial starts (None: no limit).
-        start: ``time.monotonic()`` at the search's start (for the progress line).
+        start: ``time.monotonic()`` at the search's start (for the progress line and the timeout).
         on_progress: Called with a :class:`ProgressInfo` when the counts change.
-        phase: ``"search"``, or ``"confirm"`` for the confirmation runs (enqueued, never pruned).
-        cache_dir: The stage-prefix cache's folder or URI (``<storage>/cache``); None: no stage cache.
-        cache_max_bytes: The cache's size cap.
-        deterministic: Trials on a GPU run PyTorch's deterministic algorithms.
     """
 
+    settings: SearchSettings
     space: Space
     session: StudySession
     teacher: TeacherRecord
+    start: float = field(default_factory=time.monotonic)
+    on_progress: Callable[[ProgressInfo], None] | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        """``time.monotonic()`` after which no trial starts (None: no limit)."""
+        return None if self.settings.timeout is None else self.start + self.settings.timeout
+
+    @property
+    def cache_dir(self) -> str | None:
+        """The stage-prefix cache's folder or URI (``<storage>/cache``); None: no stage cache."""
+        return sfs.join(self.session.storage_root, "cache") if self.settings.cache else None
+
+
+@dataclass(frozen=True)
+class TuneRound:
+    """One Tune run's own part.
+
+    Args:
+        trials: Trials to run in this Tune run.
+        budget: The whole to count them against (for the progress line).
+        before: The study's trials before this run.
+        seed: The sampler's seed for this run.
+        prune: Whether the space's pruning applies.
+        phase: ``"search"``, or ``"confirm"`` for the confirmation runs (enqueued, never pruned).
+    """
+
     trials: int
     budget: int
     before: list[FrozenTrial]
     seed: int
     prune: bool = True
-    cpus_per_trial: float | None = None
-    gpus_per_trial: float | None = None
-    max_concurrent: int | None = None
-    address: str | None = None
-    deadline: float | None = None
-    start: float = field(default_factory=time.monotonic)
-    on_progress: Callable[[ProgressInfo], None] | None = None
     phase: str = "search"
-    cache_dir: str | None = None
-    cache_max_bytes: int = DEFAULT_MAX_BYTES
-    deterministic: bool = False
 
 
 @dataclass
@@ -163,89 +176,29 @@ class TuneOutcome:
     exhausted: bool = False
 
 
-def run_tune(s: TuneSettings) -> TuneOutcome:
-    """Run ``s.trials`` trials of the study on Ray; see the module docstring."""
-    from smskd_search.search._ray import ray, tune
-    from smskd_search.search.scheduler import StageASHAScheduler
-    from smskd_search.search.searcher import StudySearcher
-    from smskd_search.search.trainable import TrialContext, train_trial
+def run_tune(s: TuneSettings, r: TuneRound) -> TuneOutcome:
+    """Run ``r.trials`` trials of the study on Ray; see the module docstring."""
+    from smskd_search.search._ray import ray
 
-    search = s.space.search
-    assert search is not None
-    multi = bool(search.objective.cost_objective)
     notes: list[str] = []
-    started = start_ray(s.address, s.session.storage_root)
+    started = start_ray(s.settings.address, s.session.storage_root)
     quiet_ray_loggers()
     searcher: StudySearcher | None = None
-    resources: TrialResources | None = None
-    interrupted = False
     try:
-        resources = trial_resources(ray.cluster_resources(), s.space.runtime, s.cpus_per_trial, s.gpus_per_trial,
-                                    s.max_concurrent)
+        resources = trial_resources(ray.cluster_resources(), s.space.runtime, s.settings.cpus_per_trial,
+                                    s.settings.gpus_per_trial, s.settings.trials_at_once)
         notes += resources.notes
-        scheduler = None
-        if s.prune and search.pruning.enabled and not multi:
-            scheduler = StageASHAScheduler(rungs_for(search, s.before))
-        elif s.prune and multi:
-            notes.append("pruning is off for the accuracy-vs-cost (multi-objective) search")
-        rung_epochs = (scheduler.rungs.milestones
-                       if scheduler is not None and search.pruning.decide_at == "rungs" else [])
-        configs = PlanConfigs(s.space, s.teacher.sha256, resources.threads, s.session.runs_dir, s.session.name,
-                              rung_epochs)
-        s.session.study.sampler = make_sampler(s.space, s.seed)
-        searcher = StudySearcher(s.session.study, configs, pruning=scheduler is not None,
-                                 stop_reason=scheduler.stop_reason if scheduler is not None else None,
-                                 max_trials=s.trials,
-                                 # A plan once more rather than a new one: the next ask explores.
-                                 explore=optuna.samplers.RandomSampler(seed=s.seed + 1))
-        context = TrialContext(teacher=pack(s.teacher), device=resources.device,
-                               cache_dir=s.cache_dir,
-                               cache_max_bytes=s.cache_max_bytes, deterministic=s.deterministic,
-                               gpu_share=float(resources.per_trial.get("gpu", 0.0)))
-        trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources.per_trial)
+        scheduler = _scheduler(s.space, r, notes)
+        searcher = _searcher(s, r, resources, scheduler)
         time_budget = None
         if s.deadline is not None:
             # The deadline bounds the whole search, and the teacher and Ray's start already took some.
             time_budget = s.deadline - time.monotonic()
             if time_budget <= 0:
                 return TuneOutcome(resources, False, notes)
-        callbacks = []
-        if s.on_progress is not None:
-            answered = searcher.answered
-            callbacks.append(progress_callback(s.on_progress, s.session.name, s.budget, s.before, s.start,
-                                               answered=lambda: len(answered), phase=s.phase))
         ray_dir = sfs.join(s.session.storage_root, s.session.name, "ray")
-        # A URI goes to Tune as its filesystem and the path inside it (Tune's own way to take one).
-        fs, ray_path = sfs.filesystem(ray_dir) if sfs.is_uri(ray_dir) else (None, ray_dir)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=s.trials,
-                max_concurrent_trials=resources.concurrent, reuse_actors=True, time_budget_s=time_budget,
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=ray_path,
-                storage_filesystem=fs,
-                verbose=0,
-                callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=1),
-                # No num_to_keep: with it, Tune snapshots the whole experiment (searcher included)
-                # whenever a trial has checkpointed that many times, i.e. at almost every stage end.
-                checkpoint_config=tune.CheckpointConfig(),
-            ),
-        )
-        try:
-            tuner.fit()
-        except KeyboardInterrupt:  # a second Ctrl-C while Tune was winding down
-            interrupted = True
-        # Tune's copies of the stage checkpoints only serve its failure recovery during the run
-        # (a resume works from the study and the trial folders).
-        for rel, _, _, is_dir in sfs.listing(ray_dir, recursive=True):
-            parts = rel.split("/")
-            if is_dir and len(parts) == 3 and parts[0].startswith("run-") and parts[2].startswith("checkpoint_"):
-                sfs.remove(sfs.join(ray_dir, rel))
+        interrupted = _fit(_tuner(s, r, resources, searcher, scheduler, time_budget, ray_dir))
+        _drop_tune_checkpoints(ray_dir)
         return TuneOutcome(resources, interrupted, notes, exhausted=searcher.exhausted)
     finally:
         if searcher is not None:
@@ -256,8 +209,97 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
             ray.shutdown()
 
 
+def _scheduler(space: Space, r: TuneRound, notes: list[str]) -> StageASHAScheduler | None:
+    """The stage-level pruner, or None (pruning off, or a multi-objective search: said in ``notes``)."""
+    from smskd_search.search.scheduler import StageASHAScheduler
+
+    search = space.search
+    assert search is not None
+    multi = bool(search.objective.cost_objective)
+    if r.prune and search.pruning.enabled and not multi:
+        return StageASHAScheduler(rungs_for(search, r.before))
+    if r.prune and multi:
+        notes.append("pruning is off for the accuracy-vs-cost (multi-objective) search")
+    return None
+
+
+def _searcher(s: TuneSettings, r: TuneRound, resources: TrialResources,
+              scheduler: StageASHAScheduler | None) -> StudySearcher:
+    """The study's searcher for this run, its sampler seeded by ``r.seed``."""
+    from smskd_search.search.searcher import StudySearcher
+
+    search = s.space.search
+    assert search is not None
+    rung_epochs = (scheduler.rungs.milestones
+                   if scheduler is not None and search.pruning.decide_at == "rungs" else [])
+    configs = PlanConfigs(s.space, s.teacher.sha256, resources.threads, s.session.runs_dir, s.session.name,
+                          rung_epochs)
+    s.session.study.sampler = make_sampler(s.space, r.seed)
+    return StudySearcher(s.session.study, configs, pruning=scheduler is not None,
+                         stop_reason=scheduler.stop_reason if scheduler is not None else None,
+                         max_trials=r.trials,
+                         # A plan once more rather than a new one: the next ask explores.
+                         explore=optuna.samplers.RandomSampler(seed=r.seed + 1))
+
+
+def _tuner(s: TuneSettings, r: TuneRound, resources: TrialResources, searcher: StudySearcher,
+           scheduler: StageASHAScheduler | None, time_budget: float | None, ray_dir: str) -> Any:
+    """The Tuner of this run: the trainable with its resources, the searcher, the scheduler, the callbacks."""
+    from smskd_search.search._ray import tune
+    from smskd_search.search.trainable import TrialContext, train_trial
+
+    context = TrialContext(teacher=pack(s.teacher), device=resources.device, cache_dir=s.cache_dir,
+                           cache_max_bytes=s.settings.cache_max_bytes, deterministic=s.settings.deterministic,
+                           gpu_share=float(resources.per_trial.get("gpu", 0.0)))
+    trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources.per_trial)
+    callbacks = []
+    if s.on_progress is not None:
+        answered = searcher.answered
+        callbacks.append(progress_callback(s.on_progress, s.session.name, r.budget, r.before, s.start,
+                                           answered=lambda: len(answered), phase=r.phase))
+    # A URI goes to Tune as its filesystem and the path inside it (Tune's own way to take one).
+    fs, ray_path = sfs.filesystem(ray_dir) if sfs.is_uri(ray_dir) else (None, ray_dir)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=r.trials,
+            max_concurrent_trials=resources.concurrent, reuse_actors=True, time_budget_s=time_budget,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=ray_path,
+            storage_filesystem=fs,
+            verbose=0,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=1),
+            # No num_to_keep: with it, Tune snapshots the whole experiment (searcher included)
+            # whenever a trial has checkpointed that many times, i.e. at almost every stage end.
+            checkpoint_config=tune.CheckpointConfig(),
+        ),
+    )
+
+
+def _fit(tuner: Any) -> bool:
+    """Run the Tuner; True if a second Ctrl-C reached us while Tune was winding down."""
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
+def _drop_tune_checkpoints(ray_dir: str) -> None:
+    # Tune's copies of the stage checkpoints only serve its failure recovery during the run
+    # (a resume works from the study and the trial folders).
+    for rel, _, _, is_dir in sfs.listing(ray_dir, recursive=True):
+        parts = rel.split("/")
+        if is_dir and len(parts) == 3 and parts[0].startswith("run-") and parts[2].startswith("checkpoint_"):
+            sfs.remove(sfs.join(ray_dir, rel))
+
+
 def _trial_dirname(trial: Any) -> str:
     return f"t{trial.trial_id}"
 
 
-__all__ = ["PlanConfigs", "TuneOutcome", "TuneSettings", "make_sampler", "rungs_for", "run_tune"]
+__all__ = ["PlanConfigs", "TuneOutcome", "TuneRound", "TuneSettings", "make_sampler", "rungs_for", "run_tune"]
