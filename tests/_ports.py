@@ -32,23 +32,48 @@ def refused_port(host: str = "127.0.0.1") -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-def listens(pid: int, port: int) -> bool:
-    """Whether process ``pid`` itself listens on TCP ``port`` (IPv4; Linux's /proc): a server
-    answering on the port may be another one that took it first."""
+def _session(pid: str) -> int | None:
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
+        with open(f"/proc/{pid}/stat") as f:
+            # The fields after the command's ")" (which may hold spaces): state, ppid, pgrp, session.
+            return int(f.read().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def listens(session: int, port: int) -> bool:
+    """Whether a process of ``session`` (a server started with ``start_new_session=True``: its pid)
+    listens on TCP ``port`` (Linux's /proc): whatever answers on the port may be another
+    server that took it first."""
     owned = set()
-    for fd in fds:
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        if _session(pid) != session:
+            continue
         try:
-            owned.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
-    with open("/proc/net/tcp") as f:
-        rows = [line.split() for line in f.readlines()[1:]]
+        for fd in fds:
+            try:
+                owned.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # (a server on [::] is listed in tcp6 alone)
+        with open(table) as f:
+            rows += [line.split() for line in f.readlines()[1:]]
     return any(int(r[1].rsplit(":", 1)[1], 16) == port and r[3] == "0A" and f"socket:[{r[9]}]" in owned
                for r in rows)
+
+
+def bindable(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``port`` is free now (a server that exited before listening: was it taken?)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _unbound_port(host: str) -> int:

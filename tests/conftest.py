@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest
 import torch
-from _ports import PortTaken, listens, start_on_a_free_port
+from _ports import PortTaken, bindable, listens, start_on_a_free_port
 from _real_components import pytest_configure, pytest_runtest_makereport  # noqa: F401 - hooks of this suite
 
 from smskd_search.plan import DatasetSpec, Plan, ProblemSpec, RecipeSpec, StudentSpec, TeacherRecipe, TeacherSpec
@@ -108,10 +108,11 @@ S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "test
 
 
 def _start_moto(port: int, log: Path) -> subprocess.Popen:
-    """moto's server on ``port``, once it answers as moto (not whatever else may hold the port)."""
+    """moto's server on ``port``, once it listens there itself and answers (not another server that
+    holds the port); raises PortTaken where the port was taken before it bound it."""
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=err)
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
         if not listens(proc.pid, port):
@@ -124,9 +125,9 @@ def _start_moto(port: int, log: Path) -> subprocess.Popen:
         except (OSError, ValueError):
             time.sleep(0.2)
     _stop(proc)
-    said = log.read_text(errors="replace")
-    if "Address already in use" in said:
+    if not bindable(port):
         raise PortTaken(port)
+    said = log.read_text(errors="replace")
     pytest.fail(f"moto's server did not start on port {port}: {said[-2000:]}")
 
 
