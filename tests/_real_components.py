@@ -28,13 +28,13 @@ def pytest_configure(config):
                                        f"{ENV_REQUIRE_REAL}=1 its skip fails the run")
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)  # (the old style: the test extra allows pytest 7.4)
 def pytest_runtest_makereport(item, call):
-    report = yield
+    outcome = yield
+    report = outcome.get_result()
     components = [m.args[0] for m in item.iter_markers(MARKER) if m.args]
     if report.skipped and components and require_real() and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = (f"{item.nodeid} stands for the real {', '.join(sorted(components))} and skipped under "
                            f"{ENV_REQUIRE_REAL}=1: {reason}")
-    return report
