@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest
 import torch
+from _ports import PortTaken, bindable, listens, start_on_a_free_port
+from _real_components import pytest_configure, pytest_runtest_makereport  # noqa: F401 - hooks of this suite
 
 from smskd_search.plan import DatasetSpec, Plan, ProblemSpec, RecipeSpec, StudentSpec, TeacherRecipe, TeacherSpec
 from smskd_search.space import Space
@@ -105,38 +108,50 @@ def readme_block(heading: str, nth: int = 0, page: str = "README.md") -> list[st
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _start_moto(port: int, log: Path) -> subprocess.Popen:
+    """moto's server on ``port``, once it listens there itself and answers (not another server that
+    holds the port); raises PortTaken where the port was taken before it bound it."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if not listens(proc.pid, port):
+            time.sleep(0.2)
+            continue
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/data.json", timeout=2) as r:
+                json.load(r)
+            return proc
+        except (OSError, ValueError):
+            time.sleep(0.2)
+    _stop(proc)
+    if not bindable(port):
+        raise PortTaken(port)
+    said = log.read_text(errors="replace")
+    pytest.fail(f"moto's server did not start on port {port}: {said[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_server(tmp_path_factory):
     """An S3-compatible server (moto's server mode) on a free port; yields its ``host:port``."""
     pytest.importorskip("moto.server", reason="moto is not installed: pip install 'moto[server]' (the test extra)")
     pytest.importorskip("boto3", reason="boto3 is not installed: pip install 'moto[server]' (the test extra)")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    proc, port = start_on_a_free_port(lambda p: _start_moto(p, log))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto's server did not start on port {port}")
-                time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        _stop(proc)
 
 
 def s3_bucket(endpoint: str, name: str):

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from _ports import PortTaken, bindable, listens, refused_port, start_on_a_free_port
 from PIL import Image
 
 from smskd_search.errors import UserError
@@ -183,18 +185,12 @@ def test_the_propagated_environment_is_what_the_data_layer_reads(tmp_path, monke
         "SMSKD_CIFAR_URL": "http://mirror/c.tar.gz"}
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_check_address(monkeypatch, tmp_path):
     cluster.check_address(None)
     cluster.check_address("local")
-    with pytest.raises(UserError, match=r"^--address 127\.0\.0\.1:\d+: no Ray cluster answers at 127\.0\.0\.1:\d+ "
-                                        r"\(connection refused\)$"):
-        cluster.check_address(f"127.0.0.1:{_closed_port()}")
+    with refused_port() as port, pytest.raises(UserError, match=rf"^--address 127\.0\.0\.1:{port}: no Ray cluster "
+                                                                rf"answers at 127\.0\.0\.1:{port} \(connection refused\)$"):
+        cluster.check_address(f"127.0.0.1:{port}")
     with pytest.raises(UserError, match="is not 'auto', host:port or ray://host:port"):
         cluster.check_address("nonsense")
     with socket.socket() as listening:  # something answers: Ray's own connection is tried next
@@ -207,9 +203,10 @@ def test_check_address(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(UserError, match="^--address auto: no running Ray cluster found"):
         cluster.check_address("auto")
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
-    with pytest.raises(UserError, match=r"no Ray cluster answers at 127\.0\.0\.1:\d+ \(found in RAY_ADDRESS\)"):
-        cluster.check_address("auto")
+    with refused_port() as port:
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        with pytest.raises(UserError, match=rf"no Ray cluster answers at 127\.0\.0\.1:{port} \(found in RAY_ADDRESS\)"):
+            cluster.check_address("auto")
 
 
 def test_a_bad_address_fails_fast_and_writes_nothing(tmp_path):
@@ -217,14 +214,15 @@ def test_a_bad_address_fails_fast_and_writes_nothing(tmp_path):
     studies.mkdir()
     (studies / "keep.txt").write_text("untouched")
     before = sorted((p.name, p.read_bytes()) for p in studies.iterdir())
-    start = time.monotonic()
+    ray_tmp = tmp_path / "ray"  # where a Ray this command started would keep its session
     proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--budget", "2", "--address", "127.0.0.1:1"],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "SMSKD_STUDIES": str(studies)})
-    took = time.monotonic() - start
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SMSKD_STUDIES": str(studies), "RAY_TMPDIR": str(ray_tmp)})
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: --address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1 (connection refused)"
-    assert proc.stdout == "" and took < 15
-    assert sorted((p.name, p.read_bytes()) for p in studies.iterdir()) == before  # studies/ byte-identical
+    # Refused before anything started: no Ray, no teacher, no study; studies/ byte-identical.
+    assert proc.stdout == "" and not ray_tmp.exists()
+    assert sorted((p.name, p.read_bytes()) for p in studies.iterdir()) == before
 
 
 
@@ -262,6 +260,41 @@ def _wait_for_nodes(address: str, n: int, env: dict, timeout: float = 120) -> di
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop a ``ray start --block`` and every process of its session (its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)  # (`ray start --block` often outlives its SIGTERM)
+    except subprocess.TimeoutExpired:
+        pass
+    # Always, after the wait: the raylet and workers of the group may outlive `ray start`.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _start_head(cmd: Callable[[int], list[str]], env: dict, log: Path) -> Callable[[int], subprocess.Popen]:
+    """Starts the head on a port, once its GCS listens there (a port taken meanwhile: PortTaken)."""
+
+    def start(port: int) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd(port), env=env, start_new_session=True, stdout=out, stderr=out)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if listens(proc.pid, port):
+                return proc
+            time.sleep(0.5)
+        _stop_group(proc)
+        if not bindable(port):
+            raise PortTaken(port)
+        pytest.fail(f"the head node did not start on port {port}: {log.read_text(errors='replace')[-2000:]}")
+
+    return start
+
+
 @pytest.fixture(scope="module")
 def namespaced_cluster(tmp_path_factory):
     """The README's cluster (section "On a Ray cluster", its commands as typed) on this machine: a head
@@ -279,6 +312,7 @@ def namespaced_cluster(tmp_path_factory):
     if prefix is None:
         pytest.skip("this machine allows no mount namespace (unshare -m / unshare -rm): no isolated worker node")
     import shlex
+    import shutil
     import tempfile
 
     from conftest import readme_block
@@ -291,11 +325,9 @@ def namespaced_cluster(tmp_path_factory):
     studies.mkdir()
     home_cache = Path.home() / ".cache"
     home_cache.mkdir(exist_ok=True)
-    port = _closed_port()
-    address = f"127.0.0.1:{port}"
 
-    def typed(cmd: str) -> list[str]:
-        words = shlex.split(cmd.replace("HEAD:6379", address).replace("--port 6379", f"--port {port}")
+    def typed(cmd: str, port: int) -> list[str]:
+        words = shlex.split(cmd.replace("HEAD:6379", f"127.0.0.1:{port}").replace("--port 6379", f"--port {port}")
                             .replace("/mnt/shared/smskd", str(tmp_path / "shared")))
         return ([_ray_cli()] if words[0] == "ray" else [sys.executable, "-m", "smskd_search.cli"]) + words[1:]
 
@@ -308,33 +340,21 @@ def namespaced_cluster(tmp_path_factory):
     env["RAY_AUTH_MODE"] = "disabled"
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(subprocess.Popen([*typed(head_cmd), *own("head"), "--include-dashboard", "false"], env=env,
-                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        head, port = start_on_a_free_port(_start_head(
+            lambda p: [*typed(head_cmd, p), *own("head"), "--include-dashboard", "false"], env, tmp_path / "head.log"))
+        procs.append(head)
+        address = f"127.0.0.1:{port}"
         hidden = " && ".join(f"mount -t tmpfs tmpfs {d}" for d in (ROOT / "studies", studies, home_cache))
-        worker_line = shlex.join([*typed(worker_cmd), *own("worker")])
+        worker_line = shlex.join([*typed(worker_cmd, port), *own("worker")])
         procs.append(subprocess.Popen([*prefix, "sh", "-c", f"{hidden} && exec {worker_line}"], env=env,
                                       start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         nodes = _wait_for_nodes(address, 2, env)
         assert len(nodes) == 2 and sorted(nodes.values()) == [0.0, 2.0], nodes
         worker = next(n for n, cpus in nodes.items() if cpus)
-        yield address, worker, studies, env, typed(search_cmd)
+        yield address, worker, studies, env, typed(search_cmd, port)
     finally:
         for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=5)  # (`ray start --block` often outlives its SIGTERM)
-            except subprocess.TimeoutExpired:
-                pass
-            # Always, after the wait: the raylet and workers of the group may outlive `ray start`.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
-        import shutil
-
+            _stop_group(proc)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -350,6 +370,7 @@ def _two_space(folder: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.real_component("cluster")
 def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(namespaced_cluster, tmp_path):
     address, worker, studies, env, search = namespaced_cluster
     space = _two_space(tmp_path)
@@ -397,6 +418,8 @@ def test_a_cluster_of_two_nodes_needs_storage_every_node_reaches(namespaced_clus
 
 
 @pytest.mark.slow
+@pytest.mark.real_component("cluster")
+@pytest.mark.real_component("s3")
 def test_a_search_on_two_nodes_with_s3_storage_sends_the_workers_the_aws_variables(namespaced_cluster, s3_server,
                                                                                   tmp_path):
     from conftest import S3_CREDENTIALS, s3_bucket, s3_keys

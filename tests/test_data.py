@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -37,13 +38,30 @@ def _check_splits(spec: DatasetSpec, n_train_total: int, n_classes: int):
     return d
 
 
+def _labelled_rows(split: TensorSplit) -> Counter:
+    """The split's (image bytes, label) rows, with their multiplicities."""
+    return Counter(zip((r.numpy().tobytes() for r in split.images.flatten(1)), split.labels.tolist()))
+
+
 def test_digits_splits_are_seeded_stratified_and_disjoint():
     spec = DatasetSpec(name="digits", val_fraction=0.35, test_fraction=0.2, split_seed=3)
     d = _check_splits(spec, 1437, 10)  # 1,797 less the 20% test split
+    test = load_test_split(spec, d.info)
+    # Row by row: train, val and test together are the source's 1,797 rows, each used once (the
+    # source, normalised as the loader does; a duplicate image counts as often as it occurs).
+    x, y, _, _ = sources.load_digits_arrays()
+    mean, std = torch.tensor(d.info.mean).view(1, -1, 1, 1), torch.tensor(d.info.std).view(1, -1, 1, 1)
+    source = _labelled_rows(TensorSplit((torch.from_numpy(x) - mean) / std, torch.from_numpy(y)))
+    parts = [_labelled_rows(s) for s in (d.train, d.val, test)]
+    assert sum(parts, Counter()) == source and sum(source.values()) == 1797
+    assert [sum(p.values()) for p in parts] == [len(d.train), len(d.val), 360]
+    # The same seed gives the same rows in the same order; another seed, other rows in validation.
     again = load_data(spec)
-    assert torch.equal(d.train.images, again.train.images) and torch.equal(d.val.labels, again.val.labels)
+    for a, b in ((d.train, again.train), (d.val, again.val)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.equal(load_test_split(spec, d.info).images, test.images)
     other = load_data(spec.model_copy(update={"split_seed": 4}))
-    assert not torch.equal(d.val.labels, other.val.labels)
+    assert _labelled_rows(other.val) != parts[1] and sum(_labelled_rows(other.val).values()) == len(d.val)
     assert d.info.in_channels == 1 and d.info.image_size == 8
 
 
@@ -245,6 +263,7 @@ def test_concurrent_imagefolder_decodes_never_share_a_temporary_file(tmp_path, m
     assert all(np.array_equal(a, b) for a, b in zip(again, results[0]))
 
 
+@pytest.mark.real_component("fashion_mnist")
 @pytest.mark.skipif(not sources.DEBIAN_FASHION_MNIST.is_dir(),
                     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_the_cpu_fashion_mnist_space_reads_a_subset_of_the_real_data():

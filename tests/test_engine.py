@@ -234,10 +234,32 @@ def test_teacher_output_cache_matches_per_batch_forwards(tiny_problem, teacher_c
         assert abs(a.epoch_metrics[-1].train_loss - b.epoch_metrics[-1].train_loss) < 1e-3
 
 
+def _layer_output_dtypes(plan, teacher_cache, precision: str):
+    """The run's result, and the dtypes the conv and linear layers' forwards gave during the run."""
+    seen: set[torch.dtype] = set()
+
+    def hook(module, args, output):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and isinstance(output, torch.Tensor):
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        result = run_plan(plan, teacher_cache=teacher_cache, precision=precision)
+    finally:
+        handle.remove()
+    return result, seen
+
+
 def test_bf16_autocast_on_cpu_matches_fp32_losses(tiny_problem, teacher_cache):
     plan = make_plan(tiny_problem, [("kd", 1), ("fitnet", 1)], reference={"lambda_ref": 1.0})
-    fp32 = run_plan(plan, teacher_cache=teacher_cache, precision="fp32")
-    bf16 = run_plan(plan, teacher_cache=teacher_cache, precision="bf16")
+    fp32, fp32_dtypes = _layer_output_dtypes(plan, teacher_cache, "fp32")
+    bf16, bf16_dtypes = _layer_output_dtypes(plan, teacher_cache, "bf16")
+    # The layers computed in bfloat16 under bf16 (autocast keeps the loss and softmax in float32),
+    # and only under bf16: a run that ignored the precision would show float32 alone.
+    assert fp32_dtypes == {torch.float32} and torch.bfloat16 in bf16_dtypes
+    # Close to the fp32 numbers, not equal to them: bfloat16 keeps 8 significant bits.
+    assert [m.train_loss for s in fp32.stages for m in s.epoch_metrics] != [
+        m.train_loss for s in bf16.stages for m in s.epoch_metrics]
     for a, b in zip(fp32.stages, bf16.stages):
         ma, mb = a.epoch_metrics[0], b.epoch_metrics[0]
         assert ma.train_loss == pytest.approx(mb.train_loss, rel=0.05)

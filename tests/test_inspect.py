@@ -484,6 +484,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.real_component("chromium")
 def test_report_renders_in_headless_chromium(tiny_study, studies_root, tmp_path):
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:

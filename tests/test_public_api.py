@@ -44,7 +44,8 @@ def test_every_public_name_resolves_to_its_definition():
 def test_importing_the_package_imports_neither_torch_nor_ray():
     # The command line answers a bad flag without waiting for torch.
     code = "import sys, smskd_search; print('torch' in sys.modules, 'ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
     assert out.split() == ["False", "False"]
 
 

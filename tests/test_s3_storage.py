@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,14 +19,17 @@ import optuna
 import pytest
 import torch
 import yaml
+from _freeze import kill_in_state
+from _ports import refused_port
 from conftest import S3_CREDENTIALS as CREDENTIALS
-from conftest import free_port as _free_port
 from conftest import s3_bucket as _bucket
 from conftest import s3_keys as _keys
 from optuna.trial import TrialState
 
 from smskd_search.errors import UserError
 from smskd_search.search import storage as st
+
+pytestmark = pytest.mark.real_component("s3")
 
 
 def test_a_storage_uri_is_checked_before_anything_is_written(s3_server, tmp_path, monkeypatch):
@@ -46,17 +50,18 @@ def test_a_storage_uri_is_checked_before_anything_is_written(s3_server, tmp_path
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{s3_server}")
     assert check_storage("s3://present/y") == "s3://present/y"
 
-    # Through the command line: a dead endpoint is one line, exit 2, fast, and no study file.
-    studies = tmp_path / "studies"
-    dead = f"s3://present/x?endpoint_override=127.0.0.1:{_free_port()}&scheme=http"
-    start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--budget", "2", "--storage", dead],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **CREDENTIALS, "SMSKD_STUDIES": str(studies)})
+    # Through the command line: a dead endpoint is one line, exit 2, before anything started (no
+    # Ray, no teacher, no study file).
+    studies, ray_tmp = tmp_path / "studies", tmp_path / "ray"
+    with refused_port() as port:
+        dead = f"s3://present/x?endpoint_override=127.0.0.1:{port}&scheme=http"
+        proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--budget", "2", "--storage", dead],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **CREDENTIALS, "SMSKD_STUDIES": str(studies), "RAY_TMPDIR": str(ray_tmp)})
     assert proc.returncode == 2, proc.stderr
-    assert re.fullmatch(rf"error: --storage {re.escape(dead)}: no storage server answers at 127\.0\.0\.1:\d+ "
+    assert re.fullmatch(rf"error: --storage {re.escape(dead)}: no storage server answers at 127\.0\.0\.1:{port} "
                         r"\(connection refused\)\n", proc.stderr), proc.stderr
-    assert proc.stdout == "" and time.monotonic() - start < 30
+    assert proc.stdout == "" and not ray_tmp.exists()
     assert not studies.exists() or not list(studies.rglob("*"))
 
 
@@ -140,11 +145,28 @@ def test_a_trial_on_s3_uploads_its_stages_and_a_rerun_adopts_them(s3_server, tmp
 SPACE = {"name": "s3s", "problem": {
     "dataset": {"name": "digits", "val_fraction": 0.25},
     "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}, "student": {"arch": "cnn_nano"}},
-    # Two stages of 8 epochs: the kill lands while the second trains (about a second here: with 3
-    # epochs a fast machine finished the trial, and dropped its run folder, before the kill).
+    # Two stages of 8 epochs: the search is frozen, checked and killed while the second trains.
     "search": {"methods": ["kd", "dkd"], "stages": {"min": 2, "max": 2}, "epochs": {"min": 8, "max": 8},
                "pruning": {"enabled": False}}}
 STAGE_KEY = re.compile(r"^smskd/s3s/trials/(\d+)/stage\d+\.pt$")
+
+
+def _checkpointed(client) -> set[int]:
+    """The trials with a stage checkpoint in the bucket."""
+    return {int(m.group(1)) for m in map(STAGE_KEY.match, _keys(client, "smskd")) if m}
+
+
+def _trial_state(db: Path, number: int) -> str | None:
+    """Trial ``number``'s state in the study file, read-only (None: not readable now)."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            row = con.execute("SELECT state FROM trials WHERE number = ?", (number,)).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
 
 
 def _readme_uri(endpoint: str, bucket: str) -> str:
@@ -176,20 +198,27 @@ def test_a_search_on_s3_writes_only_there_and_resumes_from_its_checkpoints(s3_se
     cmd = [sys.executable, "-m", "smskd_search.cli", "--space", str(space), "--budget", "1", "--no-confirm",
            "--no-baselines", "--deterministic", "--storage", uri]
 
-    # Killed hard (driver and the Ray it started) as soon as a trial has a stage checkpoint in the bucket.
+    # Killed hard (driver and the Ray it started) while a trial has a stage checkpoint in the bucket
+    # and no result in the study: the search is frozen once a checkpoint shows, and killed only if
+    # both still hold (else let go on).
+    db = st.db_path(studies, "s3s")
+    orphans: list[int] = []
+
+    def mid_trial() -> bool:
+        orphans[:] = [n for n in _checkpointed(client) if _trial_state(db, n) == "RUNNING"]
+        return bool(orphans)
+
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline, first = time.monotonic() + 300, None
     try:
-        while time.monotonic() < deadline and proc.poll() is None and first is None:
-            first = next((k for k in _keys(client, "smskd") if STAGE_KEY.match(k)), None)
-            time.sleep(0.2)  # moto and boto3 polling faster compete with the search for the cores
+        # (moto and boto3 polling faster than 0.2 s compete with the search for the cores)
+        killed = kill_in_state(proc.pid, lambda: bool(_checkpointed(client)), mid_trial, lambda: proc.poll() is not None)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         out = proc.communicate(timeout=120)[0].decode()
-    assert first is not None and proc.returncode == -signal.SIGKILL, out[-3000:]
-    orphan = int(STAGE_KEY.match(first).group(1))
-    assert any(STAGE_KEY.match(k) and int(STAGE_KEY.match(k).group(1)) == orphan for k in _keys(client, "smskd"))
+    assert killed and proc.returncode == -signal.SIGKILL, out[-3000:]
+    (orphan,) = orphans
+    assert orphan in _checkpointed(client)  # what the kill left: the trial's checkpoint, in the bucket
 
     resumed = subprocess.run([*cmd, "--resume", "--study", "s3s"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -233,7 +233,7 @@ def test_resume_checks_the_space_and_the_lock_guards_a_live_study(tmp_path):
     with pytest.raises(UserError, match="in use by process"):
         st.StudyLock(tmp_path, "s1").acquire()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead.wait(timeout=60)
     lock.write_text(f"{socket.gethostname()} {dead.pid}")  # left by a killed search: taken over
     st.StudyLock(tmp_path, "s1").acquire().release()
     assert not lock.exists()
@@ -720,6 +720,47 @@ def _search_until(args: list[str], db: Path, stop_when, sig: int) -> tuple[int, 
     return proc.returncode, out.decode()
 
 
+def _checkpointed_running(db: Path, runs: Path) -> list[int]:
+    """The RUNNING trials that reported a stage and have a stage checkpoint in their run folder."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            numbers = [n for (n,) in con.execute(
+                "SELECT DISTINCT t.number FROM trials t JOIN trial_intermediate_values v"
+                " ON v.trial_id = t.trial_id WHERE t.state = 'RUNNING'")]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return []
+    return sorted(n for n in numbers if list((runs / f"{n:05d}").glob("stage*.pt")))
+
+
+def _kill_mid_trial(args: list[str], db: Path, runs: Path) -> tuple[int, str, list[int]]:
+    """Run a search in its own process group and SIGKILL it (driver and Ray, no cleanup of any
+    kind) while a trial has a stage checkpoint and no result: frozen first, checked, then killed.
+
+    Returns the exit code, the output and the trials the kill cut short after a stage.
+    """
+    from _freeze import kill_in_state
+
+    orphans: list[int] = []
+
+    def mid_trial() -> bool:
+        orphans[:] = _checkpointed_running(db, runs)
+        return bool(orphans)
+
+    proc = subprocess.Popen([sys.executable, "-c", _SEARCH_PROCESS, *args], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        killed = kill_in_state(proc.pid, lambda: _running_with_a_stage(db) > 0, mid_trial,
+                               lambda: proc.poll() is not None, timeout=240, poll=0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out.decode(), orphans if killed else []
+
+
 def _snapshot(t):
     return (t.number, t.state, t.values, t.params, t.intermediate_values,
             {k: v for k, v in t.user_attrs.items()})
@@ -734,20 +775,18 @@ def resumed_search(studies_root, local_ray):
     args = [str(space_path), str(budget), str(studies_root)]
     rc, out = _search_until([*args, "new"], db, lambda: _finished(db) >= 1, signal.SIGINT)
     after_ctrl_c = _trials(db, "resume")
-    rc2, out2 = _search_until(
-        [*args, "resume"], db,
-        # If it comes in time, while a trial is between two stages: its rerun must go on from there.
-        lambda: (_finished(db) >= 3 and _running_with_a_stage(db)) or _finished(db) >= 5, signal.SIGKILL)
-    assert rc2 == -signal.SIGKILL, out2[-3000:]
+    # Killed while a trial is between two stages: its rerun must go on from there.
+    rc2, out2, killed_mid_trial = _kill_mid_trial([*args, "resume"], db, studies_root / "resume" / "trials")
+    assert rc2 == -signal.SIGKILL and killed_mid_trial, out2[-3000:]
     before = _trials(db, "resume")
     summary = run_search(load_space(space_path), budget=budget, studies_dir=studies_root, address="local",
                          max_concurrent=2, seed=0, resume=True, confirm=None)
-    return (rc, out, after_ctrl_c), before, summary
+    return (rc, out, after_ctrl_c), before, summary, killed_mid_trial
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_keeping_what_finished(resumed_search, studies_root):
-    (rc, out, trials), _, _ = resumed_search
+    (rc, out, trials), _, _, _ = resumed_search
     assert rc == 0, out[-3000:]
     assert "stop_reason interrupted interrupted True" in out
     assert "Traceback" not in out
@@ -763,7 +802,7 @@ def test_ctrl_c_stops_cleanly_keeping_what_finished(resumed_search, studies_root
 def test_resume_after_a_hard_kill_finishes_the_budget(resumed_search, studies_root):
     from smskd_search.engine import run_plan
 
-    (_, _, after_ctrl_c), before, summary = resumed_search
+    (_, _, after_ctrl_c), before, summary, killed_mid_trial = resumed_search
     after = _trials(summary.db_path, "resume")
     assert not summary.interrupted and summary.done == 7
     assert sum(st.counts_toward_budget(t) for t in after) == 7
@@ -815,6 +854,12 @@ def test_resume_after_a_hard_kill_finishes_the_budget(resumed_search, studies_ro
             torch.set_num_threads(rerun.user_attrs[st.ATTR_THREADS])
             result = run_plan(plan, device="cpu", teacher_cache=studies_root / "teachers", keep_student=False)
             assert [s.val_acc for s in result.stages] == rerun.user_attrs[st.ATTR_STAGE_VAL_ACC]
+    # The trials the kill cut short with a stage checkpoint (seen with the search frozen): each
+    # rerun went on from that checkpoint, or took the result of its plan finished meanwhile.
+    for n in killed_mid_trial:
+        assert by_number[n].state == TrialState.FAIL and by_number[n].intermediate_values
+        (rerun,) = [t for t in after if n in t.user_attrs.get(st.ATTR_RESUME_FROM, []) and st.counts_toward_budget(t)]
+        assert st.is_repeat(rerun) or rerun.user_attrs[st.ATTR_REPLAYED_STAGES] >= 1, rerun.user_attrs
     # Stage checkpoints are only kept while a resume may need them.
     runs = studies_root / "resume" / "trials"
     assert not runs.exists() or not any(runs.iterdir())
@@ -873,6 +918,70 @@ def test_the_stage_cache_reuses_shared_prefixes_with_the_same_values(studies_roo
 
     page = write_report(studies_root, "cached").read_text()
     assert f"Epochs: {on.epochs_trained} trained, {on.epochs_reused} reused from the stage cache." in page
+
+
+LOGIT_SPACE = {
+    "name": "logits",
+    "problem": {"dataset": {"name": "digits", "val_fraction": 0.25},
+                "teacher": {"arch": "cnn_small", "recipe": {"epochs": 1}}, "student": {"arch": "cnn_nano"}},
+    # Augmented batches: the teacher cannot be precomputed over the split, so KD and DKD epochs read
+    # its logits from the store (one entry per epoch of the stage's batch stream).
+    "recipe": {"augment": {"crop_padding": 1, "flip": True}},
+    "search": {"methods": ["kd", "dkd"], "stages": {"min": 1, "max": 1}, "epochs": {"min": 2, "max": 2},
+               "pruning": {"enabled": False}},
+}
+
+
+def _logit_search(space, studies: Path, name: str):
+    summary = run_search(space, budget=1, study=name, studies_dir=studies, address="local", seed=0, baselines=False,
+                         confirm=None, deterministic=True, cpus_per_trial=1)
+    (trial,) = _trials(summary.db_path, name)
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs[st.ATTR_EPOCHS_TRAINED] == 2, trial.user_attrs
+    return trial
+
+
+def _replay(trial, studies: Path, **kw):
+    """The trial's plan run here (its thread count), as run_plan gives it."""
+    from smskd_search.engine import run_plan
+
+    torch.set_num_threads(trial.user_attrs[st.ATTR_THREADS])
+    result = run_plan(load_plan_text(trial.user_attrs[st.ATTR_PLAN]), device="cpu", teacher_cache=studies / "teachers",
+                      keep_student=False, **kw)
+    return [m.val_acc for s in result.stages for m in s.epoch_metrics]
+
+
+@pytest.mark.slow
+def test_real_trials_put_and_serve_the_teacher_logit_store(tmp_path, local_ray):
+    """Two searches of one trial each, with augmentation, on one studies folder: the first trial's
+    teacher logits land in the store with the numbers of a run without it; the second trial trains
+    from the store (altered in between, so that only a trial that read it gets its numbers)."""
+    from smskd_search.engine import LogitStore
+
+    studies = tmp_path / "studies"
+    path = tmp_path / "logits.yaml"
+    path.write_text(yaml.safe_dump(LOGIT_SPACE))
+    space = load_space(path)
+    store = studies / "cache" / "teacher_logits"
+
+    first = _logit_search(space, studies, "logits-a")
+    entries = sorted(store.glob("*.pt"))
+    assert len(entries) == 2, entries  # one per epoch of the stage: the trial put them
+    # The store's contract: the values are those of a run without it, bit for bit.
+    assert first.user_attrs[st.ATTR_EPOCH_VAL_ACC] == _replay(first, studies)
+
+    # The teacher now says the next class (the batch order and checks kept: the entries still match
+    # their streams); the stage cache goes, so that the second trial trains its stage.
+    for entry in entries:
+        payload = torch.load(entry, map_location="cpu", weights_only=True)
+        payload["logits"] = payload["logits"].roll(1, dims=1)
+        torch.save(payload, entry)
+    import shutil
+
+    shutil.rmtree(studies / "cache" / "stages")
+    second = _logit_search(space, studies, "logits-b")
+    served = _replay(second, studies, logit_store=LogitStore(store))
+    assert second.user_attrs[st.ATTR_EPOCH_VAL_ACC] == served != _replay(second, studies)
+    assert sorted(store.glob("*.pt")) == entries  # served, nothing new put
 
 
 def test_search_cli_turns_the_cache_off():

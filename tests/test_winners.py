@@ -60,7 +60,7 @@ def test_train_of_a_diverging_plan_exits_non_zero_with_the_reason(tmp_path, tiny
     path = save_plan(make_plan(tiny_problem, [("kd", 2)], recipe=RecipeSpec(lr=1e4)), tmp_path / "hot.yaml")
     studies = _studies(tmp_path / "studies", teacher_cache)  # the session's trained teacher
     proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "train", str(path), "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True, env={**os.environ, "SMSKD_STUDIES": str(studies)})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "SMSKD_STUDIES": str(studies)})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: diverged: non-finite loss at stage 1, epoch 1"
     assert "Traceback" not in proc.stderr
