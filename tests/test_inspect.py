@@ -138,13 +138,29 @@ def synthetic_root(tmp_path_factory, space_path) -> Path:
 # ------------------------------------------------------------------------------------ dashboard
 @pytest.mark.slow
 def test_dashboard_serves_the_study_and_its_trials(tiny_study, studies_root):
-    from smskd_search.dashboard import free_port, start_dashboard
+    from _ports import PortTaken, bindable, start_on_a_free_port
+
+    from smskd_search.dashboard import start_dashboard
 
     db = tiny_study.db_path
     before = sha256(db)
-    dash = start_dashboard(studies_root, "tiny", host="127.0.0.1", port=free_port(), quiet=True)
+
+    def start(port: int):
+        # A port found free may be taken before the dashboard binds it: then again on another one.
+        # Whatever answers is checked below to serve this folder's study, so it is ours.
+        try:
+            dash = start_dashboard(studies_root, "tiny", host="127.0.0.1", port=port, quiet=True)
+        except UserError as exc:
+            raise PortTaken(str(exc)) from None
+        if dash.wait_ready(timeout=90):
+            return dash
+        dash.stop()
+        if not bindable(port):
+            raise PortTaken(f"port {port}")
+        raise AssertionError("optuna-dashboard did not answer /api/meta within 90 s")
+
+    dash, _ = start_on_a_free_port(start)
     try:
-        assert dash.wait_ready(timeout=90), "optuna-dashboard did not answer /api/meta within 90 s"
         assert dash.url == f"http://127.0.0.1:{dash.port}/dashboard/"
         meta = dash.get_json("meta")
         assert isinstance(meta, dict)
