@@ -89,6 +89,13 @@ def crop_box(height: int, width: int, t: ImageTransform, gen: torch.Generator) -
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def make_generator(seed: int) -> torch.Generator:
+    # Imported here: the engine package imports the data package (the device module is its own).
+    from smskd_search.engine.device import make_generator as on_device
+
+    return on_device("cpu", seed)
+
+
 def read_image(path: str) -> torch.Tensor:
     """A file decoded to a uint8 RGB tensor (3, H, W)."""
     import warnings
@@ -135,7 +142,7 @@ class FolderDataset(torch.utils.data.Dataset):
         i, epoch, seed = key
         img = read_image(str(self.index.root / self.index.files[i]))
         if self.augment:
-            gen = torch.Generator().manual_seed(sample_seed(seed, epoch, i))
+            gen = make_generator(sample_seed(seed, epoch, i))
             img = train_view(img, self.transform, gen)
         else:
             img = eval_view(img, self.transform)
@@ -155,7 +162,7 @@ class _EpochBatches(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         n, bs, epoch, seed = len(self.loader.dataset), self.loader.batch_size, self.loader.epoch, self.loader.seed
         if self.loader.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(order_seed(seed, epoch)))
+            order = torch.randperm(n, generator=make_generator(order_seed(seed, epoch)))
         else:
             order = torch.arange(n)
         for b in range(len(self)):
