@@ -279,3 +279,35 @@ def test_a_partial_entry_that_does_not_fit_is_ignored(tiny_problem, teacher_cach
     again = run_plan(plan, teacher_cache=teacher_cache, stage_cache=cache, partial_at={2})
     assert (again.epochs_reused, again.epochs_trained) == (0, 3)
     assert _curve(again) == _curve(scratch)
+
+
+# Keys computed before the engine was split into a stage store, workbench and events (issue 27):
+# an existing study's caches must keep hitting, so these never change without ENGINE_VERSION/FORMAT.
+_PINNED_KEYS = {
+    "cpu": ["a1fdde47935d8e30ec7ae68ecf0ac05d", "77bc95f7c53242c41089d71bb2eea5e7", "b4a12ba7e702b6f27fba8b839c458adf",
+            "2e34ed634c37f959c28c6def5771d3fe", "4523ea499430085bd853b4ae57c1a79a", "1f24a7ef3719bb2146e2ef8c4a70193d"],
+    "cuda": ["4ee9051ff5a4e83de707bc98f28b2b50", "a85dcbb9fb90d177b52c4fb56114a871", "861063f79477f54cf14839f92ca0b55b",
+             "a7c0809a0bfba192a737748525216058", "aff13f2e0edaf5e386773fb2d5f06b41", "6c2d3c1f4e185d9e2884d3925da3451f"],
+}
+
+
+@pytest.mark.parametrize("machine", ["cpu", "cuda"])
+def test_cache_keys_are_those_existing_caches_hold(tiny_problem, machine):
+    from smskd_search.engine import teacher_logits_key
+    from smskd_search.engine.prefix_cache import frozen_outputs_key
+
+    plan = make_plan(tiny_problem, [("kd", 2), ("dkd", 3)], reference=REF)
+    rt = (Runtime(1, "cpu", "None/scaling=False/channels_last=False", torch_version="2.5.1", engine_version=1)
+          if machine == "cpu" else
+          Runtime(1, "cuda:H200", "torch.bfloat16/scaling=False/channels_last=True", torch_version="2.5.1",
+                  engine_version=1, numerics="tf32=0"))
+    sha = "ab" * 32
+    keys = [stage_prefix_key(plan, 0, teacher_sha256=sha, runtime=rt),
+            stage_prefix_key(plan, 1, teacher_sha256=sha, runtime=rt),
+            stage_prefix_key(plan, 1, teacher_sha256=sha, runtime=rt, teacher_logits="float16"),
+            partial_stage_key(plan, 1, 2, teacher_sha256=sha, runtime=rt),
+            teacher_logits_key(plan, 1, 0, loader_seed=1_000_003 * plan.seed + 1, train_shape=(100, 1, 8, 8),
+                               teacher_sha256=sha, runtime=rt),
+            frozen_outputs_key(teacher_sha256=sha, data_identity=["d", [100, 1, 8, 8], "torch.float32"],
+                               need_features=True, batch_size=256, runtime=rt)]
+    assert keys == _PINNED_KEYS[machine]
