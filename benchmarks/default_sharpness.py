@@ -23,7 +23,7 @@ import torch
 from _common import machine_line
 
 from smskd_search.data import load_data
-from smskd_search.engine import ensure_teacher, evaluate_test, load_teacher, run_plan
+from smskd_search.engine import Workbench, ensure_teacher, evaluate_test, load_teacher, run_plan
 from smskd_search.plan import AugmentSpec
 from smskd_search.space import load_space, make_plan
 from smskd_search.stats import mean_se
@@ -117,12 +117,13 @@ def main() -> None:
           f"(teacher {sp.problem.teacher.recipe.augment.crop_padding}), "
           f"{args.epochs} epochs, seeds 0..{args.seeds - 1}, n_val {data.info.num_val}")
     rows: dict[str, tuple[list[float], list[float]]] = {}
+    bench = Workbench.open(sp.problem, data=data, teacher_record=record, teacher=teacher)
     start = time.perf_counter()
     for m in methods:
         vals, tests = [], []
         for seed in range(args.seeds):
             plan = make_plan(sp, [(m, args.epochs)], seed=seed)
-            r = run_plan(plan, data=data, teacher_model=teacher, teacher_record=record)
+            r = run_plan(plan, bench)
             vals.append(r.final_val_acc)
             tests.append(evaluate_test(plan, r).acc)
         rows[m] = (vals, tests)

@@ -175,7 +175,8 @@ class _Outcome:
     epochs_reused: int = 0
 
 
-# A worker process's data split and teacher, loaded once by _init_worker and shared by its runs.
+# A worker process's workbench (data split, teacher, stage cache), set up once by _init_worker and
+# shared by its runs.
 _WORKER: dict[str, Any] = {}
 
 
@@ -190,14 +191,12 @@ def _init_worker(problem: Any, record: Any, device: str, threads: int, data: Any
         # worker must not take the signal as its current run's failure and go on to the next.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    from smskd_search.data import load_data
-    from smskd_search.engine import PrefixCache, load_teacher
+    from smskd_search.engine import PrefixCache, Workbench
 
     torch.set_num_threads(threads)
-    data = data if data is not None else load_data(problem.dataset, device)
-    _WORKER.update(data=data, record=record, device=device,
-                   teacher=load_teacher(problem, record, data.info, device),
-                   stage_cache=PrefixCache(stage_cache[0], stage_cache[1]) if stage_cache is not None else None)
+    _WORKER["bench"] = Workbench.open(
+        problem, device=device, data=data, teacher_record=record,
+        stage_cache=PrefixCache(stage_cache[0], stage_cache[1]) if stage_cache is not None else None)
 
 
 def _run_indexed(task: tuple[int, Plan]) -> tuple[int, _Outcome]:
@@ -207,10 +206,8 @@ def _run_indexed(task: tuple[int, Plan]) -> tuple[int, _Outcome]:
 def _run_one(plan: Plan) -> _Outcome:
     from smskd_search.engine import Diverged, evaluate_test, run_plan
 
-    w = _WORKER
     try:
-        result = run_plan(plan, device=w["device"], data=w["data"], teacher_model=w["teacher"], teacher_record=w["record"],
-                          stage_cache=w.get("stage_cache"))
+        result = run_plan(plan, _WORKER["bench"])
     except Diverged as exc:
         return _Outcome(diverged=str(exc))
     test = evaluate_test(plan, result)

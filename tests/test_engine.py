@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from conftest import make_plan
 
 from smskd_search.data import TensorLoader, load_data
-from smskd_search.engine import pipeline, run_plan, tcp_weights
+from smskd_search.engine import run_plan, tcp_weights
+from smskd_search.engine import stage as stage_mod
 from smskd_search.engine.device import pick_precision
 from smskd_search.engine.frozen import FrozenForward, frozen_copy
 from smskd_search.engine.tcp import reference_loss
@@ -131,7 +132,7 @@ def test_reference_is_frozen_during_a_stage(tiny_problem, teacher_cache):
 
 def test_stage_transitions(tiny_problem, teacher_cache, tmp_path, monkeypatch):
     copies, methods = [], []
-    real_copy, real_build = pipeline.frozen_copy, pipeline.build_method
+    real_copy, real_build = stage_mod.frozen_copy, stage_mod.build_method
 
     def recording_copy(model):
         ref = real_copy(model)
@@ -143,8 +144,8 @@ def test_stage_transitions(tiny_problem, teacher_cache, tmp_path, monkeypatch):
         methods.append((name, weakref.ref(m), [p.detach().clone() for p in m.parameters()]))
         return m
 
-    monkeypatch.setattr(pipeline, "frozen_copy", recording_copy)
-    monkeypatch.setattr(pipeline, "build_method", recording_build)
+    monkeypatch.setattr(stage_mod, "frozen_copy", recording_copy)
+    monkeypatch.setattr(stage_mod, "build_method", recording_build)
     plan = make_plan(tiny_problem, [("fitnet", 2), ("kd", 1), ("fitnet", 1)])
     run_plan(plan, teacher_cache=teacher_cache, out_dir=tmp_path)
     assert len(copies) == 2  # a reference for stages 2 and 3

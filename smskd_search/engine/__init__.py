@@ -1,21 +1,23 @@
 """The SMSKD engine: run a plan stage by stage. Imports neither Ray nor Optuna."""
 
-from smskd_search.engine.device import pick_device, pick_precision
-from smskd_search.engine.evaluate import EvalResult, evaluate
-from smskd_search.engine.logit_store import LogitStore, StoreMismatch, teacher_logits_key
-from smskd_search.engine.pipeline import (
-    Diverged,
-    EpochMetrics,
-    RunResult,
-    StageResult,
+from smskd_search.engine.checkpoints import (
     UnsafeCheckpoint,
     discard_unsafe_checkpoints,
-    evaluate_test,
     latest_checkpoint,
     load_checkpoint,
-    run_plan,
-    write_results,
 )
+from smskd_search.engine.device import pick_device, pick_precision
+from smskd_search.engine.evaluate import EvalResult, evaluate
+from smskd_search.engine.events import (
+    EpochsReused,
+    EpochTrained,
+    EventSink,
+    StageEvent,
+    StageResumed,
+    StageReused,
+    StageTrained,
+)
+from smskd_search.engine.logit_store import LogitStore, StoreMismatch, teacher_logits_key
 from smskd_search.engine.prefix_cache import (
     DEFAULT_MAX_BYTES,
     FrozenOutputsMemo,
@@ -24,8 +26,11 @@ from smskd_search.engine.prefix_cache import (
     partial_stage_key,
     stage_prefix_key,
 )
+from smskd_search.engine.results import Diverged, EpochMetrics, RunResult, StageResult, write_results
+from smskd_search.engine.run import RunOptions, evaluate_test, run_plan
 from smskd_search.engine.tcp import reference_loss, tcp_weights
 from smskd_search.engine.teacher import TeacherRecord, ensure_teacher, load_teacher, teacher_dir
+from smskd_search.engine.workbench import Workbench
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -35,6 +40,15 @@ __all__ = [
     "PrefixCache",
     "Runtime",
     "EpochMetrics",
+    "EpochTrained",
+    "EpochsReused",
+    "EventSink",
+    "RunOptions",
+    "StageEvent",
+    "StageResumed",
+    "StageReused",
+    "StageTrained",
+    "Workbench",
     "EvalResult",
     "RunResult",
     "StageResult",
