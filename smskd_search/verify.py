@@ -99,7 +99,7 @@ def comparison_plans(plan: Plan, methods: list[str] | None = None,
     rows: list[tuple[str, Plan]] = [("plan", plan)]
     seen = {plan.canonical_hash()}
     total = plan.total_epochs
-    own = {}
+    own: dict[str, dict[str, Any]] = {}
     for stage in plan.stages:
         own.setdefault(stage.method, dict(stage.params))  # as the plan used it (its first stage with it)
     for m in methods or list(own):
@@ -285,30 +285,43 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
             on_run(tasks[i][0].label, tasks[i][1].seed, done, len(tasks))
 
     cache = (str(stage_cache), int(cache_max_bytes)) if stage_cache is not None else None
+    worker = (plan.problem, record, str(dev), threads)
+    _run_tasks([p for _, p in tasks], worker, data, cache, n_jobs, finished)
+    _collect(tasks, outcomes, on_result)
+    return rows, judge(rows)
+
+
+def _run_tasks(plans: list[Plan], worker: tuple[Any, Any, str, int], data: Any, cache: tuple[str, int] | None,
+               n_jobs: int, finished: Callable[[int, _Outcome, int], None]) -> None:
+    """Run the plans here (one job, on the caller's data) or in ``n_jobs`` worker processes, each
+    set up once (:func:`_init_worker`); ``finished`` hears each outcome by the plan's index."""
     if n_jobs == 1:
-        _init_worker(plan.problem, record, str(dev), threads, data, stage_cache=cache)
+        _init_worker(*worker, data, stage_cache=cache)
         try:
-            for i, (_, p) in enumerate(tasks):
+            for i, p in enumerate(plans):
                 finished(i, _run_one(p), i + 1)
         finally:
             _WORKER.clear()
-    else:
-        import multiprocessing
+        return
+    import multiprocessing
 
-        # spawn, not fork: a forked child of a process with torch's thread pools can hang.
-        pool = multiprocessing.get_context("spawn").Pool(n_jobs, initializer=_init_worker,
-                                                         initargs=(plan.problem, record, str(dev), threads, None, True,
-                                                                   cache))
-        try:
-            indexed = [(i, p) for i, (_, p) in enumerate(tasks)]
-            for done, (i, outcome) in enumerate(pool.imap_unordered(_run_indexed, indexed), 1):
-                finished(i, outcome, done)
-            pool.close()
-        except BaseException:
-            pool.terminate()  # Ctrl-C or a run's error: the runs still queued or running are dropped
-            raise
-        finally:
-            pool.join()
+    # spawn, not fork: a forked child of a process with torch's thread pools can hang.
+    pool = multiprocessing.get_context("spawn").Pool(n_jobs, initializer=_init_worker,
+                                                     initargs=(*worker, None, True, cache))
+    try:
+        for done, (i, outcome) in enumerate(pool.imap_unordered(_run_indexed, list(enumerate(plans))), 1):
+            finished(i, outcome, done)
+        pool.close()
+    except BaseException:
+        pool.terminate()  # Ctrl-C or a run's error: the runs still queued or running are dropped
+        raise
+    finally:
+        pool.join()
+
+
+def _collect(tasks: list[tuple[VerifyRow, Plan]], outcomes: list[_Outcome | None],
+             on_result: Callable[[VerifyRow, int, float], None] | None) -> None:
+    """Each run's outcome into its row (in row and seed order)."""
     for (row, p), outcome in zip(tasks, outcomes):
         assert outcome is not None
         if outcome.diverged is not None:
@@ -322,7 +335,6 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
         row.epochs_reused += outcome.epochs_reused
         if on_result is not None:
             on_result(row, p.seed, outcome.test_acc)
-    return rows, judge(rows)
 
 
 def format_table(rows: list[VerifyRow], verdict: Verdict) -> str:
