@@ -311,3 +311,37 @@ def test_cache_keys_are_those_existing_caches_hold(tiny_problem, machine):
             frozen_outputs_key(teacher_sha256=sha, data_identity=["d", [100, 1, 8, 8], "torch.float32"],
                                need_features=True, batch_size=256, runtime=rt)]
     assert keys == _PINNED_KEYS[machine]
+
+
+def test_the_stage_store_keeps_checkpoints_prefixes_and_partial_stages_under_one_lookup(tiny_problem, tmp_path):
+    from smskd_search.engine.stage_store import Slot, StageStore
+
+    cpu = torch.device("cpu")
+    prec = pick_precision(cpu, "auto")
+    rt = Runtime.current(cpu, prec)
+    plan = make_plan(tiny_problem, [("kd", 2), ("dkd", 3)], reference=REF)
+    store = StageStore.for_run(plan, runtime=rt, precision=prec, teacher_sha256="ab" * 32, logits_tag="exact",
+                               cache=PrefixCache(tmp_path / "stages"), out_dir=tmp_path / "run",
+                               partial_at=frozenset({1, 3, 4, 9}))
+    own = {"plan_hash": plan.content_hash(), "stage_index": 1, "x": torch.ones(2)}
+    assert store.put(Slot(1, own=True), own) == tmp_path / "run" / "stage2.pt"
+    assert store.get(Slot(1, own=True))["stage_index"] == 1 and store.resume_point()["stage_index"] == 1
+    assert store.get(Slot(0, own=True)) is None  # not the last checkpoint
+    # The cache's slots are named by the keys a cache of an earlier engine holds.
+    finished = store.put(Slot(1), {"x": torch.zeros(1)})
+    assert finished.stem == stage_prefix_key(plan, 1, teacher_sha256="ab" * 32, runtime=rt)
+    partial = store.put(Slot(1, 2), {"x": torch.zeros(1)})
+    assert partial.stem == partial_stage_key(plan, 1, 2, teacher_sha256="ab" * 32, runtime=rt)
+    assert torch.equal(store.get(Slot(1, 2))["x"], torch.zeros(1))
+    # Rungs inside stage 2 (epochs 2..5): 3 and 4, as epochs done in the stage.
+    assert store.partials(1, cum_before=2) == [Slot(1, 1), Slot(1, 2)]
+    assert store.prefixes(after=0) == [Slot(1), Slot(0)] and store.prefixes(after=1) == [Slot(1)]
+    # A finished stage answers for its partial entries (a cosine schedule shares them with no other length).
+    store.finish(1, {"x": torch.zeros(1)}, [Slot(1, 2)])
+    assert store.get(Slot(1, 2)) is None and store.get(Slot(1)) is not None
+    # A plan the cache cannot serve: no cache slots, and why.
+    carried = StageStore.for_run(plan.model_copy(update={"restart_optimizer": False}), runtime=rt, precision=prec,
+                                 teacher_sha256="ab" * 32, logits_tag="exact", cache=PrefixCache(tmp_path / "stages"),
+                                 out_dir=None, partial_at=frozenset({1}))
+    assert carried.skipped and "restart_optimizer" in carried.skipped
+    assert carried.prefixes(after=0) == [] and carried.partials(0, 0) == [] and carried.get(Slot(1)) is None
