@@ -99,6 +99,28 @@ def max_weight_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def _float16_copy(plan, stages: list, bench: Workbench, folder: Path) -> tuple[LogitStore, float, float]:
+    """The exact entries of ``folder`` rounded into a float16 store, and the largest absolute and
+    relative rounding errors."""
+    rt = Runtime.current(bench.device, pick_precision(bench.device, "auto"))
+    half = LogitStore(None, dtype=torch.float16)
+    exact_store = LogitStore(folder)
+    worst_abs = worst_rel = 0.0
+    for k, (_, epochs) in enumerate(stages):
+        for e in range(epochs):
+            kw = dict(loader_seed=stage_seed(plan.seed, k), train_shape=tuple(bench.data.train.images.shape),
+                      teacher_sha256=bench.teacher_record.sha256, runtime=rt)
+            entry = exact_store.get(teacher_logits_key(plan, k, e, **kw))
+            assert entry is not None
+            half.put(teacher_logits_key(plan, k, e, stored="float16", **kw), entry)
+            rounded = half.get(teacher_logits_key(plan, k, e, stored="float16", **kw))
+            assert rounded is not None
+            err = (rounded.logits.double() - entry.logits.double()).abs()
+            worst_abs = max(worst_abs, err.max().item())
+            worst_rel = max(worst_rel, (err / entry.logits.double().abs().clamp_min(2.0**-14)).max().item())
+    return half, worst_abs, worst_rel
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=128, help="training images (default 128)")
@@ -109,7 +131,6 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    dev = torch.device("cpu")
     info = DataInfo("cifar10", 10, 3, 32, MEAN, STD, args.train, args.val)
     data = DataSplits(info, synthetic_cifar(args.train, 1), synthetic_cifar(args.val, 2))
     teacher, record = teacher_and_record(0)
@@ -160,22 +181,7 @@ def main() -> None:
               f"{wdiff:g}")
 
         # float16: the same entries rounded, as LogitStore(dtype=torch.float16) would keep them.
-        rt = Runtime.current(dev, pick_precision(dev, "auto"))
-        half = LogitStore(None, dtype=torch.float16)
-        exact_store = LogitStore(folder / "teacher_logits")
-        worst_abs = worst_rel = 0.0
-        for k, (_, epochs) in enumerate(stages):
-            for e in range(epochs):
-                kw = dict(loader_seed=stage_seed(plan.seed, k), train_shape=tuple(data.train.images.shape),
-                          teacher_sha256=record.sha256, runtime=rt)
-                entry = exact_store.get(teacher_logits_key(plan, k, e, **kw))
-                assert entry is not None
-                half.put(teacher_logits_key(plan, k, e, stored="float16", **kw), entry)
-                rounded = half.get(teacher_logits_key(plan, k, e, stored="float16", **kw))
-                assert rounded is not None
-                err = (rounded.logits.double() - entry.logits.double()).abs()
-                worst_abs = max(worst_abs, err.max().item())
-                worst_rel = max(worst_rel, (err / entry.logits.double().abs().clamp_min(2.0**-14)).max().item())
+        half, worst_abs, worst_rel = _float16_copy(plan, stages, bench, folder / "teacher_logits")
         fp16 = run_plan(plan, replace(bench, logit_store=half))
         dv = [(abs(a[1] - b[1]), abs(a[2] - b[2])) for a, b in zip(curve(ref), curve(fp16))]
         print(f"\nfloat16 entries ({fp16.teacher_epochs_served} epochs served, half the bytes): largest logit error "
