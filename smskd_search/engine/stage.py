@@ -22,7 +22,7 @@ from smskd_search.engine.device import device_rng_state, make_generator, set_dev
 from smskd_search.engine.evaluate import evaluate
 from smskd_search.engine.events import EpochsReused, EpochTrained, EventSink
 from smskd_search.engine.frozen import FrozenForward, frozen_copy
-from smskd_search.engine.logit_store import EpochTeacher, LogitStore, StoreMismatch, teacher_logits_key
+from smskd_search.engine.logit_store import EpochTeacher, LogitStore, StoreMismatch
 from smskd_search.engine.optim import build_optimizer, trainable
 from smskd_search.engine.prefix_cache import Runtime
 from smskd_search.engine.results import Diverged, EpochMetrics, StageResult, stage_result_from_dict
@@ -199,7 +199,7 @@ def train_stage(run: RunState, stage: Stage, store: StageStore, slots: list[Slot
     put_after = {slot.epochs_done: slot for slot in slots}
     cum_epochs = run.cum_epochs + len(result.epoch_metrics)
     for e in range(len(result.epoch_metrics), stage.spec.epochs):
-        teacher, store_key = _epoch_teacher(run, stage, e)
+        teacher, store_key = _epoch_teacher(run, stage, store, e)
         stats = train_epoch(student=run.student, method=stage.method, teacher=teacher,
                             reference=stage.reference, loader=stage.loader, optimizer=run.optimizer,
                             schedule=stage.schedule, stage_epoch=e, precision=bench.precision, scaler=run.scaler)
@@ -222,15 +222,12 @@ def train_stage(run: RunState, stage: Stage, store: StageStore, slots: list[Slot
     return result
 
 
-def _epoch_teacher(run: RunState, stage: Stage, epoch: int) -> tuple[TeacherForward, str]:
+def _epoch_teacher(run: RunState, stage: Stage, keys: StageStore, epoch: int) -> tuple[TeacherForward, str]:
     """The teacher's forward for this epoch: through the logit store where the run has one."""
     if run.logit_store is None:
         return run.teacher_fw, ""
     bench = run.bench
-    key = teacher_logits_key(run.plan, stage.index, epoch, loader_seed=stage.seed,
-                             train_shape=tuple(bench.data.train.images.shape),
-                             teacher_sha256=bench.teacher_record.sha256, runtime=run.runtime,
-                             stored=run.logit_store.tag)
+    key = keys.logits_key(stage.index, epoch, loader_seed=stage.seed, train_shape=tuple(bench.data.train.images.shape))
     store, need_features = run.logit_store, stage.method.teacher_features
     if need_features:
         # The forward runs anyway: its logits are put only where the store lacks them (not loaded).

@@ -5,9 +5,10 @@ stage (``stage{k}.pt`` in its folder, for ``resume``), a finished prefix in the 
 (:func:`~smskd_search.engine.prefix_cache.stage_prefix_key`, shared by every plan with that prefix),
 and a stage cut part-way at a rung in that cache
 (:func:`~smskd_search.engine.prefix_cache.partial_stage_key`). :meth:`StageStore.get` and
-:meth:`StageStore.put` take any of them, so that the run keeps the three in step in one place: the
-keys of the run's numerics (its :class:`~smskd_search.engine.prefix_cache.Runtime`, the teacher, the
-teacher-logit store's dtype) are made here only.
+:meth:`StageStore.put` take any of them, and :meth:`StageStore.logits_key` names a stage epoch's
+teacher logits (:mod:`~smskd_search.engine.logit_store`): the keys that say a stage's numbers (the
+run's :class:`~smskd_search.engine.prefix_cache.Runtime`, the teacher, the teacher-logit store's
+dtype) are made here only, so that a change to what a stage computes is made in one place.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from smskd_search.engine.checkpoints import checkpoint_path, latest_checkpoint, save_checkpoint
 from smskd_search.engine.device import Precision
+from smskd_search.engine.logit_store import teacher_logits_key
 from smskd_search.engine.prefix_cache import (
     PrefixCache,
     Runtime,
@@ -81,6 +83,11 @@ class StageStore:
                                     teacher_logits=self.logits_tag)
         return partial_stage_key(self.plan, slot.stage, slot.epochs_done, teacher_sha256=self.teacher_sha256,
                                  runtime=self.runtime, teacher_logits=self.logits_tag)
+
+    def logits_key(self, stage: int, epoch: int, *, loader_seed: int, train_shape: tuple[int, ...]) -> str:
+        """The teacher-logit store's key of epoch ``epoch`` (0-based) of stage ``stage``'s batches."""
+        return teacher_logits_key(self.plan, stage, epoch, loader_seed=loader_seed, train_shape=train_shape,
+                                  teacher_sha256=self.teacher_sha256, runtime=self.runtime, stored=self.logits_tag)
 
     def get(self, slot: Slot) -> dict | None:
         """The payload kept in ``slot``, or None (nothing there, or no place for it in this run).
