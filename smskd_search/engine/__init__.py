@@ -1,4 +1,16 @@
-"""The SMSKD engine: run a plan stage by stage. Imports neither Ray nor Optuna."""
+"""The SMSKD engine: run a plan stage by stage. Imports neither Ray nor Optuna.
+
+Where things are, in the order a run meets them:
+
+- :mod:`~smskd_search.engine.workbench`: what a worker sets up once (device, data, teacher, caches).
+- :mod:`~smskd_search.engine.run`: :func:`run_plan`, the loop over the plan's stages.
+- :mod:`~smskd_search.engine.stage_store`: one lookup and put for a stage's state (the run's own
+  checkpoints, the stage-prefix cache's prefixes and partial stages).
+- :mod:`~smskd_search.engine.stage`: one stage: build, go on from a partial entry, train, evaluate.
+- :mod:`~smskd_search.engine.events`: what a run tells its caller (resumed, reused, trained).
+- :mod:`~smskd_search.engine.checkpoints`, :mod:`~smskd_search.engine.results`: stage checkpoints
+  and what a run returns.
+"""
 
 from smskd_search.engine.checkpoints import (
     UnsafeCheckpoint,
