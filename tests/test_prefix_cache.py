@@ -294,7 +294,7 @@ _PINNED_KEYS = {
 @pytest.mark.parametrize("machine", ["cpu", "cuda"])
 def test_cache_keys_are_those_existing_caches_hold(tiny_problem, machine):
     from smskd_search.engine import teacher_logits_key
-    from smskd_search.engine.prefix_cache import frozen_outputs_key
+    from smskd_search.engine.frozen import frozen_outputs_key
 
     plan = make_plan(tiny_problem, [("kd", 2), ("dkd", 3)], reference=REF)
     rt = (Runtime(1, "cpu", "None/scaling=False/channels_last=False", torch_version="2.5.1", engine_version=1)

@@ -29,10 +29,10 @@ from smskd_search.engine.events import (
     StageReused,
     StageTrained,
 )
+from smskd_search.engine.frozen import FrozenOutputsMemo
 from smskd_search.engine.logit_store import LogitStore, StoreMismatch, teacher_logits_key
 from smskd_search.engine.prefix_cache import (
     DEFAULT_MAX_BYTES,
-    FrozenOutputsMemo,
     PrefixCache,
     Runtime,
     partial_stage_key,

@@ -42,8 +42,8 @@ from smskd_search.engine.events import (
     StageTrained,
     from_callbacks,
 )
-from smskd_search.engine.frozen import FrozenForward
-from smskd_search.engine.prefix_cache import Runtime, frozen_outputs_key
+from smskd_search.engine.frozen import FrozenForward, frozen_outputs_key
+from smskd_search.engine.prefix_cache import Runtime
 from smskd_search.engine.results import RunResult, stage_result_from_dict
 from smskd_search.engine.stage import RunState, build_stage, go_on_from_partial, train_stage
 from smskd_search.engine.stage_store import Slot, StageStore

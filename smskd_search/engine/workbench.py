@@ -19,9 +19,9 @@ from torch import nn
 
 from smskd_search.data import DataSplits, load_data
 from smskd_search.engine.device import Precision, pick_device, pick_precision, set_numerics
-from smskd_search.engine.frozen import freeze
+from smskd_search.engine.frozen import FrozenOutputsMemo, freeze
 from smskd_search.engine.logit_store import LogitStore
-from smskd_search.engine.prefix_cache import FrozenOutputsMemo, PrefixCache
+from smskd_search.engine.prefix_cache import PrefixCache
 from smskd_search.engine.teacher import DEFAULT_CACHE, TeacherRecord, ensure_teacher, load_teacher
 from smskd_search.errors import UserError
 from smskd_search.plan import Plan, ProblemSpec
