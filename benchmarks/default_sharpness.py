@@ -23,40 +23,14 @@ import torch
 from _common import machine_line
 
 from smskd_search.data import load_data
-from smskd_search.engine import ensure_teacher, evaluate_test, load_teacher, run_plan
+from smskd_search.engine import Workbench, ensure_teacher, evaluate_test, load_teacher, run_plan
 from smskd_search.plan import AugmentSpec
 from smskd_search.space import load_space, make_plan
 from smskd_search.stats import mean_se
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--space", default="default", help="the space whose problem and recipe are varied")
-    ap.add_argument("--student", default=None, help="student arch (default: the space's)")
-    ap.add_argument("--widths", default=None,
-                    help="a student to try, as stem,stage1,stage2,stage3 widths of the small CNN (registered as cnn_try)")
-    ap.add_argument("--crop", type=int, default=None, help="crop padding in pixels (random shifts; default: the space's)")
-    ap.add_argument("--teacher-crop", type=int, default=None,
-                    help="crop padding of the teacher's own training (a teacher trained without shifts is wrong on shifted digits)")
-    ap.add_argument("--teacher-epochs", type=int, default=None)
-    ap.add_argument("--teacher-arch", default=None, help="the teacher's arch (default: the space's)")
-    ap.add_argument("--val-fraction", type=float, default=None,
-                    help="share of the non-test images held out for validation (the teacher trains on the rest too)")
-    ap.add_argument("--train-subset", type=int, default=None, help="a seeded subset of the training images (before the validation split)")
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
-    ap.add_argument("--weight-decay", type=float, default=None)
-    ap.add_argument("--epochs", type=int, default=10, help="total epochs of every single-method run")
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--methods", default=None, help="comma-separated (default: ce and the space's methods)")
-    ap.add_argument("--params", default=None,
-                    help='method parameter overrides as JSON, e.g. \'{"fitnet": {"weight": 10}}\' (over the space\'s)')
-    ap.add_argument("--teachers", default="studies/teachers")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    print(machine_line())
-
+def _tuned_space(args: argparse.Namespace):
+    """The space with the problem, recipe and method parameters the flags change."""
     if args.widths:
         from smskd_search.models.small_cnn import _make
 
@@ -102,6 +76,57 @@ def main() -> None:
             merged[m] = {**merged.get(m, {}), **p}
         update["search"] = sp.search.model_copy(update={"method_params": merged})
     sp = sp.model_copy(update={**update, "recipe": recipe})
+    return sp
+
+
+def _print_summary(rows: dict[str, tuple[list[float], list[float]]], methods: list[str], seeds: int,
+                   elapsed: float) -> None:
+    """Each method's paired difference to the student alone, and the largest seed spread."""
+    if "ce" in rows:
+        print("paired difference to the student alone (ce), mean +- s.e. over seeds:")
+        for m, (vals, tests) in rows.items():
+            if m == "ce":
+                continue
+            for split, xs, base in (("val", vals, rows["ce"][0]), ("test", tests, rows["ce"][1])):
+                mean, se = mean_se([a - b for a, b in zip(xs, base)])
+                print(f"  {m:<7} {split:<4} {100 * mean:+6.2f} +- {100 * (se or 0.0):4.2f}", end="")
+            print()
+    worst_std = max(100 * statistics.stdev(v) for m, (v, _) in rows.items() if m != "ce")
+    worst_test = max(100 * statistics.stdev(t) for m, (_, t) in rows.items() if m != "ce")
+    print(f"largest seed std among the distillation methods: val {worst_std:.2f}, test {worst_test:.2f} points; "
+          f"{len(methods) * seeds} runs in {elapsed:.0f} s ({elapsed / (len(methods) * seeds):.2f} s a run)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--space", default="default", help="the space whose problem and recipe are varied")
+    ap.add_argument("--student", default=None, help="student arch (default: the space's)")
+    ap.add_argument("--widths", default=None,
+                    help="a student to try, as stem,stage1,stage2,stage3 widths of the small CNN (registered as cnn_try)")
+    ap.add_argument("--crop", type=int, default=None, help="crop padding in pixels (random shifts; default: the space's)")
+    ap.add_argument("--teacher-crop", type=int, default=None,
+                    help="crop padding of the teacher's own training (a teacher trained without shifts is wrong on shifted digits)")
+    ap.add_argument("--teacher-epochs", type=int, default=None)
+    ap.add_argument("--teacher-arch", default=None, help="the teacher's arch (default: the space's)")
+    ap.add_argument("--val-fraction", type=float, default=None,
+                    help="share of the non-test images held out for validation (the teacher trains on the rest too)")
+    ap.add_argument("--train-subset", type=int, default=None, help="a seeded subset of the training images (before the validation split)")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    ap.add_argument("--weight-decay", type=float, default=None)
+    ap.add_argument("--epochs", type=int, default=10, help="total epochs of every single-method run")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--methods", default=None, help="comma-separated (default: ce and the space's methods)")
+    ap.add_argument("--params", default=None,
+                    help='method parameter overrides as JSON, e.g. \'{"fitnet": {"weight": 10}}\' (over the space\'s)')
+    ap.add_argument("--teachers", default="studies/teachers")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(machine_line())
+
+    sp = _tuned_space(args)
+    recipe = sp.recipe
     methods = args.methods.split(",") if args.methods else ["ce", *sp.search.methods]
 
     data = load_data(sp.problem.dataset, torch.device("cpu"))
@@ -117,31 +142,19 @@ def main() -> None:
           f"(teacher {sp.problem.teacher.recipe.augment.crop_padding}), "
           f"{args.epochs} epochs, seeds 0..{args.seeds - 1}, n_val {data.info.num_val}")
     rows: dict[str, tuple[list[float], list[float]]] = {}
+    bench = Workbench.open(sp.problem, data=data, teacher_record=record, teacher=teacher)
     start = time.perf_counter()
     for m in methods:
         vals, tests = [], []
         for seed in range(args.seeds):
             plan = make_plan(sp, [(m, args.epochs)], seed=seed)
-            r = run_plan(plan, data=data, teacher_model=teacher, teacher_record=record)
+            r = run_plan(plan, bench)
             vals.append(r.final_val_acc)
             tests.append(evaluate_test(plan, r).acc)
         rows[m] = (vals, tests)
         print(f"  {m:<7} val {100 * statistics.mean(vals):6.2f} +- {100 * statistics.stdev(vals):4.2f}   "
               f"test {100 * statistics.mean(tests):6.2f} +- {100 * statistics.stdev(tests):4.2f}", flush=True)
-    elapsed = time.perf_counter() - start
-    if "ce" in rows:
-        print("paired difference to the student alone (ce), mean +- s.e. over seeds:")
-        for m, (vals, tests) in rows.items():
-            if m == "ce":
-                continue
-            for split, xs, base in (("val", vals, rows["ce"][0]), ("test", tests, rows["ce"][1])):
-                mean, se = mean_se([a - b for a, b in zip(xs, base)])
-                print(f"  {m:<7} {split:<4} {100 * mean:+6.2f} +- {100 * (se or 0.0):4.2f}", end="")
-            print()
-    worst_std = max(100 * statistics.stdev(v) for m, (v, _) in rows.items() if m != "ce")
-    worst_test = max(100 * statistics.stdev(t) for m, (_, t) in rows.items() if m != "ce")
-    print(f"largest seed std among the distillation methods: val {worst_std:.2f}, test {worst_test:.2f} points; "
-          f"{len(methods) * args.seeds} runs in {elapsed:.0f} s ({elapsed / (len(methods) * args.seeds):.2f} s a run)")
+    _print_summary(rows, methods, args.seeds, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

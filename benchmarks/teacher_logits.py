@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,10 +41,10 @@ from _common import interleave, machine_line, median, paired_ratio, spread  # no
 
 from smskd_search.data import DataInfo, DataSplits, TensorSplit  # noqa: E402
 from smskd_search.data.__init__ import NORMALIZATION  # noqa: E402
-from smskd_search.engine import LogitStore, Runtime, TeacherRecord, run_plan, teacher_logits_key  # noqa: E402
+from smskd_search.engine import LogitStore, Runtime, TeacherRecord, Workbench, run_plan, teacher_logits_key  # noqa: E402
 from smskd_search.engine.device import pick_precision  # noqa: E402
 from smskd_search.engine.frozen import freeze  # noqa: E402
-from smskd_search.engine.pipeline import _stage_seed  # noqa: E402
+from smskd_search.engine.stage import stage_seed  # noqa: E402
 from smskd_search.models import create_model  # noqa: E402
 from smskd_search.plan import (  # noqa: E402
     AugmentSpec,
@@ -98,6 +99,28 @@ def max_weight_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def _float16_copy(plan, stages: list, bench: Workbench, folder: Path) -> tuple[LogitStore, float, float]:
+    """The exact entries of ``folder`` rounded into a float16 store, and the largest absolute and
+    relative rounding errors."""
+    rt = Runtime.current(bench.device, pick_precision(bench.device, "auto"))
+    half = LogitStore(None, dtype=torch.float16)
+    exact_store = LogitStore(folder)
+    worst_abs = worst_rel = 0.0
+    for k, (_, epochs) in enumerate(stages):
+        for e in range(epochs):
+            kw = dict(loader_seed=stage_seed(plan.seed, k), train_shape=tuple(bench.data.train.images.shape),
+                      teacher_sha256=bench.teacher_record.sha256, runtime=rt)
+            entry = exact_store.get(teacher_logits_key(plan, k, e, **kw))
+            assert entry is not None
+            half.put(teacher_logits_key(plan, k, e, stored="float16", **kw), entry)
+            rounded = half.get(teacher_logits_key(plan, k, e, stored="float16", **kw))
+            assert rounded is not None
+            err = (rounded.logits.double() - entry.logits.double()).abs()
+            worst_abs = max(worst_abs, err.max().item())
+            worst_rel = max(worst_rel, (err / entry.logits.double().abs().clamp_min(2.0**-14)).max().item())
+    return half, worst_abs, worst_rel
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=128, help="training images (default 128)")
@@ -108,7 +131,6 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    dev = torch.device("cpu")
     info = DataInfo("cifar10", 10, 3, 32, MEAN, STD, args.train, args.val)
     data = DataSplits(info, synthetic_cifar(args.train, 1), synthetic_cifar(args.val, 2))
     teacher, record = teacher_and_record(0)
@@ -117,7 +139,7 @@ def main() -> None:
     recipe = RecipeSpec(lr=0.05, batch_size=64, augment=AugmentSpec(crop_padding=4, flip=True))
     stages = parse_stages(args.stages)
     plan = make_plan(Space(name="bench", problem=problem, recipe=recipe), stages, seed=0)
-    shared = {"device": "cpu", "data": data, "teacher_model": teacher, "teacher_record": record}
+    bench = Workbench.open(problem, device="cpu", data=data, teacher_record=record, teacher=teacher)
 
     folder = Path(tempfile.mkdtemp(prefix="smskd-bench-logits-"))
     try:
@@ -126,7 +148,7 @@ def main() -> None:
               f"resnet8x4; plan {plan.sequence()}, crop 4 + flip, batch 64, seed 0; {args.rounds} round(s)")
         t0 = time.perf_counter()
         cold_store = LogitStore(folder / "teacher_logits")
-        cold = run_plan(plan, logit_store=cold_store, **shared)
+        cold = run_plan(plan, replace(bench, logit_store=cold_store))
         cold_s = time.perf_counter() - t0
         disk = cold_store.disk.size_bytes() if cold_store.disk is not None else 0
         print(f"cold (empty store, every epoch puts): {cold_s:.1f}s; {cold_store.stored} epochs stored, "
@@ -134,10 +156,10 @@ def main() -> None:
 
         runs: dict[str, list] = {"plain": [], "warm": []}
 
-        def timed(name: str, **kw):
+        def timed(name: str, logit_store: LogitStore | None = None):
             def go() -> float:
                 t = time.perf_counter()
-                runs[name].append(run_plan(plan, **shared, **kw))
+                runs[name].append(run_plan(plan, replace(bench, logit_store=logit_store)))
                 return time.perf_counter() - t
             return go
 
@@ -159,23 +181,8 @@ def main() -> None:
               f"{wdiff:g}")
 
         # float16: the same entries rounded, as LogitStore(dtype=torch.float16) would keep them.
-        rt = Runtime.current(dev, pick_precision(dev, "auto"))
-        half = LogitStore(None, dtype=torch.float16)
-        exact_store = LogitStore(folder / "teacher_logits")
-        worst_abs = worst_rel = 0.0
-        for k, (_, epochs) in enumerate(stages):
-            for e in range(epochs):
-                kw = dict(loader_seed=_stage_seed(plan.seed, k), train_shape=tuple(data.train.images.shape),
-                          teacher_sha256=record.sha256, runtime=rt)
-                entry = exact_store.get(teacher_logits_key(plan, k, e, **kw))
-                assert entry is not None
-                half.put(teacher_logits_key(plan, k, e, stored="float16", **kw), entry)
-                rounded = half.get(teacher_logits_key(plan, k, e, stored="float16", **kw))
-                assert rounded is not None
-                err = (rounded.logits.double() - entry.logits.double()).abs()
-                worst_abs = max(worst_abs, err.max().item())
-                worst_rel = max(worst_rel, (err / entry.logits.double().abs().clamp_min(2.0**-14)).max().item())
-        fp16 = run_plan(plan, logit_store=half, **shared)
+        half, worst_abs, worst_rel = _float16_copy(plan, stages, bench, folder / "teacher_logits")
+        fp16 = run_plan(plan, replace(bench, logit_store=half))
         dv = [(abs(a[1] - b[1]), abs(a[2] - b[2])) for a, b in zip(curve(ref), curve(fp16))]
         print(f"\nfloat16 entries ({fp16.teacher_epochs_served} epochs served, half the bytes): largest logit error "
               f"{worst_abs:.3g} abs, {worst_rel:.3g} relative (2^-11 = {2.0**-11:.3g});")

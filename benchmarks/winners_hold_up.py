@@ -30,7 +30,7 @@ import yaml
 from _common import machine_line
 
 from smskd_search.data import load_data
-from smskd_search.engine import ensure_teacher, evaluate_test, load_teacher, run_plan
+from smskd_search.engine import Workbench, ensure_teacher, evaluate_test, load_teacher, run_plan
 from smskd_search.search import ConfirmSettings, run_search
 from smskd_search.search import storage as st
 from smskd_search.search.leaderboard import rank_by_single_seed, rank_trials
@@ -61,6 +61,7 @@ class TestBench:
         self.data = load_data(sp.problem.dataset, dev)
         self.record = ensure_teacher(sp.problem, cache_root=teachers, data=self.data)
         self.teacher = load_teacher(sp.problem, self.record, self.data.info, dev)
+        self.bench = Workbench.open(sp.problem, data=self.data, teacher_record=self.record, teacher=self.teacher)
         self.cache: dict[tuple[str, int], float] = {}
 
     def test_accs(self, plan) -> list[float]:
@@ -70,8 +71,7 @@ class TestBench:
             key = (p.canonical_hash(), s)
             if key not in self.cache:
                 torch.set_num_threads(1)  # a trial's thread count
-                self.cache[key] = evaluate_test(p, run_plan(p, data=self.data, teacher_model=self.teacher,
-                                                            teacher_record=self.record)).acc
+                self.cache[key] = evaluate_test(p, run_plan(p, self.bench)).acc
             out.append(self.cache[key])
         return out
 

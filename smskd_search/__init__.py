@@ -27,6 +27,8 @@ _EXPORTS = {
     "RunResult": "smskd_search.engine",
     "StageResult": "smskd_search.engine",
     "run_plan": "smskd_search.engine",
+    "RunOptions": "smskd_search.engine",
+    "Workbench": "smskd_search.engine",
     "UserError": "smskd_search.errors",
     "Plan": "smskd_search.plan",
     "save_plan": "smskd_search.plan",
@@ -45,6 +47,7 @@ __all__ = [
     "Diverged",
     "LoadedSpace",
     "Plan",
+    "RunOptions",
     "RunResult",
     "SearchSettings",
     "SearchSummary",
@@ -52,6 +55,7 @@ __all__ = [
     "StageResult",
     "TrialReport",
     "UserError",
+    "Workbench",
     "load_plan",
     "load_space",
     "make_plan",
@@ -62,7 +66,7 @@ __all__ = [
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from smskd_search.engine import Diverged, RunResult, StageResult, run_plan
+    from smskd_search.engine import Diverged, RunOptions, RunResult, StageResult, Workbench, run_plan
     from smskd_search.errors import UserError
     from smskd_search.plan import Plan, save_plan
     from smskd_search.search import SearchSummary, TrialReport, run_search

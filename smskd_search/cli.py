@@ -117,7 +117,18 @@ def _baseline_plan(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from smskd_search.engine import evaluate_test, pick_device, run_plan, write_results
+    from smskd_search.engine import (
+        EpochTrained,
+        RunOptions,
+        StageEvent,
+        StageReused,
+        StageTrained,
+        Workbench,
+        evaluate_test,
+        pick_device,
+        run_plan,
+        write_results,
+    )
     from smskd_search.engine.teacher import describe
     from smskd_search.validate import load_plan_and_defaults
 
@@ -149,21 +160,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     line = Line()
     n_stages = len(plan.stages)
 
-    def on_epoch(stage: int, m) -> None:
-        st = plan.stages[stage]
-        line.update(f"  stage {stage + 1}/{n_stages} {st.method:<8} epoch {m.epoch}/{st.epochs}  loss {m.train_loss:.4f}"
-                    f"  train acc {_pct(m.train_acc)}  val acc {_pct(m.val_acc)}  lr {m.lr:.4g}")
-
-    def on_stage(k: int, cum: int, result, ckpt) -> bool:
-        line.done()
-        ref = "  (with reference)" if result.reference_active else ""
-        print(f"stage {k + 1}/{n_stages} {result.method}({result.epochs}) done at {cum} epochs: "
-              f"val acc {_pct(result.val_acc)} (n={result.n_val}){ref}")
+    def on_event(event: StageEvent) -> bool:
+        if isinstance(event, EpochTrained):
+            st, m = plan.stages[event.stage], event.metrics
+            line.update(f"  stage {event.stage + 1}/{n_stages} {st.method:<8} epoch {m.epoch}/{st.epochs}  "
+                        f"loss {m.train_loss:.4f}  train acc {_pct(m.train_acc)}  val acc {_pct(m.val_acc)}  lr {m.lr:.4g}")
+        elif isinstance(event, (StageTrained, StageReused)):
+            line.done()
+            r = event.result
+            ref = "  (with reference)" if r.reference_active else ""
+            print(f"stage {event.stage + 1}/{n_stages} {r.method}({r.epochs}) done at {r.cum_epochs} epochs: "
+                  f"val acc {_pct(r.val_acc)} (n={r.n_val}){ref}")
         return False
 
-    result = run_plan(plan, device=device, out_dir=out, resume=args.resume, on_stage_end=on_stage,
-                      on_epoch_end=on_epoch, teacher_cache=STUDIES_DIR / "teachers", precision=args.precision,
-                      deterministic=args.deterministic)
+    bench = Workbench.open(plan.problem, device=device, precision=args.precision,
+                           teacher_cache=STUDIES_DIR / "teachers", deterministic=args.deterministic)
+    result = run_plan(plan, bench, RunOptions(out_dir=out, resume=args.resume), on_event)
     if result.resumed_from_stage is not None:
         print(f"resumed after stage {result.resumed_from_stage + 1} from {out}")
     for note in result.notes:

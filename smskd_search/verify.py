@@ -99,7 +99,7 @@ def comparison_plans(plan: Plan, methods: list[str] | None = None,
     rows: list[tuple[str, Plan]] = [("plan", plan)]
     seen = {plan.canonical_hash()}
     total = plan.total_epochs
-    own = {}
+    own: dict[str, dict[str, Any]] = {}
     for stage in plan.stages:
         own.setdefault(stage.method, dict(stage.params))  # as the plan used it (its first stage with it)
     for m in methods or list(own):
@@ -175,7 +175,8 @@ class _Outcome:
     epochs_reused: int = 0
 
 
-# A worker process's data split and teacher, loaded once by _init_worker and shared by its runs.
+# A worker process's workbench (data split, teacher, stage cache), set up once by _init_worker and
+# shared by its runs.
 _WORKER: dict[str, Any] = {}
 
 
@@ -190,14 +191,12 @@ def _init_worker(problem: Any, record: Any, device: str, threads: int, data: Any
         # worker must not take the signal as its current run's failure and go on to the next.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    from smskd_search.data import load_data
-    from smskd_search.engine import PrefixCache, load_teacher
+    from smskd_search.engine import PrefixCache, Workbench
 
     torch.set_num_threads(threads)
-    data = data if data is not None else load_data(problem.dataset, device)
-    _WORKER.update(data=data, record=record, device=device,
-                   teacher=load_teacher(problem, record, data.info, device),
-                   stage_cache=PrefixCache(stage_cache[0], stage_cache[1]) if stage_cache is not None else None)
+    _WORKER["bench"] = Workbench.open(
+        problem, device=device, data=data, teacher_record=record,
+        stage_cache=PrefixCache(stage_cache[0], stage_cache[1]) if stage_cache is not None else None)
 
 
 def _run_indexed(task: tuple[int, Plan]) -> tuple[int, _Outcome]:
@@ -207,10 +206,8 @@ def _run_indexed(task: tuple[int, Plan]) -> tuple[int, _Outcome]:
 def _run_one(plan: Plan) -> _Outcome:
     from smskd_search.engine import Diverged, evaluate_test, run_plan
 
-    w = _WORKER
     try:
-        result = run_plan(plan, device=w["device"], data=w["data"], teacher_model=w["teacher"], teacher_record=w["record"],
-                          stage_cache=w.get("stage_cache"))
+        result = run_plan(plan, _WORKER["bench"])
     except Diverged as exc:
         return _Outcome(diverged=str(exc))
     test = evaluate_test(plan, result)
@@ -288,30 +285,43 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
             on_run(tasks[i][0].label, tasks[i][1].seed, done, len(tasks))
 
     cache = (str(stage_cache), int(cache_max_bytes)) if stage_cache is not None else None
+    worker = (plan.problem, record, str(dev), threads)
+    _run_tasks([p for _, p in tasks], worker, data, cache, n_jobs, finished)
+    _collect(tasks, outcomes, on_result)
+    return rows, judge(rows)
+
+
+def _run_tasks(plans: list[Plan], worker: tuple[Any, Any, str, int], data: Any, cache: tuple[str, int] | None,
+               n_jobs: int, finished: Callable[[int, _Outcome, int], None]) -> None:
+    """Run the plans here (one job, on the caller's data) or in ``n_jobs`` worker processes, each
+    set up once (:func:`_init_worker`); ``finished`` hears each outcome by the plan's index."""
     if n_jobs == 1:
-        _init_worker(plan.problem, record, str(dev), threads, data, stage_cache=cache)
+        _init_worker(*worker, data, stage_cache=cache)
         try:
-            for i, (_, p) in enumerate(tasks):
+            for i, p in enumerate(plans):
                 finished(i, _run_one(p), i + 1)
         finally:
             _WORKER.clear()
-    else:
-        import multiprocessing
+        return
+    import multiprocessing
 
-        # spawn, not fork: a forked child of a process with torch's thread pools can hang.
-        pool = multiprocessing.get_context("spawn").Pool(n_jobs, initializer=_init_worker,
-                                                         initargs=(plan.problem, record, str(dev), threads, None, True,
-                                                                   cache))
-        try:
-            indexed = [(i, p) for i, (_, p) in enumerate(tasks)]
-            for done, (i, outcome) in enumerate(pool.imap_unordered(_run_indexed, indexed), 1):
-                finished(i, outcome, done)
-            pool.close()
-        except BaseException:
-            pool.terminate()  # Ctrl-C or a run's error: the runs still queued or running are dropped
-            raise
-        finally:
-            pool.join()
+    # spawn, not fork: a forked child of a process with torch's thread pools can hang.
+    pool = multiprocessing.get_context("spawn").Pool(n_jobs, initializer=_init_worker,
+                                                     initargs=(*worker, None, True, cache))
+    try:
+        for done, (i, outcome) in enumerate(pool.imap_unordered(_run_indexed, list(enumerate(plans))), 1):
+            finished(i, outcome, done)
+        pool.close()
+    except BaseException:
+        pool.terminate()  # Ctrl-C or a run's error: the runs still queued or running are dropped
+        raise
+    finally:
+        pool.join()
+
+
+def _collect(tasks: list[tuple[VerifyRow, Plan]], outcomes: list[_Outcome | None],
+             on_result: Callable[[VerifyRow, int, float], None] | None) -> None:
+    """Each run's outcome into its row (in row and seed order)."""
     for (row, p), outcome in zip(tasks, outcomes):
         assert outcome is not None
         if outcome.diverged is not None:
@@ -325,7 +335,6 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
         row.epochs_reused += outcome.epochs_reused
         if on_result is not None:
             on_result(row, p.seed, outcome.test_acc)
-    return rows, judge(rows)
 
 
 def format_table(rows: list[VerifyRow], verdict: Verdict) -> str:

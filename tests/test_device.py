@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -234,11 +235,12 @@ def test_a_trial_that_hits_a_device_fault_reports_it_and_retires_its_worker(tiny
         def report(self, metrics, checkpoint=None):
             reports.append(metrics)
 
-    def run_plan(plan, **kw):
+    def run_plan(plan, bench, options, on_event):
         raise exc
 
     monkeypatch.setattr(tr, "tune", Tune())
-    monkeypatch.setattr(tr, "_shared_inputs", lambda plan, context, root: (None, None, None))
+    monkeypatch.setattr(tr, "_workbench", lambda plan, context, root: SimpleNamespace(data=SimpleNamespace(
+        info=SimpleNamespace(num_val=1))))
     monkeypatch.setattr(engine, "run_plan", run_plan)
     plan = make_plan(tiny_problem, [("kd", 1)])
     config = {"plan_yaml": plan.to_yaml(), "run_dir": str(tmp_path / "run"), "threads": 1}

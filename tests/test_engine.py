@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from conftest import make_plan
 
 from smskd_search.data import TensorLoader, load_data
-from smskd_search.engine import pipeline, run_plan, tcp_weights
+from smskd_search.engine import run_plan, tcp_weights
+from smskd_search.engine import stage as stage_mod
 from smskd_search.engine.device import pick_precision
 from smskd_search.engine.frozen import FrozenForward, frozen_copy
 from smskd_search.engine.tcp import reference_loss
@@ -131,7 +132,7 @@ def test_reference_is_frozen_during_a_stage(tiny_problem, teacher_cache):
 
 def test_stage_transitions(tiny_problem, teacher_cache, tmp_path, monkeypatch):
     copies, methods = [], []
-    real_copy, real_build = pipeline.frozen_copy, pipeline.build_method
+    real_copy, real_build = stage_mod.frozen_copy, stage_mod.build_method
 
     def recording_copy(model):
         ref = real_copy(model)
@@ -143,8 +144,8 @@ def test_stage_transitions(tiny_problem, teacher_cache, tmp_path, monkeypatch):
         methods.append((name, weakref.ref(m), [p.detach().clone() for p in m.parameters()]))
         return m
 
-    monkeypatch.setattr(pipeline, "frozen_copy", recording_copy)
-    monkeypatch.setattr(pipeline, "build_method", recording_build)
+    monkeypatch.setattr(stage_mod, "frozen_copy", recording_copy)
+    monkeypatch.setattr(stage_mod, "build_method", recording_build)
     plan = make_plan(tiny_problem, [("fitnet", 2), ("kd", 1), ("fitnet", 1)])
     run_plan(plan, teacher_cache=teacher_cache, out_dir=tmp_path)
     assert len(copies) == 2  # a reference for stages 2 and 3
@@ -184,6 +185,80 @@ def test_resume_after_a_stage_equals_one_run(tiny_problem, teacher_cache, tmp_pa
     final_whole = torch.load(tmp_path / "whole" / "stage3.pt", weights_only=True)["student"]
     final_resumed = torch.load(tmp_path / "part" / "stage3.pt", weights_only=True)["student"]
     assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
+
+
+def test_one_workbench_serves_runs_that_tell_one_stream_of_stage_events(tiny_problem, teacher_cache, tmp_path):
+    """The workbench's way (a search's worker, verify, train): one set-up for several runs, each run
+    telling its stages as events: resumed from its own checkpoint, reused from the stage cache (whole
+    or partial), trained; the numbers are those of the one-call form."""
+    from smskd_search.engine import EpochTrained, PrefixCache, RunOptions, StageTrained, Workbench
+
+    plan = make_plan(tiny_problem, [("kd", 2), ("dkd", 2), ("kd", 1)], reference={"lambda_ref": 1.5})
+    bench = Workbench.open(tiny_problem, device="cpu", teacher_cache=teacher_cache,
+                           stage_cache=PrefixCache(tmp_path / "stages"))
+    events: list = []
+
+    def kinds(on_stop=None):
+        def sink(event):
+            events.append(event)
+            return on_stop is not None and on_stop(event)
+        return sink
+
+    def told():
+        out = [(type(e).__name__, e.stage) for e in events]
+        events.clear()
+        return out
+
+    # Stopped after its first stage (a pruned trial), with rungs at 1 and 3 epochs.
+    options = RunOptions(out_dir=tmp_path / "a", partial_at=frozenset({1, 3}))
+    cut = run_plan(plan, bench, options, kinds(lambda e: isinstance(e, StageTrained)))
+    assert cut.stopped_early and told() == [("EpochTrained", 0), ("EpochTrained", 0), ("StageTrained", 0)]
+    # Resumed from its own checkpoint: stage 1 is told as resumed, stage 2 goes on (trained).
+    resumed = run_plan(plan, bench, RunOptions(out_dir=tmp_path / "a", resume=True, partial_at=frozenset({1, 3})),
+                       kinds())
+    assert resumed.epochs_resumed == 2 and not resumed.stopped_early and told() == [
+        ("StageResumed", 0), ("EpochTrained", 1), ("EpochTrained", 1), ("StageTrained", 1), ("EpochTrained", 2),
+        ("StageTrained", 2)]
+    # Another folder, the same workbench: the stage cache has every stage now.
+    again = run_plan(plan, bench, RunOptions(out_dir=tmp_path / "b"), kinds())
+    assert told() == [("StageReused", 0), ("StageReused", 1), ("StageReused", 2)]
+    assert (again.epochs_reused, again.epochs_trained) == (5, 0)
+    one_call = run_plan(plan, teacher_cache=teacher_cache)
+    assert _stage_results(again) == _stage_results(resumed) == _stage_results(one_call)
+    # A partial entry: a plan whose second stage is longer goes on from the rung at 3 epochs
+    # (a cosine schedule: only a stage of the same length shares it, so cut one at 3 epochs first).
+    longer = make_plan(tiny_problem, [("kd", 2), ("dkd", 3)], reference={"lambda_ref": 1.5})
+
+    def stop_at_3(event):
+        return isinstance(event, EpochTrained) and event.metrics.cum_epochs == 3 and _raise()
+
+    with pytest.raises(_Stopped):
+        run_plan(longer, bench, RunOptions(partial_at=frozenset({3})), kinds(stop_at_3))
+    told()
+    went_on = run_plan(longer, bench, RunOptions(partial_at=frozenset({3})), kinds())
+    assert told() == [("StageReused", 0), ("EpochsReused", 1), ("EpochTrained", 1), ("EpochTrained", 1),
+                      ("StageTrained", 1)]
+    assert (went_on.epochs_reused, went_on.epochs_trained) == (3, 2)
+    assert _stage_results(went_on) == _stage_results(run_plan(longer, teacher_cache=teacher_cache))
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _raise():
+    raise _Stopped
+
+
+def test_the_earlier_keywords_are_checked(tiny_problem, teacher_cache):
+    from smskd_search.engine import Workbench
+
+    plan = make_plan(tiny_problem, [("kd", 1)])
+    with pytest.raises(TypeError, match="unexpected keyword arguments: on_stage"):
+        run_plan(plan, teacher_cache=teacher_cache, on_stage=print)
+    bench = Workbench.open(tiny_problem, device="cpu", teacher_cache=teacher_cache)
+    with pytest.raises(TypeError, match="either as a Workbench or as keywords"):
+        run_plan(plan, bench, device="cpu")
 
 
 class _RunsCode:

@@ -23,7 +23,7 @@ from smskd_search.engine import (
 )
 from smskd_search.engine.device import pick_precision
 from smskd_search.engine.logit_store import EpochLogits
-from smskd_search.engine.pipeline import _stage_seed
+from smskd_search.engine.stage import stage_seed
 from smskd_search.methods import METHODS
 from smskd_search.methods.fitnet import FitNet
 from smskd_search.plan import AugmentSpec, RecipeSpec
@@ -55,7 +55,7 @@ def _student(result):
 
 def _keys(plan, shared, k, epochs, tag="exact"):
     rt = Runtime.current(torch.device("cpu"), pick_precision(torch.device("cpu"), "auto"))
-    return [teacher_logits_key(plan, k, e, loader_seed=_stage_seed(plan.seed, k),
+    return [teacher_logits_key(plan, k, e, loader_seed=stage_seed(plan.seed, k),
                                train_shape=tuple(shared["data"].train.images.shape),
                                teacher_sha256=shared["teacher_record"].sha256, runtime=rt, stored=tag)
             for e in range(epochs)]
@@ -65,7 +65,7 @@ def _recompute(plan, shared, k, epochs):
     """The teacher's logits over each epoch of stage k, from a loader built here, as the stage's is."""
     data, teacher = shared["data"], shared["teacher_model"]
     loader = TensorLoader(data.train, plan.recipe.batch_size, shuffle=True, augment=plan.recipe.augment,
-                          generator=torch.Generator().manual_seed(_stage_seed(plan.seed, k)))
+                          generator=torch.Generator().manual_seed(stage_seed(plan.seed, k)))
     out = []
     with torch.no_grad():
         for _ in range(epochs):
@@ -251,7 +251,7 @@ def test_the_search_keeps_the_store_beside_the_stage_cache(tmp_path):
     assert tr._caches(tr.TrialContext(teacher=payload, cache_dir=None))[2] is None
 
 
-def test_a_trial_hands_the_store_to_its_run(tiny_problem, tmp_path, monkeypatch):
+def test_a_trial_hands_the_store_to_its_run(tiny_problem, shared, tmp_path, monkeypatch):
     import smskd_search.engine as engine
     from smskd_search.search import trainable as tr
     from smskd_search.search.teacher_transport import TeacherPayload
@@ -267,8 +267,10 @@ def test_a_trial_hands_the_store_to_its_run(tiny_problem, tmp_path, monkeypatch)
 
     got: list = []
     monkeypatch.setattr(tr, "tune", Tune())
-    monkeypatch.setattr(tr, "_shared_inputs", lambda plan, context, root: (None, None, None))
-    monkeypatch.setattr(engine, "run_plan", lambda plan, **kw: got.append(kw.get("logit_store")) or SimpleNamespace(notes=[]))
+    inputs = (shared["data"], shared["teacher_model"], shared["teacher_record"])
+    monkeypatch.setattr(tr, "_shared_inputs", lambda plan, context, root: inputs)
+    monkeypatch.setattr(engine, "run_plan",
+                        lambda plan, bench, options, on_event: got.append(bench.logit_store) or SimpleNamespace(notes=[]))
     plan = make_plan(tiny_problem, [("kd", 1)], recipe=AUG)
     for cache_dir in (tmp_path / "cache", None):
         context = tr.TrialContext(teacher=TeacherPayload({}, b""), cache_dir=str(cache_dir) if cache_dir else None)

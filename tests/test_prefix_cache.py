@@ -279,3 +279,69 @@ def test_a_partial_entry_that_does_not_fit_is_ignored(tiny_problem, teacher_cach
     again = run_plan(plan, teacher_cache=teacher_cache, stage_cache=cache, partial_at={2})
     assert (again.epochs_reused, again.epochs_trained) == (0, 3)
     assert _curve(again) == _curve(scratch)
+
+
+# Keys computed before the engine was split into a stage store, workbench and events (issue 27):
+# an existing study's caches must keep hitting, so these never change without ENGINE_VERSION/FORMAT.
+_PINNED_KEYS = {
+    "cpu": ["a1fdde47935d8e30ec7ae68ecf0ac05d", "77bc95f7c53242c41089d71bb2eea5e7", "b4a12ba7e702b6f27fba8b839c458adf",
+            "2e34ed634c37f959c28c6def5771d3fe", "4523ea499430085bd853b4ae57c1a79a", "1f24a7ef3719bb2146e2ef8c4a70193d"],
+    "cuda": ["4ee9051ff5a4e83de707bc98f28b2b50", "a85dcbb9fb90d177b52c4fb56114a871", "861063f79477f54cf14839f92ca0b55b",
+             "a7c0809a0bfba192a737748525216058", "aff13f2e0edaf5e386773fb2d5f06b41", "6c2d3c1f4e185d9e2884d3925da3451f"],
+}
+
+
+@pytest.mark.parametrize("machine", ["cpu", "cuda"])
+def test_cache_keys_are_those_existing_caches_hold(tiny_problem, machine):
+    from smskd_search.engine import teacher_logits_key
+    from smskd_search.engine.frozen import frozen_outputs_key
+
+    plan = make_plan(tiny_problem, [("kd", 2), ("dkd", 3)], reference=REF)
+    rt = (Runtime(1, "cpu", "None/scaling=False/channels_last=False", torch_version="2.5.1", engine_version=1)
+          if machine == "cpu" else
+          Runtime(1, "cuda:H200", "torch.bfloat16/scaling=False/channels_last=True", torch_version="2.5.1",
+                  engine_version=1, numerics="tf32=0"))
+    sha = "ab" * 32
+    keys = [stage_prefix_key(plan, 0, teacher_sha256=sha, runtime=rt),
+            stage_prefix_key(plan, 1, teacher_sha256=sha, runtime=rt),
+            stage_prefix_key(plan, 1, teacher_sha256=sha, runtime=rt, teacher_logits="float16"),
+            partial_stage_key(plan, 1, 2, teacher_sha256=sha, runtime=rt),
+            teacher_logits_key(plan, 1, 0, loader_seed=1_000_003 * plan.seed + 1, train_shape=(100, 1, 8, 8),
+                               teacher_sha256=sha, runtime=rt),
+            frozen_outputs_key(teacher_sha256=sha, data_identity=["d", [100, 1, 8, 8], "torch.float32"],
+                               need_features=True, batch_size=256, runtime=rt)]
+    assert keys == _PINNED_KEYS[machine]
+
+
+def test_the_stage_store_keeps_checkpoints_prefixes_and_partial_stages_under_one_lookup(tiny_problem, tmp_path):
+    from smskd_search.engine.stage_store import Slot, StageStore
+
+    cpu = torch.device("cpu")
+    prec = pick_precision(cpu, "auto")
+    rt = Runtime.current(cpu, prec)
+    plan = make_plan(tiny_problem, [("kd", 2), ("dkd", 3)], reference=REF)
+    store = StageStore.for_run(plan, runtime=rt, precision=prec, teacher_sha256="ab" * 32, logits_tag="exact",
+                               cache=PrefixCache(tmp_path / "stages"), out_dir=tmp_path / "run",
+                               partial_at=frozenset({1, 3, 4, 9}))
+    own = {"plan_hash": plan.content_hash(), "stage_index": 1, "x": torch.ones(2)}
+    assert store.put(Slot(1, own=True), own) == tmp_path / "run" / "stage2.pt"
+    assert store.get(Slot(1, own=True))["stage_index"] == 1 and store.resume_point()["stage_index"] == 1
+    assert store.get(Slot(0, own=True)) is None  # not the last checkpoint
+    # The cache's slots are named by the keys a cache of an earlier engine holds.
+    finished = store.put(Slot(1), {"x": torch.zeros(1)})
+    assert finished.stem == stage_prefix_key(plan, 1, teacher_sha256="ab" * 32, runtime=rt)
+    partial = store.put(Slot(1, 2), {"x": torch.zeros(1)})
+    assert partial.stem == partial_stage_key(plan, 1, 2, teacher_sha256="ab" * 32, runtime=rt)
+    assert torch.equal(store.get(Slot(1, 2))["x"], torch.zeros(1))
+    # Rungs inside stage 2 (epochs 2..5): 3 and 4, as epochs done in the stage.
+    assert store.partials(1, cum_before=2) == [Slot(1, 1), Slot(1, 2)]
+    assert store.prefixes(after=0) == [Slot(1), Slot(0)] and store.prefixes(after=1) == [Slot(1)]
+    # A finished stage answers for its partial entries (a cosine schedule shares them with no other length).
+    store.finish(1, {"x": torch.zeros(1)}, [Slot(1, 2)])
+    assert store.get(Slot(1, 2)) is None and store.get(Slot(1)) is not None
+    # A plan the cache cannot serve: no cache slots, and why.
+    carried = StageStore.for_run(plan.model_copy(update={"restart_optimizer": False}), runtime=rt, precision=prec,
+                                 teacher_sha256="ab" * 32, logits_tag="exact", cache=PrefixCache(tmp_path / "stages"),
+                                 out_dir=None, partial_at=frozenset({1}))
+    assert carried.skipped and "restart_optimizer" in carried.skipped
+    assert carried.prefixes(after=0) == [] and carried.partials(0, 0) == [] and carried.get(Slot(1)) is None

@@ -3,19 +3,25 @@
 A frozen model in eval mode gives each sample the same output every time it sees it. When training
 batches are not augmented, its outputs for the whole training split are computed once (per stage
 for the reference, per run for the teacher) and gathered by sample index, instead of one extra
-forward pass per step.
+forward pass per step. :class:`FrozenOutputsMemo` keeps the teacher's across runs.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from smskd_search.engine.device import Precision
 from smskd_search.models.base import Features
+
+if TYPE_CHECKING:
+    from smskd_search.engine.prefix_cache import PrefixCache, Runtime
 
 # Beyond this many cached floats (~2 GiB), fall back to per-batch forwards.
 MAX_CACHED_FLOATS = 512 * 2**20
@@ -40,7 +46,7 @@ class FrozenForward:
         self.model = model
         self.precision = precision
         # ``precomputed``: outputs over the training split computed earlier (the same model, inputs
-        # and batch size), e.g. kept by a :class:`~smskd_search.engine.prefix_cache.FrozenOutputsMemo`.
+        # and batch size), e.g. kept by a :class:`FrozenOutputsMemo`.
         self.cache: tuple[torch.Tensor, Features | None] | None = precomputed
         if images is not None and precomputed is None:
             self.cache = self._precompute(images, batch_size, need_features)
@@ -119,3 +125,70 @@ class _Gathered(Sequence):
 
     def __radd__(self, other):
         return list(other) + list(self)
+
+
+# ------------------------------------------------------------------------------ kept across runs
+def _digest(data: Any, n: int = 32) -> str:
+    # As the stage-prefix cache digests its keys (keys that existing caches hold).
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:n]
+
+
+FrozenCache = tuple[torch.Tensor, Features | None] | None
+
+
+def frozen_outputs_key(*, teacher_sha256: str, data_identity: Any, need_features: bool, batch_size: int,
+                       runtime: Runtime) -> str:
+    """The memo key of a frozen teacher's outputs over a training split."""
+    return _digest({"teacher": teacher_sha256, "data": data_identity, "features": need_features,
+                    "batch_size": batch_size, "runtime": [runtime.threads, runtime.device, runtime.precision,
+                                                          runtime.torch_version, runtime.engine_version]
+                                                         + ([runtime.numerics] if runtime.numerics else [])})
+
+
+def _to_payload(cache: tuple[torch.Tensor, Features | None]) -> dict:
+    logits, feats = cache
+    out: dict[str, Any] = {"logits": logits.cpu(), "features": None}
+    if feats is not None:
+        out["features"] = {"stages": [t.cpu() for t in feats.stages], "preact": [t.cpu() for t in feats.preact],
+                           "pooled": feats.pooled.cpu()}
+    return out
+
+
+def _from_payload(payload: dict, device: torch.device) -> tuple[torch.Tensor, Features | None]:
+    f = payload["features"]
+    feats = None
+    if f is not None:
+        feats = Features(stages=[t.to(device) for t in f["stages"]], preact=[t.to(device) for t in f["preact"]],
+                         pooled=f["pooled"].to(device))
+    return payload["logits"].to(device), feats
+
+
+class FrozenOutputsMemo:
+    """A frozen teacher's outputs over a training split, kept across runs (the most recent one in
+    this process; all of them in ``store`` when given, for other processes).
+
+    ``computed`` counts the computations it could not avoid, ``loaded`` the loads from ``store``.
+    """
+
+    def __init__(self, store: PrefixCache | None = None):
+        self.store = store
+        self._key: str | None = None
+        self._value: FrozenCache = None
+        self.computed = 0
+        self.loaded = 0
+
+    def get(self, key: str, device: torch.device, compute: Callable[[], FrozenCache]) -> FrozenCache:
+        if self._key == key:
+            return self._value
+        value: FrozenCache = None
+        payload = self.store.get(key) if self.store is not None else None
+        if payload is not None:
+            value = _from_payload(payload, device)
+            self.loaded += 1
+        else:
+            value = compute()
+            self.computed += 1
+            if value is not None and self.store is not None:
+                self.store.put(key, _to_payload(value))
+        self._key, self._value = key, value
+        return value

@@ -29,9 +29,9 @@ and fp16 runs with grad scaling (the scaler's state carries across stages and is
 writers of one key (two trials wanting the same prefix at once both train it) never leave half a
 file, and the second write is harmless; a get touches the file's mtime, and a put evicts the least
 recently used files beyond ``max_bytes``. The folder is a :class:`LocalFolder` or any other
-:class:`EntryFolder` (the search layer keeps one in an object store). :class:`FrozenOutputsMemo` keeps a frozen teacher's
-outputs over the (unaugmented) training split across runs, in the process and optionally in such a
-folder, so that they are computed once.
+:class:`EntryFolder` (the search layer keeps one in an object store). (A frozen teacher's outputs
+over the training split are kept across runs by :class:`~smskd_search.engine.frozen.FrozenOutputsMemo`,
+optionally in such a cache.)
 
 Neither Ray nor Optuna is imported here.
 """
@@ -54,7 +54,6 @@ import torch
 
 from smskd_search.engine.device import Precision, current_numerics, device_name
 from smskd_search.engine.optim import lr_at, step_progress
-from smskd_search.models.base import Features
 from smskd_search.plan import Plan, ScheduleSpec
 
 # Bump when a change to the engine changes what a stage computes: older cache entries then miss.
@@ -387,78 +386,14 @@ class PrefixCache:
         return dropped
 
 
-# ------------------------------------------------------------------------------ frozen outputs
-FrozenCache = tuple[torch.Tensor, Features | None] | None
-
-
-def frozen_outputs_key(*, teacher_sha256: str, data_identity: Any, need_features: bool, batch_size: int,
-                       runtime: Runtime) -> str:
-    """The memo key of a frozen teacher's outputs over a training split."""
-    return _digest({"teacher": teacher_sha256, "data": data_identity, "features": need_features,
-                    "batch_size": batch_size, "runtime": [runtime.threads, runtime.device, runtime.precision,
-                                                          runtime.torch_version, runtime.engine_version]
-                                                         + ([runtime.numerics] if runtime.numerics else [])})
-
-
-def _to_payload(cache: tuple[torch.Tensor, Features | None]) -> dict:
-    logits, feats = cache
-    out: dict[str, Any] = {"logits": logits.cpu(), "features": None}
-    if feats is not None:
-        out["features"] = {"stages": [t.cpu() for t in feats.stages], "preact": [t.cpu() for t in feats.preact],
-                           "pooled": feats.pooled.cpu()}
-    return out
-
-
-def _from_payload(payload: dict, device: torch.device) -> tuple[torch.Tensor, Features | None]:
-    f = payload["features"]
-    feats = None
-    if f is not None:
-        feats = Features(stages=[t.to(device) for t in f["stages"]], preact=[t.to(device) for t in f["preact"]],
-                         pooled=f["pooled"].to(device))
-    return payload["logits"].to(device), feats
-
-
-class FrozenOutputsMemo:
-    """A frozen teacher's outputs over a training split, kept across runs (the most recent one in
-    this process; all of them in ``store`` when given, for other processes).
-
-    ``computed`` counts the computations it could not avoid, ``loaded`` the loads from ``store``.
-    """
-
-    def __init__(self, store: PrefixCache | None = None):
-        self.store = store
-        self._key: str | None = None
-        self._value: FrozenCache = None
-        self.computed = 0
-        self.loaded = 0
-
-    def get(self, key: str, device: torch.device, compute: Callable[[], FrozenCache]) -> FrozenCache:
-        if self._key == key:
-            return self._value
-        value: FrozenCache = None
-        payload = self.store.get(key) if self.store is not None else None
-        if payload is not None:
-            value = _from_payload(payload, device)
-            self.loaded += 1
-        else:
-            value = compute()
-            self.computed += 1
-            if value is not None and self.store is not None:
-                self.store.put(key, _to_payload(value))
-        self._key, self._value = key, value
-        return value
-
-
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "ENGINE_VERSION",
     "EntryFolder",
-    "FrozenOutputsMemo",
     "LocalFolder",
     "PrefixCache",
     "Runtime",
     "cacheable",
-    "frozen_outputs_key",
     "partial_stage_key",
     "schedule_prefix",
     "shared_across_lengths",

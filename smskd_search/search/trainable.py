@@ -64,6 +64,7 @@ from smskd_search.search.teacher_transport import TeacherPayload, unpack
 from smskd_search.search.trial_report import TrialReport
 
 if TYPE_CHECKING:
+    from smskd_search.engine import EpochMetrics, StageEvent, StageResult, Workbench
     from smskd_search.plan import Plan
 
 # Per worker process: with reuse_actors the data and the teacher stay loaded across trials.
@@ -168,6 +169,18 @@ def _caches(context: TrialContext) -> tuple[Any, Any, Any]:
     return stages, memo, logits
 
 
+def _workbench(plan: Any, context: TrialContext, data_root: str | None) -> Workbench:
+    """This worker's workbench for the trial: its data, teacher and caches are loaded once per
+    worker process and kept across the trials it runs (``reuse_actors``)."""
+    from smskd_search.engine import Workbench
+
+    data, teacher, record = _shared_inputs(plan, context, data_root)
+    stage_cache, memo, logit_store = _caches(context)
+    return Workbench.open(plan.problem, device=context.device, data=data, teacher_record=record, teacher=teacher,
+                          stage_cache=stage_cache, frozen_memo=memo, logit_store=logit_store,
+                          deterministic=context.deterministic)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -228,9 +241,8 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str, run_dir: Path, started: float,
            started_at: float) -> None:
-    from smskd_search.engine import Diverged, EpochMetrics, discard_unsafe_checkpoints, latest_checkpoint, run_plan
+    from smskd_search.engine import Diverged, RunOptions, discard_unsafe_checkpoints, run_plan
 
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     # Results depend on torch's thread count on the CPU; the trial records the number it used.
     torch.set_num_threads(max(1, int(config["threads"])))
     resume_dirs = [str(d) for d in config.get("resume_dirs") or []]
@@ -249,94 +261,13 @@ def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str,
         _report_infrastructure_failure(exc, plan.total_epochs)
         return
 
-    n_stages, total = len(plan.stages), plan.total_epochs
-    rung_epochs = set(config.get("rung_epochs") or [])
-    # Epochs replayed from this trial's own checkpoints, and trained here (the rest came from the cache).
-    counts = {"resumed": 0, "trained": 0}
-
-    def report(stage_index: int, cum_epochs: int, val_acc: float, val_loss: float, n_val: int,
-               replayed: bool, epoch_val_acc: list[float], stage_end: bool = True,
-               reused: bool = False) -> TrialReport:
-        return TrialReport(
-            val_acc=val_acc, val_loss=val_loss, cum_epochs=cum_epochs, stage=stage_index + 1, n_stages=n_stages,
-            final=stage_end and stage_index + 1 == n_stages, n_val=n_val, stage_end=stage_end,
-            total_epochs=total, method=plan.stages[stage_index].method, replayed=replayed, reused=reused,
-            epochs_trained=counts["trained"],
-            epochs_reused=max(0, cum_epochs - counts["resumed"] - counts["trained"]),
-            # Seconds inside this function so far: Ray's overhead is the search's wall time less this.
-            trial_seconds=time.perf_counter() - started, trial_started_at=started_at, node=node,
-            baseline=bool(config.get("baseline")),
-            # The learning curve up to here (the engine evaluates every epoch); the study keeps it.
-            epoch_val_acc=[float(v) for v in epoch_val_acc],
-        )
-
-    def rung_report(stage_index: int, em: Any, n_val: int, replayed: bool,
-                    reused: bool = False) -> TrialReport | None:
-        """A mid-stage report where the trial crosses a rung (pruning decided at the rungs)."""
-        if em.cum_epochs not in rung_epochs or em.epoch == plan.stages[stage_index].epochs:
-            return None  # not a rung, or a stage end (reported as such)
-        return report(stage_index, em.cum_epochs, em.val_acc, em.val_loss, n_val, replayed, [em.val_acc],
-                      stage_end=False, reused=reused)
-
-    # A resumed plan first reports the stages it already has, so that the new trial carries every
-    # stage value and the scheduler judges it at the same points as any other trial.
-    previous = latest_checkpoint(run_dir, plan.content_hash())
-    for r in (previous or {}).get("results", []):
-        curve = [EpochMetrics(**m) for m in r.get("epoch_metrics", [])]
-        for em in curve:
-            m = rung_report(r["index"], em, r["n_val"], True)
-            if m is not None:
-                tune.report(m.to_dict())
-        counts["resumed"] = r["cum_epochs"]
-        tune.report(report(r["index"], r["cum_epochs"], r["val_acc"], r["val_loss"], r["n_val"], True,
-                           [em.val_acc for em in curve]).to_dict())
-
-    def on_epoch_end(stage_index: int, em: Any) -> None:
-        counts["trained"] += 1
-        m = rung_report(stage_index, em, data.info.num_val, False)
-        if m is not None:
-            tune.report(m.to_dict())
-
-    def on_epochs_reused(stage_index: int, ems: list[Any]) -> None:
-        # The first epochs of a stage another trial was stopped in (at a rung): reported as trained ones.
-        for em in ems:
-            m = rung_report(stage_index, em, data.info.num_val, False, reused=True)
-            if m is not None:
-                tune.report(m.to_dict())
-
-    def on_stage_end(stage_index: int, cum_epochs: int, result: Any, checkpoint: Path | None) -> bool:
-        if result.reused:
-            # A stage from the stage cache: its rungs are reported as a trained stage's would be.
-            for em in result.epoch_metrics:
-                rm = rung_report(stage_index, em, result.n_val, False, reused=True)
-                if rm is not None:
-                    tune.report(rm.to_dict())
-        m = report(stage_index, cum_epochs, result.val_acc, result.val_loss, result.n_val, False,
-                   [em.val_acc for em in result.epoch_metrics], reused=result.reused).to_dict()
-        if checkpoint is None:
-            tune.report(m)
-            return False
-        run_dirs.push(checkpoint, kept)  # in the storage before Tune hears of the stage
-        staging = run_dir / f"tune-stage{stage_index + 1}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        _link_or_copy(checkpoint, staging / checkpoint.name)
-        try:
-            # Tune copies the folder into its storage before report() returns (or stops the trial).
-            tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(staging)))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return False
-
+    rung_epochs = frozenset(config.get("rung_epochs") or [])
     infra = fault = False
     try:
-        data, teacher, record = _shared_inputs(plan, context, config.get("data_root"))
-        stage_cache, memo, logit_store = _caches(context)
-        result = run_plan(plan, device=context.device, out_dir=run_dir, resume=True, on_stage_end=on_stage_end,
-                          on_epoch_end=on_epoch_end, data=data, teacher_model=teacher, teacher_record=record,
-                          keep_student=False, stage_cache=stage_cache, frozen_memo=memo, logit_store=logit_store,
-                          partial_at=rung_epochs, on_epochs_reused=on_epochs_reused,
-                          deterministic=context.deterministic)
+        bench = _workbench(plan, context, config.get("data_root"))
+        reporter = _Reporter(plan, config, kept, run_dir, started, started_at, rung_epochs, bench.data.info.num_val)
+        options = RunOptions(out_dir=run_dir, resume=True, keep_student=False, partial_at=rung_epochs)
+        result = run_plan(plan, bench, options, reporter)
         for note in result.notes:
             print(f"trial {plan.name}: {note}", file=sys.stderr)  # into the worker's log
     except Exception as exc:  # noqa: BLE001 - reported as the trial's failure (SystemExit is Tune's stop)
@@ -347,7 +278,7 @@ def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str,
         if infra:
             message = f"infrastructure: {message}"
         tune.report(TrialReport.failure(message.splitlines()[0][:500] if message else type(exc).__name__,
-                                        total_epochs=total, traceback=traceback.format_exc()[-4000:],
+                                        total_epochs=plan.total_epochs, traceback=traceback.format_exc()[-4000:],
                                         infrastructure=infra).to_dict())
         if fault:
             raise DeviceFault(message.splitlines()[0][:500]) from None
@@ -356,6 +287,87 @@ def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str,
         # resume. An infrastructure failure keeps them: its retry starts from the last stage.
         for d in [kept, *resume_dirs]:
             run_dirs.drop(d)
+
+
+class _Reporter:
+    """Hears the run's stage events and reports them to Tune: every stage end (with its checkpoint,
+    pushed to the run folder first), and every rung a stage crosses where pruning is decided at the
+    rungs. Stages from the trial's own checkpoints are reported as ``replayed``, those from the stage
+    cache (whole or partial) as ``reused``, so that the scheduler judges every trial at the same points."""
+
+    def __init__(self, plan: Plan, config: dict[str, Any], kept: str, run_dir: Path, started: float,
+                 started_at: float, rung_epochs: frozenset[int], n_val: int):
+        self.plan, self.config, self.kept, self.run_dir = plan, config, kept, run_dir
+        self.started, self.started_at = started, started_at
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        self.rung_epochs, self.n_val = rung_epochs, n_val
+        # Epochs replayed from this trial's own checkpoints, and trained here (the rest came from the cache).
+        self.resumed = self.trained = 0
+
+    def __call__(self, event: StageEvent) -> bool:
+        from smskd_search.engine import EpochsReused, EpochTrained, StageResumed
+
+        if isinstance(event, StageResumed):
+            r = event.result
+            self._rungs(r.index, r.epoch_metrics, r.n_val, replayed=True)
+            self.resumed = r.cum_epochs
+            tune.report(self._report(r, replayed=True).to_dict())
+        elif isinstance(event, EpochTrained):
+            self.trained += 1
+            self._rungs(event.stage, [event.metrics], self.n_val, replayed=False)
+        elif isinstance(event, EpochsReused):
+            # The first epochs of a stage another trial was stopped in (at a rung): reported as trained ones.
+            self._rungs(event.stage, event.metrics, self.n_val, replayed=False, reused=True)
+        else:
+            self._stage_end(event.result, event.checkpoint)
+        return False
+
+    def _report(self, r: StageResult, *, replayed: bool = False) -> TrialReport:
+        return self._make(r.index, r.cum_epochs, r.val_acc, r.val_loss, r.n_val, replayed,
+                          [em.val_acc for em in r.epoch_metrics], reused=r.reused)
+
+    def _make(self, stage_index: int, cum_epochs: int, val_acc: float, val_loss: float, n_val: int, replayed: bool,
+              epoch_val_acc: list[float], stage_end: bool = True, reused: bool = False) -> TrialReport:
+        n_stages = len(self.plan.stages)
+        return TrialReport(
+            val_acc=val_acc, val_loss=val_loss, cum_epochs=cum_epochs, stage=stage_index + 1, n_stages=n_stages,
+            final=stage_end and stage_index + 1 == n_stages, n_val=n_val, stage_end=stage_end,
+            total_epochs=self.plan.total_epochs, method=self.plan.stages[stage_index].method, replayed=replayed,
+            reused=reused, epochs_trained=self.trained,
+            epochs_reused=max(0, cum_epochs - self.resumed - self.trained),
+            # Seconds inside the trainable so far: Ray's overhead is the search's wall time less this.
+            trial_seconds=time.perf_counter() - self.started, trial_started_at=self.started_at, node=self.node,
+            baseline=bool(self.config.get("baseline")),
+            # The learning curve up to here (the engine evaluates every epoch); the study keeps it.
+            epoch_val_acc=[float(v) for v in epoch_val_acc],
+        )
+
+    def _rungs(self, stage_index: int, metrics: list[EpochMetrics], n_val: int, *, replayed: bool,
+               reused: bool = False) -> None:
+        """A mid-stage report where the stage crosses a rung (not at its end, which reports as such)."""
+        for em in metrics:
+            if em.cum_epochs in self.rung_epochs and em.epoch != self.plan.stages[stage_index].epochs:
+                tune.report(self._make(stage_index, em.cum_epochs, em.val_acc, em.val_loss, n_val, replayed,
+                                       [em.val_acc], stage_end=False, reused=reused).to_dict())
+
+    def _stage_end(self, result: StageResult, checkpoint: Path | None) -> None:
+        if result.reused:
+            # A stage from the stage cache: its rungs are reported as a trained stage's would be.
+            self._rungs(result.index, result.epoch_metrics, result.n_val, replayed=False, reused=True)
+        m = self._report(result).to_dict()
+        if checkpoint is None:
+            tune.report(m)
+            return
+        run_dirs.push(checkpoint, self.kept)  # in the storage before Tune hears of the stage
+        staging = self.run_dir / f"tune-stage{result.index + 1}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        _link_or_copy(checkpoint, staging / checkpoint.name)
+        try:
+            # Tune copies the folder into its storage before report() returns (or stops the trial).
+            tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(staging)))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 __all__ = ["DeviceFault", "TrialContext", "is_infrastructure_error", "train_trial"]
