@@ -151,13 +151,11 @@ class TuneOutcome:
 def run_tune(s: TuneSettings) -> TuneOutcome:
     """Run ``s.trials`` trials of the study on Ray; see the module docstring."""
     from smskd_search.search._ray import ray, tune
-    from smskd_search.search.scheduler import StageASHAScheduler
     from smskd_search.search.searcher import StudySearcher
     from smskd_search.search.trainable import TrialContext, train_trial
 
     search = s.space.search
     assert search is not None
-    multi = bool(search.objective.cost_objective)
     notes: list[str] = []
     started = start_ray(s.address, s.session.storage_root)
     quiet_ray_loggers()
@@ -168,11 +166,7 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
         resources = trial_resources(ray.cluster_resources(), s.space.runtime, s.cpus_per_trial, s.gpus_per_trial,
                                     s.max_concurrent)
         notes += resources.notes
-        scheduler = None
-        if s.prune and search.pruning.enabled and not multi:
-            scheduler = StageASHAScheduler(rungs_for(search, s.before))
-        elif s.prune and multi:
-            notes.append("pruning is off for the accuracy-vs-cost (multi-objective) search")
+        scheduler = _scheduler(s, notes)
         rung_epochs = (scheduler.rungs.milestones
                        if scheduler is not None and search.pruning.decide_at == "rungs" else [])
         configs = PlanConfigs(s.space, s.teacher.sha256, resources.threads, s.session.runs_dir, s.session.name,
@@ -200,37 +194,16 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
             callbacks.append(progress_callback(s.on_progress, s.session.name, s.budget, s.before, s.start,
                                                answered=lambda: len(answered), phase=s.phase))
         ray_dir = sfs.join(s.session.storage_root, s.session.name, "ray")
-        # A URI goes to Tune as its filesystem and the path inside it (Tune's own way to take one).
-        fs, ray_path = sfs.filesystem(ray_dir) if sfs.is_uri(ray_dir) else (None, ray_dir)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=s.trials,
-                max_concurrent_trials=resources.concurrent, reuse_actors=True, time_budget_s=time_budget,
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=ray_path,
-                storage_filesystem=fs,
-                verbose=0,
-                callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=1),
-                # No num_to_keep: with it, Tune snapshots the whole experiment (searcher included)
-                # whenever a trial has checkpointed that many times, i.e. at almost every stage end.
-                checkpoint_config=tune.CheckpointConfig(),
-            ),
-        )
+        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=s.trials,
+            max_concurrent_trials=resources.concurrent, reuse_actors=True, time_budget_s=time_budget,
+            trial_dirname_creator=_trial_dirname,
+        ), run_config=_run_config(ray_dir, callbacks))
         try:
             tuner.fit()
         except KeyboardInterrupt:  # a second Ctrl-C while Tune was winding down
             interrupted = True
-        # Tune's copies of the stage checkpoints only serve its failure recovery during the run
-        # (a resume works from the study and the trial folders).
-        for rel, _, _, is_dir in sfs.listing(ray_dir, recursive=True):
-            parts = rel.split("/")
-            if is_dir and len(parts) == 3 and parts[0].startswith("run-") and parts[2].startswith("checkpoint_"):
-                sfs.remove(sfs.join(ray_dir, rel))
+        _drop_tune_checkpoints(ray_dir)
         return TuneOutcome(resources, interrupted, notes, exhausted=searcher.exhausted)
     finally:
         if searcher is not None:
@@ -239,6 +212,47 @@ def run_tune(s: TuneSettings) -> TuneOutcome:
                 notes.append(f"{len(left)} trial(s) cut short by the stop: {left} (a --resume re-runs them)")
         if started:
             ray.shutdown()
+
+
+def _scheduler(s: TuneSettings, notes: list[str]) -> Any:
+    """The stage-rung scheduler where the search prunes (None otherwise)."""
+    from smskd_search.search.scheduler import StageASHAScheduler
+
+    search = s.space.search
+    assert search is not None
+    multi = bool(search.objective.cost_objective)
+    if s.prune and search.pruning.enabled and not multi:
+        return StageASHAScheduler(rungs_for(search, s.before))
+    if s.prune and multi:
+        notes.append("pruning is off for the accuracy-vs-cost (multi-objective) search")
+    return None
+
+
+def _run_config(ray_dir: str, callbacks: list) -> Any:
+    from smskd_search.search._ray import tune
+
+    # A URI goes to Tune as its filesystem and the path inside it (Tune's own way to take one).
+    fs, ray_path = sfs.filesystem(ray_dir) if sfs.is_uri(ray_dir) else (None, ray_dir)
+    return tune.RunConfig(
+        name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=ray_path,
+        storage_filesystem=fs,
+        verbose=0,
+        callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=1),
+        # No num_to_keep: with it, Tune snapshots the whole experiment (searcher included)
+        # whenever a trial has checkpointed that many times, i.e. at almost every stage end.
+        checkpoint_config=tune.CheckpointConfig(),
+    )
+
+
+def _drop_tune_checkpoints(ray_dir: str) -> None:
+    """Tune's copies of the stage checkpoints only serve its failure recovery during the run (a
+    resume works from the study and the trial folders)."""
+    for rel, _, _, is_dir in sfs.listing(ray_dir, recursive=True):
+        parts = rel.split("/")
+        if is_dir and len(parts) == 3 and parts[0].startswith("run-") and parts[2].startswith("checkpoint_"):
+            sfs.remove(sfs.join(ray_dir, rel))
 
 
 def _trial_dirname(trial: Any) -> str:
