@@ -5,6 +5,7 @@ compares like with like."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import html
 import json
 import os
@@ -54,8 +55,10 @@ def test_attributes_written_before_the_record_load_through_it(tmp_path):
     # Every stored name is one the record knows, and reads back without loss.
     for t, r in zip(frozen, records):
         assert r.attrs.stored() == t.user_attrs, f"trial {t.number}"
-    known = {name for name, _ in rec._TRIAL_FIELDS.values()}
-    assert {k for t in dump["trials"] for k in t["user_attrs"]} == known  # the fixture covers all 30 names
+    # The fixture covers every name the record knows, and the record a field for each.
+    assert {k for t in dump["trials"] for k in t["user_attrs"]} == rec.TRIAL_ATTR_NAMES
+    assert len(rec.TRIAL_ATTR_NAMES) == len(dataclasses.fields(TrialAttrs)) == 30
+    assert set(dump["study_user_attrs"]) == rec.STUDY_ATTR_NAMES
 
     attrs = StudyAttrs.of(study)
     assert attrs.stored() == dump["study_user_attrs"]

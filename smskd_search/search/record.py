@@ -138,6 +138,8 @@ _TRIAL_FIELDS: dict[str, tuple[str, Any]] = {
     "baseline": (BASELINE_ATTR, functools.partial(_opt, str)),
     "fixed_plan": (FIXED_PLAN_ATTR, functools.partial(_opt, str)),
 }
+# Every name a trial may store (a study written by this version stores no other).
+TRIAL_ATTR_NAMES = frozenset(name for name, _ in _TRIAL_FIELDS.values())
 
 
 @dataclass(frozen=True)
@@ -363,6 +365,7 @@ _STUDY_FIELDS: dict[str, tuple[str, Any]] = {
     "teacher_path": (STUDY_TEACHER_PATH, functools.partial(_opt, str)),
     "storage_root": (ATTR_STORAGE_ROOT, functools.partial(_opt, str)),
 }
+STUDY_ATTR_NAMES = frozenset(name for name, _ in _STUDY_FIELDS.values())
 
 
 @dataclass(frozen=True)
@@ -476,6 +479,8 @@ __all__ = [
     "FIXED_PLAN_ATTR",
     "Confirmed",
     "Phase",
+    "STUDY_ATTR_NAMES",
+    "TRIAL_ATTR_NAMES",
     "StudyAttrs",
     "TrialAttrs",
     "TrialConfig",
