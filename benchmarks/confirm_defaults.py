@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import optuna
-import yaml
 from _common import machine_line
 from winners_hold_up import TEST_SEED_OFFSET, TestBench, _mean_se
 
@@ -35,7 +34,6 @@ from smskd_search.search import storage as st
 from smskd_search.search.confirm import candidates, confirmations, seeds_for
 from smskd_search.search.leaderboard import rank_by_single_seed
 from smskd_search.space import load_space, make_plan
-from smskd_search.validate import parse_plan
 
 
 def recommend(trials, space_seed: int, plans: int, baselines: int, seeds: int):
@@ -48,7 +46,7 @@ def recommend(trials, space_seed: int, plans: int, baselines: int, seeds: int):
 
     def key(t):
         values = [conf[t.number].by_seed[s] for s in use]
-        return (-statistics.fmean(values), int(t.user_attrs.get(st.ATTR_TOTAL_EPOCHS) or 0), t.number)
+        return (-statistics.fmean(values), t.total_epochs or 0, t.number)
 
     return min(candidates(ranked, settings), key=key)
 
@@ -82,13 +80,13 @@ def main() -> None:
                        confirm=ConfirmSettings(plans=args.max_plans, baselines=args.baselines, seeds=args.max_seeds))
         wall = time.perf_counter() - t0
         trials = optuna.load_study(study_name=name, storage=st.storage_url(st.db_path(studies, name))).get_trials()
-        total = int(rank_by_single_seed(trials)[0].user_attrs.get(st.ATTR_TOTAL_EPOCHS) or 0)
+        total = rank_by_single_seed(trials)[0].total_epochs or 0
         singles = {m: bench.test_accs(make_plan(sp, [(m, total)])) for m in sp.search.methods}
         best_m = max(singles, key=lambda m: statistics.fmean(singles[m]))
         line = []
         for label, k, s in settings:
             t = recommend(trials, sp.seed, k, args.baselines if k else 0, s)
-            plan = parse_plan(yaml.safe_load(t.user_attrs[st.ATTR_PLAN]), source=f"trial {t.number} plan")
+            plan = t.plan
             accs = bench.test_accs(plan)
             dm, dse = _mean_se([a - b for a, b in zip(accs, singles[best_m])])
             regret = max(0.0, statistics.fmean(singles[best_m]) - statistics.fmean(accs))

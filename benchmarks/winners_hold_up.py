@@ -26,7 +26,6 @@ from pathlib import Path
 
 import optuna
 import torch
-import yaml
 from _common import machine_line
 
 from smskd_search.data import load_data
@@ -36,7 +35,7 @@ from smskd_search.search import storage as st
 from smskd_search.search.leaderboard import rank_by_single_seed, rank_trials
 from smskd_search.space import load_space, make_plan
 from smskd_search.stats import mean_se
-from smskd_search.validate import load_plan, parse_plan
+from smskd_search.validate import load_plan
 
 TEST_SEED_OFFSET = 2000  # fresh: searches train with the space's seed, confirmation from 1000
 
@@ -110,7 +109,7 @@ def main() -> None:
         single_seed_winner = first.number
         confirmed_winner = rank_trials(trials)[0].number
         rec = load_plan(studies / f"hold-{i}" / "best.yaml")
-        unconfirmed = parse_plan(yaml.safe_load(first.user_attrs[st.ATTR_PLAN]), source="trial plan")
+        unconfirmed = first.plan
         total = rec.total_epochs
         rec_acc = test_accs(rec)
         singles = {m: test_accs(make_plan(sp, [(m, total)])) for m in sp.search.methods}

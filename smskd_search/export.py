@@ -21,22 +21,11 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.errors import UserError
-from smskd_search.plan import Plan, parse_plan, save_plan
-from smskd_search.search.confirm import confirmations
+from smskd_search.plan import Plan, save_plan
 from smskd_search.search.leaderboard import rank_trials
-from smskd_search.search.sampling import BASELINE_ATTR, plan_from_params
-from smskd_search.search.storage import (
-    ATTR_FAIL_REASON,
-    ATTR_N_VAL,
-    ATTR_PLAN,
-    ATTR_SEQUENCE,
-    ATTR_STAGE_CUM_EPOCHS,
-    ATTR_STAGE_VAL_ACC,
-    ATTR_THREADS,
-    db_path,
-    is_optuna_db,
-    readonly_storage,
-)
+from smskd_search.search.record import StudyAttrs, TrialRecord, confirmations, record, records
+from smskd_search.search.sampling import plan_from_params
+from smskd_search.search.storage import db_path, is_optuna_db, readonly_storage
 from smskd_search.stats import binomial_se
 
 DEFAULT_TOP = 3
@@ -79,60 +68,53 @@ def open_study(path: str | Path, name: str | None = None) -> optuna.Study:
         return optuna.load_study(study_name=want, storage=storage)
 
 
-def val_acc(t: FrozenTrial) -> float | None:
+def val_acc(t: FrozenTrial | TrialRecord) -> float | None:
     """The trial's val accuracy (the first objective; a PRUNED trial's last stage value)."""
-    if t.values:
-        return float(t.values[0])
-    if t.intermediate_values:
-        return float(t.intermediate_values[max(t.intermediate_values)])
-    return None
+    return record(t).last_value
 
 
-def stage_values(t: FrozenTrial) -> list[tuple[int, float]]:
+def stage_values(t: FrozenTrial | TrialRecord) -> list[tuple[int, float]]:
     """(cumulative epochs, val acc) at each stage end the trial reached, exactly as stored."""
-    cum = t.user_attrs.get(ATTR_STAGE_CUM_EPOCHS)
-    acc = t.user_attrs.get(ATTR_STAGE_VAL_ACC)
-    if cum is not None and acc is not None and len(cum) == len(acc):
-        return [(int(c), float(a)) for c, a in zip(cum, acc)]
-    return sorted((int(k), float(v)) for k, v in t.intermediate_values.items())
+    return record(t).stage_values
 
 
 def trial_n_val(db: str | Path, number: int) -> int | None:
     """The validation size a trial was scored on (for printing an accuracy with its n)."""
     st = open_study(db)
     t = next((t for t in st.get_trials(deepcopy=False) if t.number == number), None)
-    return t.user_attrs.get(ATTR_N_VAL) if t is not None else None
+    return record(t).n_val if t is not None else None
 
 
-def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+def ranked_trials(study: optuna.Study) -> list[TrialRecord]:
     """The study's one ranking (:func:`smskd_search.search.rank_trials`): distinct completed plans,
     by confirmed mean where confirmed, else by val accuracy; ties to fewer epochs, then the earlier trial."""
     return rank_trials(study.get_trials(deepcopy=False))
 
 
-def trial_plan(study: optuna.Study, t: FrozenTrial) -> Plan:
+def trial_plan(study: optuna.Study, trial: FrozenTrial | TrialRecord) -> Plan:
     """The plan the trial ran: its stored YAML, else rebuilt from its parameters and the study's space."""
-    text = t.user_attrs.get(ATTR_PLAN)
-    if text:
-        return parse_plan(yaml.safe_load(text), source=f"trial {t.number} plan")
-    space_yaml = study.user_attrs.get("space_yaml")
-    if not space_yaml:
+    t = record(trial)
+    if t.plan is not None:
+        return t.plan
+    attrs = StudyAttrs.of(study)
+    if not attrs.space_yaml:
         raise UserError(f"trial {t.number}: neither its plan nor the study's space is stored")
     from smskd_search.space import Space
 
-    space = Space.model_validate(yaml.safe_load(space_yaml))
-    return plan_from_params(t.params, space, study.user_attrs.get("teacher_sha256"), user_attrs=t.user_attrs)
+    space = Space.model_validate(yaml.safe_load(attrs.space_yaml))
+    return plan_from_params(dict(t.params), space, attrs.teacher_sha256, user_attrs=t.attrs)
 
 
-def describe_state(t: FrozenTrial) -> str:
+def describe_state(trial: FrozenTrial | TrialRecord) -> str:
+    t = record(trial)
     if t.state == TrialState.PRUNED:
         # Where it stopped: its last report (a stage end, or a rung inside a stage).
-        points = sorted(t.intermediate_values.items()) or stage_values(t)
+        points = sorted(t.intermediate_values.items()) or t.stage_values
         ep = points[-1][0] if points else 0
         where = f" after {ep} epoch{'s' if ep != 1 else ''} at val acc {points[-1][1]:.4f}" if points else ""
         return f"PRUNED (stopped{where})"
     if t.state == TrialState.FAIL:
-        return f"FAIL ({t.user_attrs.get(ATTR_FAIL_REASON, 'no reason recorded')})"
+        return f"FAIL ({t.attrs.fail_reason if t.attrs.fail_reason is not None else 'no reason recorded'})"
     return t.state.name
 
 
@@ -148,11 +130,13 @@ class Exported:
     baseline: str | None
 
 
-def provenance(study: optuna.Study, db: Path, t: FrozenTrial, plan: Plan, rank: int | None) -> dict[str, Any]:
-    acc = float(t.values[0])
-    n_val = t.user_attrs.get(ATTR_N_VAL)
-    attrs = study.user_attrs
-    stages = stage_values(t)
+def provenance(study: optuna.Study, db: Path, trial: FrozenTrial | TrialRecord, plan: Plan,
+               rank: int | None) -> dict[str, Any]:
+    t = record(trial)
+    acc = t.values[0]
+    n_val = t.n_val
+    attrs = StudyAttrs.of(study)
+    stages = t.stage_values
     confirmed = confirmations(study.get_trials(deepcopy=False)).get(t.number)
     return {
         "study": study.study_name,
@@ -162,33 +146,32 @@ def provenance(study: optuna.Study, db: Path, t: FrozenTrial, plan: Plan, rank: 
         "val_acc": acc,
         "n_val": n_val,
         "val_acc_stderr": binomial_se(acc, n_val),
-        "sequence": t.user_attrs.get(ATTR_SEQUENCE, plan.sequence()),
+        "sequence": t.sequence if t.sequence is not None else plan.sequence(),
         # Per stage end: method, cumulative epochs, val accuracy (exact floats: `train` must match).
         "stages": [
             {"stage": i + 1, "method": plan.stages[i].method if i < len(plan.stages) else None,
              "cum_epochs": cum, "val_acc": v}
             for i, (cum, v) in enumerate(stages)
         ],
-        "space_path": attrs.get("space_path"),
-        "space_sha256": attrs.get("space_sha256"),
-        "teacher_sha256": attrs.get("teacher_sha256", plan.teacher_sha256),
-        "teacher_path": attrs.get("teacher_path"),
-        "threads": t.user_attrs.get(ATTR_THREADS),
-        "baseline": t.user_attrs.get(BASELINE_ATTR),
+        "space_path": attrs.space_path,
+        "space_sha256": attrs.space_sha256,
+        "teacher_sha256": attrs.teacher_sha256 if attrs.teacher_sha256 is not None else plan.teacher_sha256,
+        "teacher_path": attrs.teacher_path,
+        "threads": t.attrs.threads,
+        "baseline": t.attrs.baseline,
         # The plan's val accuracy on the confirmation seeds (what the ranking used), where confirmed.
         **({"confirmed_val_acc": confirmed.mean, "confirmed_seeds": confirmed.by_seed} if confirmed else {}),
     }
 
 
-def _export_one(study: optuna.Study, db: Path, t: FrozenTrial, path: Path, rank: int | None) -> Exported:
+def _export_one(study: optuna.Study, db: Path, t: TrialRecord, path: Path, rank: int | None) -> Exported:
     plan = trial_plan(study, t)
     plan = plan.model_copy(update={
         "name": f"{study.study_name}-trial{t.number}",
         "provenance": provenance(study, db, t, plan, rank),
     })
     save_plan(plan, path)
-    return Exported(rank, t.number, path, plan.sequence(), float(t.values[0]), t.user_attrs.get(ATTR_N_VAL),
-                    t.user_attrs.get(BASELINE_ATTR))
+    return Exported(rank, t.number, path, plan.sequence(), t.values[0], t.n_val, t.attrs.baseline)
 
 
 def _drop_stale_ranks(out: Path, study: str, keep: int) -> None:
@@ -215,7 +198,7 @@ def export_plans(studies_dir: str | Path, study: str, *, top: int = DEFAULT_TOP,
     db = find_study_db(studies_dir, study)
     st = open_study(db)
     out_dir = Path(out) if out is not None else Path(studies_dir) / st.study_name / "plans"
-    trials = st.get_trials(deepcopy=False)
+    trials = records(st.get_trials(deepcopy=False))
     if trial is not None:
         chosen = next((t for t in trials if t.number == trial), None)
         if chosen is None:

@@ -16,7 +16,7 @@ import html
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,20 +27,9 @@ import plotly.io as pio
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from smskd_search.export import find_study_db, open_study, ranked_trials, stage_values, val_acc
-from smskd_search.search.confirm import Confirmed, confirmations, is_confirmation
-from smskd_search.search.sampling import BASELINE_ATTR
-from smskd_search.search.storage import (
-    ATTR_EPOCHS_REUSED,
-    ATTR_EPOCHS_TRAINED,
-    ATTR_FAIL_REASON,
-    ATTR_INTERRUPTED,
-    ATTR_N_VAL,
-    ATTR_PLAN,
-    ATTR_SEQUENCE,
-    ATTR_TOTAL_EPOCHS,
-    counts_by_state,
-)
+from smskd_search.export import find_study_db, open_study, ranked_trials
+from smskd_search.search.record import Confirmed, StudyAttrs, TrialRecord, confirmations, record, records
+from smskd_search.search.storage import counts_by_state
 from smskd_search.stats import binomial_se, difference_se
 
 TOP_K = 10
@@ -101,34 +90,42 @@ class TrialRow:
         return f"#{self.number} {self.sequence}{tag}"
 
 
-def trial_row(t: FrozenTrial) -> TrialRow:
-    plan = yaml.safe_load(t.user_attrs.get(ATTR_PLAN) or "") or {}
-    stages = plan.get("stages") or []
-    methods = [str(s.get("method")) for s in stages]
-    epochs = [int(s.get("epochs", 0)) for s in stages]
-    ref = plan.get("reference") or {}
-    mode = ref.get("weight_mode") if len(stages) > 1 else None
+def trial_row(trial: FrozenTrial | TrialRecord) -> TrialRow:
+    t = record(trial)
+    plan = t.plan
+    stages = plan.stages if plan is not None else []
+    methods = [s.method for s in stages]
+    epochs = [s.epochs for s in stages]
+    mode = plan.reference.weight_mode if plan is not None and len(stages) > 1 else None
     acting = mode is not None and mode != "none"
-    reason = t.user_attrs.get(ATTR_FAIL_REASON) if t.state == TrialState.FAIL else None
-    points = stage_values(t)
+    reason = t.attrs.fail_reason if t.state == TrialState.FAIL else None
+    points = t.stage_values
     if t.state == TrialState.PRUNED and t.intermediate_values:
         # Stopped at a rung inside a stage: the curve ends where the scheduler stopped it.
         last = max(t.intermediate_values)
         if not points or last > points[-1][0]:
             points.append((int(last), float(t.intermediate_values[last])))
     return TrialRow(
-        number=t.number, state=t.state.name, value=val_acc(t), n_val=t.user_attrs.get(ATTR_N_VAL),
-        sequence=t.user_attrs.get(ATTR_SEQUENCE) or " -> ".join(f"{m}({e})" for m, e in zip(methods, epochs)) or "?",
-        methods=methods, epochs=epochs, total_epochs=t.user_attrs.get(ATTR_TOTAL_EPOCHS, sum(epochs) or None),
-        lambda_ref=float(ref["lambda_ref"]) if acting and "lambda_ref" in ref else None,
-        weight_mode=mode, normalize=ref.get("normalize") if acting else None,
-        baseline=t.user_attrs.get(BASELINE_ATTR), stages=points, reason=reason,
+        number=t.number, state=t.state.name, value=t.last_value, n_val=t.n_val,
+        sequence=t.sequence or " -> ".join(f"{m}({e})" for m, e in zip(methods, epochs)) or "?",
+        methods=methods, epochs=epochs,
+        total_epochs=t.total_epochs if t.total_epochs is not None else (sum(epochs) or None),
+        lambda_ref=float(plan.reference.lambda_ref) if acting and plan is not None else None,
+        weight_mode=mode, normalize=plan.reference.normalize if acting and plan is not None else None,
+        baseline=t.attrs.baseline, stages=points, reason=reason,
     )
 
 
 # ---------------------------------------------------------------------------------- noise floor
 @dataclass
 class NoiseFloor:
+    """The banner's verdict on the winner's margin over the best baseline.
+
+    ``basis`` says what was compared: ``confirmed`` (means over the confirmation seeds, the gap
+    paired by seed; ``seeds`` of them) or ``single-seed`` (each trial's one search run: nothing was
+    confirmed).
+    """
+
     verdict: str  # no-trials | no-baseline | winner-is-baseline | inside | within-2se | beyond-2se
     sentence: str
     winner: TrialRow | None = None
@@ -137,23 +134,58 @@ class NoiseFloor:
     se_winner: float | None = None
     se_gap: float | None = None
     notes: list[str] = field(default_factory=list)
+    basis: str = "single-seed"
+    seeds: int = 0
 
 
 def _pts(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
-def noise_floor(ranked: Sequence[TrialRow], baselines: Sequence[TrialRow]) -> NoiseFloor:
-    """The winner's margin over the best completed baseline, judged against the binomial s.e. of the gap.
+_ONE_SEED = " These are single-seed values: no plan was confirmed on fresh seeds."
+_CLAIM = " Claim it only from `smskd-search verify` (test split, equal epochs, several seeds)."
 
-    Two accuracies on the same validation split size n: s.e. of the gap = sqrt(se1^2 + se2^2). A gap
-    within 1 s.e. is inside the noise floor; within 2 s.e. it is still no demonstrated gain.
+
+def _verdict(margin: float, se_gap: float) -> tuple[str, str]:
+    if margin <= se_gap:
+        return "inside", (" The margin is INSIDE the noise floor: this search has not shown that the "
+                          "sequence beats the single method.")
+    if margin <= 2 * se_gap:
+        return "within-2se", " The margin is above one standard error but within two: not a demonstrated gain."
+    return "beyond-2se", (" The margin is beyond two standard errors on validation; it is still "
+                          "a validation number chosen by the search.")
+
+
+def _epochs_tail(win: TrialRow, rival: TrialRow) -> str:
+    if win.total_epochs and rival.total_epochs and win.total_epochs != rival.total_epochs:
+        return (f" The two did not train equally long ({win.total_epochs} against {rival.total_epochs} epochs), "
+                "so part of the gap may be training time, not the sequence.")
+    return ""
+
+
+def noise_floor(ranked: Sequence[TrialRow], baselines: Sequence[TrialRow],
+                confirmed: Mapping[int, Confirmed] | None = None) -> NoiseFloor:
+    """The winner's margin over the best completed baseline, judged against the standard error of the gap.
+
+    Like with like: where the winner was confirmed (``confirmed``, by trial number; the ranking puts
+    confirmed plans first), confirmed means against the best confirmed baseline, the gap paired by
+    seed; otherwise each trial's single search run, with the binomial s.e. of the gap,
+    sqrt(se1^2 + se2^2). A gap within 1 s.e. is inside the noise floor; within 2 s.e. it is still
+    no demonstrated gain.
     """
     notes = [f"baseline {b.baseline} (trial #{b.number}) was {b.state.lower()}, so it is not compared"
              for b in baselines if b.state != "COMPLETE"]
     if not ranked:
         return NoiseFloor("no-trials", "No trial has completed yet: there is no winner to judge.", notes=notes)
+    conf = confirmed or {}
+    if ranked[0].number in conf:
+        return _confirmed_floor(ranked, baselines, conf, notes)
+    return _single_seed_floor(ranked, baselines, notes)
+
+
+def _single_seed_floor(ranked: Sequence[TrialRow], baselines: Sequence[TrialRow], notes: list[str]) -> NoiseFloor:
     win = ranked[0]
+    assert win.value is not None
     se_w = win.se
     floor = f"{_pts(se_w)} points at n_val={win.n_val}" if se_w is not None else "unknown (n_val not recorded)"
     done = [b for b in baselines if b.state == "COMPLETE" and b.value is not None]
@@ -163,20 +195,22 @@ def noise_floor(ranked: Sequence[TrialRow], baselines: Sequence[TrialRow]) -> No
                           "whether it beats a single method is not measured here.",
                           winner=win, se_winner=se_w, notes=notes)
     rival = max(done, key=lambda b: (b.value, -b.number))
-    searched = [r for r in ranked if not r.baseline]
+    assert rival.value is not None
+    searched = [r for r in ranked if not r.baseline and r.value is not None]
     if win.baseline:
         behind = ""
         if searched:
-            gap = win.value - searched[0].value
+            best = searched[0]
+            assert best.value is not None
+            gap = win.value - best.value
             where = "ties it" if gap == 0 else f"is {_pts(gap)} points behind"
-            behind = f" The best searched plan, #{searched[0].number} ({searched[0].sequence}), {where}."
+            behind = f" The best searched plan, #{best.number} ({best.sequence}), {where}."
         return NoiseFloor("winner-is-baseline", f"The best completed trial is the baseline {win.baseline} "
                           f"(#{win.number}, {_pts(win.value)}%; binomial standard error {floor}): no searched plan beat "
-                          f"the single method on validation.{behind}", winner=win, rival=rival, margin=0.0, se_winner=se_w,
-                          notes=notes)
+                          f"the single method on validation.{behind}{_ONE_SEED}", winner=win, rival=rival, margin=0.0,
+                          se_winner=se_w, notes=notes)
     margin = win.value - rival.value
-    se_r = rival.se
-    if se_w is None or se_r is None:
+    if se_w is None or rival.se is None:
         return NoiseFloor("no-baseline", f"The winner #{win.number} leads baseline {rival.baseline} by "
                           f"{_pts(margin)} points, but the validation size is not recorded, so its noise floor "
                           "is unknown.", winner=win, rival=rival, margin=margin, notes=notes)
@@ -184,21 +218,65 @@ def noise_floor(ranked: Sequence[TrialRow], baselines: Sequence[TrialRow]) -> No
     head = (f"The winner #{win.number} ({win.sequence}, val acc {_pts(win.value)}%) leads the best baseline "
             f"{rival.baseline} (#{rival.number}, {_pts(rival.value)}%) by {_pts(margin)} points; the binomial "
             f"standard error of one accuracy here is {floor}, and of the gap {_pts(se_gap)} points.")
-    if margin <= se_gap:
-        verdict, tail = "inside", (" The margin is INSIDE the noise floor: this search has not shown that the "
-                                   "sequence beats the single method.")
-    elif margin <= 2 * se_gap:
-        verdict, tail = "within-2se", (" The margin is above one standard error but within two: not a "
-                                       "demonstrated gain.")
-    else:
-        verdict, tail = "beyond-2se", (" The margin is beyond two standard errors on validation; it is still "
-                                       "a validation number chosen by the search.")
-    if win.total_epochs and rival.total_epochs and win.total_epochs != rival.total_epochs:
-        tail += (f" The two did not train equally long ({win.total_epochs} against {rival.total_epochs} epochs), "
-                 "so part of the gap may be training time, not the sequence.")
-    tail += " Claim it only from `smskd-search verify` (test split, equal epochs, several seeds)."
+    verdict, tail = _verdict(margin, se_gap)
+    tail += _epochs_tail(win, rival) + _ONE_SEED + _CLAIM
     return NoiseFloor(verdict, head + tail, winner=win, rival=rival, margin=margin, se_winner=se_w,
                       se_gap=se_gap, notes=notes)
+
+
+def _mean_text(c: Confirmed) -> str:
+    se = f" ± {_pts(c.se)}" if c.se is not None else ""
+    return f"confirmed mean {_pts(c.mean)}%{se} over {c.n} seed{'s' if c.n != 1 else ''}"
+
+
+def _gap(a: Confirmed, b: Confirmed, a_row: TrialRow, b_row: TrialRow) -> tuple[float, float, int]:
+    """Mean and s.e. of a - b paired by seed (``n`` seeds); where that has no s.e. (one shared seed,
+    or none), the difference of the means with the binomial s.e. of two accuracies."""
+    paired = a.paired_difference(b)
+    if paired is not None and paired[1] is not None:
+        return paired[0], paired[1], paired[2]
+    margin = paired[0] if paired is not None else a.mean - b.mean
+    return margin, difference_se(a.mean, a_row.n_val, b.mean, b_row.n_val), paired[2] if paired is not None else 0
+
+
+def _confirmed_floor(ranked: Sequence[TrialRow], baselines: Sequence[TrialRow], conf: Mapping[int, Confirmed],
+                     notes: list[str]) -> NoiseFloor:
+    win = ranked[0]
+    cw = conf[win.number]
+    done = [b for b in baselines if b.state == "COMPLETE" and b.number in conf]
+    if win.baseline:
+        behind = ""
+        searched = [r for r in ranked if not r.baseline and r.number in conf]
+        if searched:
+            best = searched[0]
+            gap, se, n = _gap(conf[best.number], cw, best, win)
+            where = "ties it" if gap == 0 else f"{'trails' if gap < 0 else 'leads'} it by {_pts(abs(gap))} ± {_pts(se)} points"
+            seed_word = f"paired over {n} seeds" if n else "difference of the means"
+            once = ""
+            if best.value is not None and win.value is not None and (best.value - win.value) * gap < 0:
+                once = (f"; on its one search seed it {'led' if best.value > win.value else 'trailed'} by "
+                        f"{_pts(abs(best.value - win.value))}, which the fresh seeds did not bear out")
+            behind = (f" The best searched plan, #{best.number} ({best.sequence}, {_mean_text(conf[best.number])}), "
+                      f"{where} ({seed_word}){once}.")
+        return NoiseFloor("winner-is-baseline", f"The best plan on the confirmation seeds is the baseline "
+                          f"{win.baseline} (#{win.number}, {_mean_text(cw)}): no searched plan beat the single "
+                          f"method when confirmed.{behind}", rival=win, margin=0.0, winner=win, se_winner=cw.se,
+                          notes=notes, basis="confirmed", seeds=cw.n)
+    if not done:
+        return NoiseFloor("no-baseline", f"The winner #{win.number} ({win.sequence}) has a {_mean_text(cw)}; no "
+                          "baseline was confirmed on those seeds, so whether it beats a single method is not "
+                          "measured here.", winner=win, se_winner=cw.se,
+                          notes=notes, basis="confirmed", seeds=cw.n)
+    rival = max(done, key=lambda b: (conf[b.number].mean, -b.number))
+    margin, se_gap, n = _gap(cw, conf[rival.number], win, rival)
+    how = f"paired over {n} seeds" if n else "difference of the means"
+    head = (f"On the confirmation seeds, the winner #{win.number} ({win.sequence}, {_mean_text(cw)}) "
+            f"{'leads' if margin >= 0 else 'trails'} the best baseline {rival.baseline} (#{rival.number}, "
+            f"{_mean_text(conf[rival.number])}) by {_pts(abs(margin))} ± {_pts(se_gap)} points ({how}).")
+    verdict, tail = _verdict(margin, se_gap)
+    tail += _epochs_tail(win, rival) + _CLAIM
+    return NoiseFloor(verdict, head + tail, rival=rival, margin=margin, se_gap=se_gap, winner=win, se_winner=cw.se,
+                          notes=notes, basis="confirmed", seeds=cw.n)
 
 
 # --------------------------------------------------------------------------------------- figures
@@ -394,7 +472,7 @@ class ReportData:
 def _lambda_range(study: optuna.Study) -> tuple[float, float] | None:
     """The searched lambda_ref range, from the space text stored in the study."""
     try:
-        lr = ((yaml.safe_load(study.user_attrs.get("space_yaml") or "") or {}).get("search") or {}).get("lambda_ref")
+        lr = ((yaml.safe_load(StudyAttrs.of(study).space_yaml or "") or {}).get("search") or {}).get("lambda_ref")
         return (float(lr["low"]), float(lr["high"])) if lr else None
     except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError):
         return None
@@ -403,7 +481,8 @@ def _lambda_range(study: optuna.Study) -> tuple[float, float] | None:
 def collect(study: optuna.Study, db: Path, top_k: int = TOP_K) -> ReportData:
     # The search's trials; the confirmation runs after the budget are re-runs of some of them on
     # other seeds (the ranking uses them), not points of the search.
-    trials = [t for t in study.get_trials(deepcopy=False) if not is_confirmation(t)]
+    every = records(study.get_trials(deepcopy=False))
+    trials = [t for t in every if not t.is_confirmation]
     rows = [trial_row(t) for t in trials]
     by_number = {r.number: r for r in rows}
     ranked = [by_number[t.number] for t in ranked_trials(study)]
@@ -413,7 +492,8 @@ def collect(study: optuna.Study, db: Path, top_k: int = TOP_K) -> ReportData:
         if r.baseline and not (r.state == "FAIL" and any(o.baseline == r.baseline and o.number > r.number for o in rows)):
             latest[r.baseline] = r
     baselines = sorted(latest.values(), key=lambda r: r.number)
-    noise = noise_floor(ranked, baselines)
+    confirmed = confirmations(every)
+    noise = noise_floor(ranked, baselines, confirmed)
     imp, note = param_importances(study)
     top = ranked[:top_k]
     methods = _methods_in(top) or _methods_in(rows)
@@ -436,7 +516,6 @@ def collect(study: optuna.Study, db: Path, top_k: int = TOP_K) -> ReportData:
     }
     for fid, fig in figures.items():
         fig.update_layout(meta={"id": fid})
-    confirmed = confirmations(study.get_trials(deepcopy=False))
     return ReportData(study, db, rows, ranked, baselines, noise, imp, note, figures, confirmed)
 
 
@@ -578,21 +657,21 @@ def render_html(data: ReportData, top_k: int = TOP_K) -> str:
     from plotly.offline import get_plotlyjs
 
     st = data.study
-    attrs = st.user_attrs
-    counts = counts_by_state(st.get_trials(deepcopy=False))
-    interrupted = sum(1 for t in st.get_trials(deepcopy=False) if t.user_attrs.get(ATTR_INTERRUPTED))
+    attrs = StudyAttrs.of(st)
+    all_trials = records(st.get_trials(deepcopy=False))
+    counts = counts_by_state(all_trials)
+    interrupted = sum(1 for t in all_trials if t.interrupted)
     count_text = ", ".join(f"{n} {k.lower()}" for k, n in counts.items() if n) or "no trials"
     if interrupted:
         count_text += f" ({interrupted} cut short by a stop)"
-    all_trials = st.get_trials(deepcopy=False)
-    trained = sum(int(t.user_attrs.get(ATTR_EPOCHS_TRAINED) or 0) for t in all_trials)
-    reused = sum(int(t.user_attrs.get(ATTR_EPOCHS_REUSED) or 0) for t in all_trials)
+    trained = sum(t.attrs.epochs_trained or 0 for t in all_trials)
+    reused = sum(t.attrs.epochs_reused or 0 for t in all_trials)
     epochs_text = (f" Epochs: {trained} trained, {reused} reused from the stage cache."
                    if trained or reused else "")
     n_vals = sorted({r.n_val for r in data.rows if r.n_val})
     n_text = ", ".join(str(n) for n in n_vals) or "not recorded"
-    sha = (attrs.get("space_sha256") or "")[:12]
-    teacher = (attrs.get("teacher_sha256") or "")[:12]
+    sha = (attrs.space_sha256 or "")[:12]
+    teacher = (attrs.teacher_sha256 or "")[:12]
     noise = data.noise
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in noise.notes)
     notes_html = f"<ul>{notes}</ul>" if notes else ""
@@ -607,8 +686,8 @@ def render_html(data: ReportData, top_k: int = TOP_K) -> str:
 </head><body><main>
 <h1>Study {html.escape(st.study_name)}</h1>
 <div class="meta">
-{html.escape(count_text)}; budget {_cell(attrs.get("budget"))}; validation split n_val = {n_text}.{epochs_text}<br>
-space <code>{_cell(attrs.get("space_path"))}</code> (sha256 {sha}), teacher sha256 {teacher};
+{html.escape(count_text)}; budget {_cell(attrs.budget)}; validation split n_val = {n_text}.{epochs_text}<br>
+space <code>{_cell(attrs.space_path)}</code> (sha256 {sha}), teacher sha256 {teacher};
 study <code>{html.escape(str(data.db))}</code>; generated {now}.<br>
 All accuracies are on the validation split (the search never sees the test split); pruned trials show the
 last stage value they reached and are never ranked.

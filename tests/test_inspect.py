@@ -27,8 +27,9 @@ from optuna.trial import TrialState, create_trial
 from smskd_search.errors import UserError
 from smskd_search.export import export_plans, open_study
 from smskd_search.search import rank_trials, run_search
+from smskd_search.search import record as rec
 from smskd_search.search import storage as st
-from smskd_search.search.sampling import BASELINE_ATTR
+from smskd_search.search.record import BASELINE_ATTR
 from smskd_search.space import load_space, make_plan
 from smskd_search.validate import load_plan
 
@@ -102,8 +103,8 @@ def _synthetic_study(studies_dir: Path, name: str, space_path: Path, trials: lis
         plan = make_plan(space.space, spec["stages"], name=f"{name}-trial{i}")
         values = spec.get("stage_values", [])
         cum = [sum(e for _, e in spec["stages"][: k + 1]) for k in range(len(values))]
-        attrs = {st.ATTR_PLAN: plan.to_yaml(), st.ATTR_SEQUENCE: plan.sequence(), st.ATTR_TOTAL_EPOCHS: plan.total_epochs,
-                 st.ATTR_THREADS: 1, st.ATTR_N_VAL: 500, st.ATTR_STAGE_CUM_EPOCHS: cum, st.ATTR_STAGE_VAL_ACC: values,
+        attrs = {rec.ATTR_PLAN: plan.to_yaml(), rec.ATTR_SEQUENCE: plan.sequence(), rec.ATTR_TOTAL_EPOCHS: plan.total_epochs,
+                 rec.ATTR_THREADS: 1, rec.ATTR_N_VAL: 500, rec.ATTR_STAGE_CUM_EPOCHS: cum, rec.ATTR_STAGE_VAL_ACC: values,
                  **spec.get("attrs", {})}
         state = spec["state"]
         study.add_trial(create_trial(
@@ -119,7 +120,7 @@ def synthetic_root(tmp_path_factory, space_path) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     _synthetic_study(root, "nocomplete", space_path, [
         {"state": TrialState.PRUNED, "stages": [("kd", 2), ("dkd", 2)], "stage_values": [0.41]},
-        {"state": TrialState.FAIL, "stages": [("dkd", 1)], "attrs": {st.ATTR_FAIL_REASON: "RuntimeError: boom"}},
+        {"state": TrialState.FAIL, "stages": [("dkd", 1)], "attrs": {rec.ATTR_FAIL_REASON: "RuntimeError: boom"}},
     ])
     _synthetic_study(root, "mixed", space_path, [
         {"state": TrialState.COMPLETE, "stages": [("kd", 4)], "stage_values": [0.70],
@@ -130,7 +131,7 @@ def synthetic_root(tmp_path_factory, space_path) -> Path:
          "attrs": {BASELINE_ATTR: "no-reference"}},
         {"state": TrialState.COMPLETE, "stages": [("kd", 2), ("dkd", 2)], "stage_values": [0.62, 0.72]},
         {"state": TrialState.PRUNED, "stages": [("dkd", 1), ("kd", 3)], "stage_values": [0.30]},
-        {"state": TrialState.FAIL, "stages": [("kd", 1), ("dkd", 1)], "attrs": {st.ATTR_FAIL_REASON: "ValueError: nan loss"}},
+        {"state": TrialState.FAIL, "stages": [("kd", 1), ("dkd", 1)], "attrs": {rec.ATTR_FAIL_REASON: "ValueError: nan loss"}},
     ])
     return root
 
@@ -175,8 +176,8 @@ def test_dashboard_serves_the_study_and_its_trials(tiny_study, studies_root):
         assert sum(not st.is_repeat(t) for t in stored) == 5
         for api_trial, t in zip(sorted(detail["trials"], key=lambda x: x["number"]), stored):
             attrs = {a["key"]: a["value"] for a in api_trial["user_attrs"]}
-            assert attrs[st.ATTR_SEQUENCE] == t.user_attrs[st.ATTR_SEQUENCE]
-            assert yaml.safe_load(attrs[st.ATTR_PLAN])["stages"], "the plan YAML is readable in the dashboard"
+            assert attrs[rec.ATTR_SEQUENCE] == t.user_attrs[rec.ATTR_SEQUENCE]
+            assert yaml.safe_load(attrs[rec.ATTR_PLAN])["stages"], "the plan YAML is readable in the dashboard"
             assert api_trial["state"].upper() == t.state.name
             steps = {iv["step"]: iv["value"] for iv in api_trial["intermediate_values"]}
             assert steps == {int(k): v for k, v in t.intermediate_values.items()}
@@ -225,19 +226,19 @@ def test_export_then_train_reproduces_the_stage_values_bit_for_bit(tiny_study, s
     best = done[0]
     prov = rank1.provenance
     assert prov["study"] == "tiny" and prov["trial"] == best.number and prov["rank"] == 1
-    assert prov["val_acc"] == best.value and prov["n_val"] == best.user_attrs[st.ATTR_N_VAL]
-    assert [s["val_acc"] for s in prov["stages"]] == best.user_attrs[st.ATTR_STAGE_VAL_ACC]
-    assert [s["cum_epochs"] for s in prov["stages"]] == best.user_attrs[st.ATTR_STAGE_CUM_EPOCHS]
+    assert prov["val_acc"] == best.value and prov["n_val"] == best.user_attrs[rec.ATTR_N_VAL]
+    assert [s["val_acc"] for s in prov["stages"]] == best.user_attrs[rec.ATTR_STAGE_VAL_ACC]
+    assert [s["cum_epochs"] for s in prov["stages"]] == best.user_attrs[rec.ATTR_STAGE_CUM_EPOCHS]
     assert prov["space_sha256"] == load_space(space_path).sha256 and prov["space_path"] == str(space_path.resolve())
     assert prov["teacher_sha256"] == study.user_attrs["teacher_sha256"] == rank1.teacher_sha256
-    assert prov["threads"] == best.user_attrs[st.ATTR_THREADS] == 1
+    assert prov["threads"] == best.user_attrs[rec.ATTR_THREADS] == 1
     assert prov.get("baseline") == best.user_attrs.get(BASELINE_ATTR)
-    assert rank1.content_hash() == load_plan_text(best.user_attrs[st.ATTR_PLAN]).content_hash()
+    assert rank1.content_hash() == load_plan_text(best.user_attrs[rec.ATTR_PLAN]).content_hash()
 
     # The best trial, and the best multi-stage one when the best has a single stage (the reference
     # model and the stage switch are then part of what must reproduce).
     chosen = [(plans_dir / "rank1.yaml", best)]
-    multi = sorted((t for t in done if len(t.user_attrs[st.ATTR_STAGE_VAL_ACC]) > 1),
+    multi = sorted((t for t in done if len(t.user_attrs[rec.ATTR_STAGE_VAL_ACC]) > 1),
                    key=lambda t: BASELINE_ATTR in t.user_attrs)  # a reference-active plan first, if any
     assert multi, "the no-reference baseline (2 stages) completes in this space"
     if multi[0].number != best.number:
@@ -249,7 +250,7 @@ def test_export_then_train_reproduces_the_stage_values_bit_for_bit(tiny_study, s
         r = cli("train", str(path), "--out", str(out), studies=studies_root)
         assert r.returncode == 0, r.stderr
         assert "threads 1)" in r.stdout  # the recorded thread count, not the machine's
-        assert _stage_values_of(out / "results.json") == trial.user_attrs[st.ATTR_STAGE_VAL_ACC]
+        assert _stage_values_of(out / "results.json") == trial.user_attrs[rec.ATTR_STAGE_VAL_ACC]
         results = json.loads((out / "results.json").read_text())
         assert 0.0 <= results["test_acc"] <= 1.0 and results["n_test"] > 0
         assert re.search(r"test acc \d+\.\d+% \(n=\d+, s\.e\. ", r.stdout)
@@ -434,8 +435,8 @@ def test_report_of_a_real_study_is_self_contained_and_holds_every_figure(tiny_st
     assert hist["best so far"]["y"][-1] == best
     assert all(a <= b for a, b in zip(hist["best so far"]["y"], hist["best so far"]["y"][1:]))
     stage_points = sorted((x, y) for tr in figs["fig-stages"]["data"] for x, y in zip(tr["x"], tr["y"]))
-    expected = sorted((c, v) for t in trials for c, v in zip(t.user_attrs.get(st.ATTR_STAGE_CUM_EPOCHS, []),
-                                                             t.user_attrs.get(st.ATTR_STAGE_VAL_ACC, [])))
+    expected = sorted((c, v) for t in trials for c, v in zip(t.user_attrs.get(rec.ATTR_STAGE_CUM_EPOCHS, []),
+                                                             t.user_attrs.get(rec.ATTR_STAGE_VAL_ACC, [])))
     assert stage_points == expected
     heat = figs["fig-method-stage"]["data"][0]
     # Every distinct completed plan has a stage 1 (a repeated plan counts once).
@@ -488,6 +489,8 @@ def test_noise_floor_sentences():
     assert mid.verdict == "within-2se"  # 5 points, s.e. of the gap ~2.9
     base = noise_floor([row(0, 0.70, "single:kd"), row(1, 0.69)], [row(0, 0.70, "single:kd")])
     assert base.verdict == "winner-is-baseline" and "is 1.00 points behind" in base.sentence
+    # Nothing confirmed: the banner says its values are one seed each.
+    assert all(n.basis == "single-seed" and "single-seed values" in n.sentence for n in (far, mid, base))
     none = noise_floor([row(1, 0.7)], [])
     assert none.verdict == "no-baseline" and "n_val=500" in none.sentence
     assert noise_floor([], []).verdict == "no-trials"

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from smskd_search.engine import Diverged, run_plan
 from smskd_search.plan import RecipeSpec, save_plan
 from smskd_search.search import lifecycle as lc
+from smskd_search.search import record as rec
 from smskd_search.search import run_search
 from smskd_search.search import storage as st
 from smskd_search.space import load_space
@@ -91,8 +92,8 @@ def test_the_searcher_answers_a_finished_plan_from_the_study():
     assert s.suggest("b") == "FINISHED" and asked == [0, 1, 2] and s.answered == [1, 2] and s.exhausted
     a, b, c = s.study.trials
     assert a.state == b.state == c.state == TrialState.COMPLETE and a.value == b.value == c.value == 0.7
-    assert b.user_attrs[st.ATTR_REPEAT_OF] == 0 and c.user_attrs[st.ATTR_STAGE_VAL_ACC] == [0.6, 0.7]
-    assert b.user_attrs[st.ATTR_N_VAL] == 100 and b.intermediate_values == {}  # rungs see it once
+    assert b.user_attrs[rec.ATTR_REPEAT_OF] == 0 and c.user_attrs[rec.ATTR_STAGE_VAL_ACC] == [0.6, 0.7]
+    assert b.user_attrs[rec.ATTR_N_VAL] == 100 and b.intermediate_values == {}  # rungs see it once
 
 
 def test_answered_repeats_do_not_use_the_budget():
@@ -160,9 +161,9 @@ def test_search_trains_a_repeated_plan_once_and_lists_it_once(tmp_path, local_ra
     n = lc.MAX_REPEATS_IN_A_ROW
     assert summary.done == 1 and summary.stop_reason == "exhausted" and not summary.interrupted
     assert [t.state for t in trials] == [TrialState.COMPLETE] * (1 + n)
-    trained = [t for t in trials if st.ATTR_TRIAL_STARTED_AT in t.user_attrs]  # the trainable ran
+    trained = [t for t in trials if rec.ATTR_TRIAL_STARTED_AT in t.user_attrs]  # the trainable ran
     assert [t.number for t in trained] == [0]
-    assert [t.user_attrs.get(st.ATTR_REPEAT_OF) for t in trials] == [None] + [0] * n
+    assert [t.user_attrs.get(rec.ATTR_REPEAT_OF) for t in trials] == [None] + [0] * n
     assert len({t.value for t in trials}) == 1
     assert [r.number for r in summary.top] == [0]
     from smskd_search.summary_text import format_leaderboard
@@ -186,8 +187,8 @@ def test_search_records_a_diverged_plan_as_failed_and_goes_on(tmp_path, local_ra
     assert re.fullmatch(r"#0: diverged: non-finite loss at stage 1, epoch [12]", summary.all_failed or "")
     for t in trials:
         assert t.state == TrialState.FAIL
-        assert re.fullmatch(r"diverged: non-finite loss at stage 1, epoch [12]", t.user_attrs[st.ATTR_FAIL_REASON])
-        assert not t.user_attrs.get(st.ATTR_INTERRUPTED)
+        assert re.fullmatch(r"diverged: non-finite loss at stage 1, epoch [12]", t.user_attrs[rec.ATTR_FAIL_REASON])
+        assert not t.user_attrs.get(rec.ATTR_INTERRUPTED)
     assert Path(summary.db_path).is_file()
 
 
@@ -208,20 +209,20 @@ def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_p
     summary = run_search(load_space(space), budget=9, studies_dir=_studies(tmp_path, teachers), address="local", max_concurrent=2,
                          confirm=settings)
     trials = optuna.load_study(study_name="conf", storage=summary.storage_url).get_trials()
-    runs = [t for t in trials if t.user_attrs.get(st.ATTR_CONFIRM_OF) is not None]
+    runs = [t for t in trials if t.user_attrs.get(rec.ATTR_CONFIRM_OF) is not None]
     # 2 plans + 1 baseline, 2 fresh seeds each; they are study trials with their seed, outside the budget.
     assert len(runs) == 6 and summary.done == 9 and summary.n_confirmation_runs == 6
     assert all(t.state == TrialState.COMPLETE for t in runs)
-    assert {t.user_attrs[st.ATTR_CONFIRM_SEED] for t in runs} == {SEED_OFFSET, SEED_OFFSET + 1}
+    assert {t.user_attrs[rec.ATTR_CONFIRM_SEED] for t in runs} == {SEED_OFFSET, SEED_OFFSET + 1}
     for t in runs:
-        plan = yaml.safe_load(t.user_attrs[st.ATTR_PLAN])
-        assert plan["seed"] == t.user_attrs[st.ATTR_CONFIRM_SEED]
-        original = trials[t.user_attrs[st.ATTR_CONFIRM_OF]]
-        assert yaml.safe_load(original.user_attrs[st.ATTR_PLAN])["stages"] == plan["stages"]
+        plan = yaml.safe_load(t.user_attrs[rec.ATTR_PLAN])
+        assert plan["seed"] == t.user_attrs[rec.ATTR_CONFIRM_SEED]
+        original = trials[t.user_attrs[rec.ATTR_CONFIRM_OF]]
+        assert yaml.safe_load(original.user_attrs[rec.ATTR_PLAN])["stages"] == plan["stages"]
     # The recommendation is the best mean over the fresh seeds, not the best single run.
     means = {}
     for t in runs:
-        means.setdefault(t.user_attrs[st.ATTR_CONFIRM_OF], []).append(t.value)
+        means.setdefault(t.user_attrs[rec.ATTR_CONFIRM_OF], []).append(t.value)
     best = max(means, key=lambda n: (sum(means[n]) / 2, -n))
     assert summary.top[0].number == best
     assert summary.top[0].confirmed.mean == pytest.approx(sum(means[best]) / 2)
@@ -236,8 +237,8 @@ def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_p
 def _fingerprint(db: Path, name: str) -> list[tuple]:
     trials = optuna.load_study(study_name=name, storage=st.storage_url(db)).get_trials()
     # Everything but timings and names (the plan's name carries the study's).
-    return [(t.number, t.state, t.params, t.values, t.intermediate_values, t.user_attrs.get(st.ATTR_PLAN_KEY),
-             t.user_attrs.get(st.ATTR_PRUNED_REASON), t.user_attrs.get(st.ATTR_CONFIRM_SEED)) for t in trials]
+    return [(t.number, t.state, t.params, t.values, t.intermediate_values, t.user_attrs.get(rec.ATTR_PLAN_KEY),
+             t.user_attrs.get(rec.ATTR_PRUNED_REASON), t.user_attrs.get(rec.ATTR_CONFIRM_SEED)) for t in trials]
 
 
 @pytest.mark.slow
@@ -286,12 +287,12 @@ def test_confirmation_knows_what_it_still_lacks():
     from smskd_search.search import ConfirmSettings
     from smskd_search.search.confirm import SEED_OFFSET, candidates, confirmations, missing
     from smskd_search.search.leaderboard import rank_by_single_seed, rank_trials
-    from smskd_search.search.sampling import BASELINE_ATTR
+    from smskd_search.search.record import BASELINE_ATTR
 
     def trial(value, state=TrialState.COMPLETE, **attrs):
         return create_trial(state=state, value=value if state == TrialState.COMPLETE else None, params={"x": 0},
                             distributions={"x": IntDistribution(0, 1)},
-                            user_attrs={st.ATTR_PLAN_KEY: f"k{value}-{attrs}", **attrs})
+                            user_attrs={rec.ATTR_PLAN_KEY: f"k{value}-{attrs}", **attrs})
 
     study = optuna.create_study(direction="maximize")
     study.add_trial(trial(0.80, **{BASELINE_ATTR: "single:kd"}))  # 0
@@ -299,10 +300,10 @@ def test_confirmation_knows_what_it_still_lacks():
     study.add_trial(trial(0.85))  # 2
     s0, s1 = SEED_OFFSET, SEED_OFFSET + 1
     for of, seed, value in ((1, s0, 0.70), (1, s1, 0.72), (2, s0, 0.84), (0, s0, 0.82), (0, s1, 0.80)):
-        study.add_trial(trial(value, **{st.ATTR_CONFIRM_OF: of, st.ATTR_CONFIRM_SEED: seed}))
+        study.add_trial(trial(value, **{rec.ATTR_CONFIRM_OF: of, rec.ATTR_CONFIRM_SEED: seed}))
     # Trial 2's second seed was cut short by a stop.
-    study.add_trial(trial(None, state=TrialState.FAIL, **{st.ATTR_CONFIRM_OF: 2, st.ATTR_CONFIRM_SEED: s1,
-                                                          st.ATTR_INTERRUPTED: True}))
+    study.add_trial(trial(None, state=TrialState.FAIL, **{rec.ATTR_CONFIRM_OF: 2, rec.ATTR_CONFIRM_SEED: s1,
+                                                          rec.ATTR_INTERRUPTED: True}))
     trials = study.get_trials()
     settings = ConfirmSettings(plans=2, baselines=1, seeds=2)
     ranked = rank_by_single_seed(trials)
@@ -377,11 +378,11 @@ def test_an_infrastructure_failure_is_retried_off_the_budget(tmp_path, local_ray
                          confirm=None)
     trials = optuna.load_study(study_name="infra", storage=summary.storage_url).get_trials()
     first = trials[0]
-    assert first.state == TrialState.FAIL and first.user_attrs.get(st.ATTR_INFRA) is True
+    assert first.state == TrialState.FAIL and first.user_attrs.get(rec.ATTR_INFRA) is True
     assert not st.counts_toward_budget(first)
-    retry = [t for t in trials if t.user_attrs.get(st.ATTR_RETRY_OF) == 0]
+    retry = [t for t in trials if t.user_attrs.get(rec.ATTR_RETRY_OF) == 0]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
-    assert retry[0].user_attrs[st.ATTR_PLAN_KEY] == first.user_attrs[st.ATTR_PLAN_KEY]  # the same plan again
+    assert retry[0].user_attrs[rec.ATTR_PLAN_KEY] == first.user_attrs[rec.ATTR_PLAN_KEY]  # the same plan again
     assert summary.done == 2 and summary.n_infrastructure == 1 and summary.all_failed is None
     assert sum(1 for t in trials if st.counts_toward_budget(t)) == 2
     from smskd_search.summary_text import format_leaderboard
@@ -401,11 +402,11 @@ def test_a_search_the_infrastructure_keeps_failing_stops_with_that_reason(tmp_pa
                          confirm=None)
     trials = optuna.load_study(study_name="broken", storage=summary.storage_url).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
-    assert all(t.user_attrs.get(st.ATTR_INFRA) for t in trials)
+    assert all(t.user_attrs.get(rec.ATTR_INFRA) for t in trials)
     # The trial says what the machine refused (reported by the trial, not a raise Tune retries first).
-    assert all(t.user_attrs[st.ATTR_FAIL_REASON] == f"infrastructure: NotADirectoryError: [Errno 20] Not a directory: "
+    assert all(t.user_attrs[rec.ATTR_FAIL_REASON] == f"infrastructure: NotADirectoryError: [Errno 20] Not a directory: "
                f"'{tmp_path / 'broken' / 'trials' / f'{t.number:05d}'}'" for t in trials), [t.user_attrs for t in trials]
-    assert [t.user_attrs.get(st.ATTR_RETRY_OF) for t in trials] == [None, 0, 1]
+    assert [t.user_attrs.get(rec.ATTR_RETRY_OF) for t in trials] == [None, 0, 1]
     assert summary.done == 0 and summary.stop_reason == "infrastructure" and summary.n_infrastructure == 3
     from smskd_search.summary_text import format_leaderboard
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
@@ -21,7 +20,8 @@ from smskd_search.errors import UserError
 from smskd_search.search import run_dirs
 from smskd_search.search import storage as st
 from smskd_search.search import storage_fs as sfs
-from smskd_search.search.sampling import BASELINE_ATTR, FIXED_PLAN_ATTR, baseline_plans
+from smskd_search.search.record import StudyAttrs, TrialAttrs, TrialRecord, records, write_study_attrs
+from smskd_search.search.sampling import baseline_plans
 from smskd_search.space import LoadedSpace
 
 
@@ -92,7 +92,7 @@ def check_resume_storage(studies_dir: Path, name: str, storage_root: str | Path)
     """Before a resume writes anything: the study's trials must write where they did (their stage
     checkpoints, Tune's files and the retries' folders are there); read-only, one UserError line."""
     study = optuna.load_study(study_name=name, storage=st.readonly_storage(st.db_path(studies_dir, name)))
-    used, here = study.user_attrs.get(st.ATTR_STORAGE_ROOT), storage_text(storage_root)
+    used, here = StudyAttrs.of(study).storage_root, storage_text(storage_root)
     if used is not None and used != here:
         raise UserError(f"--storage: study {name} keeps its trials' files in {used}; resume it with "
                         f"--storage {used} (not {here})")
@@ -100,8 +100,8 @@ def check_resume_storage(studies_dir: Path, name: str, storage_root: str | Path)
 
 def bind_storage_root(session: StudySession) -> None:
     """Record where the study's trials write (see :func:`check_resume_storage`)."""
-    if session.study.user_attrs.get(st.ATTR_STORAGE_ROOT) is None:
-        session.study.set_user_attr(st.ATTR_STORAGE_ROOT, session.storage_root)
+    if StudyAttrs.of(session.study).storage_root is None:
+        write_study_attrs(session.study, StudyAttrs(storage_root=session.storage_root))
 
 
 def close(session: StudySession) -> None:
@@ -136,13 +136,13 @@ def fail_orphans(session: StudySession) -> None:
                              f"(interrupted): {orphans}")
 
 
-def budget_done(trials: list[FrozenTrial]) -> int:
-    return sum(1 for t in trials if st.counts_toward_budget(t))
+def budget_done(trials: list[FrozenTrial] | list[TrialRecord]) -> int:
+    return sum(1 for t in records(trials) if t.counts_toward_budget)
 
 
-def _retried(trials: list[FrozenTrial]) -> set[int]:
+def _retried(trials: list[TrialRecord]) -> set[int]:
     """Numbers of interrupted trials that have a rerun (in any state)."""
-    return {int(t.user_attrs[st.ATTR_RETRY_OF]) for t in trials if t.user_attrs.get(st.ATTR_RETRY_OF) is not None}
+    return {t.attrs.retry_of for t in trials if t.attrs.retry_of is not None}
 
 
 # Attempts of one plan that failed through the infrastructure (storage, memory, a lost worker): the
@@ -155,14 +155,14 @@ INFRA_ATTEMPTS = 3
 MAX_REPEATS_IN_A_ROW = 30
 
 
-def _to_retry(t: FrozenTrial, infra: set[int]) -> bool:
+def _to_retry(t: TrialRecord, infra: set[int]) -> bool:
     """``infra``: the numbers of the study's infrastructure failures (a plan's earlier attempts)."""
-    if t.state != TrialState.FAIL or t.user_attrs.get(st.ATTR_CONFIRM_OF) is not None:
+    if t.state != TrialState.FAIL or t.is_confirmation:
         return False  # (a confirmation run cut short is enqueued again by the confirmation step)
-    if t.user_attrs.get(st.ATTR_INTERRUPTED):
+    if t.interrupted:
         return True
-    earlier = sum(1 for n in t.user_attrs.get(st.ATTR_RESUME_FROM, []) if int(n) in infra)
-    return bool(t.user_attrs.get(st.ATTR_INFRA)) and 1 + earlier < INFRA_ATTEMPTS
+    earlier = sum(1 for n in t.attrs.resume_from or () if n in infra)
+    return t.infrastructure and 1 + earlier < INFRA_ATTEMPTS
 
 
 def enqueue_retries(session: StudySession, infrastructure_only: bool = False) -> list[int]:
@@ -174,18 +174,17 @@ def enqueue_retries(session: StudySession, infrastructure_only: bool = False) ->
         infrastructure_only: Only the infrastructure failures (between rounds of one search, where
             an interrupted trial is one this process stopped on purpose).
     """
-    trials = session.trials()
+    trials = records(session.trials())
     retried = _retried(trials)
-    infra = {t.number for t in trials if t.user_attrs.get(st.ATTR_INFRA)}
+    infra = {t.number for t in trials if t.infrastructure}
     out = []
     for t in trials:
-        if infrastructure_only and not t.user_attrs.get(st.ATTR_INFRA):
+        if infrastructure_only and not t.infrastructure:
             continue
         if _to_retry(t, infra) and t.number not in retried:
-            attrs: dict[str, Any] = {k: t.user_attrs[k] for k in (BASELINE_ATTR, FIXED_PLAN_ATTR) if k in t.user_attrs}
-            attrs[st.ATTR_RETRY_OF] = t.number
-            attrs[st.ATTR_RESUME_FROM] = [t.number, *t.user_attrs.get(st.ATTR_RESUME_FROM, [])]
-            session.study.enqueue_trial(t.params, user_attrs=attrs)
+            attrs = TrialAttrs(baseline=t.attrs.baseline, fixed_plan=t.attrs.fixed_plan, retry_of=t.number,
+                               resume_from=(t.number, *(t.attrs.resume_from or ())))
+            session.study.enqueue_trial(dict(t.params), user_attrs=attrs.stored())
             out.append(t.number)
     if out:
         session.notes.append(f"re-running interrupted or infrastructure-failed trial(s) {out} "
@@ -195,8 +194,8 @@ def enqueue_retries(session: StudySession, infrastructure_only: bool = False) ->
 
 def enqueue_baselines(session: StudySession, space: LoadedSpace, teacher_sha256: str, remaining: int) -> None:
     """Enqueue the baselines the study has not run yet, within the trials left in the budget."""
-    trials = session.trials()
-    present = {t.user_attrs.get(BASELINE_ATTR) for t in trials}
+    trials = records(session.trials())
+    present = {t.attrs.baseline for t in trials}
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
     room = max(0, remaining - waiting)
     for b in baseline_plans(space, teacher_sha256):
@@ -205,7 +204,7 @@ def enqueue_baselines(session: StudySession, space: LoadedSpace, teacher_sha256:
         if room <= 0:
             session.notes.append(f"budget too small for baseline {b.label}")
             continue
-        session.study.enqueue_trial(b.params or {}, user_attrs=b.user_attrs)
+        session.study.enqueue_trial(b.params or {}, user_attrs=b.attrs.stored())
         room -= 1
 
 
@@ -214,14 +213,14 @@ def clean_run_dirs(session: StudySession) -> None:
     present = {rel for rel, _, _, is_dir in sfs.listing(session.runs_dir) if is_dir}
     if not present:
         return
-    trials = session.trials()
+    trials = records(session.trials())
     # An interrupted (or infrastructure-failed) trial's checkpoints stay until a rerun of its plan
     # has finished for good.
-    settled = {int(n) for t in trials if st.finished_for_good(t) for n in t.user_attrs.get(st.ATTR_RESUME_FROM, [])}
+    settled = {n for t in trials if t.finished_for_good for n in t.attrs.resume_from or ()}
     for t in trials:
         if f"{t.number:05d}" not in present or t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
-        if (t.user_attrs.get(st.ATTR_INTERRUPTED) or t.user_attrs.get(st.ATTR_INFRA)) and t.number not in settled:
+        if (t.interrupted or t.infrastructure) and t.number not in settled:
             continue
         run_dirs.drop(sfs.join(session.runs_dir, f"{t.number:05d}"))
 

@@ -29,6 +29,7 @@ from smskd_search.search.cluster import TrialResources, check_address, check_nod
 from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
 from smskd_search.search.progress import ProgressInfo
+from smskd_search.search.record import records
 from smskd_search.search.teacher_task import ensure_teacher_on_cluster
 from smskd_search.search.tune_run import TuneRound, TuneSettings, run_tune
 from smskd_search.search_settings import SearchSettings
@@ -316,7 +317,8 @@ def summary(run: SearchRun, tune: TuneSettings, spent: BudgetOutcome, confirmed:
     if top:
         best_trial = next(t for t in trials if t.number == top[0].number)
         best_path = write_best_plan(best_trial, s.studies_dir / name / "best.yaml", name, run.space, top[0].confirmed)
-    n_confirm = sum(1 for t in trials if cf.is_confirmation(t) and t.state == TrialState.COMPLETE)
+    recs = records(trials)
+    n_confirm = sum(1 for r in recs if r.is_confirmation and r.state == TrialState.COMPLETE)
     if confirmed.settings is not None:
         left = cf.missing(trials, rank_by_single_seed(trials), tune.space.seed, confirmed.settings)
         if left:
@@ -325,17 +327,17 @@ def summary(run: SearchRun, tune: TuneSettings, spent: BudgetOutcome, confirmed:
     resources = confirmed.resources or spent.resources
     return SearchSummary(
         study=name, db_path=run.path, storage_url=st.storage_url(run.path), counts=st.counts_by_state(trials),
-        n_interrupted=sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INTERRUPTED)),
+        n_interrupted=sum(1 for r in recs if r.state == TrialState.FAIL and r.interrupted),
         elapsed_s=elapsed, interrupted=done < s.budget and not spent.exhausted, stop_reason=reason, budget=s.budget,
         done=done, top=top, best_plan_path=best_path, multi_objective=multi, notes=session.notes,
         resources_per_trial=resources.per_trial if resources is not None else {},
         max_concurrent=resources.concurrent if resources is not None else None, confirm=confirmed.settings,
         n_confirmation_runs=n_confirm,
-        n_repeats=sum(1 for t in trials if st.is_repeat(t)),
+        n_repeats=sum(1 for r in recs if r.is_repeat),
         all_failed=_all_failed(trials),
         n_infrastructure=_n_infra(trials),
-        epochs_trained=sum(int(t.user_attrs.get(st.ATTR_EPOCHS_TRAINED) or 0) for t in trials),
-        epochs_reused=sum(int(t.user_attrs.get(st.ATTR_EPOCHS_REUSED) or 0) for t in trials),
+        epochs_trained=sum(r.attrs.epochs_trained or 0 for r in recs),
+        epochs_reused=sum(r.attrs.epochs_reused or 0 for r in recs),
         cache=s.cache,
     )
 
@@ -359,16 +361,16 @@ def _stop_reason(s: SearchSettings, done: int, elapsed: float, exhausted: bool, 
 
 
 def _n_infra(trials: list[optuna.trial.FrozenTrial]) -> int:
-    return sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(st.ATTR_INFRA))
+    return sum(1 for r in records(trials) if r.state == TrialState.FAIL and r.infrastructure)
 
 
 def _all_failed(trials: list[optuna.trial.FrozenTrial]) -> str | None:
     """The first failure, where no budget trial finished other than by failing (see SearchSummary)."""
-    budget = [t for t in trials if st.counts_toward_budget(t)]
+    budget = [r for r in records(trials) if r.counts_toward_budget]
     if not budget or any(t.state != TrialState.FAIL for t in budget):
         return None
     first = min(budget, key=lambda t: t.number)
-    return f"#{first.number}: {first.user_attrs.get(st.ATTR_FAIL_REASON) or 'no reason recorded'}"
+    return f"#{first.number}: {first.attrs.fail_reason or 'no reason recorded'}"
 
 
 __all__ = ["BudgetOutcome", "ConfirmOutcome", "RayHandle", "SearchHooks", "SearchRun", "SearchSummary", "budget",

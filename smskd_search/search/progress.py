@@ -11,7 +11,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from smskd_search.search import storage as st
+from smskd_search.search.record import TrialRecord, records
 from smskd_search.search.trial_report import TrialReport
 
 logger = logging.getLogger(__name__)
@@ -35,22 +35,21 @@ class ProgressInfo:
     repeats: int = 0  # repeats of finished plans answered from the study in this run (off the budget)
 
 
-def counts_by_kind(trials: list[FrozenTrial]) -> tuple[int, int, int]:
+def counts_by_kind(trials: list[FrozenTrial] | list[TrialRecord]) -> tuple[int, int, int]:
     """(complete, pruned, failed) trials of the budget; trials the search cut short are not failures."""
-    trials = [t for t in trials if t.user_attrs.get(st.ATTR_CONFIRM_OF) is None]
-    complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
-    pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
-    failed = sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get(st.ATTR_INTERRUPTED)
-                 and not t.user_attrs.get(st.ATTR_INFRA))
+    searched = [t for t in records(trials) if t.phase == "search"]
+    complete = sum(1 for t in searched if t.state == TrialState.COMPLETE)
+    pruned = sum(1 for t in searched if t.state == TrialState.PRUNED)
+    failed = sum(1 for t in searched if t.state == TrialState.FAIL and not t.interrupted and not t.infrastructure)
     return complete, pruned, failed
 
 
-def best_of(trials: list[FrozenTrial]) -> tuple[float | None, str | None]:
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+def best_of(trials: list[FrozenTrial] | list[TrialRecord]) -> tuple[float | None, str | None]:
+    done = [t for t in records(trials) if t.state == TrialState.COMPLETE and t.values]
     if not done:
         return None, None
     best = max(done, key=lambda t: t.values[0])
-    return best.values[0], best.user_attrs.get(st.ATTR_SEQUENCE)
+    return best.values[0], best.sequence
 
 
 def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: int,

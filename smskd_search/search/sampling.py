@@ -28,22 +28,19 @@ parameters, so that it never misleads the sampler about what its parameters prod
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import yaml
 
 from smskd_search.plan import Plan
+from smskd_search.search.record import BASELINE_ATTR, FIXED_PLAN_ATTR, TrialAttrs, write_trial_attrs
 from smskd_search.space import LoadedSpace, SearchSpec, Space, make_plan, reference_defaults
 from smskd_search.validate import parse_plan
 
 SHARE_LOW = 0.1
 SHARE_HIGH = 1.0
-
-# User attributes the define-by-run function reads from an enqueued trial.
-FIXED_PLAN_ATTR = "fixed_plan"
-BASELINE_ATTR = "baseline"
-
 
 class TrialLike(Protocol):
     """What :func:`suggest_plan` needs from a trial: ``optuna.Trial``, ``FixedTrial`` or Tune's captor."""
@@ -94,7 +91,7 @@ def suggest_plan(trial: TrialLike, space: LoadedSpace | Space, teacher_sha256: s
                  name: str | None = None) -> Plan:
     """Sample one plan of ``space`` through ``trial`` (see the module docstring for the parameters)."""
     sp = _space_of(space)
-    fixed = trial.user_attrs.get(FIXED_PLAN_ATTR)
+    fixed = TrialAttrs.of(trial).fixed_plan
     if fixed:
         plan = parse_plan(yaml.safe_load(fixed), source=f"trial attribute {FIXED_PLAN_ATTR}")
         update: dict[str, Any] = {"teacher_sha256": teacher_sha256}
@@ -152,13 +149,14 @@ def suggest_plan(trial: TrialLike, space: LoadedSpace | Space, teacher_sha256: s
 
 
 def plan_from_params(params: dict[str, Any], space: LoadedSpace | Space, teacher_sha256: str | None = None,
-                     user_attrs: dict[str, Any] | None = None, name: str | None = None) -> Plan:
-    """The plan a finished trial's ``params`` (and, for fixed baselines, user attrs) stand for."""
+                     user_attrs: Mapping[str, Any] | TrialAttrs | None = None, name: str | None = None) -> Plan:
+    """The plan a finished trial's ``params`` (and, for fixed baselines, its stored attributes:
+    Optuna's mapping or a :class:`TrialAttrs`) stand for."""
     import optuna
 
     trial = optuna.trial.FixedTrial(params)
-    for key, value in (user_attrs or {}).items():
-        trial.set_user_attr(key, value)
+    if user_attrs is not None:
+        write_trial_attrs(trial, user_attrs if isinstance(user_attrs, TrialAttrs) else TrialAttrs.from_stored(user_attrs))
     return suggest_plan(trial, space, teacher_sha256, name=name)
 
 
@@ -175,11 +173,14 @@ class Baseline:
     params: dict[str, Any] | None
 
     @property
+    def attrs(self) -> TrialAttrs:
+        """What the baseline's trial is enqueued with."""
+        return TrialAttrs(baseline=self.label, fixed_plan=self.plan.to_yaml() if self.params is None else None)
+
+    @property
     def user_attrs(self) -> dict[str, Any]:
-        attrs: dict[str, Any] = {BASELINE_ATTR: self.label}
-        if self.params is None:
-            attrs[FIXED_PLAN_ATTR] = self.plan.to_yaml()
-        return attrs
+        """:attr:`attrs` as Optuna stores them."""
+        return self.attrs.stored()
 
 
 def _params_for(space: Space, stages: list[tuple[str, int]], ref: dict[str, Any]) -> dict[str, Any] | None:

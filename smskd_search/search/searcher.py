@@ -39,9 +39,9 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from smskd_search.search import storage as st
 from smskd_search.search._ray import ray  # noqa: F401  (the environment before Ray's import)
 from smskd_search.search.lifecycle import MAX_REPEATS_IN_A_ROW
+from smskd_search.search.record import TrialAttrs, TrialRecord, write_trial_attrs
 from smskd_search.search.trial_report import METRIC, TrialReport
 
 from ray.tune.search import Searcher
@@ -51,17 +51,13 @@ logger = logging.getLogger(__name__)
 DefineByRun = Callable[[optuna.Trial], dict[str, Any]]
 
 
-# What a repeated plan takes over from the trial that trained it.
-_REPEAT_ATTRS = (st.ATTR_N_VAL, st.ATTR_STAGE_CUM_EPOCHS, st.ATTR_STAGE_VAL_ACC, st.ATTR_EPOCH_VAL_ACC)
-
-
 @dataclass(frozen=True)
 class _Finished:
     """A COMPLETE trial, as much of it as a repeat of its plan needs."""
 
     number: int
     values: list[float]
-    attrs: dict[str, Any]
+    attrs: TrialAttrs  # what a repeat takes over from the trial that trained the plan
 
 
 @dataclass
@@ -150,7 +146,7 @@ class StudySearcher(Searcher):
             key = config.get("plan_key")
             if key:
                 # Stored on the trial: what a repeat of its plan is looked up by, now and on resume.
-                trial.set_user_attr(st.ATTR_PLAN_KEY, key)
+                write_trial_attrs(trial, TrialAttrs(plan_key=key))
             done = self._finished_plans.get(key) if key else None
             if done is None:
                 self._handed += 1
@@ -244,9 +240,7 @@ class StudySearcher(Searcher):
             self.study.sampler = own
 
     def _answer_repeat(self, trial: optuna.Trial, done: _Finished) -> None:
-        for key, value in done.attrs.items():
-            trial.set_user_attr(key, value)
-        trial.set_user_attr(st.ATTR_REPEAT_OF, done.number)
+        write_trial_attrs(trial, done.attrs.replace(repeat_of=done.number))
         self.study.tell(trial, done.values if self.multi_objective else done.values[0], state=TrialState.COMPLETE)
         self.answered.append(trial.number)
 
@@ -269,28 +263,7 @@ class StudySearcher(Searcher):
         try:
             if not self.multi_objective:
                 trial.report(r.val_acc, r.cum_epochs)
-            if r.stage_end or first:  # (empty lists when stopped before its first stage end)
-                trial.set_user_attr(st.ATTR_STAGE_CUM_EPOCHS, steps)
-                trial.set_user_attr(st.ATTR_STAGE_VAL_ACC, [rec.stage_values[s] for s in steps])
-                # The order the scheduler saw the reports in: a benchmark replays pruning rules on it.
-                trial.set_user_attr(st.ATTR_STAGE_REPORTED_AT, [rec.stage_times[s] for s in steps])
-            if rec.curve:
-                trial.set_user_attr(st.ATTR_EPOCH_VAL_ACC, [rec.curve.get(e) for e in range(1, max(rec.curve) + 1)])
-            if r.trial_seconds is not None:
-                trial.set_user_attr(st.ATTR_TRIAL_SECONDS, round(r.trial_seconds, 3))
-            if first and r.n_val:
-                trial.set_user_attr(st.ATTR_N_VAL, int(r.n_val))
-            if first and r.trial_started_at is not None:
-                trial.set_user_attr(st.ATTR_TRIAL_STARTED_AT, round(r.trial_started_at, 3))
-            if first and r.node is not None:
-                trial.set_user_attr(st.ATTR_NODE, r.node)
-            if r.cum_epochs == max(rec.steps):
-                # How much of the trial the stage-prefix cache supplied, and how much it trained.
-                trial.set_user_attr(st.ATTR_EPOCHS_REUSED, int(r.epochs_reused))
-                trial.set_user_attr(st.ATTR_EPOCHS_TRAINED, int(r.epochs_trained))
-            if r.replayed:
-                # Stages taken from an interrupted run's checkpoints rather than trained again.
-                trial.set_user_attr(st.ATTR_REPLAYED_STAGES, sum(1 for s in steps if s <= r.cum_epochs))
+            write_trial_attrs(trial, _report_attrs(r, rec, steps, first))
         except UpdateFinishedTrialError:
             # The study already has this trial's outcome (a resume over a stale Tune snapshot).
             self._finished.add(trial_id)
@@ -301,17 +274,13 @@ class StudySearcher(Searcher):
         """Finish the trial in the study; False if the study had finished it already."""
         self._finished.add(trial_id)
         trial = self._trials[trial_id]
+        failed = fail_reason is not None
         try:
-            if pruned_reason:
-                trial.set_user_attr(st.ATTR_PRUNED_REASON, pruned_reason)
-            if fail_reason is not None:
-                trial.set_user_attr(st.ATTR_FAIL_REASON, fail_reason)
-                if interrupted:
-                    trial.set_user_attr(st.ATTR_INTERRUPTED, True)
-                if infrastructure:
-                    trial.set_user_attr(st.ATTR_INFRA, True)
-                if traceback:
-                    trial.set_user_attr(st.ATTR_FAIL_TRACEBACK, traceback[-4000:])
+            write_trial_attrs(trial, TrialAttrs(
+                pruned_reason=pruned_reason or None, fail_reason=fail_reason,
+                interrupted=True if failed and interrupted else None,
+                infrastructure=True if failed and infrastructure else None,
+                fail_traceback=traceback[-4000:] if failed and traceback else None))
             # A trial the study finished already (a resume over a stale Tune snapshot) stays as it is.
             self._remember(self.study.tell(trial, values, state=state, skip_if_finished=True))
         except UpdateFinishedTrialError:
@@ -324,10 +293,35 @@ class StudySearcher(Searcher):
 
     def _remember(self, t: FrozenTrial) -> None:
         """A COMPLETE trial's plan, so that a repeat of it is answered from its result."""
-        key = t.user_attrs.get(st.ATTR_PLAN_KEY)
-        if t.state == TrialState.COMPLETE and key and key not in self._finished_plans:
-            self._finished_plans[key] = _Finished(t.number, list(t.values),
-                                                  {k: t.user_attrs[k] for k in _REPEAT_ATTRS if k in t.user_attrs})
+        r = TrialRecord.from_trial(t)
+        key = r.attrs.plan_key  # as stored: a plan trained before keys were stored is trained again
+        if r.state == TrialState.COMPLETE and key and key not in self._finished_plans:
+            a = r.attrs
+            self._finished_plans[key] = _Finished(r.number, list(t.values), TrialAttrs(
+                n_val=a.n_val, stage_cum_epochs=a.stage_cum_epochs, stage_val_acc=a.stage_val_acc,
+                epoch_val_acc=a.epoch_val_acc))
+
+
+def _report_attrs(r: TrialReport, rec: _Record, steps: list[int], first: bool) -> TrialAttrs:
+    """What one report adds to the trial's stored attributes (unset fields are left as they are)."""
+    stages = r.stage_end or first  # (empty lists when stopped before its first stage end)
+    last = r.cum_epochs == max(rec.steps)
+    return TrialAttrs(
+        stage_cum_epochs=tuple(steps) if stages else None,
+        stage_val_acc=tuple(rec.stage_values[s] for s in steps) if stages else None,
+        # The order the scheduler saw the reports in: a benchmark replays pruning rules on it.
+        stage_reported_at=tuple(rec.stage_times[s] for s in steps) if stages else None,
+        epoch_val_acc=tuple(rec.curve.get(e) for e in range(1, max(rec.curve) + 1)) if rec.curve else None,
+        trial_seconds=round(r.trial_seconds, 3) if r.trial_seconds is not None else None,
+        n_val=int(r.n_val) if first and r.n_val else None,
+        trial_started_at=round(r.trial_started_at, 3) if first and r.trial_started_at is not None else None,
+        node=r.node if first and r.node is not None else None,
+        # How much of the trial the stage-prefix cache supplied, and how much it trained.
+        epochs_reused=int(r.epochs_reused) if last else None,
+        epochs_trained=int(r.epochs_trained) if last else None,
+        # Stages taken from an interrupted run's checkpoints rather than trained again.
+        replayed_stages=sum(1 for s in steps if s <= r.cum_epochs) if r.replayed else None,
+    )
 
 
 __all__ = ["DefineByRun", "StudySearcher"]

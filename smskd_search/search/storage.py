@@ -24,49 +24,49 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.errors import UserError
-from smskd_search.space import LoadedSpace
+from smskd_search.search.leaderboard import rank_trials
 
-# Trial user attributes written by the search (the export and report commands read them too).
-ATTR_PLAN = "plan"
-ATTR_SEQUENCE = "sequence"
-ATTR_TOTAL_EPOCHS = "total_epochs"
-ATTR_THREADS = "threads"
-ATTR_N_VAL = "n_val"
-ATTR_STAGE_VAL_ACC = "stage_val_acc"
-ATTR_STAGE_CUM_EPOCHS = "stage_cum_epochs"
-ATTR_STAGE_REPORTED_AT = "stage_reported_at"  # unix times the driver received each stage's report
-ATTR_EPOCH_VAL_ACC = "epoch_val_acc"  # val accuracy after every epoch 1..last (the learning curve)
-# Epochs of the trial taken from the stage-prefix cache, and trained by it (absent: not recorded).
-ATTR_EPOCHS_REUSED = "epochs_reused"
-ATTR_EPOCHS_TRAINED = "epochs_trained"
-ATTR_FAIL_REASON = "fail_reason"
-ATTR_FAIL_TRACEBACK = "fail_traceback"
-ATTR_PRUNED_REASON = "pruned_reason"  # the rung, the trial's value and the cutoff it fell below
-ATTR_TRIAL_SECONDS = "trial_seconds"  # time inside the trainable up to the last stage reported
-ATTR_TRIAL_STARTED_AT = "trial_started_at"  # unix time the trainable started (Optuna's start is the ask)
-ATTR_NODE = "node"  # the Ray node id the trial ran on (where its checkpoints were written from)
-# Set on trials that ended FAIL because the search stopped under them (not because the plan failed):
-# they do not count against the budget, and a resume runs their plan again.
-ATTR_INTERRUPTED = "interrupted"
-# Study attribute: the folder the trials write under (--storage, or the studies folder).
-ATTR_STORAGE_ROOT = "storage_root"
-# A failure of the machinery, not of the plan (storage, memory, a lost worker): retried, off the budget.
-ATTR_INFRA = "infrastructure_failure"
-ATTR_RETRY_OF = "retry_of"
-# The interrupted trials a rerun may take stage checkpoints from, nearest first (a rerun can be
-# interrupted too, before or after it copied its predecessor's checkpoints).
-ATTR_RESUME_FROM = "resume_from"
-ATTR_RUN_DIR = "run_dir"
-# The dataset root the trial read, made absolute on the driver (the stored plan keeps the space's).
-ATTR_DATA_ROOT = "data_root"
-ATTR_REPLAYED_STAGES = "replayed_stages"
-# Plan.canonical_hash() of the trial's plan, and, on a trial answered from the study instead of
-# trained, the number of the finished trial with the same plan whose result it took.
-ATTR_PLAN_KEY = "plan_key"
-# Confirmation runs (after the budget): the trial whose plan they re-run, and their fresh seed.
-ATTR_CONFIRM_OF = "confirm_of"
-ATTR_CONFIRM_SEED = "confirm_seed"
-ATTR_REPEAT_OF = "repeat_of"
+# The stored names live in the record; these stay importable from here for callers not yet
+# converted (runner.py, cli.py, benchmarks): the lead drops them once those read the record.
+from smskd_search.search.record import (  # noqa: F401
+    ATTR_CONFIRM_OF,
+    ATTR_CONFIRM_SEED,
+    ATTR_DATA_ROOT,
+    ATTR_EPOCH_VAL_ACC,
+    ATTR_EPOCHS_REUSED,
+    ATTR_EPOCHS_TRAINED,
+    ATTR_FAIL_REASON,
+    ATTR_FAIL_TRACEBACK,
+    ATTR_INFRA,
+    ATTR_INTERRUPTED,
+    ATTR_N_VAL,
+    ATTR_NODE,
+    ATTR_PLAN,
+    ATTR_PLAN_KEY,
+    ATTR_PRUNED_REASON,
+    ATTR_REPEAT_OF,
+    ATTR_REPLAYED_STAGES,
+    ATTR_RESUME_FROM,
+    ATTR_RETRY_OF,
+    ATTR_RUN_DIR,
+    ATTR_SEQUENCE,
+    ATTR_STAGE_CUM_EPOCHS,
+    ATTR_STAGE_REPORTED_AT,
+    ATTR_STAGE_VAL_ACC,
+    ATTR_STORAGE_ROOT,
+    ATTR_THREADS,
+    ATTR_TOTAL_EPOCHS,
+    ATTR_TRIAL_SECONDS,
+    ATTR_TRIAL_STARTED_AT,
+    StudyAttrs,
+    TrialAttrs,
+    TrialRecord,
+    confirmations,
+    record,
+    write_study_attrs,
+    write_trial_attrs_by_number,
+)
+from smskd_search.space import LoadedSpace
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -195,16 +195,8 @@ def create_study(space: LoadedSpace, studies_dir: str | Path, study: str, *, see
         storage = open_storage(db_path(studies_dir, study))
     dirs = directions_for(space)
     st = optuna.create_study(storage=storage, study_name=study, directions=dirs)
-    text = space.text
-    for key, value in {
-        "space_path": str(Path(space.path).resolve()),
-        "space_sha256": space.sha256,
-        "space_yaml": text,
-        "space_name": space.space.name,
-        "seed": seed,
-        "budget": budget,
-    }.items():
-        st.set_user_attr(key, value)
+    write_study_attrs(st, StudyAttrs(space_path=str(Path(space.path).resolve()), space_sha256=space.sha256,
+                                     space_yaml=space.text, space_name=space.space.name, seed=seed, budget=budget))
     if teacher_sha256 is not None:
         bind_teacher(st, teacher_path=str(teacher_path), teacher_sha256=teacher_sha256)
     return st
@@ -212,10 +204,9 @@ def create_study(space: LoadedSpace, studies_dir: str | Path, study: str, *, see
 
 def bind_teacher(study: optuna.Study, *, teacher_path: str, teacher_sha256: str) -> None:
     """Record the study's teacher, or check that it is the one the study was searched with."""
-    known = study.user_attrs.get("teacher_sha256")
+    known = StudyAttrs.of(study).teacher_sha256
     if known is None:
-        study.set_user_attr("teacher_sha256", teacher_sha256)
-        study.set_user_attr("teacher_path", str(teacher_path))
+        write_study_attrs(study, StudyAttrs(teacher_sha256=teacher_sha256, teacher_path=str(teacher_path)))
     elif known != teacher_sha256:
         raise UserError(
             f"--resume: study {study.study_name} was searched with teacher {str(known)[:12]}, the cache "
@@ -237,19 +228,19 @@ def load_study_for_resume(space: LoadedSpace, studies_dir: str | Path, study: st
         st = optuna.load_study(study_name=study, storage=storage)
     except KeyError:
         raise UserError(f"--resume: {path} holds no study named {study}") from None
-    attrs = st.user_attrs
-    if attrs.get("space_sha256") != space.sha256 and \
-            _space_fingerprint(attrs.get("space_yaml", "")) != _space_fingerprint(space.text):
+    attrs = StudyAttrs.of(st)
+    if attrs.space_sha256 != space.sha256 and \
+            _space_fingerprint(attrs.space_yaml or "") != _space_fingerprint(space.text):
         raise UserError(
-            f"--resume: study {study} was made with another space ({attrs.get('space_path')}); "
+            f"--resume: study {study} was made with another space ({attrs.space_path}); "
             f"resume it with that space, or start a new --study"
         )
     want = [d.lower() for d in directions_for(space)]
     have = [d.name.lower() for d in st.directions]
     if want != have:
         raise UserError(f"--resume: study {study} optimises {have}, the space asks for {want}")
-    if attrs.get("budget") != budget:
-        st.set_user_attr("budget", budget)
+    if attrs.budget != budget:
+        write_study_attrs(st, StudyAttrs(budget=budget))
     return st
 
 
@@ -321,9 +312,8 @@ def fail_trial(storage: optuna.storages.BaseStorage, study_name: str, number: in
     """
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
     try:
-        storage.set_trial_user_attr(trial_id, ATTR_FAIL_REASON, reason)
-        if interrupted:
-            storage.set_trial_user_attr(trial_id, ATTR_INTERRUPTED, True)
+        write_trial_attrs_by_number(storage, study_name, number,
+                                    TrialAttrs(fail_reason=reason, interrupted=True if interrupted else None))
         return storage.set_trial_state_values(trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
@@ -343,7 +333,7 @@ def fail_orphans(storage: optuna.storages.BaseStorage, study: optuna.Study, reas
     return done
 
 
-def counts_by_state(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+def counts_by_state(trials: Sequence[FrozenTrial | TrialRecord]) -> dict[str, int]:
     counts = {s.name: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
                                   TrialState.RUNNING, TrialState.WAITING)}
     for t in trials:
@@ -351,30 +341,22 @@ def counts_by_state(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     return counts
 
 
-def epochs_trained(t: FrozenTrial) -> int:
+# Shorthands on a trial or its record (see TrialRecord for what each means).
+def epochs_trained(t: FrozenTrial | TrialRecord) -> int:
     """Cumulative epochs a trial actually trained: its last report (a pruned trial may stop mid-stage)."""
-    steps = list(t.intermediate_values) or (t.user_attrs.get(ATTR_STAGE_CUM_EPOCHS) or [0])
-    return int(max(steps))
+    return record(t).epochs_trained
 
 
-def finished_for_good(t: FrozenTrial) -> bool:
-    """COMPLETE, PRUNED, or failed through its plan (not cut short by the search, not by the
-    infrastructure: those are re-run)."""
-    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return True
-    return t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED) and not t.user_attrs.get(ATTR_INFRA)
+def finished_for_good(t: FrozenTrial | TrialRecord) -> bool:
+    return record(t).finished_for_good
 
 
-def is_repeat(t: FrozenTrial) -> bool:
-    """A trial answered from the study: its plan had finished already (``repeat_of`` names that trial)."""
-    return t.user_attrs.get(ATTR_REPEAT_OF) is not None
+def is_repeat(t: FrozenTrial | TrialRecord) -> bool:
+    return record(t).is_repeat
 
 
-def counts_toward_budget(t: FrozenTrial) -> bool:
-    """Trials finished for good use the budget, except the confirmation runs after it and the repeats
-    of finished plans answered from the study (nothing trained)."""
-    return (finished_for_good(t) and t.user_attrs.get(ATTR_CONFIRM_OF) is None
-            and not is_repeat(t))
+def counts_toward_budget(t: FrozenTrial | TrialRecord) -> bool:
+    return record(t).counts_toward_budget
 
 
 @dataclass
@@ -398,18 +380,16 @@ class StudyInfo:
 def study_info(path: str | Path) -> StudyInfo:
     p = Path(path)
     name = p.stem
-    from smskd_search.search.confirm import confirmations, is_confirmation
-    from smskd_search.search.leaderboard import rank_trials
-
     st = optuna.load_study(study_name=name, storage=readonly_storage(p))
-    trials = st.get_trials(deepcopy=False)
+    trials = [TrialRecord.from_trial(t) for t in st.get_trials(deepcopy=False)]
     # The study's one ranking: the recommendation, by its confirmed mean where it was confirmed.
     ranked = rank_trials(trials)
     best = ranked[0] if ranked else None
     confirmed = confirmations(trials).get(best.number) if best is not None else None
-    searched = [t for t in trials if not is_confirmation(t)]
-    repeats = [t for t in searched if is_repeat(t)]
-    budget_trials = [t for t in searched if not is_repeat(t)]
+    searched = [t for t in trials if not t.is_confirmation]
+    repeats = [t for t in searched if t.is_repeat]
+    budget_trials = [t for t in searched if not t.is_repeat]
+    attrs = StudyAttrs.of(st)
     return StudyInfo(
         name=name,
         db_path=p,
@@ -418,11 +398,11 @@ def study_info(path: str | Path) -> StudyInfo:
         n_repeats=len(repeats),
         n_confirmation_runs=len(trials) - len(searched),
         best_confirmed_seeds=confirmed.n if confirmed is not None else 0,
-        best_value=(confirmed.mean if confirmed is not None else best.values[0]) if best else None,
+        best_value=(confirmed.mean if confirmed is not None else best.value) if best else None,
         best_trial=best.number if best else None,
-        best_sequence=best.user_attrs.get(ATTR_SEQUENCE) if best else None,
-        budget=st.user_attrs.get("budget"),
-        space_path=st.user_attrs.get("space_path"),
+        best_sequence=best.sequence if best else None,
+        budget=attrs.budget,
+        space_path=attrs.space_path,
         directions=[d.name.lower() for d in st.directions],
     )
 

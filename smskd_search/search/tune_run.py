@@ -19,13 +19,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.data.sources import absolute_root
 from smskd_search.engine import TeacherRecord
-from smskd_search.search import storage as st
 from smskd_search.search import storage_fs as sfs
 from smskd_search.search.cluster import TrialResources, quiet_ray_loggers, start_ray, trial_resources
 from smskd_search.search.lifecycle import StudySession
 from smskd_search.search.progress import ProgressInfo, progress_callback
 from smskd_search.search.pruning import StageRungs
-from smskd_search.search.sampling import BASELINE_ATTR, suggest_plan
+from smskd_search.search.record import TrialAttrs, TrialConfig, write_trial_attrs
+from smskd_search.search.sampling import suggest_plan
 from smskd_search.search.teacher_transport import pack
 from smskd_search.search_settings import SearchSettings
 from smskd_search.space import SearchSpec, Space
@@ -56,31 +56,16 @@ class PlanConfigs:
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         plan = suggest_plan(trial, self.space, self.teacher_sha256, name=f"{self.study}-trial{trial.number}")
         run_dir = sfs.join(self.runs_dir, f"{trial.number:05d}")
-        for key, value in {
-            st.ATTR_PLAN: plan.to_yaml(),
-            st.ATTR_SEQUENCE: plan.sequence(),
-            st.ATTR_TOTAL_EPOCHS: plan.total_epochs,
-            st.ATTR_THREADS: self.threads,
-            st.ATTR_RUN_DIR: run_dir,
-        }.items():
-            trial.set_user_attr(key, value)
-        if self.data_root is not None:
-            trial.set_user_attr(st.ATTR_DATA_ROOT, self.data_root)
-        return {
-            "plan_yaml": plan.to_yaml(),
-            "sequence": plan.sequence(),
-            # The searcher answers a plan already finished in the study from it (and stores the key).
-            "plan_key": plan.canonical_hash(),
-            "run_dir": run_dir,
-            "resume_dirs": [sfs.join(self.runs_dir, f"{int(n):05d}") for n in trial.user_attrs.get(st.ATTR_RESUME_FROM, [])],
-            "threads": self.threads,
-            # A baseline is measured in full: it is what the sequences must beat, never pruned.
-            "baseline": trial.user_attrs.get(BASELINE_ATTR),
-            # Cumulative epochs at which the trial also reports mid-stage (pruning at the rungs).
-            "rung_epochs": self.rung_epochs,
-            # The dataset's root as the driver resolved it (None: the dataset's default place).
-            "data_root": self.data_root,
-        }
+        write_trial_attrs(trial, TrialAttrs(plan_yaml=plan.to_yaml(), sequence=plan.sequence(),
+                                            total_epochs=plan.total_epochs, threads=self.threads, run_dir=run_dir,
+                                            data_root=self.data_root))
+        enqueued = TrialAttrs.of(trial)
+        return TrialConfig(
+            plan_yaml=plan.to_yaml(), sequence=plan.sequence(), plan_key=plan.canonical_hash(), run_dir=run_dir,
+            resume_dirs=[sfs.join(self.runs_dir, f"{n:05d}") for n in enqueued.resume_from or ()],
+            threads=self.threads, baseline=enqueued.baseline, rung_epochs=list(self.rung_epochs),
+            data_root=self.data_root,
+        ).to_dict()
 
 
 def make_sampler(space: Space, seed: int) -> optuna.samplers.BaseSampler:
