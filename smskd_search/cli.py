@@ -77,7 +77,7 @@ def _eta(elapsed: float, done: int, total: int) -> str:
 # --------------------------------------------------------------------------------------- teacher
 def cmd_teacher(args: argparse.Namespace) -> int:
     from smskd_search.engine import ensure_teacher, pick_device
-    from smskd_search.engine.teacher import describe, teacher_dir
+    from smskd_search.engine.teacher import describe, published_note, teacher_dir
     from smskd_search.space import load_space
 
     loaded = load_space(args.space)
@@ -97,6 +97,9 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     if line.width or not hit:
         line.done()
     print(("cache hit: " if hit else "") + describe(record))
+    note = published_note(problem, record)
+    if note is not None:
+        print(note)
     return 0
 
 
