@@ -250,8 +250,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         if epoch == epochs:
             line.done()
 
+    def on_teacher_ready(record) -> None:
+        from smskd_search.engine.teacher import describe, published_note
+
+        # torchvision's weights are measured on this split, not trained here: say how they do on it.
+        if loaded.space.problem.teacher.weights:
+            line.done()
+            note = published_note(loaded.space.problem, record)
+            print(describe(record) + ("\n" + note if note else ""), flush=True)
+
     summary = run_search(loaded, settings, on_progress=on_progress, on_teacher_epoch=on_teacher_epoch,
-                         on_teacher_start=on_teacher_start)
+                         on_teacher_start=on_teacher_start, on_teacher_ready=on_teacher_ready)
     line.done()
     print(format_leaderboard(summary))
     if summary.all_failed is not None:

@@ -159,3 +159,24 @@ def test_weights_change_the_plan_hash_only_when_set(tiny_problem):
     other = plan.model_copy(deep=True)
     other.problem.teacher.weights = "IMAGENET1K_V1"
     assert other.content_hash() != plan.content_hash()
+
+
+@pytest.mark.slow
+def test_a_search_prints_the_teacher_before_its_trials_which_get_it_as_bytes(env):
+    """A real search of one trial (Ray, the CLI): the teacher's line comes before the leaderboard,
+    and the trial, which gets the teacher's file as bytes through the object store, completes."""
+    save_hub_file(env["hub"], len(CLASSES))
+    space = env["root"] / "space.yaml"
+    space.write_text(
+        f"name: t\nproblem:\n  dataset: {{name: imagefolder, root: {env['img']}, val_fraction: 0.25}}\n"
+        "  teacher: {arch: resnet18, weights: IMAGENET1K_V1}\n  student: {arch: cnn_nano}\n"
+        "search: {methods: [kd], stages: {min: 1, max: 1}, epochs: {min: 1, max: 1}, pruning: {enabled: false}}\n")
+    env_vars = {**os.environ, "SMSKD_STUDIES": str(env["root"] / "studies"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--space", str(space), "--budget", "1", "--study", "pt",
+                          "--no-confirm", "--no-baselines", "--cpus-per-trial", "1"],
+                         capture_output=True, text=True, timeout=600, env=env_vars)
+    assert out.returncode == 0, out.stdout + out.stderr
+    first = out.stdout.splitlines()[0]  # before any progress line
+    assert re.fullmatch(rf"teacher resnet18: val acc \d+\.\d\d% \(n=10\) \[{re.escape(str(env['hub'] / HUB_NAME))}\]",
+                        first), out.stdout
+    assert "1/1 trials: 1 complete, 0 pruned, 0 failed" in out.stdout, out.stdout
