@@ -89,6 +89,17 @@ def test_weights_teacher_is_loaded_measured_and_shipped_as_bytes(env):
     assert teacher_key(problem) != record.key
 
 
+def test_on_a_cluster_the_driver_loads_and_measures_the_weights_itself(env):
+    """Not a Ray task: torchvision's weights are in the driver's hub cache and need no training."""
+    from smskd_search.search.teacher_task import ensure_teacher_on_cluster
+
+    save_hub_file(env["hub"], len(CLASSES))
+    problem = problem_of(env["img"], weights="DEFAULT")
+    record, node = ensure_teacher_on_cluster(problem, env["root"] / "teachers")
+    assert node is None and record.source == "pretrained" and record.n_val == 10
+    assert ensure_teacher_on_cluster(problem, env["root"] / "teachers") == (record, None)  # a cache hit
+
+
 def test_num_classes_mismatch_is_one_line_saying_what_to_do(env):
     save_hub_file(env["hub"], 1000)
     problem = problem_of(env["img"], weights="IMAGENET1K_V1")
