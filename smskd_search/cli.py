@@ -77,7 +77,7 @@ def _eta(elapsed: float, done: int, total: int) -> str:
 # --------------------------------------------------------------------------------------- teacher
 def cmd_teacher(args: argparse.Namespace) -> int:
     from smskd_search.engine import ensure_teacher, pick_device
-    from smskd_search.engine.teacher import describe, teacher_dir
+    from smskd_search.engine.teacher import describe, published_note, teacher_dir
     from smskd_search.space import load_space
 
     loaded = load_space(args.space)
@@ -97,6 +97,9 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     if line.width or not hit:
         line.done()
     print(("cache hit: " if hit else "") + describe(record))
+    note = published_note(problem, record)
+    if note is not None:
+        print(note)
     return 0
 
 
@@ -247,8 +250,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         if epoch == epochs:
             line.done()
 
+    def on_teacher_ready(record) -> None:
+        from smskd_search.engine.teacher import describe, published_note
+
+        # torchvision's weights are measured on this split, not trained here: say how they do on it.
+        if loaded.space.problem.teacher.weights:
+            line.done()
+            note = published_note(loaded.space.problem, record)
+            print(describe(record) + ("\n" + note if note else ""), flush=True)
+
     summary = run_search(loaded, settings, on_progress=on_progress, on_teacher_epoch=on_teacher_epoch,
-                         on_teacher_start=on_teacher_start)
+                         on_teacher_start=on_teacher_start, on_teacher_ready=on_teacher_ready)
     line.done()
     print(format_leaderboard(summary))
     if summary.all_failed is not None:

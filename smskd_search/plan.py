@@ -118,7 +118,18 @@ class TeacherSpec(Strict):
     arch: str
     # A user-supplied checkpoint (state_dict or {"state_dict": ...}); None: train with `recipe`.
     checkpoint: str | None = None
+    # torchvision's published weights for `arch` by name (IMAGENET1K_V1, DEFAULT): the file torch
+    # hub caches, fetched there where it is missing (smskd_search.models.pretrained). Not with
+    # `checkpoint`; left out of hashes while unset, so plans made before it keep theirs.
+    weights: str | None = None
     recipe: TeacherRecipe = Field(default_factory=TeacherRecipe)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSpec:
+        if self.checkpoint and self.weights:
+            raise ValueError(f"weights: give either checkpoint ({self.checkpoint}) or weights ({self.weights}), "
+                             "not both")
+        return self
 
 
 class StudentSpec(Strict):
@@ -194,6 +205,8 @@ class Plan(Strict):
                                                      "problem": {"dataset": {"download": True}}})
         if self.problem.dataset.train_subset is None:
             del data["problem"]["dataset"]["train_subset"]
+        if self.problem.teacher.weights is None:
+            del data["problem"]["teacher"]["weights"]
         return data
 
     def content_hash(self) -> str:

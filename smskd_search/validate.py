@@ -40,6 +40,13 @@ def check_problem(problem: ProblemSpec, source: str, prefix: str = "problem") ->
         arch = getattr(problem, role).arch
         if arch not in MODELS:
             raise UserError(f"{source}: {prefix}.{role}: {_unknown('arch', arch, MODELS)}")
+    teacher = problem.teacher
+    if teacher.weights is not None:
+        from smskd_search.models.pretrained import weights_error  # torchvision: only when asked for
+
+        why = weights_error(teacher.arch, teacher.weights)
+        if why is not None:
+            raise UserError(f"{source}: {prefix}.teacher.weights: {why}")
 
 
 def check_plan(plan: Plan, source: str = "plan") -> Plan:

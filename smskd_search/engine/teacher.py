@@ -1,5 +1,6 @@
 """The teacher: trained once per (arch, dataset split, recipe) and cached, or loaded from a user's
-checkpoint and checked against its arch. Never retrained inside a plan run."""
+checkpoint or torchvision's published weights and checked against its arch. Never retrained inside
+a plan run."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from smskd_search.engine.frozen import freeze
 from smskd_search.engine.optim import backward_and_step, build_optimizer, lr_at, set_lr, step_progress, trainable
 from smskd_search.errors import UserError
 from smskd_search.models import count_parameters, create_model
+from smskd_search.models.pretrained import published_classes, published_top1, weights_file
 from smskd_search.plan import ProblemSpec
 
 DEFAULT_CACHE = Path("studies") / "teachers"
@@ -35,23 +37,46 @@ class TeacherRecord:
     test_acc: float | None
     n_test: int | None
     epochs: int | None
-    source: str  # "trained" or "checkpoint"
+    source: str  # "trained", "checkpoint" or "pretrained" (torchvision's weights)
     key: str
 
 
 def teacher_key(problem: ProblemSpec) -> str:
-    """Hash of what determines the teacher: arch, dataset split (not its root folder), recipe."""
+    """Hash of what determines the teacher: arch, dataset split (not its root folder), recipe; or
+    the sha256 of its file, for a user's checkpoint or torchvision's weights (fetched if missing)."""
     ds = problem.dataset.hashed()
     data = {"arch": problem.teacher.arch, "dataset": ds, "recipe": problem.teacher.recipe.model_dump(mode="json")}
     if problem.teacher.checkpoint:
         data = {"arch": problem.teacher.arch, "dataset": ds, "checkpoint": file_sha256(problem.teacher.checkpoint)}
+    elif problem.teacher.weights:
+        path = pretrained_path(problem)
+        data = {"arch": problem.teacher.arch, "dataset": ds, "pretrained": _memo_sha256(path)}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def file_sha256(path: str | Path) -> str:
+def pretrained_path(problem: ProblemSpec) -> Path:
+    """The local file of the teacher's torchvision ``weights`` (torch hub's cache; fetched if missing)."""
+    assert problem.teacher.weights is not None
+    return weights_file(problem.teacher.arch, problem.teacher.weights, "teacher.weights")
+
+
+# (path, size, mtime) -> sha256: torchvision's files are up to ~100 MB and the key is asked for
+# several times per run; a file that changes gets a new mtime and is hashed again.
+_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _memo_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_MEMO:
+        _SHA256_MEMO[key] = file_sha256(path, "teacher.weights")
+    return _SHA256_MEMO[key]
+
+
+def file_sha256(path: str | Path, field: str = "teacher.checkpoint") -> str:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"teacher.checkpoint: file not found: {p}")
+        raise UserError(f"{field}: file not found: {p}")
     h = hashlib.sha256()
     with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -93,6 +118,12 @@ def load_weights_checked(model: nn.Module, path: str | Path | bytes, arch: str, 
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    head = [k for k in own if own[k].dim() == 2][-1:]  # the classifier's weight: the last matrix
+    if (not missing and not unexpected and bad and set(bad) <= {*head, *(k[:-6] + "bias" for k in head)}
+            and state[head[0]].shape[0] != own[head[0]].shape[0]):
+        raise UserError(f"{field}: {path} does not fit arch {arch!r}: it classifies {state[head[0]].shape[0]} classes, "
+                        f"the dataset has {own[head[0]].shape[0]}; use a dataset with the same classes "
+                        "(replacing the classifier head is not supported)")
     if missing or unexpected or bad:
         why = []
         if bad:
@@ -199,7 +230,8 @@ def ensure_teacher(
     on_start: Callable[[TeacherJob], None] | None = None,
     deterministic: bool = False,
 ) -> TeacherRecord:
-    """The cached teacher of a problem: a cache hit, a checked user checkpoint, or a trained one.
+    """The cached teacher of a problem: a cache hit, a checked user checkpoint or torchvision's
+    weights (``teacher.weights``), or a trained one; its top-1 on the validation split measured.
 
     Args:
         problem: The problem whose teacher is wanted.
@@ -210,7 +242,7 @@ def ensure_teacher(
             search never touches the test split).
         on_epoch: Called (epoch, epochs, train loss, val acc) after each teacher epoch.
         on_start: Called once with the :class:`TeacherJob` before a teacher is trained (not on a
-            cache hit or a user checkpoint).
+            cache hit, a user checkpoint or torchvision's weights).
         deterministic: On a GPU, train with PyTorch's deterministic algorithms (see
             :func:`~smskd_search.engine.device.set_numerics`).
     """
@@ -227,20 +259,8 @@ def ensure_teacher(
         data = load_data(problem.dataset, device)
     precision = pick_precision(device)
     set_numerics(device, precision, deterministic)
-    info = data.info
-    if problem.teacher.checkpoint:
-        model = create_model(problem.teacher.arch, info.num_classes, info.in_channels, info.image_size)
-        load_weights_checked(model, problem.teacher.checkpoint, problem.teacher.arch)
-        model = model.to(device)
-        weights_path, source, epochs = Path(problem.teacher.checkpoint).resolve(), "checkpoint", None
-    else:
-        model = train_teacher_model(problem, data, device, precision, on_epoch, on_start)
-        folder.mkdir(parents=True, exist_ok=True)
-        weights_path = (folder / "teacher.pt").resolve()
-        tmp = weights_path.with_suffix(".pt.tmp")
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        tmp.replace(weights_path)
-        source, epochs = "trained", problem.teacher.recipe.epochs
+    model, weights_path, source = _obtain(problem, data, device, precision, folder, on_epoch, on_start)
+    epochs = problem.teacher.recipe.epochs if source == "trained" else None
     val = evaluate(model, data.val, precision, problem.teacher.recipe.eval_batch_size)
     record = TeacherRecord(
         arch=problem.teacher.arch, path=str(weights_path), sha256=file_sha256(weights_path),
@@ -254,6 +274,25 @@ def ensure_teacher(
     del model, data
     release_memory(device)  # the trials that follow need the GPU more than this process's cache
     return record
+
+
+def _obtain(problem: ProblemSpec, data: DataSplits, device: torch.device, precision: Precision, folder: Path,
+            on_epoch: EpochCallback | None, on_start: Callable[[TeacherJob], None] | None) -> tuple[nn.Module, Path, str]:
+    """The teacher's model on ``device``, its file and its source: a user's checkpoint or
+    torchvision's weights (loaded and checked), else trained and saved in ``folder``."""
+    teacher, info = problem.teacher, data.info
+    if teacher.checkpoint or teacher.weights:
+        path = Path(teacher.checkpoint) if teacher.checkpoint else pretrained_path(problem)
+        model = create_model(teacher.arch, info.num_classes, info.in_channels, info.image_size)
+        load_weights_checked(model, path, teacher.arch, "teacher.weights" if teacher.weights else "teacher.checkpoint")
+        return model.to(device), path.resolve(), "pretrained" if teacher.weights else "checkpoint"
+    model = train_teacher_model(problem, data, device, precision, on_epoch, on_start)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path = (folder / "teacher.pt").resolve()
+    tmp = weights_path.with_suffix(".pt.tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(weights_path)
+    return model, weights_path, "trained"
 
 
 def _add_test_accuracy(problem: ProblemSpec, record: TeacherRecord, device: torch.device,
@@ -280,8 +319,29 @@ def load_teacher(problem: ProblemSpec, record: TeacherRecord, info, device: torc
             caller; None: read ``record.path``.
     """
     model = create_model(problem.teacher.arch, info.num_classes, info.in_channels, info.image_size)
-    load_weights_checked(model, weights if weights is not None else record.path, problem.teacher.arch)
+    field = "teacher.weights" if problem.teacher.weights else "teacher.checkpoint"
+    load_weights_checked(model, weights if weights is not None else record.path, problem.teacher.arch, field)
     return freeze(model.to(device))
+
+
+def published_note(problem: ProblemSpec, record: TeacherRecord) -> str | None:
+    """torchvision's published top-1 of the teacher's weights, said beside the measured one when
+    the dataset is ImageNet-like (its teacher classifies as many classes as the weights do).
+
+    Args:
+        problem: The problem (the teacher's arch and weights name).
+        record: The teacher's record (its file says how many classes it classifies).
+    """
+    teacher = problem.teacher
+    if teacher.weights is None or record.source != "pretrained":
+        return None
+    top1 = published_top1(teacher.arch, teacher.weights)
+    state = _state_dict_of(torch.load(record.path, map_location="cpu", weights_only=True))
+    head = [v for v in state.values() if v.dim() == 2][-1:]
+    if top1 is None or not head or head[0].shape[0] != published_classes(teacher.arch, teacher.weights):
+        return None
+    return (f"torchvision publishes {top1:.2f}% top-1 for {teacher.arch} {teacher.weights}: on the full ImageNet-1K "
+            f"validation set (50,000 images), not on this split (n={record.n_val})")
 
 
 def describe(record: TeacherRecord) -> str:

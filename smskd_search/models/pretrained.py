@@ -24,9 +24,37 @@ from smskd_search.errors import UserError
 ENV_WEIGHTS_URL = "SMSKD_WEIGHTS_URL"
 
 
+def torchvision_archs() -> list[str]:
+    """The zoo's archs that are torchvision's own modules, so torchvision's weights fit them.
+
+    A name alone does not say it: the zoo's ``vgg13`` is the CIFAR benchmark's, not torchvision's.
+    """
+    from smskd_search.models import MODELS
+
+    return sorted(n for n, f in MODELS.items() if f.__module__.startswith("smskd_search.models.imagenet."))
+
+
+def weights_error(arch: str, name: str) -> str | None:
+    """Why ``name`` is not torchvision weights of the zoo's ``arch`` (None if it is); no network.
+
+    Example:
+
+        >>> weights_error("resnet18", "IMAGENET1K_V1") is None
+        True
+    """
+    try:
+        _weights(arch, name, "teacher.weights")
+    except UserError as exc:
+        return str(exc).removeprefix("teacher.weights: ")
+    return None
+
+
 def _weights(arch: str, name: str, field: str):  # -> torchvision.models.WeightsEnum member
     import torchvision
 
+    if arch not in torchvision_archs():
+        raise UserError(f"{field}: torchvision publishes no weights for arch {arch!r} (the zoo's archs that are "
+                        f"torchvision's: {', '.join(torchvision_archs())}); leave weights out to train it")
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (KeyError, ValueError):
@@ -41,6 +69,11 @@ def published_top1(arch: str, name: str) -> float | None:
     """The ImageNet-1K top-1 (%) torchvision publishes for these weights, if it does."""
     metrics = _weights(arch, name, "teacher.weights").meta.get("_metrics", {})
     return metrics.get("ImageNet-1K", {}).get("acc@1")
+
+
+def published_classes(arch: str, name: str) -> int:
+    """How many classes these weights classify (1000 for torchvision's ImageNet-1K weights)."""
+    return len(_weights(arch, name, "teacher.weights").meta["categories"])
 
 
 def _hash_prefix(filename: str) -> str:

@@ -87,6 +87,8 @@ class SearchHooks:
     on_progress: Callable[[ProgressInfo], None] | None = None
     on_teacher_epoch: Callable[[int, int, float, float], None] | None = None
     on_teacher_start: Callable[[TeacherJob], None] | None = None
+    # Called with the teacher's record once it is ensured, before any trial (its val top-1 in it).
+    on_teacher_ready: Callable[[TeacherRecord], None] | None = None
 
 
 @dataclass
@@ -191,6 +193,8 @@ def teacher(run: SearchRun) -> TuneSettings:
         if not s.resume:
             lc.discard_if_empty(session)
         raise
+    if run.hooks.on_teacher_ready is not None:
+        run.hooks.on_teacher_ready(record)
     st.bind_teacher(session.study, teacher_path=record.path, teacher_sha256=record.sha256)
     if s.resume:
         lc.fail_orphans(session)

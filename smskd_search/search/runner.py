@@ -23,7 +23,7 @@ from smskd_search.search_settings import SearchSettings
 from smskd_search.space import LoadedSpace
 
 if TYPE_CHECKING:
-    from smskd_search.engine.teacher import TeacherJob
+    from smskd_search.engine.teacher import TeacherJob, TeacherRecord
 
 DEFAULT_CONFIRM = ConfirmSettings()
 
@@ -35,6 +35,7 @@ def run_search(
     on_progress: Callable[[ProgressInfo], None] | None = None,
     on_teacher_epoch: Callable[[int, int, float, float], None] | None = None,
     on_teacher_start: Callable[[TeacherJob], None] | None = None,
+    on_teacher_ready: Callable[[TeacherRecord], None] | None = None,
     **flags: Any,
 ) -> SearchSummary:
     """Search a space's plans on Ray Tune, sampled by Optuna, into ``studies_dir/<study>.db``.
@@ -47,6 +48,8 @@ def run_search(
         on_teacher_epoch: Called (epoch, epochs, loss, val_acc) while the teacher trains.
         on_teacher_start: Called with a :class:`~smskd_search.engine.teacher.TeacherJob` (what,
             how long, on which device) before a teacher is trained; not on a cache hit.
+        on_teacher_ready: Called with the teacher's
+            :class:`~smskd_search.engine.teacher.TeacherRecord` once it is ensured, before any trial.
         flags: The fields of :class:`~smskd_search.search_settings.SearchSettings` (budget, study,
             studies_dir, max_concurrent, cpus_per_trial, gpus_per_trial, address, seed, timeout,
             resume, prune, baselines, confirm, deterministic, cache, cache_max_bytes, storage).
@@ -65,7 +68,7 @@ def run_search(
     if settings is not None and flags:
         raise TypeError(f"run_search: give either settings or its fields as keywords, not both (got {sorted(flags)})")
     settings = settings if settings is not None else SearchSettings(**flags)
-    hooks = SearchHooks(on_progress, on_teacher_epoch, on_teacher_start)
+    hooks = SearchHooks(on_progress, on_teacher_epoch, on_teacher_start, on_teacher_ready)
     with phases.prepare(space, settings, hooks, start=time.monotonic()) as run:
         tune = phases.teacher(run)
         spent = phases.budget(run, tune)

@@ -7,7 +7,9 @@ its largest node); its progress comes back through a Ray queue and is shown as o
 its checkpoint comes back as bytes that the driver stores in its teacher cache (the trials then get
 them through the object store, see :mod:`~smskd_search.search.teacher_transport`). A search on local
 Ray with a GPU trains it so too (its worker exits after the task, handing back the GPU memory it
-held); on local Ray without one, the teacher trains in the driver's process.
+held); on local Ray without one, the teacher trains in the driver's process. A user's checkpoint
+or torchvision's weights (``teacher.weights``) are not trained: the driver loads, checks and
+measures them, and the trials get their file's bytes like a trained teacher's.
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
     if problem.teacher.checkpoint:
         # A user's checkpoint is only checked and loaded, not trained: here, where the file is.
         return ensure_teacher(problem, cache_root=cache_root), None
+    if problem.teacher.weights:
+        # torchvision's weights too, fetched into the driver's torch hub cache; measured on the
+        # driver's best device (an ImageNet validation split is long on a CPU).
+        from smskd_search.engine import pick_device
+
+        return ensure_teacher(problem, cache_root=cache_root, device=pick_device(None)), None
     # The task may run on another node: the dataset's root as the driver means it (absolute).
     dataset = problem.dataset.model_copy(update={"root": absolute_root(problem.dataset.root)})
     sent = problem.model_copy(update={"dataset": dataset}).model_dump(mode="json")
