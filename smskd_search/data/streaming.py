@@ -219,6 +219,10 @@ class StreamingLoader:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         try:
             for images, labels, indices in self._loader:
@@ -237,3 +241,7 @@ class StreamingLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
+
+    # The names the engine uses for every loader (:class:`~smskd_search.data.batches.BatchLoader`).
+    random_state = state_dict
+    set_random_state = load_state_dict
