@@ -232,3 +232,52 @@ def test_in_memory_splits_still_hand_out_tensor_loaders(tmp_path):
     first = [x for x, _, _ in loader]
     loader.set_random_state(state)
     assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _, _ in loader], strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# A search
+
+
+@pytest.mark.slow
+def test_a_search_streams_its_trials_and_never_reads_the_test_split(folder, tmp_path, monkeypatch):
+    """The CLI's search (its own local Ray, Optuna's SQLite study) on a streamed folder: every trial
+    completes; nothing decoded the folder into memory (the in-memory path writes its .npz into
+    SMSKD_CACHE, which trials inherit); the test split was never opened; the best plan's test
+    accuracy, asked for afterwards, is measured on val/."""
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    from smskd_search.engine import evaluate_test
+    from smskd_search.plan import parse_plan
+    from smskd_search.search import storage as st
+
+    problem = _problem(folder, classes=3).model_dump(mode="json")
+    space = {"name": "streamed", "problem": problem,
+             "recipe": {"lr": 0.05, "batch_size": 16, "eval_batch_size": 32, "augment": {"flip": True}},
+             "search": {"methods": ["kd", "dkd"], "stages": {"min": 1, "max": 2}, "epochs": {"min": 1, "max": 1},
+                        "pruning": {"enabled": False}, "sampler": {"kind": "random"}}}
+    path = tmp_path / "streamed.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    cache, log, studies = tmp_path / "data-cache", tmp_path / "test-access.log", tmp_path / "studies"
+    env = {**os.environ, "SMSKD_STUDIES": str(studies), "SMSKD_CACHE": str(cache), "SMSKD_TEST_ACCESS_LOG": str(log),
+           "SMSKD_STREAM_WORKERS": "1", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "smskd_search.cli", "--space", str(path), "--budget", "3",
+                           "--max-concurrent", "1", "--no-baselines", "--no-confirm", "--seed", "0"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="streamed", storage=st.storage_url(studies / "streamed.db")).get_trials()
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert not list(cache.glob("imagefolder-*.npz"))  # no trial (nor the teacher) held the folder in memory
+    assert not log.exists(), log.read_text()
+    # The explicit evaluation afterwards: the best plan again, its test accuracy on val/ (3 classes x 5).
+    best = max(trials, key=lambda t: t.value)
+    plan = parse_plan(yaml.safe_load(best.user_attrs[st.ATTR_PLAN]))
+    monkeypatch.setenv("SMSKD_TEST_ACCESS_LOG", str(log))  # SMSKD_CACHE is already the search's
+    result = run_plan(plan, Workbench.open(plan.problem, device="cpu", teacher_cache=studies / "teachers"))
+    assert result.stages[-1].val_acc == pytest.approx(best.value)
+    test = evaluate_test(plan, result)
+    assert test.n == 15 and len(log.read_text().splitlines()) == 1
+    assert result.data_info.streamed and not list(cache.glob("imagefolder-*.npz"))
