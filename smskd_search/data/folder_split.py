@@ -136,6 +136,7 @@ class StreamingSplit:
 
     def __post_init__(self) -> None:
         self.labels = torch.from_numpy(self.index.labels).to(self.device)
+        self._eval_pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -154,13 +155,15 @@ class StreamingSplit:
                seed: int | None = None, drop_last: bool = False) -> StreamingLoader:
         """Batches of this split (see :class:`~smskd_search.data.batches.Split`)."""
         augmented = augment is not None and augment.enabled
+        if self._eval and self._eval_pid != os.getpid():
+            self._eval = {}  # a forked process: its parent's decoding workers are not its own
         if not (shuffle or augmented or drop_last) and batch_size in self._eval:
             return self._eval[batch_size]
         loader = StreamingLoader(self.index, batch_size, self.device, shuffle=shuffle, augment=augmented,
                                  seed=seed if seed is not None else 0, num_workers=self.num_workers,
                                  drop_last=drop_last, transform=self.transform, mean=self.mean, std=self.std)
         if not (shuffle or augmented or drop_last):
-            self._eval[batch_size] = loader
+            self._eval[batch_size], self._eval_pid = loader, os.getpid()
         return loader
 
 
