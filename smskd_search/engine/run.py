@@ -18,6 +18,11 @@ store when another run put them, with the same numbers, and every epoch that ran
 forward puts its logits there. What happens is told as a stream of events
 (:mod:`~smskd_search.engine.events`).
 
+Batches come from the workbench's splits (:mod:`smskd_search.data.batches`), held as tensors or
+streamed from an image folder: the same plan and seed see the same batches either way. A streamed
+split has no device-resident images to precompute the frozen outputs over, and its runs do not use
+the teacher-logit store: the result's notes say so.
+
 Neither Ray nor Optuna is imported here: a plan runs wherever torch runs.
 """
 
