@@ -177,12 +177,16 @@ def _bench(problem: ProblemSpec, teachers: Path, **kw) -> Workbench:
     return Workbench.open(problem, device="cpu", teacher_cache=teachers, **kw)
 
 
-def test_a_streamed_run_repeats_bit_for_bit(folder, teachers):
+def test_a_streamed_run_repeats_bit_for_bit(folder, teachers, monkeypatch):
     problem = _problem(folder)
     plan = make_plan(problem, [("kd", 2), ("dkd", 1)], recipe=AUGMENTED, reference={"lambda_ref": 1.0})
     first = run_plan(plan, _bench(problem, teachers, logit_store=LogitStore(None)))
-    second = run_plan(plan, _bench(problem, teachers))
+    monkeypatch.setenv("SMSKD_STREAM_WORKERS", "2")  # decoded in worker processes this time
+    second_bench = _bench(problem, teachers)
+    assert second_bench.data.train.num_workers == 2
+    second = run_plan(plan, second_bench)
     assert _numbers(first) == _numbers(second)
+    monkeypatch.setenv("SMSKD_STREAM_WORKERS", "0")
     assert first.data_info.streamed and first.data_info.image_size == 32
     assert first.teacher_epochs_served == 0 and any("teacher-logit store is not used" in n for n in first.notes)
     # Another seed, other batches.

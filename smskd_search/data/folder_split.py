@@ -91,13 +91,16 @@ def streams(spec: DatasetSpec) -> bool:
 
 
 def stream_workers() -> int:
+    """Decoding processes per streamed loader: ``SMSKD_STREAM_WORKERS``, else the process's torch
+    thread count, at most 8."""
     raw = os.environ.get(ENV_STREAM_WORKERS)
     if raw is not None:
         try:
             return max(0, int(raw))
         except ValueError:
             raise UserError(f"{ENV_STREAM_WORKERS}: a number of processes, not {raw!r}") from None
-    return min(8, (os.cpu_count() or 2) // 2)
+    # The process's torch threads: a trial's share of its node's CPUs (Ray sets them per trial).
+    return min(8, torch.get_num_threads())
 
 
 def transform_for(spec: DatasetSpec) -> ImageTransform:
