@@ -164,6 +164,12 @@ def test_the_test_split_is_the_folders_val_and_its_access_is_logged(folder, tmp_
     assert len(log.read_text().splitlines()) == 2
 
 
+def test_a_folder_too_small_to_split_is_one_line(tmp_path):
+    write_folder(tmp_path, {"train": 3})
+    with pytest.raises(UserError, match=r"^dataset\.val_fraction: 0\.25 of 12 images cannot be split by class: "):
+        load_data(_dataset(tmp_path, stream=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs
 

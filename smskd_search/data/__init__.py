@@ -111,7 +111,7 @@ def _train_test(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     x, y, xt, yt = _keep_classes(spec, arrays) if spec.classes is not None else arrays
     if xt is None:
         # No official test split (digits): a seeded stratified one, held out before anything else.
-        keep, held = stratified_split(y, spec.test_fraction, spec.split_seed)
+        keep, held = stratified_split(y, spec.test_fraction, spec.split_seed, "dataset.test_fraction")
         x, y, xt, yt = x[keep], y[keep], x[held], y[held]
     if spec.train_subset is not None:
         if spec.train_subset > len(y):
