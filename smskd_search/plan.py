@@ -68,6 +68,12 @@ class DatasetSpec(Strict):
                              f"{self.name} is read from what is on disk (set download: false)")
         return self
 
+    @field_validator("classes")
+    @classmethod
+    def _sorted_classes(cls, v: int | list[str] | None) -> int | list[str] | None:
+        # Sorted: labels follow the sorted names, and one set of classes has one hash.
+        return sorted(v) if isinstance(v, list) else v
+
     @model_validator(mode="after")
     def _folder_fields(self) -> DatasetSpec:
         for name in LATER_DATASET_FIELDS:

@@ -145,6 +145,7 @@ def test_a_class_subset_is_seeded_and_the_same_streamed_or_held(folder):
     assert any(o != picked for o in other)  # another split_seed may draw others
     named = load_data(_dataset(folder, stream=True, classes=["dog", "ant"]))
     assert named.train.index.classes == ("ant", "dog")
+    assert _dataset(folder, classes=["dog", "ant"]).hashed() == _dataset(folder, classes=["ant", "dog"]).hashed()
     with pytest.raises(UserError, match=r"^dataset\.classes: 'eel' is not a class folder"):
         load_data(_dataset(folder, stream=True, classes=["eel", "ant"]))
 
