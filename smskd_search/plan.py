@@ -30,6 +30,9 @@ class Strict(BaseModel):
 DOWNLOADABLE = ("cifar10", "cifar100")
 # DatasetSpec fields that say where or how the data is read, not what it is: no hash covers them.
 NOT_HASHED = {"root", "download"}
+# DatasetSpec fields added after plans were first stored: hashes (and saved plans) leave them out
+# while unset, so those plans' hashes and cache keys still hold.
+LATER_DATASET_FIELDS = ("stream", "classes", "image_size")
 
 
 class DatasetSpec(Strict):
@@ -46,6 +49,17 @@ class DatasetSpec(Strict):
     # cifar10 / cifar100 only: when their files are missing under root, fetch them with torchvision's
     # downloader (smskd_search.data.download). How the data is got, not what it is: never hashed.
     download: bool = False
+    # imagefolder only. Decode files as batches are needed (smskd_search.data.streaming) instead of
+    # holding the decoded training folder in memory. None: automatic, streaming when the training
+    # split decoded to float32 at its first image's size would take more than SMSKD_STREAM_ABOVE_BYTES
+    # (default 8 GiB; a fixed rule, so every node of a search decides alike).
+    stream: bool | None = None
+    # imagefolder only: keep these class folders (names), or a seeded draw of this many (split_seed,
+    # ImageNet-100 style); None keeps them all.
+    classes: int | list[str] | None = None
+    # imagefolder, streaming only: the side of the square crop the models see (default 224, after
+    # Resize(size * 256 / 224) for evaluation).
+    image_size: int | None = Field(None, ge=8, le=1024)
 
     @model_validator(mode="after")
     def _downloadable(self) -> DatasetSpec:
@@ -54,13 +68,34 @@ class DatasetSpec(Strict):
                              f"{self.name} is read from what is on disk (set download: false)")
         return self
 
+    @field_validator("classes")
+    @classmethod
+    def _sorted_classes(cls, v: int | list[str] | None) -> int | list[str] | None:
+        # Sorted: labels follow the sorted names, and one set of classes has one hash.
+        return sorted(v) if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _folder_fields(self) -> DatasetSpec:
+        for name in LATER_DATASET_FIELDS:
+            if getattr(self, name) is not None and self.name != "imagefolder":
+                raise ValueError(f"{name}: only for an imagefolder dataset, not {self.name}")
+        if self.image_size is not None and self.stream is False:
+            raise ValueError("image_size: the crop size of a streamed folder; with stream: false the images "
+                             "keep their own size (leave image_size unset)")
+        if isinstance(self.classes, int) and self.classes < 2:
+            raise ValueError(f"classes: at least 2, not {self.classes}")
+        if isinstance(self.classes, list) and (len(set(self.classes)) != len(self.classes) or len(self.classes) < 2):
+            raise ValueError("classes: a list of at least 2 distinct class folder names")
+        return self
+
     def hashed(self) -> dict[str, Any]:
         """The fields that change the data, for hashes: ``root`` is where, not what, and ``download``
         how; a field added since studies were first stored is left out while unset, so their hashes
         still hold."""
         data = self.model_dump(mode="json", exclude=NOT_HASHED)
-        if data["train_subset"] is None:
-            del data["train_subset"]
+        for name in ("train_subset", *LATER_DATASET_FIELDS):
+            if data[name] is None:
+                del data[name]
         return data
 
 
@@ -203,8 +238,10 @@ class Plan(Strict):
         # Plans hash their dataset's root (as they always have) but not how it is got (download).
         data = self.model_dump(mode="json", exclude={"name": True, "provenance": True,
                                                      "problem": {"dataset": {"download": True}}})
-        if self.problem.dataset.train_subset is None:
-            del data["problem"]["dataset"]["train_subset"]
+        dataset = data["problem"]["dataset"]
+        for name in ("train_subset", *LATER_DATASET_FIELDS):
+            if dataset[name] is None:
+                del dataset[name]
         if self.problem.teacher.weights is None:
             del data["problem"]["teacher"]["weights"]
         return data
@@ -229,7 +266,13 @@ class Plan(Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        data = self.model_dump(mode="json")
+        for name in LATER_DATASET_FIELDS:  # unset: the plan reads as one written before they existed
+            if data["problem"]["dataset"][name] is None:
+                del data["problem"]["dataset"][name]
+        if data["problem"]["teacher"]["weights"] is None:
+            del data["problem"]["teacher"]["weights"]
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def parse_plan(data: Any, source: str = "plan") -> Plan:

@@ -172,7 +172,7 @@ def test_the_propagated_environment_is_what_the_data_layer_reads(tmp_path, monke
 
     read = _env_names_read(ROOT / "smskd_search" / "data")
     assert read == set(data.ENV_VARS) == {"SMSKD_DATA", "SMSKD_CACHE", "SMSKD_TEST_ACCESS_LOG", "SMSKD_CIFAR_URL",
-                                          "SMSKD_CIFAR_MD5"}
+                                          "SMSKD_CIFAR_MD5", "SMSKD_STREAM_ABOVE_BYTES", "SMSKD_STREAM_WORKERS"}
     assert set(cluster.PATH_ENV) == {"SMSKD_DATA", "SMSKD_CACHE", "SMSKD_TEST_ACCESS_LOG"}  # not the mirror URL or md5
     assert set(data.ENV_VARS) <= set(cluster.PROPAGATED_ENV)
     assert not {n for n in cluster.PROPAGATED_ENV if n.startswith("SMSKD_")} - read  # nothing nobody reads

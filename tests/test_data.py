@@ -263,6 +263,30 @@ def test_concurrent_imagefolder_decodes_never_share_a_temporary_file(tmp_path, m
     assert all(np.array_equal(a, b) for a, b in zip(again, results[0]))
 
 
+def test_the_imagefolder_test_split_is_test_else_val_and_cache_names_stay(tmp_path, monkeypatch):
+    """A folder with test/ keeps the decoded cache file it had (its name is the listing's hash, as
+    before val/ was read); one with only val/ takes its test split from there."""
+    import hashlib
+    import shutil
+
+    rng = np.random.default_rng(4)
+    for split, n in (("train", 4), ("test", 2), ("val", 3)):
+        for c in ("a", "b"):
+            (tmp_path / "img" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "img" / split / c / f"{i}.png")
+    monkeypatch.setenv("SMSKD_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "img"
+    listing = "\n".join(f"{p.relative_to(base)}:{p.stat().st_size}" for split in ("train", "test")
+                        for p in sorted((base / split).rglob("*")) if p.suffix == ".png")
+    key = hashlib.sha256(f"{base.resolve()}\n{listing}".encode()).hexdigest()[:16]
+    _, _, xt, _ = sources.load_imagefolder_arrays(str(base))
+    assert len(xt) == 4 and [p.name for p in (tmp_path / "cache").iterdir()] == [f"imagefolder-{key}.npz"]
+    shutil.rmtree(base / "test")
+    _, _, xt, yt = sources.load_imagefolder_arrays(str(base))
+    assert len(xt) == 6 and yt.tolist() == [0, 0, 0, 1, 1, 1]
+
+
 @pytest.mark.real_component("fashion_mnist")
 @pytest.mark.skipif(not sources.DEBIAN_FASHION_MNIST.is_dir(),
                     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

@@ -130,3 +130,25 @@ def test_evaluation_is_resize_center_crop_normalised(tree):
     torch.testing.assert_close(x[7], (view.float() / 255 - mean) / std, rtol=0, atol=1e-5)
     # Two passes over an evaluation loader give the same tensors.
     assert torch.equal(next(iter(loader))[0], x)
+
+
+def test_a_dropped_loader_stops_its_workers_at_once(tree):
+    """Without a reference cycle, the last reference going stops the decoding workers then and
+    there (freed by the garbage collector instead, each waited seconds for a stop it never heard)."""
+    import gc
+    import multiprocessing
+    import time
+
+    index = index_folder(tree, choose_classes(sorted(p.name for p in tree.iterdir()), None, 0))
+    before = set(multiprocessing.active_children())
+    gc.disable()
+    try:
+        loader = StreamingLoader(index, 4, "cpu", shuffle=True, augment=True, num_workers=1, transform=SMALL)
+        assert len(list(loader)) == 4
+        assert set(multiprocessing.active_children()) - before  # the persistent worker is up
+        start = time.monotonic()
+        del loader
+        assert not set(multiprocessing.active_children()) - before
+        assert time.monotonic() - start < 3
+    finally:
+        gc.enable()

@@ -1,4 +1,6 @@
-"""Datasets by name, offline (but for CIFAR with ``download: true``), as seeded train / val / test splits held as tensors.
+"""Datasets by name, offline (but for CIFAR with ``download: true``), as seeded train / val / test splits:
+held as tensors, or, for image folders too large to hold (``dataset.stream``), streamed from their files
+(:mod:`smskd_search.data.folder_split`). Both kinds answer the engine alike (:mod:`smskd_search.data.batches`).
 
 ``load_data(spec)`` gives the train and validation splits: validation is always a seeded stratified
 split of the training data. The test split is only reachable through :func:`load_test_split`, an
@@ -18,9 +20,20 @@ import numpy as np
 import torch
 
 from smskd_search.data import sources
+from smskd_search.data.batches import BatchLoader, Split
 from smskd_search.data.download import ENV_VARS as DOWNLOAD_ENV_VARS
+from smskd_search.data.folder_split import (
+    ENV_STREAM_ABOVE,
+    ENV_STREAM_WORKERS,
+    StreamingSplit,
+    kept_classes,
+    streaming_test,
+    streaming_train_val,
+    streams,
+)
 from smskd_search.data.loader import TensorLoader, TensorSplit, augment_batch
 from smskd_search.data.splits import stratified_split, stratified_subset
+from smskd_search.data.streaming import IMAGENET_MEAN, IMAGENET_STD
 from smskd_search.errors import UserError
 from smskd_search.plan import DatasetSpec
 
@@ -28,7 +41,7 @@ ENV_TEST_ACCESS_LOG = "SMSKD_TEST_ACCESS_LOG"
 # Every environment variable the data layer reads: a search propagates exactly these to its trials.
 # Those that hold a path (a search makes them absolute), then the download mirror's URL and md5.
 PATH_ENV_VARS = (sources.ENV_DATA, sources.ENV_CACHE, ENV_TEST_ACCESS_LOG)
-ENV_VARS = (*PATH_ENV_VARS, *DOWNLOAD_ENV_VARS)
+ENV_VARS = (*PATH_ENV_VARS, *DOWNLOAD_ENV_VARS, ENV_STREAM_ABOVE, ENV_STREAM_WORKERS)
 
 # Per-dataset normalisation (channel mean, std) of the [0, 1] images. imagefolder computes its own.
 NORMALIZATION = {
@@ -49,13 +62,15 @@ class DataInfo:
     std: tuple[float, ...]
     num_train: int
     num_val: int
+    # Whether the splits stream from files (image_size is then the crop's) or are held as tensors.
+    streamed: bool = False
 
 
 @dataclass
 class DataSplits:
     info: DataInfo
-    train: TensorSplit
-    val: TensorSplit
+    train: Split
+    val: Split
 
     def to(self, device: torch.device | str) -> DataSplits:
         return DataSplits(self.info, self.train.to(device), self.val.to(device))
@@ -74,11 +89,29 @@ def _arrays(name: str, root: str | None, download: bool = False) -> sources.Arra
     raise ValueError(f"unknown dataset {name!r}")
 
 
+def _keep_classes(spec: DatasetSpec, arrays: sources.Arrays) -> sources.Arrays:
+    """The images of the classes ``dataset.classes`` keeps, relabelled by their place among them."""
+    x, y, xt, yt = arrays
+    every = sources.folder_classes(spec.root)
+    kept = kept_classes(spec)
+    if len(kept) == len(every):
+        return arrays
+    relabel = np.full(len(every), -1, np.int64)
+    relabel[[every.index(c) for c in kept]] = np.arange(len(kept))
+    keep = relabel[y] >= 0
+    x, y = x[keep], relabel[y[keep]]
+    if xt is not None and yt is not None:
+        keep_t = relabel[yt] >= 0
+        xt, yt = xt[keep_t], relabel[yt[keep_t]]
+    return x, y, xt, yt
+
+
 def _train_test(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    x, y, xt, yt = _arrays(spec.name, spec.root, spec.download)
+    arrays = _arrays(spec.name, spec.root, spec.download)
+    x, y, xt, yt = _keep_classes(spec, arrays) if spec.classes is not None else arrays
     if xt is None:
         # No official test split (digits): a seeded stratified one, held out before anything else.
-        keep, held = stratified_split(y, spec.test_fraction, spec.split_seed)
+        keep, held = stratified_split(y, spec.test_fraction, spec.split_seed, "dataset.test_fraction")
         x, y, xt, yt = x[keep], y[keep], x[held], y[held]
     if spec.train_subset is not None:
         if spec.train_subset > len(y):
@@ -106,7 +139,10 @@ def _stats(spec: DatasetSpec, x_train: np.ndarray) -> tuple[tuple[float, ...], t
 
 
 def load_data(spec: DatasetSpec, device: torch.device | str = "cpu") -> DataSplits:
-    """Train and validation splits (validation carved from the training data, seeded, stratified)."""
+    """Train and validation splits (validation carved from the training data, seeded, stratified):
+    streamed where :func:`~smskd_search.data.folder_split.streams` says so, else held as tensors."""
+    if streams(spec):
+        return _load_streaming(spec, device)
     x, y, _, _ = _train_test(spec)
     train_idx, val_idx = stratified_split(y, spec.val_fraction, spec.split_seed)
     mean, std = _stats(spec, x[train_idx])
@@ -125,12 +161,22 @@ def load_data(spec: DatasetSpec, device: torch.device | str = "cpu") -> DataSpli
     return DataSplits(info, train, val).to(device)
 
 
-def load_test_split(spec: DatasetSpec, info: DataInfo, device: torch.device | str = "cpu") -> TensorSplit:
-    """The test split: for final evaluation of a trained model only, never for training or tuning."""
+def _load_streaming(spec: DatasetSpec, device: torch.device | str) -> DataSplits:
+    train, val, num_classes = streaming_train_val(spec, device)
+    info = DataInfo(name=spec.name, num_classes=num_classes, in_channels=3, image_size=train.transform.size,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, num_train=len(train), num_val=len(val), streamed=True)
+    return DataSplits(info, train, val)
+
+
+def load_test_split(spec: DatasetSpec, info: DataInfo, device: torch.device | str = "cpu") -> Split:
+    """The test split: for final evaluation of a trained model only, never for training or tuning.
+    Streamed where the training split streams (``info.streamed``)."""
     log = os.environ.get(ENV_TEST_ACCESS_LOG)
     if log:
         with open(log, "a") as f:
             f.write(f"{time.time():.3f} pid={os.getpid()} dataset={spec.name}\n")
+    if info.streamed:
+        return streaming_test(spec, device)
     _, _, xt, yt = _train_test(spec)
     return TensorSplit(_normalise(xt, info.mean, info.std), torch.from_numpy(np.require(yt, requirements=["W"]))).to(device)
 
@@ -138,8 +184,11 @@ def load_test_split(spec: DatasetSpec, info: DataInfo, device: torch.device | st
 __all__ = [
     "ENV_VARS",
     "PATH_ENV_VARS",
+    "BatchLoader",
     "DataInfo",
     "DataSplits",
+    "Split",
+    "StreamingSplit",
     "TensorLoader",
     "TensorSplit",
     "augment_batch",

@@ -25,11 +25,41 @@ class TensorSplit:
     images: torch.Tensor
     labels: torch.Tensor
 
+    # Held whole on its device: the engine may precompute frozen outputs over its images.
+    streamed = False
+
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The images' shape (N, C, H, W)."""
+        return tuple(self.images.shape)
+
+    @property
+    def resident_images(self) -> torch.Tensor:
+        """All the split's images, on its device (a streamed split has None)."""
+        return self.images
+
     def to(self, device: torch.device | str) -> TensorSplit:
         return TensorSplit(self.images.to(device), self.labels.to(device))
+
+    def loader(self, batch_size: int, *, shuffle: bool = False, augment: AugmentSpec | None = None,
+               seed: int | None = None, drop_last: bool = False) -> TensorLoader:
+        """Batches of this split (see :class:`~smskd_search.data.batches.Split`).
+
+        Args:
+            batch_size: Images per batch.
+            shuffle: A new random order each epoch.
+            augment: The recipe's crop and flip; None or disabled: none.
+            seed: Seeds the loader's generator on the split's device (None: seed 0).
+            drop_last: Drop a last, smaller batch.
+        """
+        # Imported here: the engine package imports this module (the device module is its own).
+        from smskd_search.engine.device import make_generator
+
+        gen = make_generator(self.labels.device, seed) if seed is not None else None
+        return TensorLoader(self, batch_size, shuffle=shuffle, augment=augment, generator=gen, drop_last=drop_last)
 
 
 def _crop_gather(x: torch.Tensor, padding: int, oy: torch.Tensor, ox: torch.Tensor,
@@ -113,6 +143,21 @@ class TensorLoader:
     def __len__(self) -> int:
         n = len(self.split)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.split.labels.device
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.split)
+
+    def random_state(self) -> torch.Tensor:
+        """The generator's state: what a checkpoint keeps to replay the same batches."""
+        return self.generator.get_state()
+
+    def set_random_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         n = len(self.split)

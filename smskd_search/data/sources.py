@@ -160,18 +160,27 @@ def _read_folder(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarr
     return np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, np.int64)
 
 
+def folder_classes(root: str | None) -> list[str]:
+    """The class folders of an imagefolder's ``train/``, sorted (labels are positions in this list)."""
+    train = Path(root) / "train" if root is not None else None
+    return sorted(p.name for p in train.iterdir() if p.is_dir()) if train is not None and train.is_dir() else []
+
+
 def load_imagefolder_arrays(root: str | None) -> Arrays:
-    """``<root>/train/<class>/*`` and ``<root>/test/<class>/*``, decoded once and cached as .npz."""
+    """``<root>/train/<class>/*`` and the test split's ``<root>/test/<class>/*`` (else ``<root>/val/``,
+    ImageNet's layout), decoded once and cached as .npz."""
     if root is None:
-        raise UserError("dataset.root: imagefolder needs a root with train/<class>/ and test/<class>/ folders")
+        raise UserError("dataset.root: imagefolder needs a root with train/<class>/ and test/<class>/ (or val/) folders")
     base = Path(root)
     if not (base / "train").is_dir():
         raise UserError(f"dataset.root: {base / 'train'} not found (imagefolder needs train/<class>/ and test/<class>/)")
-    classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    classes = folder_classes(root)
     if not classes:
         raise UserError(f"dataset.root: no class folders under {base / 'train'}")
+    # test/ as before (and the same cache key); val/ only where there is no test/.
+    test = "test" if (base / "test").is_dir() or not (base / "val").is_dir() else "val"
     listing = "\n".join(
-        f"{p.relative_to(base)}:{p.stat().st_size}" for split in ("train", "test") if (base / split).is_dir()
+        f"{p.relative_to(base)}:{p.stat().st_size}" for split in ("train", test) if (base / split).is_dir()
         for p in sorted((base / split).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
     )
     key = hashlib.sha256(f"{base.resolve()}\n{listing}".encode()).hexdigest()[:16]
@@ -181,8 +190,8 @@ def load_imagefolder_arrays(root: str | None) -> Arrays:
         has_test = z["xt"].size > 0
         return z["x"], z["y"], z["xt"] if has_test else None, z["yt"] if has_test else None
     x, y = _read_folder(base / "train", classes)
-    if (base / "test").is_dir():
-        xt, yt = _read_folder(base / "test", classes)
+    if (base / test).is_dir():
+        xt, yt = _read_folder(base / test, classes)
     else:
         xt = yt = None
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ CPU kernels, whose results can differ across torchvision versions or CPU instruc
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -154,7 +155,16 @@ class _EpochBatches(torch.utils.data.Sampler):
     process, where DataLoader iterates its sampler)."""
 
     def __init__(self, loader: StreamingLoader):
-        self.loader = loader
+        # A weak reference: a strong one would make a cycle (loader -> DataLoader -> sampler ->
+        # loader) that only the garbage collector frees, and a DataLoader freed that way waits
+        # seconds per worker for workers that never hear the signal to stop.
+        self._loader = weakref.ref(loader)
+
+    @property
+    def loader(self) -> StreamingLoader:
+        loader = self._loader()
+        assert loader is not None, "the sampler outlived its loader"
+        return loader
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -219,6 +229,10 @@ class StreamingLoader:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         try:
             for images, labels, indices in self._loader:
@@ -237,3 +251,7 @@ class StreamingLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
+
+    # The names the engine uses for every loader (:class:`~smskd_search.data.batches.BatchLoader`).
+    random_state = state_dict
+    set_random_state = load_state_dict

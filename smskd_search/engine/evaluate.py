@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smskd_search.data import TensorLoader, TensorSplit
+from smskd_search.data import Split
 from smskd_search.engine.device import Precision
 from smskd_search.stats import binomial_se
 
@@ -26,13 +26,13 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: TensorSplit, precision: Precision, batch_size: int = 1024) -> EvalResult:
+def evaluate(model: nn.Module, split: Split, precision: Precision, batch_size: int = 1024) -> EvalResult:
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=split.labels.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.labels.device)
     try:
-        for x, y, _ in TensorLoader(split, batch_size):
+        for x, y, _ in split.loader(batch_size):
             with precision.autocast():
                 logits, _ = model(precision.prepare_input(x))
             logits = logits.float()

@@ -18,6 +18,11 @@ store when another run put them, with the same numbers, and every epoch that ran
 forward puts its logits there. What happens is told as a stream of events
 (:mod:`~smskd_search.engine.events`).
 
+Batches come from the workbench's splits (:mod:`smskd_search.data.batches`), held as tensors or
+streamed from an image folder: the same plan and seed see the same batches either way. A streamed
+split has no device-resident images to precompute the frozen outputs over, and its runs do not use
+the teacher-logit store: the result's notes say so.
+
 Neither Ray nor Optuna is imported here: a plan runs wherever torch runs.
 """
 
@@ -163,12 +168,34 @@ def _start(plan: Plan, bench: Workbench, emit: EventSink, cache_frozen_outputs: 
     student: nn.Module = create_model(plan.problem.student.arch, info.num_classes, info.in_channels, info.image_size)
     student = prec.prepare_model(student.to(dev))
     in_shape = (info.in_channels, info.image_size, info.image_size)
-    cache_inputs = bench.data.train.images if (cache_frozen_outputs and not plan.recipe.augment.enabled) else None
+    notes = _streaming_notes(plan, bench, cache_frozen_outputs)
+    # Precomputed frozen outputs need the whole split on the device: a streamed one has no such tensor.
+    resident = bench.data.train.resident_images
+    cache_inputs = resident if (cache_frozen_outputs and not plan.recipe.augment.enabled) else None
     runtime = Runtime.current(dev, prec)
     teacher_fw = _teacher_forward(plan, bench, cache_inputs, runtime)
+    store = bench.logit_store if not (teacher_fw.cached or bench.data.train.streamed) else None
     return RunState(plan, bench, emit, student, probe_shapes(student, in_shape), probe_shapes(bench.teacher, in_shape),
-                    teacher_fw, cache_inputs, prec.grad_scaler(), runtime,
-                    logit_store=bench.logit_store if not teacher_fw.cached else None)
+                    teacher_fw, cache_inputs, prec.grad_scaler(), runtime, logit_store=store, notes=notes)
+
+
+def _streaming_notes(plan: Plan, bench: Workbench, cache_frozen_outputs: bool) -> list[str]:
+    """What a run on streamed data does without (said in its :class:`RunResult`'s notes).
+
+    The frozen-outputs memo keys the teacher's outputs by positions in a device-resident tensor,
+    which a streamed split does not have; the teacher-logit store would hold an epoch of logits per
+    stage epoch (gigabytes at ImageNet's size), and its key's ``train_shape`` does not tell a
+    streamed folder from the same folder held in memory. Both are off for streamed data.
+    """
+    if not bench.data.train.streamed:
+        return []
+    notes = []
+    if cache_frozen_outputs and not plan.recipe.augment.enabled:
+        notes.append("streamed data: the frozen teacher's and reference's outputs are computed per batch "
+                     "(no precomputed outputs without device-resident images)")
+    if bench.logit_store is not None:
+        notes.append("streamed data: the teacher-logit store is not used (the teacher runs on every batch)")
+    return notes
 
 
 def _teacher_forward(plan: Plan, bench: Workbench, inputs: torch.Tensor | None, runtime: Runtime) -> FrozenForward:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from smskd_search.data import TensorLoader
+from smskd_search.data import BatchLoader
 from smskd_search.engine.checkpoints import made_on, partial_payload, stage_payload
-from smskd_search.engine.device import device_rng_state, make_generator, set_device_rng_state
+from smskd_search.engine.device import device_rng_state, set_device_rng_state
 from smskd_search.engine.evaluate import evaluate
 from smskd_search.engine.events import EpochsReused, EpochTrained, EventSink
 from smskd_search.engine.frozen import FrozenForward, frozen_copy
@@ -84,7 +84,7 @@ class Stage:
     seed: int
     method: Method
     reference: ReferenceTerm | None
-    loader: TensorLoader
+    loader: BatchLoader
     schedule: Schedule | None = None
 
 
@@ -105,8 +105,7 @@ def build_stage(run: RunState, k: int) -> Stage:
         ref_fw = FrozenForward(ref_model, bench.precision, run.cache_inputs if plan.reference.lambda_ref > 0 else None,
                                plan.recipe.eval_batch_size, need_features=plan.reference.loss == "feature_mse")
         reference = ReferenceTerm(ref_fw, plan.reference)
-    loader = TensorLoader(bench.data.train, plan.recipe.batch_size, shuffle=True, augment=plan.recipe.augment,
-                          generator=make_generator(bench.device, seed))
+    loader = bench.data.train.loader(plan.recipe.batch_size, shuffle=True, augment=plan.recipe.augment, seed=seed)
     stage = Stage(k, spec, seed, method, reference, loader)
     _stage_optimizer(run, stage)
     return stage
@@ -139,12 +138,13 @@ def _stage_optimizer(run: RunState, stage: Stage) -> None:
 
 
 def _rng_states(run: RunState, stage: Stage) -> dict[str, Any]:
-    return {"loader_rng": stage.loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+    # A tensor loader's is its generator's state (as ever); a streaming loader's, its epoch and seed.
+    return {"loader_rng": stage.loader.random_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": device_rng_state(run.bench.device)}
 
 
 def _set_rng_states(run: RunState, stage: Stage, states: dict[str, Any]) -> None:
-    stage.loader.generator.set_state(states["loader_rng"])
+    stage.loader.set_random_state(states["loader_rng"])
     torch.set_rng_state(states["torch_rng"])
     set_device_rng_state(run.bench.device, states["cuda_rng"])
 
@@ -227,7 +227,7 @@ def _epoch_teacher(run: RunState, stage: Stage, keys: StageStore, epoch: int) ->
     if run.logit_store is None:
         return run.teacher_fw, ""
     bench = run.bench
-    key = keys.logits_key(stage.index, epoch, loader_seed=stage.seed, train_shape=tuple(bench.data.train.images.shape))
+    key = keys.logits_key(stage.index, epoch, loader_seed=stage.seed, train_shape=bench.data.train.shape)
     store, need_features = run.logit_store, stage.method.teacher_features
     if need_features:
         # The forward runs anyway: its logits are put only where the store lacks them (not loaded).

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smskd_search.data import DataSplits, TensorLoader, load_data, load_test_split
-from smskd_search.engine.device import Precision, make_generator, pick_device, pick_precision, release_memory, set_numerics
+from smskd_search.data import DataSplits, load_data, load_test_split
+from smskd_search.engine.device import Precision, pick_device, pick_precision, release_memory, set_numerics
 from smskd_search.engine.evaluate import evaluate
 from smskd_search.engine.frozen import freeze
 from smskd_search.engine.optim import backward_and_step, build_optimizer, lr_at, set_lr, step_progress, trainable
@@ -168,8 +168,7 @@ def train_teacher_model(problem: ProblemSpec, data: DataSplits, device: torch.de
                             data.info.num_val, str(device), recipe.augment.enabled))
     model = precision.prepare_model(model.to(device))
     opt = build_optimizer([{"params": trainable(model.parameters())}], recipe, device)
-    loader = TensorLoader(data.train, recipe.batch_size, shuffle=True, augment=recipe.augment,
-                          generator=make_generator(device, recipe.seed))
+    loader = data.train.loader(recipe.batch_size, shuffle=True, augment=recipe.augment, seed=recipe.seed)
     scaler = precision.grad_scaler()
     for epoch in range(recipe.epochs):
         model.train()

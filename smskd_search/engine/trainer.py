@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smskd_search.data import TensorLoader
+from smskd_search.data import BatchLoader
 from smskd_search.engine.device import Precision
 from smskd_search.engine.frozen import FrozenForward
 from smskd_search.engine.optim import backward_and_step, lr_at, set_lr, step_progress
@@ -68,7 +68,7 @@ def train_epoch(
     method: Method,
     teacher: TeacherForward,
     reference: ReferenceTerm | None,
-    loader: TensorLoader,
+    loader: BatchLoader,
     optimizer: torch.optim.Optimizer,
     schedule: Schedule,
     stage_epoch: int,
@@ -77,7 +77,7 @@ def train_epoch(
 ) -> EpochStats:
     student.train()
     method.train()
-    device = loader.split.labels.device
+    device = loader.device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kd, ref, correct
     ce_weight = method.params.ce_weight
     steps = len(loader)
@@ -113,6 +113,6 @@ def train_epoch(
                 loss.detach().double() * b, ce.detach().double() * b, kd.detach().double() * b,
                 ref.detach().double() * b, (s_logits.detach().argmax(1) == y).sum().double(),
             ])
-    n = sum(min(loader.batch_size, len(loader.split) - i * loader.batch_size) for i in range(steps))
+    n = sum(min(loader.batch_size, loader.num_samples - i * loader.batch_size) for i in range(steps))
     loss_v, ce_v, kd_v, ref_v, correct = (sums / max(n, 1)).tolist()
     return EpochStats(loss=loss_v, ce=ce_v, kd=kd_v, ref=ref_v, acc=correct, lr=lr)

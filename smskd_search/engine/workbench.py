@@ -34,7 +34,8 @@ class Workbench:
     Args:
         device: Where runs train.
         precision: Their precision (:func:`~smskd_search.engine.device.pick_precision`).
-        data: The problem's splits, on ``device``.
+        data: The problem's splits, on ``device``: held as tensors, or streamed from an image folder
+            (``data.info.streamed``; then the frozen-outputs memo and the logit store sit unused).
         teacher: The teacher model, frozen and prepared for ``precision``.
         teacher_record: Its record (weights' digest, path).
         stage_cache: The stage-prefix cache (:mod:`~smskd_search.engine.prefix_cache`), or None.
