@@ -65,7 +65,7 @@ def test_content_hash_ignores_name_not_seed(tiny_problem):
 
 
 def test_builtin_spaces_load_and_make_valid_plans():
-    for name in ("default", "fashion-mnist", "cifar10", "cifar100-resnet32x4-resnet8x4"):
+    for name in ("default", "fashion-mnist", "cifar10", "cifar100-resnet32x4-resnet8x4", "imagenet-resnet34-resnet18"):
         loaded = load_space(name)
         assert loaded.space.search is not None and len(loaded.sha256) == 64
         plan = make_plan(loaded.space, [(loaded.space.search.methods[0], 1)])
@@ -73,6 +73,14 @@ def test_builtin_spaces_load_and_make_valid_plans():
     cifar = load_space("cifar100-resnet32x4-resnet8x4").space
     assert (cifar.recipe.lr, cifar.recipe.momentum, cifar.recipe.weight_decay, cifar.recipe.batch_size) == (0.05, 0.9, 5e-4, 64)
     assert (cifar.recipe.augment.crop_padding, cifar.recipe.augment.flip) == (4, True)
+    # mdistiller's ImageNet recipe (configs/imagenet/r34_r18): torchvision's pretrained teacher, streamed data.
+    imagenet = load_space("imagenet-resnet34-resnet18").space
+    r = imagenet.recipe
+    assert (r.lr, r.momentum, r.weight_decay, r.batch_size) == (0.2, 0.9, 1e-4, 512)
+    assert (r.schedule.kind, r.schedule.milestones, r.schedule.gamma) == ("step", [0.3, 0.6, 0.9], 0.1)
+    assert imagenet.problem.teacher.weights == "IMAGENET1K_V1" and imagenet.problem.dataset.stream is True
+    assert imagenet.search.method_params["kd"] == {"T": 1.0, "ce_weight": 0.5, "weight": 0.5}
+    assert imagenet.search.method_params["dkd"] == {"ce_weight": 1.0, "beta": 0.5, "T": 1.0, "warmup_epochs": 1}
 
 
 def test_default_space_applies_method_params():

@@ -191,3 +191,25 @@ def test_a_search_prints_the_teacher_before_its_trials_which_get_it_as_bytes(env
     assert re.fullmatch(rf"teacher resnet18: val acc \d+\.\d\d% \(n=10\) \[{re.escape(str(env['hub'] / HUB_NAME))}\]",
                         first), out.stdout
     assert "1/1 trials: 1 complete, 0 pruned, 0 failed" in out.stdout, out.stdout
+
+
+def test_a_class_subset_reads_the_teachers_logits_at_its_classes(env):
+    """ImageNet-100 style: a folder of all the classes, ``dataset.classes`` keeping some, and a teacher
+    that classifies all of them: its classifier keeps the rows of the kept classes, so its logits are
+    the full ones read at those classes (and its accuracy is measured among them)."""
+    state = save_hub_file(env["hub"], len(CLASSES))
+    problem = problem_of(env["img"], weights="IMAGENET1K_V1")
+    problem = problem.model_copy(update={"dataset": problem.dataset.model_copy(update={"classes": ["bee", "doe"]})})
+    record = ensure_teacher(problem, cache_root=env["root"] / "teachers")
+    data = load_data(problem.dataset)
+    assert data.info.num_classes == 2
+    teacher = load_teacher(problem, record, data.info, "cpu")
+    full = create_model("resnet18", len(CLASSES), 3, 32)
+    full.load_state_dict(state)
+    full.eval()
+    x = data.val.images[:6]
+    with torch.no_grad():
+        assert torch.equal(teacher(x)[0], full(x)[0][:, [1, 3]])  # bee, doe: positions 1 and 3 of 4
+    expected = evaluate(teacher, data.val, pick_precision(torch.device("cpu")), problem.teacher.recipe.eval_batch_size)
+    assert (record.val_acc, record.n_val) == (expected.acc, expected.n) and record.n_val == 5
+    assert record.key != teacher_key(problem_of(env["img"], weights="IMAGENET1K_V1"))  # another teacher

@@ -173,6 +173,8 @@ def test_a_failed_start_leaves_no_study_behind(tmp_path):
     with pytest.raises(UserError, match="teacher.checkpoint"):
         run_search(load_space(path), studies_dir=tmp_path)
     assert not (tmp_path / "badteacher.db").exists() and not (tmp_path / "badteacher.lock").exists()
+    # Nor SQLite's write-ahead log beside it (the connection is closed before the file goes).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["badteacher.yaml"]
     with pytest.raises(UserError, match="no study badteacher to resume"):
         run_search(load_space(path), studies_dir=tmp_path, resume=True)
 

@@ -53,6 +53,15 @@ def kept_classes(spec: DatasetSpec) -> list[str]:
     return choose_classes(every, spec.classes, spec.split_seed)
 
 
+def class_positions(spec: DatasetSpec) -> list[int] | None:
+    """Where the kept classes sit among all the folder's classes (a teacher that classifies all of
+    them reads its logits for the kept ones there); None when ``dataset.classes`` keeps them all."""
+    if spec.name != "imagefolder" or spec.classes is None:
+        return None
+    every = class_folders(folder_root(spec) / "train")
+    return [every.index(c) for c in kept_classes(spec)]
+
+
 def stream_threshold() -> int:
     """Bytes above which an imagefolder streams when ``dataset.stream`` is unset: the environment
     variable ``SMSKD_STREAM_ABOVE_BYTES``, else 8 GiB. A fixed number rather than the memory a

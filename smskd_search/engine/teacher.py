@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from smskd_search.data import DataSplits, load_data, load_test_split
+from smskd_search.data.folder_split import class_positions
 from smskd_search.engine.device import Precision, pick_device, pick_precision, release_memory, set_numerics
 from smskd_search.engine.evaluate import evaluate
 from smskd_search.engine.frozen import freeze
@@ -98,7 +99,8 @@ def _state_dict_of(obj: object) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_weights_checked(model: nn.Module, path: str | Path | bytes, arch: str, field: str = "teacher.checkpoint") -> None:
+def load_weights_checked(model: nn.Module, path: str | Path | bytes, arch: str, field: str = "teacher.checkpoint",
+                         keep_classes: list[int] | None = None) -> None:
     """Load a checkpoint into ``model`` or raise one UserError line saying why it does not fit.
 
     Args:
@@ -106,6 +108,9 @@ def load_weights_checked(model: nn.Module, path: str | Path | bytes, arch: str, 
         path: The checkpoint file, or its bytes (a search's trial gets the teacher's file that way).
         arch: The model's arch (for the message).
         field: The field the checkpoint came from (for the message).
+        keep_classes: Where the dataset's classes sit among those the checkpoint classifies (a
+            subset such as ImageNet-100 of a 1000-class teacher): the classifier keeps those rows,
+            so the teacher's logits are its full logits read at the kept classes.
     """
     source = io.BytesIO(path) if isinstance(path, bytes) else path
     if isinstance(path, bytes):
@@ -115,6 +120,8 @@ def load_weights_checked(model: nn.Module, path: str | Path | bytes, arch: str, 
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise UserError(f"{field}: {path} cannot be read as a checkpoint: {str(exc).splitlines()[0]}") from None
     own = model.state_dict()
+    if keep_classes is not None:
+        state = _keep_head_rows(state, own, keep_classes)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
@@ -122,8 +129,9 @@ def load_weights_checked(model: nn.Module, path: str | Path | bytes, arch: str, 
     if (not missing and not unexpected and bad and set(bad) <= {*head, *(k[:-6] + "bias" for k in head)}
             and state[head[0]].shape[0] != own[head[0]].shape[0]):
         raise UserError(f"{field}: {path} does not fit arch {arch!r}: it classifies {state[head[0]].shape[0]} classes, "
-                        f"the dataset has {own[head[0]].shape[0]}; use a dataset with the same classes "
-                        "(replacing the classifier head is not supported)")
+                        f"the dataset has {own[head[0]].shape[0]}; use a dataset with the same classes, or a folder "
+                        "of all of them with dataset.classes keeping some (replacing the classifier head is not "
+                        "supported)")
     if missing or unexpected or bad:
         why = []
         if bad:
@@ -135,6 +143,24 @@ def load_weights_checked(model: nn.Module, path: str | Path | bytes, arch: str, 
             why.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
         raise UserError(f"{field}: {path} does not fit arch {arch!r}: " + "; ".join(why))
     model.load_state_dict(state)
+
+
+def _keep_head_rows(state: dict, own: dict, keep: list[int]) -> dict:
+    """``state`` with its classifier (the last matrix) cut to the rows ``keep``, where it classifies
+    more classes than the model and ``keep`` names as many as the model has."""
+    head = [k for k in own if own[k].dim() == 2][-1:]
+    if not head or head[0] not in state:
+        return state
+    weight, bias = head[0], head[0][:-6] + "bias"
+    rows = state[weight].shape[0]
+    if rows <= own[weight].shape[0] or len(keep) != own[weight].shape[0] or max(keep) >= rows:
+        return state
+    index = torch.tensor(keep)
+    cut = dict(state)
+    cut[weight] = state[weight].index_select(0, index)
+    if bias in state:
+        cut[bias] = state[bias].index_select(0, index)
+    return cut
 
 
 EpochCallback = Callable[[int, int, float, float], None]  # (epoch, epochs, train loss, val acc)
@@ -283,7 +309,8 @@ def _obtain(problem: ProblemSpec, data: DataSplits, device: torch.device, precis
     if teacher.checkpoint or teacher.weights:
         path = Path(teacher.checkpoint) if teacher.checkpoint else pretrained_path(problem)
         model = create_model(teacher.arch, info.num_classes, info.in_channels, info.image_size)
-        load_weights_checked(model, path, teacher.arch, "teacher.weights" if teacher.weights else "teacher.checkpoint")
+        load_weights_checked(model, path, teacher.arch, "teacher.weights" if teacher.weights else "teacher.checkpoint",
+                             class_positions(problem.dataset))
         return model.to(device), path.resolve(), "pretrained" if teacher.weights else "checkpoint"
     model = train_teacher_model(problem, data, device, precision, on_epoch, on_start)
     folder.mkdir(parents=True, exist_ok=True)
@@ -319,7 +346,8 @@ def load_teacher(problem: ProblemSpec, record: TeacherRecord, info, device: torc
     """
     model = create_model(problem.teacher.arch, info.num_classes, info.in_channels, info.image_size)
     field = "teacher.weights" if problem.teacher.weights else "teacher.checkpoint"
-    load_weights_checked(model, weights if weights is not None else record.path, problem.teacher.arch, field)
+    load_weights_checked(model, weights if weights is not None else record.path, problem.teacher.arch, field,
+                         class_positions(problem.dataset))
     return freeze(model.to(device))
 
 

@@ -123,9 +123,14 @@ def close(session: StudySession) -> None:
 
 
 def discard_if_empty(session: StudySession) -> None:
-    """Remove a study file nothing ran in (a failed start), so the name stays free."""
-    if not session.trials():
-        session.path.unlink(missing_ok=True)
+    """Remove a study file nothing ran in (a failed start), so the name stays free: its connections
+    closed first, then the file and the write-ahead log SQLite keeps beside it."""
+    if session.trials():
+        return
+    session.storage.remove_session()
+    session.storage.engine.dispose()
+    for suffix in ("", "-wal", "-shm"):
+        session.path.with_name(session.path.name + suffix).unlink(missing_ok=True)
 
 
 def fail_orphans(session: StudySession) -> None:
