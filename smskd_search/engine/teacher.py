@@ -16,6 +16,7 @@ from torch import nn
 
 from smskd_search.data import DataSplits, load_data, load_test_split
 from smskd_search.data.folder_split import class_positions
+from smskd_search.digest import sha256_of_file
 from smskd_search.engine.device import Precision, pick_device, pick_precision, release_memory, set_numerics
 from smskd_search.engine.evaluate import evaluate
 from smskd_search.engine.frozen import freeze
@@ -78,11 +79,7 @@ def file_sha256(path: str | Path, field: str = "teacher.checkpoint") -> str:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{field}: file not found: {p}")
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of_file(p)
 
 
 def teacher_dir(problem: ProblemSpec, cache_root: str | Path = DEFAULT_CACHE) -> Path:
@@ -120,13 +117,13 @@ def load_weights_checked(model: nn.Module, path: str | Path | bytes, arch: str, 
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise UserError(f"{field}: {path} cannot be read as a checkpoint: {str(exc).splitlines()[0]}") from None
     own = model.state_dict()
-    if keep_classes is not None:
-        state = _keep_head_rows(state, own, keep_classes)
+    head = _classifier_keys(own)
+    if keep_classes is not None and head is not None:
+        state = _keep_head_rows(state, own, head, keep_classes)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    head = [k for k in own if own[k].dim() == 2][-1:]  # the classifier's weight: the last matrix
-    if (not missing and not unexpected and bad and set(bad) <= {*head, *(k[:-6] + "bias" for k in head)}
+    if (head is not None and not missing and not unexpected and bad and set(bad) <= set(head)
             and state[head[0]].shape[0] != own[head[0]].shape[0]):
         raise UserError(f"{field}: {path} does not fit arch {arch!r}: it classifies {state[head[0]].shape[0]} classes, "
                         f"the dataset has {own[head[0]].shape[0]}; use a dataset with the same classes, or a folder "
@@ -145,13 +142,18 @@ def load_weights_checked(model: nn.Module, path: str | Path | bytes, arch: str, 
     model.load_state_dict(state)
 
 
-def _keep_head_rows(state: dict, own: dict, keep: list[int]) -> dict:
-    """``state`` with its classifier (the last matrix) cut to the rows ``keep``, where it classifies
-    more classes than the model and ``keep`` names as many as the model has."""
-    head = [k for k in own if own[k].dim() == 2][-1:]
-    if not head or head[0] not in state:
+def _classifier_keys(own: dict) -> tuple[str, str] | None:
+    """The state-dict names of the classifier's weight (the model's last matrix) and its bias."""
+    matrices = [k for k in own if own[k].dim() == 2]
+    return (matrices[-1], matrices[-1].removesuffix("weight") + "bias") if matrices else None
+
+
+def _keep_head_rows(state: dict, own: dict, head: tuple[str, str], keep: list[int]) -> dict:
+    """``state`` with its classifier cut to the rows ``keep``, where it classifies more classes than
+    the model and ``keep`` names as many as the model has."""
+    weight, bias = head
+    if weight not in state:
         return state
-    weight, bias = head[0], head[0][:-6] + "bias"
     rows = state[weight].shape[0]
     if rows <= own[weight].shape[0] or len(keep) != own[weight].shape[0] or max(keep) >= rows:
         return state

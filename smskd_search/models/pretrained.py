@@ -13,12 +13,12 @@ it is a local checkpoint like any other.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from smskd_search.digest import sha256_of_file
 from smskd_search.errors import UserError
 
 ENV_WEIGHTS_URL = "SMSKD_WEIGHTS_URL"
@@ -81,14 +81,6 @@ def _hash_prefix(filename: str) -> str:
     return stem.rsplit("-", 1)[-1] if "-" in stem else ""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_file(arch: str, name: str, field: str = "teacher.weights", timeout_s: float = 60.0) -> Path:
     """The local file of torchvision's weights ``name`` for ``arch``, fetched into torch hub's cache
     if it is not there yet.
@@ -119,7 +111,7 @@ def weights_file(arch: str, name: str, field: str = "teacher.weights", timeout_s
             for chunk in iter(lambda: resp.read(1 << 20), b""):
                 f.write(chunk)
         prefix = _hash_prefix(filename)
-        if prefix and not _sha256(tmp).startswith(prefix):
+        if prefix and not sha256_of_file(tmp).startswith(prefix):
             raise UserError(f"{field}: {url} does not have the sha256 its name promises ({prefix}...)")
         os.replace(tmp, path)
     except (urllib.error.URLError, OSError) as exc:

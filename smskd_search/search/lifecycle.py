@@ -110,8 +110,7 @@ def close(session: StudySession) -> None:
 
     A reader still connected (a dashboard) keeps the log; then it stays, as SQLite wants.
     """
-    session.storage.remove_session()
-    session.storage.engine.dispose()
+    _disconnect(session)
     try:
         con = sqlite3.connect(session.path, timeout=5)
         try:
@@ -122,13 +121,17 @@ def close(session: StudySession) -> None:
         pass
 
 
+def _disconnect(session: StudySession) -> None:
+    session.storage.remove_session()
+    session.storage.engine.dispose()
+
+
 def discard_if_empty(session: StudySession) -> None:
     """Remove a study file nothing ran in (a failed start), so the name stays free: its connections
     closed first, then the file and the write-ahead log SQLite keeps beside it."""
     if session.trials():
         return
-    session.storage.remove_session()
-    session.storage.engine.dispose()
+    _disconnect(session)
     for suffix in ("", "-wal", "-shm"):
         session.path.with_name(session.path.name + suffix).unlink(missing_ok=True)
 
