@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,14 @@ def test_folder(base: Path) -> Path | None:
 
 def kept_classes(spec: DatasetSpec) -> list[str]:
     """The class folders the dataset keeps (``dataset.classes``), sorted: labels follow this list."""
-    base = folder_root(spec)
-    every = class_folders(base / "train")
+    return _kept(folder_root(spec), spec.classes, spec.split_seed)
+
+
+def _kept(root: Path, classes: int | list[str] | None, split_seed: int) -> list[str]:
+    every = class_folders(root / "train")
     if not every:
-        raise UserError(f"dataset.root: no class folders under {base / 'train'}")
-    return choose_classes(every, spec.classes, spec.split_seed)
+        raise UserError(f"dataset.root: no class folders under {root / 'train'}")
+    return choose_classes(every, classes, split_seed)
 
 
 def class_positions(spec: DatasetSpec) -> list[int] | None:
@@ -87,7 +91,16 @@ def decoded_bytes(index: FolderIndex) -> int:
 
 
 def _train_index(spec: DatasetSpec) -> FolderIndex:
-    return index_folder(folder_root(spec) / "train", kept_classes(spec))
+    classes = spec.classes if not isinstance(spec.classes, list) else tuple(spec.classes)
+    return _listed_train(folder_root(spec), classes, spec.split_seed)
+
+
+@lru_cache(maxsize=4)
+def _listed_train(root: Path, classes: int | tuple[str, ...] | None, split_seed: int) -> FolderIndex:
+    # Kept: the automatic choice (streams) and the splits it leads to both need the listing, which
+    # for ImageNet's 1.28M files takes seconds; a process lists a folder once, as _arrays decodes one.
+    kept = _kept(root, list(classes) if isinstance(classes, tuple) else classes, split_seed)
+    return index_folder(root / "train", kept)
 
 
 def streams(spec: DatasetSpec) -> bool:
