@@ -22,10 +22,12 @@ import torch
 from smskd_search.data import sources
 from smskd_search.data.batches import BatchLoader, Split
 from smskd_search.data.download import ENV_VARS as DOWNLOAD_ENV_VARS
+from smskd_search.data.folder_index import class_folders
 from smskd_search.data.folder_split import (
     ENV_STREAM_ABOVE,
     ENV_STREAM_WORKERS,
     StreamingSplit,
+    folder_root,
     kept_classes,
     streaming_test,
     streaming_train_val,
@@ -92,7 +94,7 @@ def _arrays(name: str, root: str | None, download: bool = False) -> sources.Arra
 def _keep_classes(spec: DatasetSpec, arrays: sources.Arrays) -> sources.Arrays:
     """The images of the classes ``dataset.classes`` keeps, relabelled by their place among them."""
     x, y, xt, yt = arrays
-    every = sources.folder_classes(spec.root)
+    every = class_folders(folder_root(spec) / "train")
     kept = kept_classes(spec)
     if len(kept) == len(every):
         return arrays

@@ -40,6 +40,14 @@ class FolderIndex:
         return FolderIndex(self.root, self.classes, tuple(self.files[i] for i in positions), self.labels[positions])
 
 
+def test_folder(base: Path) -> Path | None:
+    """The folder of an image folder's test split: ``test/``, else ``val/`` (ImageNet's), else None."""
+    for name in ("test", "val"):
+        if (base / name).is_dir():
+            return base / name
+    return None
+
+
 def class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from smskd_search.data.folder_index import FolderIndex, choose_classes, class_folders, index_folder
+from smskd_search.data.folder_index import FolderIndex, choose_classes, class_folders, index_folder, test_folder
 from smskd_search.data.streaming import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, StreamingLoader
 from smskd_search.errors import UserError
 from smskd_search.plan import AugmentSpec, DatasetSpec
@@ -35,14 +35,6 @@ def folder_root(spec: DatasetSpec) -> Path:
     if not (base / "train").is_dir():
         raise UserError(f"dataset.root: {base / 'train'} not found (imagefolder needs train/<class>/ folders)")
     return base
-
-
-def test_folder(base: Path) -> Path | None:
-    """The folder of the test split: ``test/``, else ``val/``, else None."""
-    for name in ("test", "val"):
-        if (base / name).is_dir():
-            return base / name
-    return None
 
 
 def kept_classes(spec: DatasetSpec) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from smskd_search.data.download import cifar_source, download_cifar
+from smskd_search.data.folder_index import IMAGE_SUFFIXES, class_folders, test_folder
 from smskd_search.errors import UserError
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
@@ -137,7 +138,6 @@ def load_cifar_arrays(name: str, root: str | None, download: bool = False) -> Ar
     return x, y, xt, yt
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 def _read_folder(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -160,12 +160,6 @@ def _read_folder(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarr
     return np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, np.int64)
 
 
-def folder_classes(root: str | None) -> list[str]:
-    """The class folders of an imagefolder's ``train/``, sorted (labels are positions in this list)."""
-    train = Path(root) / "train" if root is not None else None
-    return sorted(p.name for p in train.iterdir() if p.is_dir()) if train is not None and train.is_dir() else []
-
-
 def load_imagefolder_arrays(root: str | None) -> Arrays:
     """``<root>/train/<class>/*`` and the test split's ``<root>/test/<class>/*`` (else ``<root>/val/``,
     ImageNet's layout), decoded once and cached as .npz."""
@@ -174,14 +168,14 @@ def load_imagefolder_arrays(root: str | None) -> Arrays:
     base = Path(root)
     if not (base / "train").is_dir():
         raise UserError(f"dataset.root: {base / 'train'} not found (imagefolder needs train/<class>/ and test/<class>/)")
-    classes = folder_classes(root)
+    classes = class_folders(base / "train")
     if not classes:
         raise UserError(f"dataset.root: no class folders under {base / 'train'}")
     # test/ as before (and the same cache key); val/ only where there is no test/.
-    test = "test" if (base / "test").is_dir() or not (base / "val").is_dir() else "val"
+    test = test_folder(base)
     listing = "\n".join(
-        f"{p.relative_to(base)}:{p.stat().st_size}" for split in ("train", test) if (base / split).is_dir()
-        for p in sorted((base / split).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
+        f"{p.relative_to(base)}:{p.stat().st_size}" for folder in (base / "train", test) if folder is not None
+        for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
     )
     key = hashlib.sha256(f"{base.resolve()}\n{listing}".encode()).hexdigest()[:16]
     cached = cache_dir() / f"imagefolder-{key}.npz"
@@ -190,8 +184,8 @@ def load_imagefolder_arrays(root: str | None) -> Arrays:
         has_test = z["xt"].size > 0
         return z["x"], z["y"], z["xt"] if has_test else None, z["yt"] if has_test else None
     x, y = _read_folder(base / "train", classes)
-    if (base / test).is_dir():
-        xt, yt = _read_folder(base / test, classes)
+    if test is not None:
+        xt, yt = _read_folder(test, classes)
     else:
         xt = yt = None
     cached.parent.mkdir(parents=True, exist_ok=True)
