@@ -133,6 +133,35 @@ def test_the_automatic_choice_streams_above_the_threshold(folder, tmp_path, monk
         load_data(spec)
 
 
+def test_the_automatic_choice_reaches_every_cache_key(folder, monkeypatch):
+    from smskd_search.engine import stage_prefix_key
+    from smskd_search.engine.teacher import teacher_key
+    from smskd_search.engine.logit_store import teacher_logits_key
+    from smskd_search.engine.prefix_cache import Runtime
+
+    runtime = Runtime(device="cpu", threads=1, precision="fp32")
+
+    def keys(**fields) -> tuple[str, str, str]:
+        plan = make_plan(_problem(folder, **{"stream": None, "image_size": None, **fields}), [("kd", 1)])
+        return (teacher_key(plan.problem), stage_prefix_key(plan, 0, teacher_sha256="t" * 64, runtime=runtime),
+                teacher_logits_key(plan, 0, 0, loader_seed=1, train_shape=(60, 3, 32, 32), teacher_sha256="t" * 64,
+                                   runtime=runtime))
+
+    held = keys()
+    monkeypatch.setenv("SMSKD_STREAM_ABOVE_BYTES", "100000")
+    automatic = keys()
+    # Streamed batches are other batches: no key of a held run may serve a streamed one, and an
+    # automatic choice to stream names the same entries as writing stream: true.
+    assert all(a != h for a, h in zip(automatic, held))
+    assert automatic == keys(stream=True)
+    monkeypatch.setenv("SMSKD_STREAM_ABOVE_BYTES", str(1 << 40))
+    assert keys() == held
+    # Without the folder (a cluster's driver), the spec as written (the root is not hashed).
+    monkeypatch.setenv("SMSKD_STREAM_ABOVE_BYTES", "100000")
+    gone = make_plan(_problem(folder.parent / "absent", stream=None, image_size=None), [("kd", 1)])
+    assert stage_prefix_key(gone, 0, teacher_sha256="t" * 64, runtime=runtime) == held[1]
+
+
 def test_a_class_subset_is_seeded_and_the_same_streamed_or_held(folder):
     picked = choose_classes(list(CLASSES), 2, 0)
     streamed = load_data(_dataset(folder, stream=True, image_size=32, classes=2))

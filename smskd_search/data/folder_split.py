@@ -104,6 +104,32 @@ def streams(spec: DatasetSpec) -> bool:
     return decoded_bytes(_train_index(spec)) > stream_threshold()
 
 
+def data_identity(spec: DatasetSpec) -> dict[str, Any]:
+    """What a cache key records of a dataset: :meth:`DatasetSpec.hashed`, with ``stream: true`` where
+    ``stream`` is unset and the automatic choice streams.
+
+    Streamed and held splits are different batches (RandomResizedCrop against padded crops), so an
+    automatic choice must reach the keys; a held folder's keys stay those stored before the choice
+    existed. A folder not present here (a cluster's driver without the data) keeps the spec's own
+    identity: the processes that read the data decide where they read it.
+
+    Example:
+
+        >>> from smskd_search.plan import DatasetSpec
+        >>> data_identity(DatasetSpec(name="digits"))["name"]
+        'digits'
+    """
+    data = spec.hashed()
+    if spec.name == "imagefolder" and spec.stream is None:
+        try:
+            automatic = streams(spec)
+        except UserError:
+            return data
+        if automatic:
+            data["stream"] = True
+    return data
+
+
 def stream_workers() -> int:
     """Decoding processes per streamed loader: ``SMSKD_STREAM_WORKERS``, else the process's torch
     thread count, at most 8."""

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from smskd_search.data.folder_split import data_identity
 from smskd_search.engine.frozen import FrozenForward
 from smskd_search.engine.prefix_cache import DEFAULT_MAX_BYTES, EntryFolder, PrefixCache, Runtime, _digest
 from smskd_search.models.base import Features
@@ -74,7 +75,7 @@ def teacher_logits_key(plan: Plan, k: int, epoch: int, *, loader_seed: int, trai
     """
     data = {
         "format": FORMAT,
-        "dataset": plan.problem.dataset.hashed(),
+        "dataset": data_identity(plan.problem.dataset),
         "train_shape": list(train_shape),
         "teacher": {"arch": plan.problem.teacher.arch, "sha256": teacher_sha256},
         # Only what the loader reads: the lr, the optimizer, the stages' methods do not change a batch.

@@ -52,6 +52,7 @@ from typing import IO, Any, Protocol
 
 import torch
 
+from smskd_search.data.folder_split import data_identity
 from smskd_search.engine.device import Precision, current_numerics, device_name
 from smskd_search.engine.optim import lr_at, step_progress
 from smskd_search.plan import Plan, ScheduleSpec
@@ -118,7 +119,7 @@ def _prefix_data(plan: Plan, k: int, runtime: Runtime, teacher_sha256: str, teac
                      else plan.reference.model_dump(mode="json"))
     data = {
         "format": FORMAT,
-        "dataset": plan.problem.dataset.hashed(),
+        "dataset": data_identity(plan.problem.dataset),
         "teacher": {"arch": plan.problem.teacher.arch, "sha256": teacher_sha256},
         "student": plan.problem.student.arch,
         "recipe": plan.recipe.model_dump(mode="json"),

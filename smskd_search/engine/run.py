@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from smskd_search.data import load_test_split
+from smskd_search.data.folder_split import data_identity
 from smskd_search.engine.checkpoints import resume_note
 from smskd_search.engine.device import pick_device, pick_precision, set_numerics
 from smskd_search.engine.evaluate import EvalResult, evaluate
@@ -205,7 +206,7 @@ def _teacher_forward(plan: Plan, bench: Workbench, inputs: torch.Tensor | None, 
     if bench.frozen_memo is None or inputs is None:
         return FrozenForward(model, prec, inputs, bs, need_features=True)
     key = frozen_outputs_key(teacher_sha256=bench.teacher_record.sha256, need_features=True, batch_size=bs,
-                             runtime=runtime, data_identity=[plan.problem.dataset.hashed(), list(inputs.shape),
+                             runtime=runtime, data_identity=[data_identity(plan.problem.dataset), list(inputs.shape),
                                                              str(inputs.dtype)])
     outputs = bench.frozen_memo.get(key, bench.device,
                                     lambda: FrozenForward(model, prec, inputs, bs, need_features=True).cache)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from smskd_search.data import DataSplits, load_data, load_test_split
-from smskd_search.data.folder_split import class_positions
+from smskd_search.data.folder_split import class_positions, data_identity
 from smskd_search.digest import sha256_of_file
 from smskd_search.engine.device import Precision, pick_device, pick_precision, release_memory, set_numerics
 from smskd_search.engine.evaluate import evaluate
@@ -46,7 +46,7 @@ class TeacherRecord:
 def teacher_key(problem: ProblemSpec) -> str:
     """Hash of what determines the teacher: arch, dataset split (not its root folder), recipe; or
     the sha256 of its file, for a user's checkpoint or torchvision's weights (fetched if missing)."""
-    ds = problem.dataset.hashed()
+    ds = data_identity(problem.dataset)
     data = {"arch": problem.teacher.arch, "dataset": ds, "recipe": problem.teacher.recipe.model_dump(mode="json")}
     if problem.teacher.checkpoint:
         data = {"arch": problem.teacher.arch, "dataset": ds, "checkpoint": file_sha256(problem.teacher.checkpoint)}
