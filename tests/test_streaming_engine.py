@@ -135,9 +135,9 @@ def test_the_automatic_choice_streams_above_the_threshold(folder, tmp_path, monk
 
 def test_the_automatic_choice_reaches_every_cache_key(folder, monkeypatch):
     from smskd_search.engine import stage_prefix_key
-    from smskd_search.engine.teacher import teacher_key
     from smskd_search.engine.logit_store import teacher_logits_key
     from smskd_search.engine.prefix_cache import Runtime
+    from smskd_search.engine.teacher import teacher_key
 
     runtime = Runtime(device="cpu", threads=1, precision="fp32")
 

@@ -15,6 +15,8 @@ It decides, per process:
   recorded in the cache keys (:meth:`Numerics.key`) and in checkpoints;
 - **memory**: a packed trial's cap on its GPU share (:func:`limit_memory`) and the release of what a
   process no longer needs (:func:`release_memory`);
+- **CUDA graphs**: a stream for the eager steps before a recording (:func:`side_stream`) and the
+  recording itself (:func:`record_graph`);
 - **which failures are the machine's** (:func:`is_device_fault`): out of memory and CUDA, cuBLAS and
   cuDNN errors are infrastructure failures, never the plan's.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,10 +140,12 @@ class Precision:
         """``fp32``, ``bf16`` or ``fp16`` (what a checkpoint records)."""
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
 
-    def autocast(self):
+    def autocast(self, cache: bool = True):
+        """The forward's autocast. ``cache=False`` for a region recorded as a CUDA graph: autocast's
+        cache of cast weights must not outlive the recording (PyTorch's CUDA-graph notes)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=cache)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
@@ -248,6 +253,43 @@ def set_device_rng_state(device: torch.device, state: torch.Tensor | None) -> No
     """Put back what ``device_rng_state`` returned."""
     if device.type == "cuda" and state is not None:
         torch.cuda.set_rng_state(state, device)
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device):
+    """Run the block on a fresh CUDA stream that follows the current one, which then waits for it: the
+    eager steps before a CUDA-graph recording (PyTorch's CUDA-graph notes warm up this way). A no-op on a CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
+
+
+def record_graph(device: torch.device, fn: Callable[[], None], rehearse: bool = False) -> Callable[[], None]:
+    """Record ``fn``'s kernels as one CUDA graph, without running them; returns the graph's replay.
+
+    The replay reruns exactly those kernels on the same memory: ``fn`` must read its inputs from, and
+    leave its outputs in, tensors that outlive the graph, and must not synchronise with the host.
+
+    Args:
+        device: A CUDA device (or any device with ``rehearse``).
+        fn: The work to record.
+        rehearse: Return ``fn`` itself, recording nothing: the graphed path's own code, eager, on any
+            device (how the tests check it on a CPU).
+    """
+    if rehearse:
+        return fn
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def limit_memory(device: torch.device, share: float) -> float | None:

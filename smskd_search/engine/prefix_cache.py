@@ -79,13 +79,15 @@ class Runtime:
     numerics: str = ""
 
     @classmethod
-    def current(cls, device: torch.device, precision: Precision) -> Runtime:
+    def current(cls, device: torch.device, precision: Precision, cuda_graphs: bool = False) -> Runtime:
         dev = device.type
         if device.type == "cuda":
             dev += ":" + device_name(device)
         prec = (f"{precision.autocast_dtype}/scaling={precision.grad_scaling}/"
                 f"channels_last={precision.channels_last}")
         numerics = current_numerics(device).key() if device.type == "cuda" else ""
+        if cuda_graphs:
+            numerics += "/cuda_graphs"  # only then: the keys of eager runs stay as they were
         return cls(torch.get_num_threads(), dev, prec, numerics=numerics)
 
     def key_data(self) -> dict[str, Any]:

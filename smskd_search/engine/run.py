@@ -71,6 +71,9 @@ class RunOptions:
             batches are not augmented (the same results, cheaper steps).
         partial_at: Cumulative epochs (the search's rungs) at which a stage still under way is put
             in the workbench's stage cache, so that a run stopped there leaves its stage reusable.
+        cuda_graphs: On a GPU, record each stage's training step as a CUDA graph and replay it
+            (:mod:`~smskd_search.engine.step_graph`); a stage it cannot take runs eagerly and the
+            result's notes say why. Cache keys tell graphed runs apart. No effect on a CPU.
     """
 
     out_dir: Path | None = None
@@ -78,6 +81,7 @@ class RunOptions:
     keep_student: bool = True
     cache_frozen_outputs: bool = True
     partial_at: frozenset[int] = frozenset()
+    cuda_graphs: bool = False
 
 
 def run_plan(plan: Plan, bench: Workbench | None = None, options: RunOptions | None = None,
@@ -117,7 +121,7 @@ def run_plan(plan: Plan, bench: Workbench | None = None, options: RunOptions | N
         bench, options, on_event = _legacy_arguments(plan, bench, options, on_event, legacy)
     bench = bench if bench is not None else Workbench.open(plan.problem)
     options = options if options is not None else RunOptions()
-    run = _start(plan, bench, on_event if on_event is not None else _ignore, options.cache_frozen_outputs)
+    run = _start(plan, bench, on_event if on_event is not None else _ignore, options)
     store = StageStore.for_run(plan, runtime=run.runtime, precision=bench.precision,
                                teacher_sha256=bench.teacher_record.sha256,
                                logits_tag=run.logit_store.tag if run.logit_store is not None else "exact",
@@ -159,7 +163,7 @@ def _ignore(event: StageEvent) -> None:
     return None
 
 
-def _start(plan: Plan, bench: Workbench, emit: EventSink, cache_frozen_outputs: bool) -> RunState:
+def _start(plan: Plan, bench: Workbench, emit: EventSink, options: RunOptions) -> RunState:
     """The run's numerics, a fresh student (seeded by the plan), the teacher's forward, the shapes
     methods probe."""
     dev, prec, info = bench.device, bench.precision, bench.data.info
@@ -169,15 +173,20 @@ def _start(plan: Plan, bench: Workbench, emit: EventSink, cache_frozen_outputs: 
     student: nn.Module = create_model(plan.problem.student.arch, info.num_classes, info.in_channels, info.image_size)
     student = prec.prepare_model(student.to(dev))
     in_shape = (info.in_channels, info.image_size, info.image_size)
+    cache_frozen_outputs = options.cache_frozen_outputs
     notes = _streaming_notes(plan, bench, cache_frozen_outputs)
     # Precomputed frozen outputs need the whole split on the device: a streamed one has no such tensor.
     resident = bench.data.train.resident_images
     cache_inputs = resident if (cache_frozen_outputs and not plan.recipe.augment.enabled) else None
-    runtime = Runtime.current(dev, prec)
+    graphs = options.cuda_graphs and dev.type == "cuda"
+    if options.cuda_graphs and not graphs:
+        notes.append("cuda_graphs: no CUDA device, every step runs eagerly")
+    runtime = Runtime.current(dev, prec, cuda_graphs=graphs)
     teacher_fw = _teacher_forward(plan, bench, cache_inputs, runtime)
     store = bench.logit_store if not (teacher_fw.cached or bench.data.train.streamed) else None
     return RunState(plan, bench, emit, student, probe_shapes(student, in_shape), probe_shapes(bench.teacher, in_shape),
-                    teacher_fw, cache_inputs, prec.grad_scaler(), runtime, logit_store=store, notes=notes)
+                    teacher_fw, cache_inputs, prec.grad_scaler(), runtime, logit_store=store, notes=notes,
+                    cuda_graphs=graphs)
 
 
 def _streaming_notes(plan: Plan, bench: Workbench, cache_frozen_outputs: bool) -> list[str]:

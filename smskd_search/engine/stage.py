@@ -27,6 +27,7 @@ from smskd_search.engine.optim import build_optimizer, trainable
 from smskd_search.engine.prefix_cache import Runtime
 from smskd_search.engine.results import Diverged, EpochMetrics, StageResult, stage_result_from_dict
 from smskd_search.engine.stage_store import Slot, StageStore
+from smskd_search.engine.step_graph import StepGraph, graph_blocker
 from smskd_search.engine.trainer import ReferenceTerm, Schedule, TeacherForward, train_epoch
 from smskd_search.engine.workbench import Workbench
 from smskd_search.methods import Method, MethodContext, build_method
@@ -60,6 +61,7 @@ class RunState:
     resumed_from: int | None = None
     opt_state: dict | None = None
     optimizer: torch.optim.Optimizer | None = None
+    cuda_graphs: bool = False  # record each stage's step as a CUDA graph where it can be
 
     @property
     def cum_epochs(self) -> int:
@@ -198,11 +200,13 @@ def train_stage(run: RunState, stage: Stage, store: StageStore, slots: list[Slot
         stage.reference is not None and stage.reference.active)
     put_after = {slot.epochs_done: slot for slot in slots}
     cum_epochs = run.cum_epochs + len(result.epoch_metrics)
+    graph = _step_graph(run, stage)
     for e in range(len(result.epoch_metrics), stage.spec.epochs):
         teacher, store_key = _epoch_teacher(run, stage, store, e)
         stats = train_epoch(student=run.student, method=stage.method, teacher=teacher,
                             reference=stage.reference, loader=stage.loader, optimizer=run.optimizer,
-                            schedule=stage.schedule, stage_epoch=e, precision=bench.precision, scaler=run.scaler)
+                            schedule=stage.schedule, stage_epoch=e, precision=bench.precision, scaler=run.scaler,
+                            graph=graph)
         if isinstance(teacher, EpochTeacher):
             _finish_epoch_teacher(run, teacher, store_key)
         if not math.isfinite(stats.loss):
@@ -220,6 +224,20 @@ def train_stage(run: RunState, stage: Stage, store: StageStore, slots: list[Slot
     last = result.epoch_metrics[-1]
     result.cum_epochs, result.val_acc, result.val_loss = cum_epochs, last.val_acc, last.val_loss
     return result
+
+
+def _step_graph(run: RunState, stage: Stage) -> StepGraph | None:
+    """The stage's recorded step where the run asks for CUDA graphs and the stage allows one (else
+    None, and a note of why)."""
+    if not run.cuda_graphs:
+        return None
+    bench = run.bench
+    why = graph_blocker(bench.device, bench.precision, stage.method,
+                        teacher_features_from_store=run.logit_store is not None and stage.method.teacher_features)
+    if why is not None:
+        run.notes.append(f"cuda_graphs: stage {stage.index + 1} ({stage.spec.method}) runs eagerly: {why}")
+        return None
+    return StepGraph(bench.device)
 
 
 def _epoch_teacher(run: RunState, stage: Stage, keys: StageStore, epoch: int) -> tuple[TeacherForward, str]:

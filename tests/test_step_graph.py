@@ -1,0 +1,146 @@
+"""The training step as a CUDA graph (``cuda_graphs``): on a CPU its whole path runs rehearsed (static
+buffers, copies, the lr as a tensor, one sums tensor; the step called where a GPU replays it) and
+must train the eager step's numbers bit for bit; what cannot be recorded is said and runs eagerly; on a
+CPU the option changes nothing; on a GPU (skipped without one) a graphed run matches an eager one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_plan
+
+from smskd_search.data import load_data
+from smskd_search.engine import LogitStore, RunOptions, Workbench, ensure_teacher, load_teacher, run_plan
+from smskd_search.engine import stage as stage_module
+from smskd_search.engine.device import pick_precision
+from smskd_search.engine.step_graph import StepGraph, graph_blocker
+from smskd_search.methods import METHODS
+from smskd_search.plan import AugmentSpec, RecipeSpec
+
+AUG = RecipeSpec(lr=0.05, batch_size=48, augment=AugmentSpec(crop_padding=1, flip=True))
+PLAIN = RecipeSpec(lr=0.05, batch_size=48)
+REF = {"weight_mode": "inverse", "lambda_ref": 1.5}
+
+
+@pytest.fixture()
+def shared(tiny_problem, teacher_cache):
+    data = load_data(tiny_problem.dataset, "cpu")
+    record = ensure_teacher(tiny_problem, cache_root=teacher_cache, data=data)
+    model = load_teacher(tiny_problem, record, data.info, "cpu")
+    return {"data": data, "teacher_model": model, "teacher_record": record}
+
+
+@pytest.fixture()
+def rehearsed(monkeypatch):
+    """Every stage gets a rehearsed graph (as a GPU run asking for CUDA graphs gets a recorded one)."""
+    graphs: list[StepGraph] = []
+
+    def step_graph(run, stage):
+        why = graph_blocker(run.bench.device, run.bench.precision, stage.method, rehearse=True,
+                            teacher_features_from_store=run.logit_store is not None and stage.method.teacher_features)
+        if why is not None:
+            return None
+        graphs.append(StepGraph(run.bench.device, rehearse=True))
+        return graphs[-1]
+
+    monkeypatch.setattr(stage_module, "_step_graph", step_graph)
+    return graphs
+
+
+def _curve(result):
+    return [(m.train_loss, m.train_ce, m.train_kd, m.train_ref, m.train_acc, m.val_acc, m.val_loss, m.lr)
+            for s in result.stages for m in s.epoch_metrics]
+
+
+def _weights(result):
+    return {k: v.detach().clone() for k, v in result.student.state_dict().items()}
+
+
+@pytest.mark.parametrize("recipe, stages, store", [
+    (PLAIN, [("kd", 2), ("at", 1), ("dkd", 2)], False),  # precomputed teacher outputs gathered in the step
+    (AUG, [("kd", 1), ("fitnet", 2)], False),  # the teacher's live forward in the step
+    (AUG, [("dkd", 2), ("kd", 1)], True),  # the teacher's logits from the store, copied into the step
+])
+def test_the_rehearsed_graph_trains_the_eager_numbers_bit_for_bit(tiny_problem, shared, rehearsed, monkeypatch,
+                                                                   tmp_path, recipe, stages, store):
+    plan = make_plan(tiny_problem, stages, recipe=recipe, reference=REF)
+
+    def run(**kw):
+        return run_plan(plan, logit_store=LogitStore(tmp_path / "logits") if store else None, **shared, **kw)
+
+    graphed = run()
+    n_graphs = len(rehearsed)
+    monkeypatch.setattr(stage_module, "_step_graph", lambda run, stage: None)
+    eager = run()
+    assert n_graphs == len(stages)
+    # Past the 3 warm-up steps every full batch went through the graph, recorded once per epoch; the
+    # short last batch of each epoch ran eagerly.
+    full, short = divmod(shared["data"].info.num_train, 48)
+    assert full > 3 and short > 0
+    for g, (_, epochs) in zip(rehearsed, stages):
+        assert (g.eager_steps, g.replays, g.recordings) == (3 + epochs, full * epochs - 3, epochs)
+    assert _curve(graphed) == _curve(eager)
+    a, b = _weights(graphed), _weights(eager)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if store:
+        assert graphed.teacher_epochs_served == 0 and eager.teacher_epochs_served == 3
+
+
+def test_the_lr_is_a_float_in_the_optimizer_between_steps(tiny_problem, shared, rehearsed, monkeypatch):
+    # Checkpoints, the stage cache and eager steps read param_groups: only the graph's step may see
+    # the tensor, and its value is the schedule's.
+    plan = make_plan(tiny_problem, [("kd", 2)], recipe=PLAIN)
+    seen: list[tuple[type, float]] = []
+    original = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        lr = self.param_groups[0]["lr"]
+        seen.append((type(lr), float(lr)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    result = run_plan(plan, **shared)
+    graph = rehearsed[0]
+    tensor_steps = [lr for kind, lr in seen if kind is torch.Tensor]
+    assert len(tensor_steps) == graph.replays and len(seen) - len(tensor_steps) == graph.eager_steps
+    assert isinstance(graph._optimizer.param_groups[0]["lr"], float)  # noqa: SLF001 - after the run
+    # Cosine within the stage: every step's lr differs from the one before, the graph's included.
+    lrs = [lr for _, lr in seen]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and result.stages[0].epoch_metrics[-1].lr == lrs[-1]
+
+
+def test_what_cannot_be_recorded_is_said_and_runs_eagerly():
+    cpu = torch.device("cpu")
+    prec = pick_precision(cpu)
+    assert graph_blocker(cpu, prec, None, teacher_features_from_store=False) == "no CUDA device"
+    assert graph_blocker(cpu, prec, None, teacher_features_from_store=False, rehearse=True) is None
+    fp16 = pick_precision(cpu, "fp16")
+    scaled = type(fp16)(fp16.autocast_dtype, True, False, "cpu")
+    assert "grad scaling" in graph_blocker(cpu, scaled, None, teacher_features_from_store=False, rehearse=True)
+    assert "logit store" in graph_blocker(cpu, prec, None, teacher_features_from_store=True, rehearse=True)
+    # Methods with host work after the step (CRD's banks and sampled negatives) are refused by what
+    # they override, so a new method with an on_step_end is refused too.
+    refused = sorted(name for name, cls in METHODS.items() if cls.on_step_end is not METHODS["kd"].on_step_end)
+    assert refused == ["crd"]
+
+
+def test_on_a_cpu_the_option_changes_nothing_and_says_so(tiny_problem, shared):
+    plan = make_plan(tiny_problem, [("kd", 1), ("dkd", 1)], recipe=PLAIN, reference=REF)
+    bench = Workbench.open(plan.problem, device="cpu", data=shared["data"], teacher_record=shared["teacher_record"],
+                           teacher=shared["teacher_model"])
+    eager = run_plan(plan, bench, RunOptions())
+    asked = run_plan(plan, bench, RunOptions(cuda_graphs=True))
+    assert _curve(asked) == _curve(eager)
+    assert asked.notes == ["cuda_graphs: no CUDA device, every step runs eagerly"] and eager.notes == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_a_graphed_run_gives_the_eager_numbers(tiny_problem, teacher_cache):
+    plan = make_plan(tiny_problem, [("kd", 2), ("dkd", 2)], recipe=AUG, reference=REF)
+    bench = Workbench.open(plan.problem, teacher_cache=teacher_cache, device="cuda")
+    eager = run_plan(plan, bench, RunOptions())
+    graphed = run_plan(plan, bench, RunOptions(cuda_graphs=True))
+    assert not any(n.startswith("cuda_graphs") for n in graphed.notes)
+    # The same kernels on the same memory: cuDNN's autotuner and atomics may still vary the last bits.
+    for a, b in zip(_curve(eager), _curve(graphed)):
+        assert a == pytest.approx(b, rel=1e-2, abs=1e-2)
