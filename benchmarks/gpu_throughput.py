@@ -21,7 +21,9 @@ cost of either pipeline does not depend on the pixels):
    (as Ray's fractional ``--gpus-per-trial`` would run them), with each process's peak GPU memory
    (``torch.cuda.max_memory_allocated``), to choose the default packing;
 4. the projected wall time of the 240-epoch CIFAR-100 recipe (50,000 images per epoch) for one plan;
-5. optionally (``--compile``): ``torch.compile`` of the student and teacher: compile time against the
+5. optionally (``--graphs``): the engine's CUDA-graph step (``RunOptions.cuda_graphs``) as contenders
+   ``graph s1/s2`` at the first batch size, and the packing again with every trial graphed;
+6. optionally (``--compile``): ``torch.compile`` of the student and teacher: compile time against the
    per-epoch gain, and the number of epochs it takes to pay for itself.
 
 On a machine without CUDA it prints "no CUDA device: nothing measured" and exits 0. ``--device cpu
@@ -32,6 +34,7 @@ and its figures mean nothing.
     python benchmarks/gpu_throughput.py                      # on a CUDA machine (~5-8 min)
     python benchmarks/gpu_throughput.py --quick              # shorter
     python benchmarks/gpu_throughput.py --compile            # also measure torch.compile
+    python benchmarks/gpu_throughput.py --quick --graphs     # also the CUDA-graph step (cuda_graphs)
     python benchmarks/gpu_throughput.py --device cpu --force # dry run of every path, tiny sizes
 """
 
@@ -64,6 +67,7 @@ from smskd_search.data.__init__ import NORMALIZATION  # noqa: E402
 from smskd_search.engine.device import Precision, make_generator, pick_device, pick_precision  # noqa: E402
 from smskd_search.engine.frozen import FrozenForward, freeze, frozen_copy  # noqa: E402
 from smskd_search.engine.optim import build_optimizer, trainable  # noqa: E402
+from smskd_search.engine.step_graph import StepGraph  # noqa: E402
 from smskd_search.engine.tcp import reference_loss, tcp_weights  # noqa: E402
 from smskd_search.engine.trainer import ReferenceTerm, Schedule, train_epoch  # noqa: E402
 from smskd_search.methods import MethodContext, build_method  # noqa: E402
@@ -119,8 +123,10 @@ class Ours:
     """One engine stage (KD, optionally + the TCP reference) at one batch size: one call = one epoch."""
 
     def __init__(self, models: Models, split: TensorSplit, batch: int, prec: Precision, device: torch.device,
-                 stage2: bool, recipe: RecipeSpec, compile_models: bool = False):
+                 stage2: bool, recipe: RecipeSpec, compile_models: bool = False, graphs: bool = False):
         self.prec, self.device = prec, device
+        # The engine's CUDA-graph step (rehearsed, not recorded, in a CPU dry run).
+        self.graph = StepGraph(device, rehearse=device.type != "cuda") if graphs else None
         self.student = prec.prepare_model(copy.deepcopy(models.student0))
         ctx = MethodContext(models.s_shapes, models.t_shapes, models.teacher, models.num_classes, len(split))
         self.method = build_method("kd", {}, ctx).to(device)
@@ -149,7 +155,7 @@ class Ours:
         with Stopwatch(self.device) as sw:
             train_epoch(student=self.student_model, method=self.method, teacher=self.teacher, reference=self.reference,
                         loader=self.loader, optimizer=self.opt, schedule=self.schedule,
-                        stage_epoch=self.epoch, precision=self.prec, scaler=self.scaler)
+                        stage_epoch=self.epoch, precision=self.prec, scaler=self.scaler, graph=self.graph)
         self.epoch += 1
         return len(self.loader.split) / sw.seconds
 
@@ -236,7 +242,8 @@ def worker(args: argparse.Namespace) -> int:
     models = Models(args.teacher, args.student, args.num_classes, device, prec)
     images, labels = synthetic(args.pack_n_train, args.num_classes, seed=args.worker_index)
     split = TensorSplit(normalise_chw(images, MEAN, STD), torch.from_numpy(labels)).to(device)
-    ours = Ours(models, split, args.pack_batch, prec, device, stage2=args.pack_stage2, recipe=base_recipe())
+    ours = Ours(models, split, args.pack_batch, prec, device, stage2=args.pack_stage2, recipe=base_recipe(),
+                graphs=args.worker_graphs)
     ours.run_epoch()  # warm-up (cuDNN autotuning, allocator); its peak memory counts too
     barrier = Path(args.barrier)
     (barrier / f"ready{args.worker_index}").touch()
@@ -256,7 +263,7 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_packing(args: argparse.Namespace, ns: list[int]) -> list[list[object]]:
+def run_packing(args: argparse.Namespace, ns: list[int], graphs: bool = False) -> list[list[object]]:
     rows = []
     script = os.path.abspath(__file__)
     for n in ns:
@@ -268,6 +275,8 @@ def run_packing(args: argparse.Namespace, ns: list[int]) -> list[list[object]]:
                         "--pack-batch", str(args.pack_batch), "--pack-seconds", str(args.pack_seconds)]
             if args.pack_stage2:
                 cmd_base.append("--pack-stage2")
+            if graphs:
+                cmd_base.append("--worker-graphs")
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             procs = [subprocess.Popen(cmd_base + ["--worker-index", str(i)], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env) for i in range(n)]
@@ -299,7 +308,7 @@ def run_packing(args: argparse.Namespace, ns: list[int]) -> list[list[object]]:
             per = [o["images_per_s"] for o in outs]
             mem = [o["peak_mib"] for o in outs]
             rows.append([n, agg, f"{min(per):,.0f}..{max(per):,.0f}", f"{max(mem):,.0f}", outs[0]["peak_kind"], "-"])
-            print(f"  packing N={n}: {agg:,.0f} images/s aggregate", flush=True)
+            print(f"  packing N={n}{' graphed' if graphs else ''}: {agg:,.0f} images/s aggregate", flush=True)
     base = rows[0][1] if rows and isinstance(rows[0][1], float) else None
     for r in rows:
         if base and isinstance(r[1], float):
@@ -329,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack-seconds", type=float, default=None, help="measured window per packing level (default 30)")
     ap.add_argument("--pack-stage2", action="store_true", help="packed trials run stage-2 steps (with the reference)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (student + teacher + reference)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also the engine's CUDA-graph step: stage contenders at the first batch size, packing graphed")
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="leave torch.backends.cudnn.benchmark off (default: on for both sides, as RepDistiller sets it)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: stage, pack, compile")
     # internal: packed worker processes
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-graphs", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--barrier", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -397,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         for bs in batch_sizes:
             contenders[f"ours s1 b{bs}"] = Ours(models, split, bs, prec, device, False, recipe).run_epoch
             contenders[f"ours s2 b{bs}"] = Ours(models, split, bs, prec, device, True, recipe).run_epoch
+        if args.graphs:
+            bs = batch_sizes[0]
+            contenders[f"graph s1 b{bs}"] = Ours(models, split, bs, prec, device, False, recipe, graphs=True).run_epoch
+            contenders[f"graph s2 b{bs}"] = Ours(models, split, bs, prec, device, True, recipe, graphs=True).run_epoch
         contenders[f"plain s1 b{plain_batch}"] = Plain(models, images, labels, plain_batch, defaults["workers"],
                                                        plain_steps, device, False).run
         contenders[f"plain s2 b{plain_batch}"] = Plain(models, images, labels, plain_batch, defaults["workers"],
@@ -434,9 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"3. Packing: N concurrent engine processes on one {'GPU' if not dry else 'CPU (dry run)'}, each a KD "
               f"stage{' 2' if args.pack_stage2 else ''} at batch {args.pack_batch}, {args.pack_n_train} images/epoch, "
               f"measured {args.pack_seconds:.0f} s after a barrier")
-        rows = run_packing(args, pack_ns)
-        print(table(["N trials", "aggregate images/s", "per trial min..max", "peak MiB per process (max)",
-                     "memory measure", "aggregate vs N=1"], rows))
+        for graphs in ([False, True] if args.graphs else [False]):
+            rows = run_packing(args, pack_ns, graphs)
+            if graphs:
+                print("   ... each trial's step a CUDA graph (the engine's cuda_graphs)")
+            print(table(["N trials", "aggregate images/s", "per trial min..max", "peak MiB per process (max)",
+                         "memory measure", "aggregate vs N=1"], rows))
 
     if args.compile and "compile" not in skip:
         print()
