@@ -13,11 +13,15 @@ sampled (``nvidia-smi``, every 0.5 s) throughout and averaged per step. Steps:
    (the teacher is ready by then) to its end; the target is 90%.
 5. ``export``: ``smskd-search export --top 1``.
 6. ``train``: the exported winner trained on the GPU (``smskd-search train``).
-7. ``cpu eval``: that run's last stage checkpoint loaded on the CPU and evaluated there in fp32: its
+7. ``graphs``: the winner trained again with ``--cuda-graphs``: on a GPU every stage recorded (no note
+   that one ran eagerly) and its per-epoch numbers within bf16's reach of the ``train`` step's (train
+   loss within 2%, val accuracy within 2 points), with both runs' seconds; on a CPU the option is a
+   no-op that says so, and the numbers are identical.
+8. ``cpu eval``: that run's last stage checkpoint loaded on the CPU and evaluated there in fp32: its
    test accuracy within 1 point of the GPU's (bf16) figure.
-8. ``deterministic``: the winner trained twice with ``--deterministic``: identical numbers.
-9. ``verify``: ``smskd-search verify --seeds 2``.
-10. ``throughput``: ``benchmarks/gpu_throughput.py --quick`` (shortened: see ``--throughput-args``).
+9. ``deterministic``: the winner trained twice with ``--deterministic``: identical numbers.
+10. ``verify``: ``smskd-search verify --seeds 2``.
+11. ``throughput``: ``benchmarks/gpu_throughput.py --quick --graphs`` (shortened: see ``--throughput-args``).
 
 Logs (one per step), ``gpu_util.csv`` and ``summary.json`` / ``summary.md`` go to ``--out``.
 
@@ -216,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--total-epochs", type=int, default=3, help="epochs of every searched plan")
     ap.add_argument("--gpus-per-trial", type=float, default=0.25, help="the packing (default 0.25: 4 trials per GPU)")
     ap.add_argument("--budget", type=int, default=8)
-    ap.add_argument("--throughput-args", default="--quick --skip compile --n-train 10000 --pack 1,4,8 --pack-seconds 6",
+    ap.add_argument("--throughput-args",
+                    default="--quick --graphs --skip compile --n-train 10000 --pack 1,4,8 --pack-seconds 6",
                     help="arguments for benchmarks/gpu_throughput.py on a GPU")
     ap.add_argument("--skip", default="", help="comma list of steps to leave out (e.g. throughput,verify)")
     ap.add_argument("--deadline-s", type=float, default=480.0,
@@ -319,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     def train(s: Step) -> None:
         run = check.out / "train-run"
         shutil.rmtree(run, ignore_errors=True)
-        rc, text, *_ = check.run("train", [*CLI, "train", str(state["plan"]), "--out", str(run), *dev_flag], 900)
+        rc, text, start, end = check.run("train", [*CLI, "train", str(state["plan"]), "--out", str(run), *dev_flag], 900)
+        state["train_seconds"] = round(end - start, 1)
         results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else None
         state["train_run"], state["train_results"] = run, results
         if rc == 0 and results is not None:
@@ -328,6 +334,28 @@ def main(argv: list[str] | None = None) -> int:
             s.status = "PASS"
         else:
             s.why = f"exit {rc}: {text.strip().splitlines()[-1] if text.strip() else ''}"
+
+    def graphs(s: Step) -> None:
+        run = check.out / "graphs-run"
+        shutil.rmtree(run, ignore_errors=True)
+        rc, text, start, end = check.run("graphs", [*CLI, "train", str(state["plan"]), "--out", str(run),
+                                                    "--cuda-graphs", *dev_flag], 900)
+        eager = state["train_results"]
+        if rc != 0 or not (run / "results.json").is_file():
+            s.why = f"exit {rc}: {text.strip().splitlines()[-1] if text.strip() else ''}"
+            return
+        got = json.loads((run / "results.json").read_text())
+        a, b = numbers_of(eager), numbers_of(got)
+        notes = [line for line in text.splitlines() if "cuda_graphs:" in line]
+        s.figures = {"seconds": round(end - start, 1), "eager_train_seconds": state.get("train_seconds"),
+                     "notes": notes, "val_acc": [round(100 * eager["final_val_acc"], 2), round(100 * got["final_val_acc"], 2)]}
+        if not args.device.startswith("cuda"):
+            s.status = "PASS" if a == b and any("no CUDA device" in n for n in notes) else "FAIL"
+            return
+        close = [len(x) == len(y) and all(abs(lx - ly) <= 0.02 * abs(lx) and abs(vx - vy) <= 0.02
+                                          for (lx, vx), (ly, vy) in zip(x, y)) for x, y in zip(a, b)]
+        s.figures["epochs_close"] = close
+        s.status = "PASS" if not notes and len(a) == len(b) and all(close) else "FAIL"
 
     def cpu_eval(s: Step) -> None:
         import torch
@@ -386,10 +414,11 @@ def main(argv: list[str] | None = None) -> int:
             s.why = f"exit {rc}: {text.strip().splitlines()[-1] if text.strip() else ''}"
 
     def throughput(s: Step) -> None:
-        extra = (["--device", "cpu", "--force", "--quick", "--skip", "compile", "--pack", "1,2"] if args.tiny
+        extra = (["--device", "cpu", "--force", "--quick", "--graphs", "--skip", "compile", "--pack", "1,2"] if args.tiny
                  else args.throughput_args.split())
         rc, text, *_ = check.run("throughput", [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), *extra], 900)
-        rows = [line for line in text.splitlines() if line.startswith("| ours s1 b") or line.startswith("| plain s1")]
+        rows = [line for line in text.splitlines()
+                if line.startswith(("| ours s1 b", "| ours s2 b", "| graph s", "| plain s1"))]
         packs = [line for line in text.splitlines() if line.strip().startswith("packing N=")]
         s.figures = {"stage_rows": rows, "packing": packs}
         s.status = "PASS" if rc == 0 and rows else "FAIL"
@@ -397,9 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             s.why = f"exit {rc}"
 
     plan_steps = [("environment", environment), ("teacher", teacher), ("search", search), ("gpu busy", busy),
-                  ("export", export), ("train", train), ("cpu eval", cpu_eval), ("deterministic", deterministic),
+                  ("export", export), ("train", train), ("graphs", graphs), ("cpu eval", cpu_eval), ("deterministic", deterministic),
                   ("verify", verify), ("throughput", throughput)]
-    needs_plan = {"train", "cpu eval", "deterministic", "verify"}
+    needs_plan = {"train", "graphs", "cpu eval", "deterministic", "verify"}
     try:
         for name, fn in plan_steps:
             if name in skip or name.replace(" ", "_") in skip:
@@ -408,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in needs_plan and not (state.get("plan") and Path(state["plan"]).is_file()):
                 check.steps.append(Step(name, "FAIL", why="no exported plan"))
                 continue
-            if name == "cpu eval" and not state.get("train_results"):
+            if name in ("cpu eval", "graphs") and not state.get("train_results"):
                 check.steps.append(Step(name, "FAIL", why="the train step wrote no results"))
                 continue
             if time.time() > check.deadline - 5:

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from smskd_search.search_settings import SearchSettings
 
 STUDIES_DIR = Path(os.environ.get("SMSKD_STUDIES", "studies"))
+CUDA_GRAPHS_HELP = ("on a GPU, record each stage's training step as a CUDA graph and replay it (one launch a step "
+                    "instead of hundreds); stages it cannot take run eagerly, said in a note; no effect on a CPU. "
+                    "Not yet measured on a GPU: off by default")
 
 
 class Line:
@@ -178,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     bench = Workbench.open(plan.problem, device=device, precision=args.precision,
                            teacher_cache=STUDIES_DIR / "teachers", deterministic=args.deterministic)
-    result = run_plan(plan, bench, RunOptions(out_dir=out, resume=args.resume), on_event)
+    result = run_plan(plan, bench, RunOptions(out_dir=out, resume=args.resume, cuda_graphs=args.cuda_graphs), on_event)
     if result.resumed_from_stage is not None:
         print(f"resumed after stage {result.resumed_from_stage + 1} from {out}")
     for note in result.notes:
@@ -222,7 +225,7 @@ def settings_from_flags(args: argparse.Namespace) -> SearchSettings:
         timeout=args.timeout, resume=args.resume, prune=not args.no_prune, baselines=not args.no_baselines,
         confirm=None if args.no_confirm else ConfirmSettings(plans=args.confirm, seeds=args.confirm_seeds),
         deterministic=args.deterministic, cache=not args.no_cache, cache_max_bytes=int(args.cache_max_gb * 2**30),
-        storage=args.storage)
+        storage=args.storage, cuda_graphs=args.cuda_graphs)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -420,6 +423,7 @@ def _search_parser(prog: str) -> argparse.ArgumentParser:
                    help="the same space and --seed give the same study (one trial at a time); on a GPU this also turns "
                         "on PyTorch's deterministic algorithms (slower). Without it, a CPU study is still "
                         "bit-for-bit per trial, a GPU one close, not bit-for-bit")
+    p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     p.set_defaults(func=cmd_search)
     return p
 
@@ -451,6 +455,7 @@ def _subparsers(prog: str) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--deterministic", action="store_true",
                    help="on a GPU, PyTorch's deterministic algorithms: the same bits on every run, slower (a CPU run "
                         "is bit-for-bit without it; a GPU run without it is close, not bit-for-bit)")
+    p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     p.set_defaults(func=cmd_train)
     parsers["train"] = p
 

@@ -5,6 +5,8 @@ CPU the option changes nothing; on a GPU (skipped without one) a graphed run mat
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import make_plan
@@ -144,3 +146,21 @@ def test_on_a_gpu_a_graphed_run_gives_the_eager_numbers(tiny_problem, teacher_ca
     # The same kernels on the same memory: cuDNN's autotuner and atomics may still vary the last bits.
     for a, b in zip(_curve(eager), _curve(graphed)):
         assert a == pytest.approx(b, rel=1e-2, abs=1e-2)
+
+
+def test_the_flag_reaches_every_trial_of_a_search(tiny_problem, shared, tmp_path):
+    # --cuda-graphs -> SearchSettings -> the context every trial is handed -> its RunOptions.
+    from smskd_search.cli import _search_parser, settings_from_flags
+    from smskd_search.search.cluster import TrialResources
+    from smskd_search.search.tune_run import TuneSettings, trial_context
+    from smskd_search.space import Space
+
+    on = settings_from_flags(_search_parser("x").parse_args(["--cuda-graphs"]))
+    off = settings_from_flags(_search_parser("x").parse_args([]))
+    resources = TrialResources(per_trial={"cpu": 1.0, "gpu": 0.25}, device="cuda", concurrent=4)
+    space = Space(name="t", problem=tiny_problem)
+    for settings in (on, off):
+        session = SimpleNamespace(storage_root=str(tmp_path))
+        tune = TuneSettings(settings, space, session=session, teacher=shared["teacher_record"])  # type: ignore[arg-type]
+        assert trial_context(tune, resources).cuda_graphs is settings.cuda_graphs
+    assert on.cuda_graphs and not off.cuda_graphs

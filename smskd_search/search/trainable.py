@@ -89,6 +89,7 @@ class TrialContext:
         deterministic: On a GPU, PyTorch's deterministic algorithms.
         gpu_share: The GPUs each trial asked Ray for (a fraction when trials share a GPU): its cap
             on the GPU's memory.
+        cuda_graphs: On a GPU, record each stage's training step as a CUDA graph (``RunOptions``).
     """
 
     teacher: TeacherPayload
@@ -98,6 +99,7 @@ class TrialContext:
     cache_max_bytes: int = 2 * 2**30
     deterministic: bool = False
     gpu_share: float = 0.0
+    cuda_graphs: bool = False
 
 
 class DeviceFault(RuntimeError):
@@ -266,7 +268,8 @@ def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str,
     try:
         bench = _workbench(plan, context, config.get("data_root"))
         reporter = _Reporter(plan, config, kept, run_dir, started, started_at, rung_epochs, bench.data.info.num_val)
-        options = RunOptions(out_dir=run_dir, resume=True, keep_student=False, partial_at=rung_epochs)
+        options = RunOptions(out_dir=run_dir, resume=True, keep_student=False, partial_at=rung_epochs,
+                             cuda_graphs=context.cuda_graphs)
         result = run_plan(plan, bench, options, reporter)
         for note in result.notes:
             print(f"trial {plan.name}: {note}", file=sys.stderr)  # into the worker's log

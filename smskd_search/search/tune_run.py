@@ -33,6 +33,7 @@ from smskd_search.space import SearchSpec, Space
 if TYPE_CHECKING:
     from smskd_search.search.scheduler import StageASHAScheduler
     from smskd_search.search.searcher import StudySearcher
+    from smskd_search.search.trainable import TrialContext
 
 
 class PlanConfigs:
@@ -227,15 +228,22 @@ def _searcher(s: TuneSettings, r: TuneRound, resources: TrialResources,
                          explore=optuna.samplers.RandomSampler(seed=r.seed + 1))
 
 
+def trial_context(s: TuneSettings, resources: TrialResources) -> TrialContext:
+    """What every trial of the search is handed (through Ray's object store, once)."""
+    from smskd_search.search.trainable import TrialContext
+
+    return TrialContext(teacher=pack(s.teacher), device=resources.device, cache_dir=s.cache_dir,
+                        cache_max_bytes=s.settings.cache_max_bytes, deterministic=s.settings.deterministic,
+                        gpu_share=float(resources.per_trial.get("gpu", 0.0)), cuda_graphs=s.settings.cuda_graphs)
+
+
 def _tuner(s: TuneSettings, r: TuneRound, resources: TrialResources, searcher: StudySearcher,
            scheduler: StageASHAScheduler | None, time_budget: float | None, ray_dir: str) -> Any:
     """The Tuner of this run: the trainable with its resources, the searcher, the scheduler, the callbacks."""
     from smskd_search.search._ray import tune
-    from smskd_search.search.trainable import TrialContext, train_trial
+    from smskd_search.search.trainable import train_trial
 
-    context = TrialContext(teacher=pack(s.teacher), device=resources.device, cache_dir=s.cache_dir,
-                           cache_max_bytes=s.settings.cache_max_bytes, deterministic=s.settings.deterministic,
-                           gpu_share=float(resources.per_trial.get("gpu", 0.0)))
+    context = trial_context(s, resources)
     trainable = tune.with_resources(tune.with_parameters(train_trial, context=context), resources.per_trial)
     callbacks = []
     if s.on_progress is not None:
