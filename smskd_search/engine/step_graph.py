@@ -191,16 +191,22 @@ class StepGraph:
     @contextlib.contextmanager
     def _tensor_lr(self) -> Iterator[None]:
         """The optimizer's groups read the lr from :attr:`lr` inside the block, and hold its value as a
-        float after (what checkpoints and eager steps expect)."""
+        float after (what checkpoints and eager steps expect). AdamW's groups say ``capturable`` there
+        too: its step refuses a recording otherwise, and its fused state already lives on the device."""
         assert self._optimizer is not None
         groups = self._optimizer.param_groups
+        capturable = [g.get("capturable") for g in groups]
         for g in groups:
             g["lr"] = self.lr
+            if "capturable" in g and not self.rehearse:
+                g["capturable"] = True
         try:
             yield
         finally:
-            for g in groups:
+            for g, was in zip(groups, capturable):
                 g["lr"] = self._lr_value
+                if was is not None:
+                    g["capturable"] = was
 
 
 class _NoCacheForward(FrozenForward):
