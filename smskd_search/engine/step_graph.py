@@ -36,17 +36,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 
 from smskd_search.engine.device import Precision, record_graph, side_stream
 from smskd_search.engine.frozen import FrozenForward
+from smskd_search.engine.trainer import StepParts, TeacherForward, accumulate
 from smskd_search.methods import Method
 from smskd_search.models.base import Features
-
-if TYPE_CHECKING:
-    from smskd_search.engine.trainer import StepParts, TeacherForward
 
 WARMUP_STEPS = 3  # eager steps before the first recording (PyTorch's whole-network example uses 3)
 
@@ -163,8 +160,6 @@ class StepGraph:
 
     # -------------------------------------------------------------------------------- recording
     def _record(self) -> Callable[[], None]:
-        from smskd_search.engine.trainer import accumulate
-
         assert self._static is not None and self._parts is not None and self._optimizer is not None
         s, optimizer = self._static, self._optimizer
         parts = self._parts

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +23,26 @@ from smskd_search.methods import KDBatch, Method
 from smskd_search.models.base import Features
 from smskd_search.plan import ReferenceSpec, ScheduleSpec
 
-if TYPE_CHECKING:
-    from smskd_search.engine.step_graph import StepGraph
-
 
 class TeacherForward(Protocol):
     """The teacher's outputs for a batch (a :class:`FrozenForward`, or an epoch served from the
     logit store, :class:`~smskd_search.engine.logit_store.EpochTeacher`)."""
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, Features | None]: ...
+
+
+class GraphedSteps(Protocol):
+    """What :func:`train_epoch` asks of a recorded step (:class:`~smskd_search.engine.step_graph.StepGraph`)."""
+
+    sums: torch.Tensor
+
+    def begin_epoch(self, parts: StepParts, teacher: TeacherForward, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def takes(self, x: torch.Tensor) -> bool: ...
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, lr: float) -> None: ...
+
+    def eager_step(self) -> contextlib.AbstractContextManager[None]: ...
 
 
 @dataclass
@@ -139,7 +150,7 @@ def train_epoch(
     stage_epoch: int,
     precision: Precision,
     scaler: torch.amp.GradScaler | None = None,
-    graph: StepGraph | None = None,
+    graph: GraphedSteps | None = None,
 ) -> EpochStats:
     """One epoch; with ``graph``, its full batches after the graph's warm-up replay one recorded step
     (:mod:`~smskd_search.engine.step_graph`), the others run as below."""
