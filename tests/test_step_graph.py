@@ -111,6 +111,33 @@ def test_the_lr_is_a_float_in_the_optimizer_between_steps(tiny_problem, shared, 
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and result.stages[0].epoch_metrics[-1].lr == lrs[-1]
 
 
+def test_a_recording_that_fails_leaves_the_stage_to_the_eager_step(tiny_problem, shared, monkeypatch):
+    # An op that cannot be recorded fails the recording (PyTorch raises at the capture); the batch and
+    # the rest of the stage train eagerly, with the eager numbers, and the run says why.
+    class Refused(StepGraph):
+        def _record(self):
+            if self.recordings == 1:  # the second epoch's recording
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+            return super()._record()
+
+    monkeypatch.setattr(stage_module, "_step_graph", lambda run, stage: Refused(run.bench.device, rehearse=True))
+    plan = make_plan(tiny_problem, [("kd", 3)], recipe=AUG)
+    graphed = run_plan(plan, **shared)
+    monkeypatch.setattr(stage_module, "_step_graph", lambda run, stage: None)
+    eager = run_plan(plan, **shared)
+    assert _curve(graphed) == _curve(eager)
+    assert graphed.notes == ["cuda_graphs: stage 1 (kd) went on eagerly from epoch 2: its step could not be recorded: "
+                             "RuntimeError: CUDA error: operation not permitted when stream is capturing"]
+
+    class OutOfMemory(StepGraph):
+        def _record(self):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(stage_module, "_step_graph", lambda run, stage: OutOfMemory(run.bench.device, rehearse=True))
+    with pytest.raises(torch.OutOfMemoryError):  # a device fault stays the machine's: the trial is retried
+        run_plan(plan, **shared)
+
+
 def test_what_cannot_be_recorded_is_said_and_runs_eagerly():
     cpu = torch.device("cpu")
     prec = pick_precision(cpu)

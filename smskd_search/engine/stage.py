@@ -209,6 +209,10 @@ def train_stage(run: RunState, stage: Stage, store: StageStore, slots: list[Slot
                             graph=graph)
         if isinstance(teacher, EpochTeacher):
             _finish_epoch_teacher(run, teacher, store_key)
+        if graph is not None and graph.failed is not None:
+            run.notes.append(f"cuda_graphs: stage {stage.index + 1} ({stage.spec.method}) went on eagerly from "
+                             f"epoch {e + 1}: its step could not be recorded: {graph.failed}")
+            graph = None
         if not math.isfinite(stats.loss):
             raise Diverged(f"diverged: non-finite loss at stage {stage.index + 1}, epoch {e + 1}")
         cum_epochs += 1

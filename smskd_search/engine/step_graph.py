@@ -25,7 +25,8 @@ checkpoints, the stage cache and eager steps see what they always did.
 What cannot be recorded runs eagerly (:func:`graph_blocker` says why): a CPU, fp16 with grad scaling
 (the scaler reads its overflow flag on the host), a method with host-side work after the step
 (``Method.on_step_end``: CRD's memory banks and sampled negatives), and the teacher's features served
-through the logit store.
+through the logit store. A recording that fails (an op that synchronises with the host, say) leaves
+the rest of the stage to the eager step, said in the run's notes; a device fault is raised as ever.
 
 On a CPU the whole path runs with ``rehearse=True``: the same buffers, copies, tensor lr and sums,
 with the step called instead of replayed (the tests compare it with the eager step there).
@@ -39,7 +40,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from smskd_search.engine.device import Precision, record_graph, side_stream
+from smskd_search.engine.device import Precision, is_device_fault, record_graph, side_stream
 from smskd_search.engine.frozen import FrozenForward
 from smskd_search.engine.trainer import StepParts, TeacherForward, accumulate
 from smskd_search.methods import Method
@@ -106,6 +107,8 @@ class StepGraph:
         self._parts: StepParts | None = None
         self._teacher: TeacherForward | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        # Why the step could not be recorded (then the stage runs eagerly from that batch on).
+        self.failed: str | None = None
 
     # -------------------------------------------------------------------------------- an epoch
     def begin_epoch(self, parts: StepParts, teacher: TeacherForward, optimizer: torch.optim.Optimizer) -> None:
@@ -118,7 +121,7 @@ class StepGraph:
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether this batch goes through the graph: a full batch, once the warm-up is over."""
-        if self.eager_steps < self.warmup_steps:
+        if self.failed is not None or self.eager_steps < self.warmup_steps:
             return False
         return self._static is None or x.shape == self._static.x.shape
 
@@ -129,8 +132,12 @@ class StepGraph:
             return side_stream(self.device)
         return contextlib.nullcontext()
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, lr: float) -> None:
-        """Train on one full batch through the graph (recording it first at the epoch's first batch)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, lr: float) -> bool:
+        """Train on one full batch through the graph (recording it first at the epoch's first batch).
+
+        Returns False, having trained nothing, where the recording failed: an op that cannot be
+        recorded (it synchronises with the host, say) is no reason to lose the run, so the caller
+        trains the batch eagerly and :attr:`failed` says why; a device fault is raised as ever."""
         assert self._teacher is not None
         eager_teacher = not isinstance(self._teacher, FrozenForward)
         t_logits = self._teacher(x, idx)[0] if eager_teacher else None
@@ -147,7 +154,14 @@ class StepGraph:
         self.lr.fill_(lr)
         self._lr_value = lr
         if self._replay is None:
-            self._replay = self._record()
+            try:
+                self._replay = self._record()
+            except RuntimeError as exc:
+                if is_device_fault(exc) and "captur" not in str(exc):
+                    raise
+                self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                self._optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+                return False
         if self.rehearse:
             # What a replay does to the gradients: the recorded backward writes them, never adds.
             assert self._optimizer is not None
@@ -157,6 +171,7 @@ class StepGraph:
         else:
             self._replay()
         self.replays += 1
+        return True
 
     # -------------------------------------------------------------------------------- recording
     def _record(self) -> Callable[[], None]:

@@ -40,7 +40,7 @@ class GraphedSteps(Protocol):
 
     def takes(self, x: torch.Tensor) -> bool: ...
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, lr: float) -> None: ...
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, lr: float) -> bool: ...
 
     def eager_step(self) -> contextlib.AbstractContextManager[None]: ...
 
@@ -167,8 +167,7 @@ def train_epoch(
     for step, (x, y, idx) in enumerate(loader):
         progress = step_progress(schedule.epoch_offset + stage_epoch, step, steps, schedule.span_epochs, schedule.spec.kind)
         lr = lr_at(schedule.base_lr, schedule.spec, progress)
-        if graph is not None and graph.takes(x):
-            graph.step(x, y, idx, lr)
+        if graph is not None and graph.takes(x) and graph.step(x, y, idx, lr):
             continue
         set_lr(optimizer, lr)
         with graph.eager_step() if graph is not None else contextlib.nullcontext():
