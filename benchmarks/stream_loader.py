@@ -101,19 +101,19 @@ def plain(root: Path, batch: int, workers: int) -> torch.utils.data.DataLoader:
                                        num_workers=workers, persistent_workers=workers > 0)
 
 
-def _synchronize(device: torch.device) -> None:
-    from smskd_search.engine.device import synchronize
-
-    synchronize(device)
-
-
 def step_rates(root: Path, batch: int, workers: int, device_name: str, steps: int, epochs: int) -> dict[str, float]:
     """Images/s on ``device_name``: our loader alone, a ResNet-18 training step alone, both together."""
     import torch.nn.functional as F
 
     from smskd_search.data.folder_index import class_folders, index_folder
     from smskd_search.data.streaming import StreamingLoader
-    from smskd_search.engine.device import optimizer_impl_kwargs, pick_device, pick_precision, set_numerics
+    from smskd_search.engine.device import (
+        optimizer_impl_kwargs,
+        pick_device,
+        pick_precision,
+        set_numerics,
+        synchronize,
+    )
     from smskd_search.models import create_model
 
     device = pick_device(device_name)
@@ -139,11 +139,11 @@ def step_rates(root: Path, batch: int, workers: int, device_name: str, steps: in
     y = torch.randint(0, 1000, (batch,), device=device)
     for _ in range(3):  # warm-up: cuDNN's autotuner, the allocator
         step(x, y)
-    _synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step(x, y)
-    _synchronize(device)
+    synchronize(device)
     out["step"] = steps * batch / (time.perf_counter() - t0)
     feed = loader()
     for _ in feed:  # warm-up epoch, as rate() does
@@ -153,7 +153,7 @@ def step_rates(root: Path, batch: int, workers: int, device_name: str, steps: in
         for xb, yb, _ in feed:
             step(xb, yb % 1000)
             n += xb.shape[0]
-    _synchronize(device)
+    synchronize(device)
     out["together"] = n / (time.perf_counter() - t0)
     feed.close()
     return out

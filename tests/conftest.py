@@ -73,6 +73,18 @@ def tiny_problem() -> ProblemSpec:
     )
 
 
+@pytest.fixture()
+def shared(tiny_problem, teacher_cache):
+    """The tiny problem's data and teacher, loaded once, as the search hands them to run_plan."""
+    from smskd_search.data import load_data
+    from smskd_search.engine import ensure_teacher, load_teacher
+
+    data = load_data(tiny_problem.dataset, "cpu")
+    record = ensure_teacher(tiny_problem, cache_root=teacher_cache, data=data)
+    model = load_teacher(tiny_problem, record, data.info, "cpu")
+    return {"data": data, "teacher_model": model, "teacher_record": record}
+
+
 def make_plan(problem: ProblemSpec, stages: list[tuple[str, int]], **kw) -> Plan:
     """The library's plan builder on a space of just this problem (recipe lr 0.05 unless given)."""
     space = Space(name="test", problem=problem, recipe=kw.pop("recipe", RecipeSpec(lr=0.05)))

@@ -10,13 +10,11 @@ import pytest
 import torch
 from conftest import make_plan
 
-from smskd_search.data import TensorLoader, load_data
+from smskd_search.data import TensorLoader
 from smskd_search.engine import (
     LogitStore,
     Runtime,
     StoreMismatch,
-    ensure_teacher,
-    load_teacher,
     run_plan,
     stage_prefix_key,
     teacher_logits_key,
@@ -33,15 +31,6 @@ REF = {"weight_mode": "inverse", "lambda_ref": 1.5}
 # float16 keeps 11 significant bits: rounding to it errs by at most 2^-11 of the value, plus half
 # the spacing of its subnormals (2^-25) below 2^-14.
 FP16_RTOL, FP16_ATOL = 2.0**-11, 2.0**-25
-
-
-@pytest.fixture()
-def shared(tiny_problem, teacher_cache):
-    """The data and the teacher, loaded once, as the search hands them to run_plan."""
-    data = load_data(tiny_problem.dataset, "cpu")
-    record = ensure_teacher(tiny_problem, cache_root=teacher_cache, data=data)
-    model = load_teacher(tiny_problem, record, data.info, "cpu")
-    return {"data": data, "teacher_model": model, "teacher_record": record}
 
 
 def _curve(result):

@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import make_plan
 
-from smskd_search.data import load_data
-from smskd_search.engine import LogitStore, RunOptions, Workbench, ensure_teacher, load_teacher, run_plan
+from smskd_search.engine import LogitStore, RunOptions, Workbench, run_plan
 from smskd_search.engine import stage as stage_module
 from smskd_search.engine.device import pick_precision
 from smskd_search.engine.step_graph import StepGraph, graph_blocker
@@ -22,14 +21,6 @@ from smskd_search.plan import AugmentSpec, RecipeSpec
 AUG = RecipeSpec(lr=0.05, batch_size=48, augment=AugmentSpec(crop_padding=1, flip=True))
 PLAIN = RecipeSpec(lr=0.05, batch_size=48)
 REF = {"weight_mode": "inverse", "lambda_ref": 1.5}
-
-
-@pytest.fixture()
-def shared(tiny_problem, teacher_cache):
-    data = load_data(tiny_problem.dataset, "cpu")
-    record = ensure_teacher(tiny_problem, cache_root=teacher_cache, data=data)
-    model = load_teacher(tiny_problem, record, data.info, "cpu")
-    return {"data": data, "teacher_model": model, "teacher_record": record}
 
 
 @pytest.fixture()
