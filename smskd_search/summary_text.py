@@ -21,8 +21,10 @@ def progress_line(p: ProgressInfo) -> str:
                 f"failed {p.failed}")
     best = f"best {100 * p.best_value:.2f}%" if p.best_value is not None else "best -"
     repeats = f"  repeats {p.repeats}" if p.repeats else ""
+    confirming = (f"  confirming {p.confirm_running} ({p.confirm_done} done)"
+                  if p.confirm_running or p.confirm_done else "")
     return (f"[{p.elapsed_s:5.0f}s] done {p.done}/{p.budget}  running {p.running}  "
-            f"pruned {p.pruned}  failed {p.failed}{repeats}  {best}")
+            f"pruned {p.pruned}  failed {p.failed}{repeats}  {best}{confirming}")
 
 
 def _pct(p: float) -> str:

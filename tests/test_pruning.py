@@ -141,3 +141,9 @@ def test_scheduler_answers_stop_and_says_why():
     d = SimpleNamespace(trial_id="d")
     assert s.on_trial_result(None, d, {**res(2, 0.10), "baseline": True}) == TrialScheduler.CONTINUE
     assert s.rungs.recorded(2)["d"] == 0.10 and s.stop_reason("d") is None
+    # A confirmation run (another seed of a plan the rungs have seen, in the budget's Tune run) is
+    # neither stopped nor recorded: its value would lift the bar the budget's last trials meet.
+    e = SimpleNamespace(trial_id="e")
+    assert s.on_trial_result(None, e, {**res(2, 0.05), "confirmation": True}) == TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, e, {**res(4, 0.99), "confirmation": True}) == TrialScheduler.CONTINUE
+    assert "e" not in s.rungs.recorded(2) and "e" not in s.rungs.recorded(4) and s.stop_reason("e") is None

@@ -232,6 +232,106 @@ def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_p
     assert exported.trial == best
     text = format_leaderboard(summary)
     assert f"recommended: #{best} " in text and "fresh seeds" in text
+    # They ran in the budget's Tune run, in its workers (data and teacher loaded), not in a second one.
+    assert [p.name.startswith("run-") for p in (summary.db_path.parent / "conf" / "ray").iterdir()] == [True]
+
+
+def _trial(value, state=TrialState.COMPLETE, **attrs):
+    from optuna.distributions import IntDistribution
+    from optuna.trial import create_trial
+
+    return create_trial(state=state, value=value if state == TrialState.COMPLETE else None, params={"x": 0},
+                        distributions={"x": IntDistribution(0, 1)}, user_attrs=attrs)
+
+
+def test_confirmation_starts_with_the_plans_no_unfinished_trial_can_displace():
+    from smskd_search.search import ConfirmSettings
+    from smskd_search.search.confirm import candidates, settled
+    from smskd_search.search.leaderboard import rank_by_single_seed
+    from smskd_search.search.record import BASELINE_ATTR
+
+    key = rec.ATTR_PLAN_KEY
+    done = [_trial(0.9, **{key: "a"}), _trial(0.8, **{key: "b"}), _trial(0.7, **{key: "c"}),
+            _trial(0.6, **{key: "B", BASELINE_ATTR: "single:kd"})]  # 0..3
+    settings = ConfirmSettings(plans=2, baselines=1, seeds=2)
+
+    def numbers(extra):
+        study = optuna.create_study(direction="maximize")
+        for t in [*done, *extra]:
+            study.add_trial(t)
+        return [t.number for t in settled(study.get_trials(), settings)]
+
+    # Nothing unfinished: what is settled is what the final ranking confirms.
+    assert numbers([]) == [0, 1, 3]
+    study = optuna.create_study(direction="maximize")
+    for t in done:
+        study.add_trial(t)
+    assert [t.number for t in candidates(rank_by_single_seed(study.get_trials()), settings)] == [0, 1, 3]
+    running = _trial(None, TrialState.RUNNING, **{key: "r"})
+    # One plan still running may end first or second: only first place is safe; the baseline is.
+    assert numbers([running]) == [0, 3]
+    # Two plans running may take both places; a running baseline takes the baseline's.
+    assert numbers([running, _trial(None, TrialState.RUNNING, **{key: "s"})]) == [3]
+    assert numbers([_trial(None, TrialState.RUNNING, **{key: "R", BASELINE_ATTR: "single:dkd"})]) == [0, 1]
+    # A running trial of plan a could become a's best trial (the one confirmation names): a waits
+    # (b too, as behind any running plan).
+    assert numbers([_trial(None, TrialState.RUNNING, **{key: "a"})]) == [3]
+    assert numbers([_trial(None, TrialState.RUNNING, **{key: "a"}), _trial(0.95, **{key: "d"})]) == [5, 3]
+    # A waiting trial whose plan is not known yet could be any plan.
+    assert numbers([_trial(None, TrialState.WAITING)]) == [3]
+    # An infrastructure failure or an interrupted trial is run again: a contender until its rerun is.
+    infra = dict(state=TrialState.FAIL, **{key: "f", rec.ATTR_INFRA: True})
+    assert numbers([_trial(None, **infra)]) == [0, 3]
+    assert numbers([_trial(None, TrialState.FAIL, **{key: "i", rec.ATTR_INTERRUPTED: True})]) == [0, 3]
+    # ... (its rerun, number 5 here, finished: nothing unfinished is left)
+    assert numbers([_trial(None, **infra), _trial(0.1, **{key: "f", rec.ATTR_RETRY_OF: 4})]) == [0, 1, 3]
+    # A plan that failed for good, a pruned one, a repeat and a confirmation run contend for nothing.
+    assert numbers([_trial(None, TrialState.FAIL, **{key: "x", rec.ATTR_FAIL_REASON: "diverged"}),
+                    _trial(None, TrialState.PRUNED, **{key: "y"}),
+                    _trial(None, TrialState.RUNNING, **{key: "z", rec.ATTR_CONFIRM_OF: 0, rec.ATTR_CONFIRM_SEED: 1})]) \
+        == [0, 1, 3]
+
+
+def test_the_searcher_hands_out_follow_ups_as_the_budget_settles_them():
+    from smskd_search.search.searcher import StudySearcher
+
+    from ray.tune.search import Searcher
+
+    study = optuna.create_study(direction="maximize")
+    queue: list[list[int]] = []  # what follow_up enqueues at each call (values of x)
+    calls = []
+
+    def follow_up() -> int:
+        calls.append(sorted(t.state.name for t in study.trials))
+        more = queue.pop(0) if queue else []
+        for x in more:
+            study.enqueue_trial({"x": x})
+        return len(more)
+
+    def define(t: optuna.Trial) -> dict:
+        x = t.suggest_int("x", 0, 9)
+        return {"x": x, "plan_key": f"k{x}"}
+
+    done = {"val_acc": 0.5, "cum_epochs": 2, "final": True, "total_epochs": 2}
+    s = StudySearcher(study, define, pruning=False, max_trials=2, follow_up=follow_up)
+    assert "x" in s.suggest("b1") and "x" in s.suggest("b2") and calls == []
+    # The budget is handed out and both trials run: follow_up finds nothing settled; wait.
+    assert s.suggest("t") is None and len(calls) == 1
+    assert s.suggest("t") is None and len(calls) == 1  # nothing told since: not asked again
+    s.on_trial_complete("b1", done)
+    queue.append([7, 8])  # b2 still runs, yet two runs are settled
+    assert s.suggest("f1") == {"x": 7, "plan_key": "k7"} and calls[-1] == ["COMPLETE", "RUNNING"]
+    assert s.suggest("f2") == {"x": 8, "plan_key": "k8"} and len(calls) == 2 and s.followed == 2
+    assert s.suggest("t") is None  # b2 still runs
+    s.on_trial_complete("f1", done)
+    s.on_trial_complete("b2", done)
+    # The last follow-up repeats a finished plan: answered from the study, and none is sampled in its place.
+    queue.append([7])
+    # (FINISHED while f2 runs: Tune waits for the trials it has.)
+    assert s.suggest("t") == Searcher.FINISHED
+    assert len(study.trials) == 5 and study.trials[-1].user_attrs[rec.ATTR_REPEAT_OF] == 2
+    s.on_trial_complete("f2", done)
+    assert s.suggest("t") == Searcher.FINISHED
 
 
 def _fingerprint(db: Path, name: str) -> list[tuple]:
@@ -411,3 +511,35 @@ def test_a_search_the_infrastructure_keeps_failing_stops_with_that_reason(tmp_pa
     from smskd_search.summary_text import format_leaderboard
 
     assert "stopped:   infrastructure failures (retried, still failing) before the budget" in format_leaderboard(summary)
+
+
+def test_the_progress_line_counts_confirmation_runs_apart_until_the_budget_ends():
+    from types import SimpleNamespace
+
+    from smskd_search.search.progress import progress_callback
+    from smskd_search.summary_text import progress_line
+
+    seen, enqueued = [], [0]
+    cb = progress_callback(seen.append, "s", budget=2, before=[], start=0.0, confirm_runs=lambda: enqueued[0])
+
+    def trial(tid, status, confirmation=False, result=None):
+        return SimpleNamespace(trial_id=tid, status=status, config={"confirmation": confirmation, "sequence": "kd(2)"},
+                               last_result=result)
+
+    final = {"val_acc": 0.5, "cum_epochs": 2, "final": True}
+    b1, b2 = trial("b1", "RUNNING", result=final), trial("b2", "RUNNING")
+    cb.on_trial_complete(0, [b1, b2], b1)
+    b1.status, enqueued[0] = "TERMINATED", 2
+    c1 = trial("c1", "RUNNING", True, final)
+    cb.on_step_end(0, [b1, b2, c1])
+    # b2 still runs: the budget's line, with the confirmation run beside it.
+    p = seen[-1]
+    assert (p.phase, p.done, p.running, p.confirm_running) == ("search", 1, 1, 1)
+    assert progress_line(p).endswith("best 50.00%  confirming 1 (0 done)")
+    cb.on_trial_complete(0, [b1, b2, c1], c1)
+    c1.status, b2.last_result = "TERMINATED", final
+    cb.on_trial_complete(0, [b1, b2, c1], b2)
+    # The budget is done: the confirmation's line, its runs counted apart from the budget's.
+    p = seen[-1]
+    assert (p.phase, p.budget, p.done, p.complete, p.running) == ("confirm", 2, 1, 1, 0)
+    assert "confirming on fresh seeds: 1/2 runs" in progress_line(p)

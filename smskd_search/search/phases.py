@@ -250,10 +250,13 @@ def budget(run: SearchRun, tune: TuneSettings) -> BudgetOutcome:
 
     out = BudgetOutcome()
     n_infra, rounds = _n_infra(before), 0
+    # The confirmation runs start in the budget's workers, as soon as the budget's last trials can no
+    # longer change which plans they confirm; confirmation() runs what that left undone.
+    confirm = s.confirm if s.confirm is not None and s.confirm.enabled and not _multi(run) else None
     while remaining > 0 and not out.interrupted and not timed_out():
         run.ray.ensure()
         outcome = run_tune(tune, TuneRound(trials=remaining, budget=s.budget, before=before, seed=s.seed + len(before),
-                                           prune=s.prune))
+                                           prune=s.prune, confirm=confirm))
         rounds += 1
         session.notes += outcome.notes
         out.interrupted, out.exhausted = outcome.interrupted, outcome.exhausted
@@ -285,7 +288,9 @@ class ConfirmOutcome:
 def confirmation(run: SearchRun, tune: TuneSettings, spent: BudgetOutcome) -> ConfirmOutcome:
     """Re-run the best distinct plans and baselines on fresh seeds, once the budget is met.
 
-    Enqueues only the runs the study lacks (a resume confirms what a stop left undone).
+    Most runs, usually all, ran already in the budget's last Tune run; this enqueues only the runs the
+    study lacks (those of a plan a retried trial could still have displaced there; what a stop left
+    undone, on resume) and runs them in a Tune run of their own.
     """
     confirm, session = run.settings.confirm, tune.session
     if confirm is None or not confirm.enabled or spent.interrupted \

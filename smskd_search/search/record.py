@@ -453,6 +453,7 @@ class TrialConfig:
         baseline: The baseline's label (a baseline is measured in full, never pruned).
         rung_epochs: Cumulative epochs at which the trial also reports mid-stage (pruning at rungs).
         data_root: The dataset root as the driver resolved it (None: the dataset's default place).
+        confirmation: A confirmation run (measured in full, never pruned, not recorded at the rungs).
     """
 
     plan_yaml: str
@@ -464,6 +465,7 @@ class TrialConfig:
     baseline: str | None = None
     rung_epochs: list[int] = field(default_factory=list)
     data_root: str | None = None
+    confirmation: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

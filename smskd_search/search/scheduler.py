@@ -3,8 +3,9 @@
 Trials report at every stage end and, where the space decides at the rungs, after exactly each
 rung's cumulative epochs inside a stage (:class:`TrialReport`); the scheduler answers STOP when the
 rung rule says so, except to a baseline, which is measured in full (its values still count at the
-rungs). What it decided, and why, is kept per trial in :attr:`StageASHAScheduler.decisions`, from
-which the searcher stores a pruned trial's reason in the study.
+rungs), and to a confirmation run, which the rungs neither record nor stop. What it decided, and
+why, is kept per trial in :attr:`StageASHAScheduler.decisions`, from which the searcher stores a
+pruned trial's reason in the study.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class StageASHAScheduler(FIFOScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         r = TrialReport.from_dict(result)
-        if r is None or not r.has_value:  # a failure report is no stage value
+        if r is None or not r.has_value or r.confirmation:
+            # A failure report is no stage value; a confirmation run, another seed of a plan the
+            # rungs have seen, would lift the bars the budget's last trials meet.
             return TrialScheduler.CONTINUE
         # Baselines are recorded at the rungs but never stopped, like a plan's last report.
         decision = self.rungs.report(trial.trial_id, r.cum_epochs, r.val_acc, n=r.n_val or None,

@@ -16,8 +16,15 @@ end of a trial is told as:
 A trial whose plan (:meth:`Plan.canonical_hash`, the same seed included) already COMPLETE in the
 study is not trained again: it is told COMPLETE with that trial's value and stage values
 (``repeat_of`` names it), so that the sampler learns the plan's value once more without paying
-for it, and the next plan is asked for. Such answered trials count toward the budget: the searcher
-returns ``FINISHED`` once ``max_trials`` have been asked.
+for it, and the next plan is asked for. Such answered trials are off the budget: the searcher hands
+``max_trials`` trials to Tune.
+
+Given ``follow_up``, the searcher does not finish there: from then on, each time a trial has been
+told, it calls ``follow_up``, which enqueues in the study what may run now (the confirmation runs
+whose plans no trial still running can displace) and says how many; those are handed out next, in
+the same Tune run and its workers, whose data and teacher are loaded (a second Tune run would start
+and load fresh ones: a GPU idled about 20 s between the two). While budget trials run and nothing is
+enqueued, ``suggest`` returns None; once they are all told and nothing more comes, ``FINISHED``.
 
 After a hard kill the study may already hold a trial's outcome; telling it again raises
 ``UpdateFinishedTrialError``, which is expected and ignored. Trials left RUNNING when Tune stops
@@ -85,6 +92,9 @@ class StudySearcher(Searcher):
         max_repeats: Finished plans the sampler may propose in a row before the searcher gives up
             (``exhausted``) and returns ``FINISHED``.
         explore: The sampler of the ask after a repeat (None: the study's own sampler throughout).
+        follow_up: Called once ``max_trials`` are handed (or the sampler is exhausted), and again
+            after each trial told; enqueues trials in the study and returns how many, which are
+            handed out next (None: ``FINISHED`` there).
 
     Example:
 
@@ -100,7 +110,8 @@ class StudySearcher(Searcher):
 
     def __init__(self, study: optuna.Study, define: DefineByRun, *, pruning: bool = True,
                  stop_reason: Callable[[str], str | None] | None = None, max_trials: int | None = None,
-                 max_repeats: int = MAX_REPEATS_IN_A_ROW, explore: optuna.samplers.BaseSampler | None = None):
+                 max_repeats: int = MAX_REPEATS_IN_A_ROW, explore: optuna.samplers.BaseSampler | None = None,
+                 follow_up: Callable[[], int] | None = None):
         self.multi_objective = len(study.directions) > 1
         super().__init__(metric=METRIC, mode="max")
         self.study = study
@@ -115,6 +126,11 @@ class StudySearcher(Searcher):
         self._max_repeats = max_repeats
         self._explore = explore
         self._handed = 0  # trials handed to Tune
+        self._follow_up = follow_up
+        self._budget_ids: set[str] = set()  # Tune ids of the budget's trials (not the follow-ups)
+        self._follow_left = 0  # follow-ups enqueued in the study and not asked yet
+        self._told_at_follow_up = -1  # trials told when follow_up was last called
+        self.followed = 0  # follow-ups enqueued so far
         self._in_a_row = 0  # finished plans proposed since the last new one
         # True once the sampler proposed only finished plans max_repeats times in a row.
         self.exhausted = False
@@ -135,26 +151,37 @@ class StudySearcher(Searcher):
                 self.exhausted = True
                 break
             with self._sampler_of_this_ask():
-                trial = self.study.ask()
-                self._trials[trial_id] = trial
-                try:
-                    config = self._define(trial)
-                except BaseException as exc:
-                    self._tell(trial_id, None, TrialState.FAIL,
-                               fail_reason=f"sampling failed: {type(exc).__name__}: {exc}")
-                    raise
-            key = config.get("plan_key")
-            if key:
-                # Stored on the trial: what a repeat of its plan is looked up by, now and on resume.
-                write_trial_attrs(trial, TrialAttrs(plan_key=key))
-            done = self._finished_plans.get(key) if key else None
+                trial, config, done = self._ask(trial_id)
             if done is None:
                 self._handed += 1
                 self._in_a_row = 0
+                self._budget_ids.add(trial_id)
                 return config
             del self._trials[trial_id]
             self._answer_repeat(trial, done)
             self._in_a_row += 1
+        return self._suggest_follow_up(trial_id)
+
+    def _suggest_follow_up(self, trial_id: str) -> dict[str, Any] | str | None:
+        """After the budget: the next follow-up, None while the budget's trials may still bring one,
+        else ``FINISHED``."""
+        if self._follow_up is None:
+            return Searcher.FINISHED
+        if self._told_at_follow_up != len(self._finished):
+            # Only when something was told since: Tune asks every few milliseconds while we wait.
+            self._told_at_follow_up = len(self._finished)
+            n = self._follow_up()
+            self._follow_left += n
+            self.followed += n
+        while self._follow_left > 0:
+            self._follow_left -= 1
+            trial, config, done = self._ask(trial_id)  # an enqueued trial: asked first, in order
+            if done is None:
+                return config
+            del self._trials[trial_id]
+            self._answer_repeat(trial, done)
+        if any(tid not in self._finished for tid in self._budget_ids):
+            return None  # what comes next depends on the values of the budget's last trials
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -224,6 +251,21 @@ class StudySearcher(Searcher):
             elif self._tell(tid, None, TrialState.FAIL, fail_reason=reason, interrupted=True):
                 failed.append(trial.number)
         return failed
+
+    def _ask(self, trial_id: str) -> tuple[optuna.Trial, dict[str, Any], _Finished | None]:
+        """Ask the study for a trial and its config; the finished trial of its plan, if any."""
+        trial = self.study.ask()
+        self._trials[trial_id] = trial
+        try:
+            config = self._define(trial)
+        except BaseException as exc:
+            self._tell(trial_id, None, TrialState.FAIL, fail_reason=f"sampling failed: {type(exc).__name__}: {exc}")
+            raise
+        key = config.get("plan_key")
+        if key:
+            # Stored on the trial: what a repeat of its plan is looked up by, now and on resume.
+            write_trial_attrs(trial, TrialAttrs(plan_key=key))
+        return trial, config, self._finished_plans.get(key) if key else None
 
     @contextlib.contextmanager
     def _sampler_of_this_ask(self) -> Iterator[None]:

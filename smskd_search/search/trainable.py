@@ -341,6 +341,7 @@ class _Reporter:
             # Seconds inside the trainable so far: Ray's overhead is the search's wall time less this.
             trial_seconds=time.perf_counter() - self.started, trial_started_at=self.started_at, node=self.node,
             baseline=bool(self.config.get("baseline")),
+            confirmation=bool(self.config.get("confirmation")),
             # The learning curve up to here (the engine evaluates every epoch); the study keeps it.
             epoch_val_acc=[float(v) for v in epoch_val_acc],
         )

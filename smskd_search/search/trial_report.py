@@ -44,6 +44,8 @@ class TrialReport:
         epochs_reused: Epochs of this trial taken from the stage-prefix cache up to here.
         epochs_trained: Epochs this trial trained up to here.
         baseline: True for an enqueued baseline (measured in full, never pruned).
+        confirmation: True for a confirmation run (measured in full, never pruned, and not recorded at
+            the rungs: it is another seed of a plan the rungs have seen).
         trial_seconds: Seconds inside the trainable so far.
         trial_started_at: Unix time the trainable started.
         node: The Ray node the trial ran on (its node id; None outside Ray).
@@ -69,6 +71,7 @@ class TrialReport:
     epochs_reused: int = 0
     epochs_trained: int = 0
     baseline: bool = False
+    confirmation: bool = False
     trial_seconds: float | None = None
     trial_started_at: float | None = None
     node: str | None = None

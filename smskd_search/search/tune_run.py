@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from smskd_search.data.sources import absolute_root
 from smskd_search.engine import TeacherRecord
+from smskd_search.search import confirm as cf
 from smskd_search.search import storage_fs as sfs
 from smskd_search.search.cluster import TrialResources, quiet_ray_loggers, start_ray, trial_resources
 from smskd_search.search.lifecycle import StudySession
@@ -27,7 +28,7 @@ from smskd_search.search.pruning import StageRungs
 from smskd_search.search.record import TrialAttrs, TrialConfig, write_trial_attrs
 from smskd_search.search.sampling import suggest_plan
 from smskd_search.search.teacher_transport import pack
-from smskd_search.search_settings import SearchSettings
+from smskd_search.search_settings import ConfirmSettings, SearchSettings
 from smskd_search.space import SearchSpec, Space
 
 if TYPE_CHECKING:
@@ -61,11 +62,14 @@ class PlanConfigs:
                                             total_epochs=plan.total_epochs, threads=self.threads, run_dir=run_dir,
                                             data_root=self.data_root))
         enqueued = TrialAttrs.of(trial)
+        confirmation = enqueued.confirm_of is not None
         return TrialConfig(
             plan_yaml=plan.to_yaml(), sequence=plan.sequence(), plan_key=plan.canonical_hash(), run_dir=run_dir,
             resume_dirs=[sfs.join(self.runs_dir, f"{n:05d}") for n in enqueued.resume_from or ()],
-            threads=self.threads, baseline=enqueued.baseline, rung_epochs=list(self.rung_epochs),
-            data_root=self.data_root,
+            threads=self.threads, baseline=enqueued.baseline,
+            # A confirmation run is measured in full: no rung reports.
+            rung_epochs=[] if confirmation else list(self.rung_epochs), data_root=self.data_root,
+            confirmation=confirmation,
         ).to_dict()
 
 
@@ -141,6 +145,9 @@ class TuneRound:
         seed: The sampler's seed for this run.
         prune: Whether the space's pruning applies.
         phase: ``"search"``, or ``"confirm"`` for the confirmation runs (enqueued, never pruned).
+        confirm: In a ``search`` run: once its last trial is handed out, the confirmation runs the
+            budget's last trials can no longer change are enqueued and run in this run's workers
+            (:func:`~smskd_search.search.confirm.settled`); None: none here.
     """
 
     trials: int
@@ -149,6 +156,7 @@ class TuneRound:
     seed: int
     prune: bool = True
     phase: str = "search"
+    confirm: ConfirmSettings | None = None
 
 
 @dataclass
@@ -221,11 +229,22 @@ def _searcher(s: TuneSettings, r: TuneRound, resources: TrialResources,
     configs = PlanConfigs(s.space, s.teacher.sha256, resources.threads, s.session.runs_dir, s.session.name,
                           rung_epochs)
     s.session.study.sampler = make_sampler(s.space, r.seed)
+    confirm = r.confirm
+
+    def follow_up() -> int:
+        assert confirm is not None
+        return cf.enqueue_settled(s.session, s.space.seed, confirm)
+
     return StudySearcher(s.session.study, configs, pruning=scheduler is not None,
                          stop_reason=scheduler.stop_reason if scheduler is not None else None,
                          max_trials=r.trials,
                          # A plan once more rather than a new one: the next ask explores.
-                         explore=optuna.samplers.RandomSampler(seed=r.seed + 1))
+                         explore=optuna.samplers.RandomSampler(seed=r.seed + 1),
+                         follow_up=follow_up if confirm is not None else None)
+
+
+def _most_confirmation_runs(confirm: ConfirmSettings | None) -> int:
+    return 0 if confirm is None else (confirm.plans + confirm.baselines) * confirm.seeds
 
 
 def trial_context(s: TuneSettings, resources: TrialResources) -> TrialContext:
@@ -249,13 +268,16 @@ def _tuner(s: TuneSettings, r: TuneRound, resources: TrialResources, searcher: S
     if s.on_progress is not None:
         answered = searcher.answered
         callbacks.append(progress_callback(s.on_progress, s.session.name, r.budget, r.before, s.start,
-                                           answered=lambda: len(answered), phase=r.phase))
+                                           answered=lambda: len(answered), phase=r.phase,
+                                           confirm_runs=lambda: searcher.followed))
     # A URI goes to Tune as its filesystem and the path inside it (Tune's own way to take one).
     fs, ray_path = sfs.filesystem(ray_dir) if sfs.is_uri(ray_dir) else (None, ray_dir)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=r.trials,
+            search_alg=searcher, scheduler=scheduler,
+            # Tune creates at most num_samples trials: room for the confirmation runs after the budget.
+            num_samples=r.trials + _most_confirmation_runs(r.confirm),
             max_concurrent_trials=resources.concurrent, reuse_actors=True, time_budget_s=time_budget,
             trial_dirname_creator=_trial_dirname,
         ),
