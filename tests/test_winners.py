@@ -318,15 +318,18 @@ def test_the_searcher_hands_out_follow_ups_as_the_budget_settles_them():
     # The budget is handed out and both trials run: follow_up finds nothing settled; wait.
     assert s.suggest("t") is None and len(calls) == 1
     assert s.suggest("t") is None and len(calls) == 1  # nothing told since: not asked again
+    queue.append([7, 8])  # b2 still runs, yet two runs are settled once b1 is told
     s.on_trial_complete("b1", done)
-    queue.append([7, 8])  # b2 still runs, yet two runs are settled
-    assert s.suggest("f1") == {"x": 7, "plan_key": "k7"} and calls[-1] == ["COMPLETE", "RUNNING"]
-    assert s.suggest("f2") == {"x": 8, "plan_key": "k8"} and len(calls) == 2 and s.followed == 2
-    assert s.suggest("t") is None  # b2 still runs
+    # Enqueued as b1 is told (before Tune's callbacks hear of it), not at the next ask.
+    assert calls[-1] == ["COMPLETE", "RUNNING"] and s.followed == 2
+    assert s.suggest("f1") == {"x": 7, "plan_key": "k7"}
+    assert s.suggest("f2") == {"x": 8, "plan_key": "k8"} and len(calls) == 2
+    assert s.suggest("t") is None and len(calls) == 2  # b2 still runs; nothing told since
     s.on_trial_complete("f1", done)
-    s.on_trial_complete("b2", done)
     # The last follow-up repeats a finished plan: answered from the study, and none is sampled in its place.
     queue.append([7])
+    s.on_trial_complete("b2", done)
+    assert s.followed == 3
     # (FINISHED while f2 runs: Tune waits for the trials it has.)
     assert s.suggest("t") == Searcher.FINISHED
     assert len(study.trials) == 5 and study.trials[-1].user_attrs[rec.ATTR_REPEAT_OF] == 2

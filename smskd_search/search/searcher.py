@@ -130,6 +130,7 @@ class StudySearcher(Searcher):
         self._budget_ids: set[str] = set()  # Tune ids of the budget's trials (not the follow-ups)
         self._follow_left = 0  # follow-ups enqueued in the study and not asked yet
         self._told_at_follow_up = -1  # trials told when follow_up was last called
+        self._past_budget = False  # every budget trial handed out (or the sampler exhausted)
         self.followed = 0  # follow-ups enqueued so far
         self._in_a_row = 0  # finished plans proposed since the last new one
         # True once the sampler proposed only finished plans max_repeats times in a row.
@@ -167,12 +168,8 @@ class StudySearcher(Searcher):
         else ``FINISHED``."""
         if self._follow_up is None:
             return Searcher.FINISHED
-        if self._told_at_follow_up != len(self._finished):
-            # Only when something was told since: Tune asks every few milliseconds while we wait.
-            self._told_at_follow_up = len(self._finished)
-            n = self._follow_up()
-            self._follow_left += n
-            self.followed += n
+        self._past_budget = True
+        self._enqueue_follow_ups()
         while self._follow_left > 0:
             self._follow_left -= 1
             trial, config, done = self._ask(trial_id)  # an enqueued trial: asked first, in order
@@ -218,6 +215,9 @@ class StudySearcher(Searcher):
                 else:
                     # Optuna keeps the last intermediate value as a pruned trial's value.
                     self._tell(trial_id, None, TrialState.PRUNED, pruned_reason=why)
+        # Now rather than at the next ask: Tune's callbacks (the progress line) hear of this trial
+        # next, and should see the follow-ups it lets run.
+        self._enqueue_follow_ups()
 
     def save(self, checkpoint_path: str) -> None:
         # Tune snapshots the searcher with its experiment; a resume works from the study instead,
@@ -251,6 +251,15 @@ class StudySearcher(Searcher):
             elif self._tell(tid, None, TrialState.FAIL, fail_reason=reason, interrupted=True):
                 failed.append(trial.number)
         return failed
+
+    def _enqueue_follow_ups(self) -> None:
+        """Past the budget, once per trial told: let ``follow_up`` enqueue what may run now."""
+        if self._follow_up is None or not self._past_budget or self._told_at_follow_up == len(self._finished):
+            return  # Tune asks every few milliseconds while the last trials run: only news is worth a look
+        self._told_at_follow_up = len(self._finished)
+        n = self._follow_up()
+        self._follow_left += n
+        self.followed += n
 
     def _ask(self, trial_id: str) -> tuple[optuna.Trial, dict[str, Any], _Finished | None]:
         """Ask the study for a trial and its config; the finished trial of its plan, if any."""
