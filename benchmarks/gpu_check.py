@@ -6,22 +6,25 @@ sampled (``nvidia-smi``, every 0.5 s) throughout and averaged per step. Steps:
 
 1. ``environment``: the device, its name and compute capability, the precision the engine picks.
 2. ``teacher``: ``smskd-search teacher`` on a CIFAR-10 image folder (a subset, a few epochs).
-3. ``search``: ``smskd-search --budget 8 --confirm 1 --confirm-seeds 2`` with trials packed
+3. ``teacher graphs``: the same teacher trained again with ``--cuda-graphs`` into a cache of its own:
+   its seconds an epoch against the eager one's, and its val accuracy within 2 points of it (on a CPU
+   the option is a no-op: the same file, byte for byte).
+4. ``search``: ``smskd-search --budget 8 --confirm 1 --confirm-seeds 2`` with trials packed
    several to the GPU (``gpus_per_trial`` 0.25): every budget trial finished, none failed, the
    confirmation runs completed.
-4. ``gpu busy``: the search's mean GPU utilisation (the share of time a kernel ran) from its start
+5. ``gpu busy``: the search's mean GPU utilisation (the share of time a kernel ran) from its start
    (the teacher is ready by then) to its end; the target is 90%.
-5. ``export``: ``smskd-search export --top 1``.
-6. ``train``: the exported winner trained on the GPU (``smskd-search train``).
-7. ``graphs``: the winner trained again with ``--cuda-graphs``: on a GPU every stage recorded (no note
+6. ``export``: ``smskd-search export --top 1``.
+7. ``train``: the exported winner trained on the GPU (``smskd-search train``).
+8. ``graphs``: the winner trained again with ``--cuda-graphs``: on a GPU every stage recorded (no note
    that one ran eagerly) and its per-epoch numbers within bf16's reach of the ``train`` step's (train
    loss within 2%, val accuracy within 2 points), with both runs' seconds; on a CPU the option is a
    no-op that says so, and the numbers are identical.
-8. ``cpu eval``: that run's last stage checkpoint loaded on the CPU and evaluated there in fp32: its
+9. ``cpu eval``: that run's last stage checkpoint loaded on the CPU and evaluated there in fp32: its
    test accuracy within 1 point of the GPU's (bf16) figure.
-9. ``deterministic``: the winner trained twice with ``--deterministic``: identical numbers.
-10. ``verify``: ``smskd-search verify --seeds 2``.
-11. ``throughput``: ``benchmarks/gpu_throughput.py --quick --graphs`` (shortened: see ``--throughput-args``).
+10. ``deterministic``: the winner trained twice with ``--deterministic``: identical numbers.
+11. ``verify``: ``smskd-search verify --seeds 2``.
+12. ``throughput``: ``benchmarks/gpu_throughput.py --quick --graphs`` (shortened: see ``--throughput-args``).
 
 Logs (one per step), ``gpu_util.csv`` and ``summary.json`` / ``summary.md`` go to ``--out``.
 
@@ -202,6 +205,14 @@ runtime: {{cpus_per_trial: {cpus}, gpus_per_trial: {gpus}}}
 """
 
 
+def epoch_seconds(log: str) -> float | None:
+    """Seconds an epoch after the first, from a ``teacher`` command's ``trained in`` line."""
+    import re
+
+    m = re.search(r"^trained in [\d.]+s, ([\d.]+)s an epoch after the first", log, re.M)
+    return float(m.group(1)) if m else None
+
+
 def numbers_of(results: dict) -> list[list[tuple[float, float]]]:
     """A ``train`` run's per-epoch (train loss, val acc), stage by stage, from its results.json."""
     return [[(m["train_loss"], m["val_acc"]) for m in st["epoch_metrics"]] for st in results["stages"]]
@@ -271,6 +282,29 @@ def main(argv: list[str] | None = None) -> int:
             s.status = "PASS"
         else:
             s.why = f"exit {rc}: {text.strip().splitlines()[-1] if text.strip() else ''}"
+
+    def teacher_graphs(s: Step) -> None:
+        # The teacher trained again into a cache of its own, its step recorded as a CUDA graph; its
+        # time an epoch (after the first: the warm-up and recordings) against the eager teacher's.
+        cache = check.out / "teacher-graphs"
+        shutil.rmtree(cache, ignore_errors=True)
+        rc, text, *_ = check.run("teacher graphs", [*CLI, "teacher", "--space", str(space), "--cache", str(cache),
+                                                    "--cuda-graphs", *dev_flag], 900)
+        eager_log = (check.out / "teacher.log").read_text() if (check.out / "teacher.log").is_file() else ""
+        eager, graphed = epoch_seconds(eager_log), epoch_seconds(text)
+        teachers = [json.loads(p.read_text()) for p in sorted((check.out / "studies" / "teachers").glob("*/teacher.json"))]
+        mine = [json.loads(p.read_text()) for p in cache.glob("*/teacher.json")]
+        if rc != 0 or not teachers or not mine or eager is None or graphed is None:
+            s.why = f"exit {rc}: {text.strip().splitlines()[-1] if text.strip() else ''}"
+            return
+        a, b = teachers[0], mine[0]
+        s.figures = {"eager_s_per_epoch": eager, "graphed_s_per_epoch": graphed,
+                     "speedup": round(eager / graphed, 2) if graphed > 0 else None,
+                     "val_acc": [round(100 * a["val_acc"], 2), round(100 * b["val_acc"], 2)]}
+        if not args.device.startswith("cuda"):
+            s.status = "PASS" if a["sha256"] == b["sha256"] else "FAIL"  # a no-op on a CPU: the same file
+            return
+        s.status = "PASS" if abs(a["val_acc"] - b["val_acc"]) <= 0.02 else "FAIL"
 
     def search(s: Step) -> None:
         import optuna
@@ -425,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         if s.status == "FAIL":
             s.why = f"exit {rc}"
 
-    plan_steps = [("environment", environment), ("teacher", teacher), ("search", search), ("gpu busy", busy),
+    plan_steps = [("environment", environment), ("teacher", teacher), ("teacher graphs", teacher_graphs),
+                  ("search", search), ("gpu busy", busy),
                   ("export", export), ("train", train), ("graphs", graphs), ("cpu eval", cpu_eval), ("deterministic", deterministic),
                   ("verify", verify), ("throughput", throughput)]
     needs_plan = {"train", "graphs", "cpu eval", "deterministic", "verify"}

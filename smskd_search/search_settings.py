@@ -84,9 +84,9 @@ class SearchSettings:
             each epoch's batches in ``studies_dir/cache/teacher_logits`` (KD, DKD and CE epochs
             read them instead of running the teacher). The values are the same as without it (on CPU).
         cache_max_bytes: The size cap of each of the three cache folders (least recently used first).
-        cuda_graphs: On a GPU, each trial records its stages' training step as a CUDA graph and
-            replays it (:mod:`~smskd_search.engine.step_graph`); no effect on a CPU. Off by default
-            until measured on a GPU.
+        cuda_graphs: On a GPU, the teacher (where it is trained) and each trial record their
+            training step as a CUDA graph and replay it (:mod:`~smskd_search.engine.step_graph`);
+            no effect on a CPU. Off by default until measured on a GPU.
         storage: A folder for everything trials write (stage checkpoints, Tune's files, the stage
             cache), which every node of a cluster must mount at the same path, or an ``s3://`` URI
             (pyarrow's form, :mod:`~smskd_search.search.storage_fs`); default ``studies_dir``. The

@@ -22,7 +22,7 @@ def test_the_gpu_checks_dry_run_passes_every_step_on_a_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["name"]: s for s in summary["steps"]}
-    assert list(steps) == ["environment", "teacher", "search", "gpu busy", "export", "train", "graphs", "cpu eval",
+    assert list(steps) == ["environment", "teacher", "teacher graphs", "search", "gpu busy", "export", "train", "graphs", "cpu eval",
                            "deterministic", "verify", "throughput"]
     # No nvidia-smi on a CPU: utilisation is not measured, and said so rather than passed.
     assert steps.pop("gpu busy")["status"] == "N/A"
@@ -30,6 +30,9 @@ def test_the_gpu_checks_dry_run_passes_every_step_on_a_cpu(tmp_path):
     assert steps["environment"]["figures"]["precision"] == "fp32"
     search = steps["search"]["figures"]
     assert search["budget_done"] == 8 and search["confirmation_runs"] >= 2 and "FAIL" not in search["trials"]
+    # The teacher trained again with --cuda-graphs: on a CPU the same file; both timed an epoch.
+    tg = steps["teacher graphs"]["figures"]
+    assert tg["eager_s_per_epoch"] > 0 and tg["graphed_s_per_epoch"] > 0 and tg["val_acc"][0] == tg["val_acc"][1]
     assert steps["graphs"]["figures"]["notes"] == ["note: cuda_graphs: no CUDA device, every step runs eagerly"]
     assert any(row.startswith("| graph s1 b") for row in steps["throughput"]["figures"]["stage_rows"])
     assert steps["cpu eval"]["figures"]["difference_points"] == 0.0  # the same device and precision: the same number

@@ -182,3 +182,72 @@ def test_the_flag_reaches_every_trial_of_a_search(tiny_problem, shared, tmp_path
         tune = TuneSettings(settings, space, session=session, teacher=shared["teacher_record"])  # type: ignore[arg-type]
         assert trial_context(tune, resources).cuda_graphs is settings.cuda_graphs
     assert on.cuda_graphs and not off.cuda_graphs
+
+
+def _teacher_problem(tiny_problem):
+    """The tiny problem's teacher with augmentation and a batch that leaves a short last batch."""
+    from smskd_search.plan import TeacherRecipe
+
+    recipe = TeacherRecipe(epochs=2, lr=0.05, batch_size=48, augment=AugmentSpec(crop_padding=1, flip=True))
+    return tiny_problem.model_copy(update={"teacher": tiny_problem.teacher.model_copy(update={"recipe": recipe})})
+
+
+def _plain_teacher_loop(problem, data):
+    """The teacher's loop as it was written before it went through the students' epoch (golden)."""
+    import torch.nn.functional as F
+
+    from smskd_search.engine.optim import backward_and_step, build_optimizer, lr_at, set_lr, step_progress, trainable
+    from smskd_search.models import create_model
+
+    recipe = problem.teacher.recipe
+    torch.manual_seed(recipe.seed)
+    model = create_model(problem.teacher.arch, data.info.num_classes, data.info.in_channels, data.info.image_size)
+    opt = build_optimizer([{"params": trainable(model.parameters())}], recipe, torch.device("cpu"))
+    loader = data.train.loader(recipe.batch_size, shuffle=True, augment=recipe.augment, seed=recipe.seed)
+    losses = []
+    for epoch in range(recipe.epochs):
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for step, (x, y, _) in enumerate(loader):
+            set_lr(opt, lr_at(recipe.lr, recipe.schedule, step_progress(epoch, step, len(loader), recipe.epochs,
+                                                                        recipe.schedule.kind)))
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            backward_and_step(loss, opt, None)
+            loss_sum += loss.detach().double() * y.shape[0]
+        losses.append(loss_sum.item() / len(data.train))
+    return model, losses
+
+
+def test_the_teacher_trains_through_the_students_epoch_as_its_own_loop_did(tiny_problem, shared):
+    """The teacher's loop is the students' epoch with CE alone (so its step can be graphed too); the
+    teacher it trains is the one the plain loop trained, bit for bit (the cache keys stay valid)."""
+    from smskd_search.engine.teacher import train_teacher_model
+
+    problem, data = _teacher_problem(tiny_problem), shared["data"]
+    losses = []
+    model = train_teacher_model(problem, data, torch.device("cpu"), pick_precision(torch.device("cpu")),
+                                on_epoch=lambda e, n, loss, acc: losses.append(loss))
+    plain, plain_losses = _plain_teacher_loop(problem, data)
+    assert losses == plain_losses and losses[1] < losses[0]
+    a, b = model.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_teachers_rehearsed_graph_trains_its_eager_numbers_bit_for_bit(tiny_problem, shared):
+    from smskd_search.engine.teacher import train_teacher_model
+
+    problem, data, cpu = _teacher_problem(tiny_problem), shared["data"], torch.device("cpu")
+    runs = []
+    for graph in (StepGraph(cpu, rehearse=True), None):
+        losses: list[tuple[float, float]] = []
+        # cuda_graphs on a CPU makes no graph: the second run is the eager one.
+        model = train_teacher_model(problem, data, cpu, pick_precision(cpu), graph=graph, cuda_graphs=True,
+                                    on_epoch=lambda e, n, loss, acc, out=losses: out.append((loss, acc)))
+        runs.append((model.state_dict(), losses, graph))
+    (graphed, g_losses, g), (eager, e_losses, _) = runs
+    full, short = divmod(data.info.num_train, 48)
+    assert full > 3 and short > 0
+    assert (g.eager_steps, g.replays, g.recordings) == (3 + 2, full * 2 - 3, 2)
+    assert g_losses == e_losses
+    assert all(torch.equal(graphed[k], eager[k]) for k in eager)

@@ -86,6 +86,9 @@ def test_teacher_cli_miss_then_hit(tmp_path):
         "cached for later runs"), first.stdout
     # Off a terminal every epoch is a line, with the time so far and an estimate of the time left.
     assert re.search(r"epoch 1/2 .* about [\d.]+s left$", first.stdout, re.M), first.stdout
+    # Then the training's time, from its start (not the data's loading), and an epoch's after the first.
+    assert re.search(r"^trained in [\d.]+s, [\d.]+s an epoch after the first \(validation included\)$", first.stdout,
+                     re.M), first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0 and second.stdout.startswith("cache hit: teacher cnn_small")
-    assert "training the teacher" not in second.stdout
+    assert "training the teacher" not in second.stdout and "trained in" not in second.stdout

@@ -20,9 +20,13 @@ from smskd_search.digest import sha256_of_file
 from smskd_search.engine.device import Precision, pick_device, pick_precision, release_memory, set_numerics
 from smskd_search.engine.evaluate import evaluate
 from smskd_search.engine.frozen import freeze
-from smskd_search.engine.optim import backward_and_step, build_optimizer, lr_at, set_lr, step_progress, trainable
+from smskd_search.engine.optim import build_optimizer, trainable
+from smskd_search.engine.step_graph import StepGraph, graph_blocker
+from smskd_search.engine.trainer import Schedule, train_epoch
 from smskd_search.errors import UserError
+from smskd_search.methods.ce import CE
 from smskd_search.models import count_parameters, create_model
+from smskd_search.models.base import Features
 from smskd_search.models.pretrained import published_classes, published_top1, weights_file
 from smskd_search.plan import ProblemSpec
 
@@ -187,7 +191,16 @@ class TeacherJob:
 
 
 def train_teacher_model(problem: ProblemSpec, data: DataSplits, device: torch.device, precision: Precision,
-                        on_epoch: EpochCallback | None = None, on_start: Callable[[TeacherJob], None] | None = None) -> nn.Module:
+                        on_epoch: EpochCallback | None = None, on_start: Callable[[TeacherJob], None] | None = None,
+                        cuda_graphs: bool = False, graph: StepGraph | None = None) -> nn.Module:
+    """Train the teacher on labels alone: the students' own epoch (:func:`train_epoch`) with CE and no
+    teacher, so the teacher's step can be recorded as a CUDA graph as theirs is.
+
+    Args:
+        cuda_graphs: On a GPU, record the step and replay it (:mod:`~smskd_search.engine.step_graph`):
+            a teacher's step at its batch is launch-bound as a student's is. No effect on a CPU.
+        graph: The recorded step to use (the tests pass a rehearsed one); ``cuda_graphs`` makes one.
+    """
     recipe = problem.teacher.recipe
     torch.manual_seed(recipe.seed)
     model = create_model(problem.teacher.arch, data.info.num_classes, data.info.in_channels, data.info.image_size)
@@ -198,20 +211,23 @@ def train_teacher_model(problem: ProblemSpec, data: DataSplits, device: torch.de
     opt = build_optimizer([{"params": trainable(model.parameters())}], recipe, device)
     loader = data.train.loader(recipe.batch_size, shuffle=True, augment=recipe.augment, seed=recipe.seed)
     scaler = precision.grad_scaler()
+    labels_only = CE(CE.Params(), None)  # type: ignore[arg-type]  # CE reads no context
+    schedule = Schedule(recipe.lr, recipe.schedule, span_epochs=recipe.epochs, epoch_offset=0)
+    if graph is None and cuda_graphs and graph_blocker(device, precision, labels_only,
+                                                       teacher_features_from_store=False) is None:
+        graph = StepGraph(device)
     for epoch in range(recipe.epochs):
-        model.train()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for step, (x, y, _) in enumerate(loader):
-            set_lr(opt, lr_at(recipe.lr, recipe.schedule, step_progress(epoch, step, len(loader), recipe.epochs, recipe.schedule.kind)))
-            with precision.autocast():
-                logits, _ = model(precision.prepare_input(x))
-                loss = torch.nn.functional.cross_entropy(logits.float(), y)
-            backward_and_step(loss, opt, scaler)
-            loss_sum += loss.detach().double() * y.shape[0]
+        stats = train_epoch(student=model, method=labels_only, teacher=_no_teacher, reference=None, loader=loader,
+                            optimizer=opt, schedule=schedule, stage_epoch=epoch, precision=precision, scaler=scaler,
+                            graph=graph)
         if on_epoch is not None:
             val = evaluate(model, data.val, precision, recipe.eval_batch_size)
-            on_epoch(epoch + 1, recipe.epochs, loss_sum.item() / len(data.train), val.acc)
+            on_epoch(epoch + 1, recipe.epochs, stats.loss, val.acc)
     return model
+
+
+def _no_teacher(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, Features | None]:
+    return None, None  # type: ignore[return-value]  # the teacher has none: CE reads neither
 
 
 def cached_teacher(problem: ProblemSpec, cache_root: str | Path = DEFAULT_CACHE) -> TeacherRecord | None:
@@ -256,6 +272,7 @@ def ensure_teacher(
     on_epoch: EpochCallback | None = None,
     on_start: Callable[[TeacherJob], None] | None = None,
     deterministic: bool = False,
+    cuda_graphs: bool = False,
 ) -> TeacherRecord:
     """The cached teacher of a problem: a cache hit, a checked user checkpoint or torchvision's
     weights (``teacher.weights``), or a trained one; its top-1 on the validation split measured.
@@ -272,6 +289,9 @@ def ensure_teacher(
             cache hit, a user checkpoint or torchvision's weights).
         deterministic: On a GPU, train with PyTorch's deterministic algorithms (see
             :func:`~smskd_search.engine.device.set_numerics`).
+        cuda_graphs: On a GPU, train it with its step recorded as a CUDA graph (see
+            :func:`train_teacher_model`). The cache key does not hold it: as for the device, the
+            teacher is the one trained first, and what follows knows it by its file's sha256.
     """
     device = pick_device(device)
     folder = teacher_dir(problem, cache_root)
@@ -286,7 +306,7 @@ def ensure_teacher(
         data = load_data(problem.dataset, device)
     precision = pick_precision(device)
     set_numerics(device, precision, deterministic)
-    model, weights_path, source = _obtain(problem, data, device, precision, folder, on_epoch, on_start)
+    model, weights_path, source = _obtain(problem, data, device, precision, folder, on_epoch, on_start, cuda_graphs)
     epochs = problem.teacher.recipe.epochs if source == "trained" else None
     val = evaluate(model, data.val, precision, problem.teacher.recipe.eval_batch_size)
     record = TeacherRecord(
@@ -304,7 +324,8 @@ def ensure_teacher(
 
 
 def _obtain(problem: ProblemSpec, data: DataSplits, device: torch.device, precision: Precision, folder: Path,
-            on_epoch: EpochCallback | None, on_start: Callable[[TeacherJob], None] | None) -> tuple[nn.Module, Path, str]:
+            on_epoch: EpochCallback | None, on_start: Callable[[TeacherJob], None] | None,
+            cuda_graphs: bool = False) -> tuple[nn.Module, Path, str]:
     """The teacher's model on ``device``, its file and its source: a user's checkpoint or
     torchvision's weights (loaded and checked), else trained and saved in ``folder``."""
     teacher, info = problem.teacher, data.info
@@ -314,7 +335,7 @@ def _obtain(problem: ProblemSpec, data: DataSplits, device: torch.device, precis
         load_weights_checked(model, path, teacher.arch, "teacher.weights" if teacher.weights else "teacher.checkpoint",
                              class_positions(problem.dataset))
         return model.to(device), path.resolve(), "pretrained" if teacher.weights else "checkpoint"
-    model = train_teacher_model(problem, data, device, precision, on_epoch, on_start)
+    model = train_teacher_model(problem, data, device, precision, on_epoch, on_start, cuda_graphs)
     folder.mkdir(parents=True, exist_ok=True)
     weights_path = (folder / "teacher.pt").resolve()
     tmp = weights_path.with_suffix(".pt.tmp")

@@ -212,13 +212,14 @@ def _ensure_teacher(run: SearchRun, session: StudySession) -> TeacherRecord:
         # after it, so no process holds the teacher's GPU memory while the trials run.
         run.ray.ensure()
         record, node = ensure_teacher_on_cluster(problem, s.studies_dir / "teachers", on_epoch=hooks.on_teacher_epoch,
-                                                 on_start=hooks.on_teacher_start, deterministic=s.deterministic)
+                                                 on_start=hooks.on_teacher_start, deterministic=s.deterministic,
+                                                 cuda_graphs=s.cuda_graphs)
         if node is not None and s.address is not None:
             session.notes.append(f"the teacher trained as a Ray task on node {node}")
         return record
     return ensure_teacher(problem, cache_root=s.studies_dir / "teachers", device=pick_device(None),
                           on_epoch=hooks.on_teacher_epoch, on_start=hooks.on_teacher_start,
-                          deterministic=s.deterministic)
+                          deterministic=s.deterministic, cuda_graphs=s.cuda_graphs)
 
 
 @dataclass

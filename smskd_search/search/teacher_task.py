@@ -50,7 +50,8 @@ def task_resources(cluster: dict[str, float], nodes: list[dict[str, Any]]) -> di
     return {"num_cpus": max(1, int(max(per_node, default=1)))}
 
 
-def _train(problem_json: dict[str, Any], progress: Any, deterministic: bool = False) -> tuple[bytes, dict[str, Any], str]:
+def _train(problem_json: dict[str, Any], progress: Any, deterministic: bool = False,
+           cuda_graphs: bool = False) -> tuple[bytes, dict[str, Any], str]:
     """In the task: train the teacher on this node's best device; its bytes, record and node id."""
     import torch
 
@@ -63,7 +64,8 @@ def _train(problem_json: dict[str, Any], progress: Any, deterministic: bool = Fa
     with tempfile.TemporaryDirectory(prefix="smskd-teacher-") as tmp:
         record = ensure_teacher(problem, cache_root=tmp, device=pick_device(None),
                                 on_start=lambda job: progress.put(("start", asdict(job))),
-                                on_epoch=lambda *a: progress.put(("epoch", a)), deterministic=deterministic)
+                                on_epoch=lambda *a: progress.put(("epoch", a)), deterministic=deterministic,
+                                cuda_graphs=cuda_graphs)
         weights = Path(record.path).read_bytes()
     return weights, asdict(record), ray.get_runtime_context().get_node_id()
 
@@ -71,7 +73,7 @@ def _train(problem_json: dict[str, Any], progress: Any, deterministic: bool = Fa
 def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
                               on_epoch: Callable[[int, int, float, float], None] | None = None,
                               on_start: Callable[[TeacherJob], None] | None = None,
-                              deterministic: bool = False) -> tuple[TeacherRecord, str | None]:
+                              deterministic: bool = False, cuda_graphs: bool = False) -> tuple[TeacherRecord, str | None]:
     """The problem's teacher: from the driver's cache, else trained by a Ray task and cached here.
 
     Returns the record and the id of the node that trained it (None on a cache hit).
@@ -82,6 +84,7 @@ def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
         on_epoch: Called (epoch, epochs, train loss, val acc) as the task trains.
         on_start: Called with the :class:`TeacherJob` when the task starts training.
         deterministic: Train with PyTorch's deterministic algorithms on a GPU.
+        cuda_graphs: On a GPU, record the teacher's training step as a CUDA graph.
     """
     from smskd_search.search._ray import ray
 
@@ -107,7 +110,7 @@ def ensure_teacher_on_cluster(problem: ProblemSpec, cache_root: Path, *,
     opts = task_resources(ray.cluster_resources(), ray.nodes())
     # max_calls=1: the worker exits after the task, and its GPU memory (context, cache) goes with it.
     # (Ray takes max_calls only where the function is made remote, not in .options().)
-    ref = ray.remote(**opts, max_retries=0, max_calls=1)(_train).remote(sent, progress, deterministic)
+    ref = ray.remote(**opts, max_retries=0, max_calls=1)(_train).remote(sent, progress, deterministic, cuda_graphs)
 
     def drain() -> None:
         while True:
