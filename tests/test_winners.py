@@ -236,6 +236,34 @@ def test_confirmation_reruns_the_best_on_fresh_seeds_and_one_ranking_holds(tmp_p
     assert [p.name.startswith("run-") for p in (summary.db_path.parent / "conf" / "ray").iterdir()] == [True]
 
 
+def test_a_resumed_search_runs_waiting_confirmation_runs_and_still_its_whole_budget(tmp_path, local_ray, teachers):
+    """Confirmation runs enqueued by a search that then stopped are WAITING in the study; a resumed
+    search runs them (off the budget, with no confirmation asked) and trains all its budget trials."""
+    from types import SimpleNamespace
+
+    from smskd_search.search import ConfirmSettings
+    from smskd_search.search import confirm as cf
+    from smskd_search.search.leaderboard import rank_by_single_seed
+
+    space = tmp_path / "left.yaml"
+    space.write_text(yaml.safe_dump({"name": "left", "problem": PROBLEM, "search": {
+        "methods": ["kd", "dkd"], "stages": {"min": 1, "max": 2}, "total_epochs": 2,
+        "weight_modes": ["inverse"], "pruning": {"enabled": False}, "sampler": {"kind": "random"}}}))
+    studies = _studies(tmp_path, teachers)
+    first = run_search(load_space(space), budget=2, studies_dir=studies, address="local", max_concurrent=1,
+                       confirm=None, baselines=False)
+    study = optuna.load_study(study_name="left", storage=first.storage_url)
+    session = SimpleNamespace(study=study, name="left", trials=study.get_trials)
+    assert cf.enqueue(session, rank_by_single_seed(study.get_trials()), load_space(space).space.seed,
+                      ConfirmSettings(plans=1, baselines=0, seeds=2)) == 2
+    summary = run_search(load_space(space), budget=3, studies_dir=studies, address="local", max_concurrent=1,
+                         confirm=None, baselines=False, resume=True)
+    trials = study.get_trials()
+    runs = [t for t in trials if t.user_attrs.get(rec.ATTR_CONFIRM_OF) is not None]
+    assert summary.done == 3 and lc.budget_done(trials) == 3
+    assert [t.state for t in runs] == [TrialState.COMPLETE] * 2 and summary.n_confirmation_runs == 2
+
+
 def _trial(value, state=TrialState.COMPLETE, **attrs):
     from optuna.distributions import IntDistribution
     from optuna.trial import create_trial
@@ -335,6 +363,34 @@ def test_the_searcher_hands_out_follow_ups_as_the_budget_settles_them():
     assert len(study.trials) == 5 and study.trials[-1].user_attrs[rec.ATTR_REPEAT_OF] == 2
     s.on_trial_complete("f2", done)
     assert s.suggest("t") == Searcher.FINISHED
+
+
+def test_a_confirmation_run_left_waiting_runs_off_the_budget_of_a_resumed_search():
+    """A search stopped after it enqueued confirmation runs leaves them WAITING, and Optuna asks
+    enqueued trials first: the next budget round hands such a run out without counting it, so the
+    budget still gets its own trials; a round of confirmation runs alone counts its runs."""
+    from smskd_search.search.searcher import StudySearcher
+
+    from ray.tune.search import Searcher
+
+    def define(t: optuna.Trial) -> dict:
+        x = t.suggest_int("x", 0, 9)
+        return {"x": x, "plan_key": f"k{x}-{t.user_attrs.get('confirm_seed')}",
+                "confirmation": t.user_attrs.get("confirm_of") is not None}
+
+    done = {"val_acc": 0.5, "cum_epochs": 2, "final": True, "total_epochs": 2}
+    for off_budget, handed in ((True, 3), (False, 2)):
+        study = optuna.create_study(direction="maximize")
+        study.enqueue_trial({"x": 3}, user_attrs={"confirm_of": 0, "confirm_seed": 7})
+        s = StudySearcher(study, define, pruning=False, max_trials=2, confirmations_off_budget=off_budget)
+        configs = []
+        while isinstance(c := s.suggest(f"t{len(configs)}"), dict):
+            configs.append(c)
+        assert [c["confirmation"] for c in configs] == [True] + [False] * (handed - 1)
+        assert s.suggest("t") in (None, Searcher.FINISHED)  # the budget is handed out
+        for i in range(handed):
+            s.on_trial_complete(f"t{i}", done)
+        assert s.suggest("t") == Searcher.FINISHED and s.followed == (1 if off_budget else 0)
 
 
 def _fingerprint(db: Path, name: str) -> list[tuple]:

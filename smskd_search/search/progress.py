@@ -86,12 +86,14 @@ class _Tally:
 
 def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: int,
                       before: list[FrozenTrial], start: float, answered: Callable[[], int] = lambda: 0,
-                      phase: str = "search", confirm_runs: Callable[[], int] = lambda: 0) -> Any:
+                      phase: str = "search", confirm_runs: Callable[[], int] = lambda: 0,
+                      budget_handed_out: Callable[[], bool] = lambda: True) -> Any:
     """A Tune callback that sends a :class:`ProgressInfo` whenever the counts change (at most 1/s
     otherwise); no database reads while trials run. ``answered``: trials the searcher answered
     from the study without Tune (repeated plans), shown apart: they do not count toward the budget.
     ``confirm_runs``: in a ``search`` run, the confirmation runs enqueued in it so far; they are
-    counted apart, and once no budget trial is left the snapshots are of the ``confirm`` phase."""
+    counted apart, and once no budget trial is left (``budget_handed_out`` and none unfinished) the
+    snapshots are of the ``confirm`` phase."""
     from smskd_search.search._ray import tune
 
     def confirming(trial: Any) -> bool:
@@ -107,7 +109,7 @@ def progress_callback(emit: Callable[[ProgressInfo], None], study: str, budget: 
 
         def _info(self) -> ProgressInfo:
             t, elapsed = self.tally, time.monotonic() - start
-            if confirm_runs() and not self.budget_open:
+            if confirm_runs() and not self.budget_open and budget_handed_out():
                 return ProgressInfo(study, confirm_runs(), t.confirm_done, t.confirm_done - t.confirm_failed, 0,
                                     t.confirm_failed, self.confirm_running, t.best_value, t.best_sequence, elapsed,
                                     "confirm", answered())

@@ -95,6 +95,9 @@ class StudySearcher(Searcher):
         follow_up: Called once ``max_trials`` are handed (or the sampler is exhausted), and again
             after each trial told; enqueues trials in the study and returns how many, which are
             handed out next (None: ``FINISHED`` there).
+        confirmations_off_budget: A confirmation run found waiting in the study (a search stopped
+            after enqueueing it) is handed out without counting toward ``max_trials``: true for
+            the budget's runs, false for a run of confirmation runs alone (they are its trials).
 
     Example:
 
@@ -111,7 +114,7 @@ class StudySearcher(Searcher):
     def __init__(self, study: optuna.Study, define: DefineByRun, *, pruning: bool = True,
                  stop_reason: Callable[[str], str | None] | None = None, max_trials: int | None = None,
                  max_repeats: int = MAX_REPEATS_IN_A_ROW, explore: optuna.samplers.BaseSampler | None = None,
-                 follow_up: Callable[[], int] | None = None):
+                 follow_up: Callable[[], int] | None = None, confirmations_off_budget: bool = False):
         self.multi_objective = len(study.directions) > 1
         super().__init__(metric=METRIC, mode="max")
         self.study = study
@@ -127,6 +130,7 @@ class StudySearcher(Searcher):
         self._explore = explore
         self._handed = 0  # trials handed to Tune
         self._follow_up = follow_up
+        self._confirmations_off_budget = confirmations_off_budget
         self._budget_ids: set[str] = set()  # Tune ids of the budget's trials (not the follow-ups)
         self._follow_left = 0  # follow-ups enqueued in the study and not asked yet
         self._told_at_follow_up = -1  # trials told when follow_up was last called
@@ -153,6 +157,11 @@ class StudySearcher(Searcher):
                 break
             with self._sampler_of_this_ask():
                 trial, config, done = self._ask(trial_id)
+            if self._confirmations_off_budget and config.get("confirmation") and done is None:
+                # A confirmation run a stopped search left waiting (Optuna asks enqueued trials
+                # first): it runs now, off the budget, as a follow-up would.
+                self.followed += 1
+                return config
             if done is None:
                 self._handed += 1
                 self._in_a_row = 0
@@ -161,6 +170,7 @@ class StudySearcher(Searcher):
             del self._trials[trial_id]
             self._answer_repeat(trial, done)
             self._in_a_row += 1
+        self._past_budget = True
         return self._suggest_follow_up(trial_id)
 
     def _suggest_follow_up(self, trial_id: str) -> dict[str, Any] | str | None:
@@ -168,7 +178,6 @@ class StudySearcher(Searcher):
         else ``FINISHED``."""
         if self._follow_up is None:
             return Searcher.FINISHED
-        self._past_budget = True
         self._enqueue_follow_ups()
         while self._follow_left > 0:
             self._follow_left -= 1
@@ -251,6 +260,11 @@ class StudySearcher(Searcher):
             elif self._tell(tid, None, TrialState.FAIL, fail_reason=reason, interrupted=True):
                 failed.append(trial.number)
         return failed
+
+    @property
+    def budget_handed_out(self) -> bool:
+        """Whether every budget trial has been handed to Tune (or the sampler is exhausted)."""
+        return self._past_budget
 
     def _enqueue_follow_ups(self) -> None:
         """Past the budget, once per trial told: let ``follow_up`` enqueue what may run now."""

@@ -25,7 +25,7 @@ from smskd_search.search.cluster import TrialResources, quiet_ray_loggers, start
 from smskd_search.search.lifecycle import StudySession
 from smskd_search.search.progress import ProgressInfo, progress_callback
 from smskd_search.search.pruning import StageRungs
-from smskd_search.search.record import TrialAttrs, TrialConfig, write_trial_attrs
+from smskd_search.search.record import TrialAttrs, TrialConfig, records, write_trial_attrs
 from smskd_search.search.sampling import suggest_plan
 from smskd_search.search.teacher_transport import pack
 from smskd_search.search_settings import ConfirmSettings, SearchSettings
@@ -240,11 +240,16 @@ def _searcher(s: TuneSettings, r: TuneRound, resources: TrialResources,
                          max_trials=r.trials,
                          # A plan once more rather than a new one: the next ask explores.
                          explore=optuna.samplers.RandomSampler(seed=r.seed + 1),
-                         follow_up=follow_up if confirm is not None else None)
+                         follow_up=follow_up if confirm is not None else None,
+                         confirmations_off_budget=r.phase == "search")
 
 
 def _most_confirmation_runs(confirm: ConfirmSettings | None) -> int:
     return 0 if confirm is None else (confirm.plans + confirm.baselines) * confirm.seeds
+
+
+def _waiting_confirmations(session: StudySession) -> int:
+    return sum(1 for t in records(session.trials()) if t.is_confirmation and t.state == TrialState.WAITING)
 
 
 def trial_context(s: TuneSettings, resources: TrialResources) -> TrialContext:
@@ -269,15 +274,18 @@ def _tuner(s: TuneSettings, r: TuneRound, resources: TrialResources, searcher: S
         answered = searcher.answered
         callbacks.append(progress_callback(s.on_progress, s.session.name, r.budget, r.before, s.start,
                                            answered=lambda: len(answered), phase=r.phase,
-                                           confirm_runs=lambda: searcher.followed))
+                                           confirm_runs=lambda: searcher.followed,
+                                           budget_handed_out=lambda: searcher.budget_handed_out))
     # A URI goes to Tune as its filesystem and the path inside it (Tune's own way to take one).
     fs, ray_path = sfs.filesystem(ray_dir) if sfs.is_uri(ray_dir) else (None, ray_dir)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler,
-            # Tune creates at most num_samples trials: room for the confirmation runs after the budget.
-            num_samples=r.trials + _most_confirmation_runs(r.confirm),
+            # Tune creates at most num_samples trials: room for the confirmation runs after the budget,
+            # and for those a stopped search left waiting (handed off the budget, see StudySearcher).
+            num_samples=r.trials + _most_confirmation_runs(r.confirm)
+            + (_waiting_confirmations(s.session) if r.phase == "search" else 0),
             max_concurrent_trials=resources.concurrent, reuse_actors=True, time_budget_s=time_budget,
             trial_dirname_creator=_trial_dirname,
         ),
