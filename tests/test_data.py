@@ -221,6 +221,38 @@ def test_loader_visits_every_sample_once_per_epoch():
         assert x.shape[1:] == (1, 4, 4) and torch.equal(y, split.labels[idx])
 
 
+def test_a_large_folder_decodes_in_processes_to_the_same_arrays(tmp_path, monkeypatch):
+    """Above PARALLEL_DECODE_MIN images the folder is decoded in chunks by worker processes: the same
+    arrays as in one process, in class then file-name order, an odd-sized image resized to the first
+    one's size."""
+    rng = np.random.default_rng(4)
+    expected = []
+    for label, c in enumerate(("a", "b")):
+        (tmp_path / c).mkdir()
+        for i in range(11):
+            shape = (12, 10, 3) if (label, i) == (1, 3) else (8, 10, 3)  # one odd size (H 12 instead of 8)
+            img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+            img.save(tmp_path / c / f"{i:02d}.png")
+            expected.append((np.asarray(img.resize((10, 8))).transpose(2, 0, 1), label))
+    monkeypatch.setattr(sources, "PARALLEL_DECODE_MIN", 8)
+    serial = sources._read_folder(tmp_path, ["a", "b"], processes=1)
+    import concurrent.futures
+
+    pools = []
+
+    class Pool(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, n, **kw):
+            pools.append(n)
+            super().__init__(n, **kw)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+    parallel = sources._read_folder(tmp_path, ["a", "b"], processes=3)
+    assert pools == [3]  # three worker processes decoded it
+    assert serial[0].shape == (22, 3, 8, 10) and serial[1].tolist() == [0] * 11 + [1] * 11
+    assert all(np.array_equal(serial[0][k], x) for k, (x, _) in enumerate(expected))
+    assert np.array_equal(serial[0], parallel[0]) and np.array_equal(serial[1], parallel[1])
+
+
 def test_concurrent_imagefolder_decodes_never_share_a_temporary_file(tmp_path, monkeypatch):
     """Two trials on one node decode the same folder at once: each writes its own temporary file,
     and the cache ends whole (a shared temporary name let one writer rename the other's file)."""

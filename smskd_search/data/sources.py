@@ -140,24 +140,64 @@ def load_cifar_arrays(name: str, root: str | None, download: bool = False) -> Ar
 
 
 
-def _read_folder(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+# Below this many images a folder is decoded in this process: worker processes cost more than they save.
+PARALLEL_DECODE_MIN = 4000
+
+
+def decode_processes() -> int:
+    """Processes to decode a large folder with: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _decode_chunk(files: list[Path], size: tuple[int, int]) -> np.ndarray:
+    """``files`` decoded as RGB at ``size`` (width, height), as one uint8 array (N, 3, H, W)."""
     from PIL import Image
 
-    images, labels, size = [], [], None
+    out = np.empty((len(files), 3, size[1], size[0]), np.uint8)
+    for i, p in enumerate(files):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if im.size != size:
+                im = im.resize(size)
+            out[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    return out
+
+
+def _read_folder(folder: Path, classes: list[str], processes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every image under ``folder/<class>/`` in class then file-name order, as one uint8 array (N, 3,
+    H, W) at the first image's size, and the labels.
+
+    A large folder is decoded in chunks by ``processes`` worker processes (default: this process's
+    CPUs; Pillow's decoding holds the GIL for small images, so threads do not help); the chunks are
+    joined in order, so the arrays are the same whatever their number."""
+    from PIL import Image
+
+    files: list[Path] = []
+    labels: list[int] = []
     for label, cls in enumerate(classes):
-        files = sorted(p for p in (folder / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if (folder / cls).is_dir() else []
-        for p in files:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if size is None:
-                    size = im.size
-                elif im.size != size:
-                    im = im.resize(size)
-                images.append(np.asarray(im, dtype=np.uint8))
-            labels.append(label)
-    if not images:
+        found = sorted(p for p in (folder / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if (folder / cls).is_dir() else []
+        files += found
+        labels += [label] * len(found)
+    if not files:
         raise UserError(f"dataset.root: no images under {folder}")
-    return np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, np.int64)
+    with Image.open(files[0]) as im:
+        size = im.size
+    n = min(processes or decode_processes(), max(1, len(files) // (PARALLEL_DECODE_MIN // 4)))
+    if n == 1 or len(files) < PARALLEL_DECODE_MIN:
+        return _decode_chunk(files, size), np.asarray(labels, np.int64)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    step = -(-len(files) // (4 * n))  # a few chunks per process: an uneven one does not hold the rest up
+    chunks = [files[i:i + step] for i in range(0, len(files), step)]
+    # fork: the workers need nothing but this function and its arguments (spawn would import torch
+    # again in each of them).
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
+        parts = list(pool.map(_decode_chunk, chunks, [size] * len(chunks)))
+    return np.concatenate(parts), np.asarray(labels, np.int64)
 
 
 def load_imagefolder_arrays(root: str | None) -> Arrays:
