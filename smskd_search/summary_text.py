@@ -163,7 +163,9 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
     lines.append(f"study:     {summary.study} ({summary.db_path}): {_trials_words(summary)}, "
                  f"{fmt_duration(summary.elapsed_s)}")
     if summary.epochs_trained or summary.epochs_reused:
-        lines.append(f"epochs:    {epochs_line(summary.epochs_trained, summary.epochs_reused, summary.cache)}")
+        rate = "" if summary.images_per_s is None else \
+            f"; {summary.images_per_s:,.0f} training images/s {summary.throughput_on}"
+        lines.append(f"epochs:    {epochs_line(summary.epochs_trained, summary.epochs_reused, summary.cache)}{rate}")
     if summary.interrupted:
         why = {"timeout": "--timeout reached", "interrupted": "interrupted",
                "infrastructure": "infrastructure failures (retried, still failing)"}.get(summary.stop_reason,

@@ -915,6 +915,21 @@ def test_the_stage_cache_reuses_shared_prefixes_with_the_same_values(studies_roo
     assert on.epochs_reused == sum(reused) > 0 and off.epochs_reused == 0 and off.epochs_trained == 6
     assert f"{on.epochs_trained} trained, {on.epochs_reused} reused from the stage cache" in format_leaderboard(on)
     assert "6 trained (stage cache off)" in format_leaderboard(off)
+    # The training rate: the images the trials trained (epochs trained x the training split: the
+    # cached stages not counted) over the span from the first trial's start to the last one's end.
+    from smskd_search.data import load_data
+    from smskd_search.plan import DatasetSpec
+    from smskd_search.search import record as rec
+
+    n_train = load_data(DatasetSpec.model_validate(PROBLEM["dataset"])).info.num_train
+    for summary, trials in (runs["cached"], runs["uncached"]):
+        images = [t.user_attrs[rec.ATTR_IMAGES_TRAINED] for t in trials]
+        assert images == [t.user_attrs[st.ATTR_EPOCHS_TRAINED] * n_train for t in trials]
+        starts = [t.user_attrs[rec.ATTR_TRIAL_STARTED_AT] for t in trials]
+        ends = [t.user_attrs[rec.ATTR_TRIAL_STARTED_AT] + t.user_attrs[rec.ATTR_TRIAL_SECONDS] for t in trials]
+        assert summary.images_per_s == pytest.approx(sum(images) / (max(ends) - min(starts)))
+        cpus = int(summary.resources_per_trial["cpu"])  # one trial at a time (deterministic)
+        assert f"; {summary.images_per_s:,.0f} training images/s on {cpus} CPU" in format_leaderboard(summary)
     assert any((studies_root / "cache" / "stages").glob("*.pt"))
     from smskd_search.report import write_report
 
@@ -1011,3 +1026,23 @@ def test_a_non_finite_cache_cap_is_one_error_line(tmp_path):
                           text=True, timeout=120, env={**os.environ, "SMSKD_STUDIES": str(tmp_path / "studies")})
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --cache-max-gb must be a finite number > 0 (got nan)"
     assert not (tmp_path / "studies").exists()
+
+
+def test_the_training_rate_is_per_gpu_where_the_trials_had_gpus():
+    from optuna.trial import create_trial
+
+    from smskd_search.search.cluster import TrialResources
+    from smskd_search.search.phases import _throughput
+    from smskd_search.search.record import records
+
+    def trial(start, seconds, images):
+        return create_trial(value=0.5, user_attrs={"trial_started_at": start, "trial_seconds": seconds,
+                                                   "images_trained": images})
+
+    # Two trials over 100 s (the first starts at 1000, the last ends at 1100); one from an earlier run.
+    recs = records([trial(1000.0, 60.0, 30_000), trial(1040.0, 60.0, 50_000), trial(10.0, 5.0, 99_999)])
+    packed = TrialResources({"cpu": 2.0, "gpu": 0.25}, "cuda", concurrent=8)  # 8 trials on 2 GPUs
+    assert _throughput(recs, 900.0, packed) == {"images_per_s": 400.0, "throughput_on": "per GPU (2 GPUs)"}
+    cpu = TrialResources({"cpu": 1.0}, "cpu", concurrent=2)
+    assert _throughput(recs, 900.0, cpu) == {"images_per_s": 800.0, "throughput_on": "on 2 CPUs"}
+    assert _throughput(recs, 2000.0, cpu) == {}  # no trial of this run

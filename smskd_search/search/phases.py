@@ -29,7 +29,7 @@ from smskd_search.search.cluster import TrialResources, check_address, check_nod
 from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
 from smskd_search.search.progress import ProgressInfo
-from smskd_search.search.record import records
+from smskd_search.search.record import TrialRecord, records
 from smskd_search.search.teacher_task import ensure_teacher_on_cluster
 from smskd_search.search.tune_run import TuneRound, TuneSettings, run_tune
 from smskd_search.search_settings import SearchSettings
@@ -69,6 +69,11 @@ class SearchSummary:
     epochs_trained: int = 0
     epochs_reused: int = 0
     cache: bool = True  # whether the stage-prefix cache was on
+    # Training images a second over this run's trials (first start to last end), per GPU where the
+    # trials had GPUs; None where no trial of this run trained. ``throughput_on``: "per GPU (1 GPU)",
+    # "on 2 CPUs".
+    images_per_s: float | None = None
+    throughput_on: str = ""
     # Set when every budget trial that finished failed (none completed or was pruned): the first
     # failure, "#<number>: <fail_reason>". The CLI then exits non-zero with it.
     all_failed: str | None = None
@@ -349,7 +354,27 @@ def summary(run: SearchRun, tune: TuneSettings, spent: BudgetOutcome, confirmed:
         epochs_trained=sum(r.attrs.epochs_trained or 0 for r in recs),
         epochs_reused=sum(r.attrs.epochs_reused or 0 for r in recs),
         cache=s.cache,
+        **_throughput(recs, time.time() - (time.monotonic() - run.start), resources),
     )
+
+
+def _throughput(recs: list[TrialRecord], since: float, resources: TrialResources | None) -> dict:
+    """``images_per_s`` and ``throughput_on`` of the trials that started after ``since`` (Unix time):
+    the images they trained over the span from the first one's start to the last one's end, on the
+    devices the trials held at once."""
+    spans = [(r.attrs.trial_started_at, r.attrs.trial_started_at + r.attrs.trial_seconds, r.attrs.images_trained or 0)
+             for r in recs if r.attrs.trial_started_at is not None and r.attrs.trial_started_at >= since
+             and r.attrs.trial_seconds is not None]
+    images = sum(n for _, _, n in spans)
+    if not images or resources is None:
+        return {}
+    span = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    gpus = resources.per_trial.get("gpu", 0.0) * resources.concurrent
+    if gpus > 0:
+        n = max(1, round(gpus))
+        return {"images_per_s": images / span / n, "throughput_on": f"per GPU ({n} GPU{'s' if n > 1 else ''})"}
+    cpus = int(resources.per_trial.get("cpu", 1.0) * resources.concurrent)
+    return {"images_per_s": images / span, "throughput_on": f"on {cpus} CPU{'s' if cpus > 1 else ''}"}
 
 
 def _multi(run: SearchRun) -> bool:

@@ -38,6 +38,7 @@ ATTR_EPOCH_VAL_ACC = "epoch_val_acc"  # val accuracy after every epoch 1..last (
 # Epochs of the trial taken from the stage-prefix cache, and trained by it (absent: not recorded).
 ATTR_EPOCHS_REUSED = "epochs_reused"
 ATTR_EPOCHS_TRAINED = "epochs_trained"
+ATTR_IMAGES_TRAINED = "images_trained"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_FAIL_TRACEBACK = "fail_traceback"
 ATTR_PRUNED_REASON = "pruned_reason"  # the rung, the trial's value and the cutoff it fell below
@@ -118,6 +119,7 @@ _TRIAL_FIELDS: dict[str, tuple[str, Any]] = {
     "epoch_val_acc": (ATTR_EPOCH_VAL_ACC, lambda v: tuple(v) if v is not None else None),
     "epochs_reused": (ATTR_EPOCHS_REUSED, functools.partial(_opt, int)),
     "epochs_trained": (ATTR_EPOCHS_TRAINED, functools.partial(_opt, int)),
+    "images_trained": (ATTR_IMAGES_TRAINED, functools.partial(_opt, int)),
     "fail_reason": (ATTR_FAIL_REASON, functools.partial(_opt, str)),
     "fail_traceback": (ATTR_FAIL_TRACEBACK, functools.partial(_opt, str)),
     "pruned_reason": (ATTR_PRUNED_REASON, functools.partial(_opt, str)),
@@ -161,6 +163,7 @@ class TrialAttrs:
     epoch_val_acc: tuple[float | None, ...] | None = None
     epochs_reused: int | None = None
     epochs_trained: int | None = None
+    images_trained: int | None = None
     fail_reason: str | None = None
     fail_traceback: str | None = None
     pruned_reason: str | None = None

@@ -384,6 +384,7 @@ def _report_attrs(r: TrialReport, rec: _Record, steps: list[int], first: bool) -
         # How much of the trial the stage-prefix cache supplied, and how much it trained.
         epochs_reused=int(r.epochs_reused) if last else None,
         epochs_trained=int(r.epochs_trained) if last else None,
+        images_trained=int(r.images_trained) if last and r.images_trained else None,
         # Stages taken from an interrupted run's checkpoints rather than trained again.
         replayed_stages=sum(1 for s in steps if s <= r.cum_epochs) if r.replayed else None,
     )

@@ -267,7 +267,8 @@ def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str,
     infra = fault = False
     try:
         bench = _workbench(plan, context, config.get("data_root"))
-        reporter = _Reporter(plan, config, kept, run_dir, started, started_at, rung_epochs, bench.data.info.num_val)
+        reporter = _Reporter(plan, config, kept, run_dir, started, started_at, rung_epochs, bench.data.info.num_val,
+                             bench.data.info.num_train)
         options = RunOptions(out_dir=run_dir, resume=True, keep_student=False, partial_at=rung_epochs,
                              cuda_graphs=context.cuda_graphs)
         result = run_plan(plan, bench, options, reporter)
@@ -299,11 +300,11 @@ class _Reporter:
     cache (whole or partial) as ``reused``, so that the scheduler judges every trial at the same points."""
 
     def __init__(self, plan: Plan, config: dict[str, Any], kept: str, run_dir: Path, started: float,
-                 started_at: float, rung_epochs: frozenset[int], n_val: int):
+                 started_at: float, rung_epochs: frozenset[int], n_val: int, n_train: int = 0):
         self.plan, self.config, self.kept, self.run_dir = plan, config, kept, run_dir
         self.started, self.started_at = started, started_at
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        self.rung_epochs, self.n_val = rung_epochs, n_val
+        self.rung_epochs, self.n_val, self.n_train = rung_epochs, n_val, n_train
         # Epochs replayed from this trial's own checkpoints, and trained here (the rest came from the cache).
         self.resumed = self.trained = 0
 
@@ -336,7 +337,7 @@ class _Reporter:
             val_acc=val_acc, val_loss=val_loss, cum_epochs=cum_epochs, stage=stage_index + 1, n_stages=n_stages,
             final=stage_end and stage_index + 1 == n_stages, n_val=n_val, stage_end=stage_end,
             total_epochs=self.plan.total_epochs, method=self.plan.stages[stage_index].method, replayed=replayed,
-            reused=reused, epochs_trained=self.trained,
+            reused=reused, epochs_trained=self.trained, images_trained=self.trained * self.n_train,
             epochs_reused=max(0, cum_epochs - self.resumed - self.trained),
             # Seconds inside the trainable so far: Ray's overhead is the search's wall time less this.
             trial_seconds=time.perf_counter() - self.started, trial_started_at=self.started_at, node=self.node,

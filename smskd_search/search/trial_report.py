@@ -43,6 +43,7 @@ class TrialReport:
         reused: True when the stage came from the stage-prefix cache (another trial trained it).
         epochs_reused: Epochs of this trial taken from the stage-prefix cache up to here.
         epochs_trained: Epochs this trial trained up to here.
+        images_trained: Training images its trained epochs went through (epochs times the split's size).
         baseline: True for an enqueued baseline (measured in full, never pruned).
         confirmation: True for a confirmation run (measured in full, never pruned, and not recorded at
             the rungs: it is another seed of a plan the rungs have seen).
@@ -70,6 +71,7 @@ class TrialReport:
     reused: bool = False
     epochs_reused: int = 0
     epochs_trained: int = 0
+    images_trained: int = 0
     baseline: bool = False
     confirmation: bool = False
     trial_seconds: float | None = None
