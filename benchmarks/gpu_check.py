@@ -326,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         done = budget_done(trials)
         s.figures = {"trials": by_state, "budget_done": done, "confirmation_runs": len(confirmations),
                      "wall_s": round(end - start, 1), "last_lines": text.strip().splitlines()[-3:]}
+        # Budget end -> first confirmation run, and the phases' spans (benchmarks/phase_gap.py).
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from phase_gap import gap
+
+        s.figures["phases"] = gap(check.out / "studies" / f"{STUDY}.db")
         ok = rc == 0 and done >= args.budget and by_state.get("FAIL", 0) == 0 and bool(confirmations) \
             and all(t.state.name == "COMPLETE" for t in confirmations)
         s.status = "PASS" if ok else "FAIL"

@@ -30,6 +30,11 @@ def test_the_gpu_checks_dry_run_passes_every_step_on_a_cpu(tmp_path):
     assert steps["environment"]["figures"]["precision"] == "fp32"
     search = steps["search"]["figures"]
     assert search["budget_done"] == 8 and search["confirmation_runs"] >= 2 and "FAIL" not in search["trials"]
+    # The confirmation ran in the budget's workers: its first run started within seconds of the
+    # budget's end (a second Tune run took 3 s and more on a CPU), or before it.
+    phases = search["phases"]
+    assert phases["budget_trials"] == 8 and phases["confirmation_runs"] == search["confirmation_runs"]
+    assert phases["gap_s"] < 2.0, phases
     # The teacher trained again with --cuda-graphs: on a CPU the same file; both timed an epoch.
     tg = steps["teacher graphs"]["figures"]
     assert tg["eager_s_per_epoch"] > 0 and tg["graphed_s_per_epoch"] > 0 and tg["val_acc"][0] == tg["val_acc"][1]
