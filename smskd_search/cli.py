@@ -345,7 +345,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     rows, verdict = run_verify(plan, seeds=args.seeds, device=args.device, teacher_cache=STUDIES_DIR / "teachers",
                                methods=methods, method_params=params, on_run=on_run, jobs=args.jobs,
                                stage_cache=None if args.no_cache else STUDIES_DIR / "cache" / "stages",
-                               cache_max_bytes=int(args.cache_max_gb * 2**30))
+                               cache_max_bytes=int(args.cache_max_gb * 2**30), cuda_graphs=args.cuda_graphs)
     line.done()
     print(f"plan {plan.name}: {plan.sequence()}  ({plan.total_epochs} epochs) against {against} at equal epochs, "
           f"the same {args.seeds} seed(s) from {plan.seed + SEED_OFFSET}, "
@@ -518,6 +518,7 @@ def _inspect_parsers(prog: str) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--cache-max-gb", type=float, default=2.0, metavar="GB",
                    help="size cap of the stage cache, as for search: least recently used entries go first, "
                         "so give the search's cap when it had a larger one (default 2)")
+    p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     p.set_defaults(func=cmd_verify)
     parsers["verify"] = p
 

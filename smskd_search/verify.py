@@ -180,7 +180,7 @@ class _Outcome:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(problem: Any, record: Any, device: str, threads: int, data: Any = None,
+def _init_worker(problem: Any, record: Any, device: str, threads: int, cuda_graphs: bool = False, data: Any = None,
                  in_pool: bool = False, stage_cache: tuple[str, int] | None = None) -> None:
     import torch
 
@@ -191,9 +191,10 @@ def _init_worker(problem: Any, record: Any, device: str, threads: int, data: Any
         # worker must not take the signal as its current run's failure and go on to the next.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    from smskd_search.engine import PrefixCache, Workbench
+    from smskd_search.engine import PrefixCache, RunOptions, Workbench
 
     torch.set_num_threads(threads)
+    _WORKER["options"] = RunOptions(cuda_graphs=cuda_graphs)
     _WORKER["bench"] = Workbench.open(
         problem, device=device, data=data, teacher_record=record,
         stage_cache=PrefixCache(stage_cache[0], stage_cache[1]) if stage_cache is not None else None)
@@ -207,7 +208,7 @@ def _run_one(plan: Plan) -> _Outcome:
     from smskd_search.engine import Diverged, evaluate_test, run_plan
 
     try:
-        result = run_plan(plan, _WORKER["bench"])
+        result = run_plan(plan, _WORKER["bench"], _WORKER["options"])
     except Diverged as exc:
         return _Outcome(diverged=str(exc))
     test = evaluate_test(plan, result)
@@ -234,7 +235,7 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
                method_params: dict[str, dict[str, Any]] | None = None, on_run: RunCallback | None = None,
                on_result: Callable[[VerifyRow, int, float], None] | None = None,
                jobs: int | None = 1, stage_cache: str | Path | None = None,
-               cache_max_bytes: int = 2 * 2**30) -> tuple[list[VerifyRow], Verdict]:
+               cache_max_bytes: int = 2 * 2**30, cuda_graphs: bool = False) -> tuple[list[VerifyRow], Verdict]:
     """Run every comparison plan on the same ``seeds`` fresh seeds and judge each row.
 
     Args:
@@ -252,6 +253,8 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
         stage_cache: A stage-prefix cache folder (a search's ``<studies>/cache/stages``): stages
             found there are not trained again, and every stage trained is put there; None: none.
         cache_max_bytes: Its cap (least recently used entries go first).
+        cuda_graphs: On a GPU, record each stage's training step as a CUDA graph (``RunOptions``);
+            no effect on a CPU.
 
     Thread count is the caller's business (``torch.set_num_threads``; the workers take the same);
     the data split and the teacher are the plan's own and are shared by all runs.
@@ -285,13 +288,13 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
             on_run(tasks[i][0].label, tasks[i][1].seed, done, len(tasks))
 
     cache = (str(stage_cache), int(cache_max_bytes)) if stage_cache is not None else None
-    worker = (plan.problem, record, str(dev), threads)
+    worker = (plan.problem, record, str(dev), threads, cuda_graphs)
     _run_tasks([p for _, p in tasks], worker, data, cache, n_jobs, finished)
     _collect(tasks, outcomes, on_result)
     return rows, judge(rows)
 
 
-def _run_tasks(plans: list[Plan], worker: tuple[Any, Any, str, int], data: Any, cache: tuple[str, int] | None,
+def _run_tasks(plans: list[Plan], worker: tuple[Any, Any, str, int, bool], data: Any, cache: tuple[str, int] | None,
                n_jobs: int, finished: Callable[[int, _Outcome, int], None]) -> None:
     """Run the plans here (one job, on the caller's data) or in ``n_jobs`` worker processes, each
     set up once (:func:`_init_worker`); ``finished`` hears each outcome by the plan's index."""

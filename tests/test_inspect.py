@@ -389,9 +389,10 @@ def test_verify_cli_prints_a_table_per_row(tiny_study, studies_root, space_path,
     assert sum(row["epochs_reused"] for row in data["rows"]) == 4
     trained = sum(row["epochs_trained"] for row in data["rows"])
     assert f"epochs: {trained} trained, 4 reused from the stage cache" in r.stdout
-    # A second verify of the plan trains nothing, in this process, and gives the same numbers.
+    # A second verify of the plan trains nothing, in this process, and gives the same numbers
+    # (--cuda-graphs, as train and search take it, changes nothing on a CPU: the same cache keys).
     again = cli("verify", str(path), "--seeds", "2", "--space", str(space_path), "--out", str(tmp_path / "again.json"),
-                "--jobs", "1", studies=studies_root)
+                "--jobs", "1", "--cuda-graphs", studies=studies_root)
     assert again.returncode == 0, again.stderr
     assert f"epochs: 0 trained, {trained + 4} reused from the stage cache" in again.stdout
     second = json.loads((tmp_path / "again.json").read_text())

@@ -194,7 +194,8 @@ def _read_folder(folder: Path, classes: list[str], processes: int | None = None)
     step = -(-len(files) // (4 * n))  # a few chunks per process: an uneven one does not hold the rest up
     chunks = [files[i:i + step] for i in range(0, len(files), step)]
     # fork: the workers need nothing but this function and its arguments (spawn would import torch
-    # again in each of them).
+    # again in each of them). They run no torch op and no BLAS: a forked child of a process with
+    # torch's OpenMP pool hangs in its first parallel region (verify.py spawns for that reason).
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
         parts = list(pool.map(_decode_chunk, chunks, [size] * len(chunks)))
     return np.concatenate(parts), np.asarray(labels, np.int64)
