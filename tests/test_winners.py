@@ -326,6 +326,8 @@ def test_the_searcher_hands_out_follow_ups_as_the_budget_settles_them():
     from ray.tune.search import Searcher
 
     study = optuna.create_study(direction="maximize")
+    for x in (1, 2):  # the budget's two plans, fixed: a sampled 7 or 8 would make a follow-up a repeat
+        study.enqueue_trial({"x": x})
     queue: list[list[int]] = []  # what follow_up enqueues at each call (values of x)
     calls = []
 
