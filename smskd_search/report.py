@@ -668,6 +668,13 @@ def render_html(data: ReportData, top_k: int = TOP_K) -> str:
     reused = sum(t.attrs.epochs_reused or 0 for t in all_trials)
     epochs_text = (f" Epochs: {trained} trained, {reused} reused from the stage cache."
                    if trained or reused else "")
+    # A trial's own rate (images over its seconds in the trainable): the same whatever ran beside it
+    # or how many sessions the study took (the search's summary gives the wall-clock rate per GPU).
+    timed = [t.attrs for t in all_trials if t.attrs.images_trained and t.attrs.trial_seconds]
+    images = sum(a.images_trained or 0 for a in timed)
+    if images:
+        seconds = sum(a.trial_seconds or 0.0 for a in timed)
+        epochs_text += f" Training images: {images:,}, {images / seconds:,.0f} a second in a trial on average."
     n_vals = sorted({r.n_val for r in data.rows if r.n_val})
     n_text = ", ".join(str(n) for n in n_vals) or "not recorded"
     sha = (attrs.space_sha256 or "")[:12]

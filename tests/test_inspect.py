@@ -446,6 +446,11 @@ def test_report_of_a_real_study_is_self_contained_and_holds_every_figure(tiny_st
     for label in ("single:kd", "single:dkd"):
         assert label in text
     assert "(n=" in text and "standard error" in text
+    # A trial's own training rate, from the images and seconds each trial recorded.
+    timed = [t.user_attrs for t in trials if t.user_attrs.get(rec.ATTR_IMAGES_TRAINED)]
+    images = sum(a[rec.ATTR_IMAGES_TRAINED] for a in timed)
+    rate = images / sum(a[rec.ATTR_TRIAL_SECONDS] for a in timed)
+    assert images > 0 and f"Training images: {images:,}, {rate:,.0f} a second in a trial on average." in text
     assert sha256(db) == before, "report must not write to the study"
 
 
