@@ -369,6 +369,8 @@ def _throughput(recs: list[TrialRecord], since: float, resources: TrialResources
     if not images or resources is None:
         return {}
     span = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    if span <= 0:
+        return {}
     gpus = resources.per_trial.get("gpu", 0.0) * resources.concurrent
     if gpus > 0:
         n = max(1, round(gpus))

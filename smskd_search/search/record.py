@@ -38,7 +38,7 @@ ATTR_EPOCH_VAL_ACC = "epoch_val_acc"  # val accuracy after every epoch 1..last (
 # Epochs of the trial taken from the stage-prefix cache, and trained by it (absent: not recorded).
 ATTR_EPOCHS_REUSED = "epochs_reused"
 ATTR_EPOCHS_TRAINED = "epochs_trained"
-ATTR_IMAGES_TRAINED = "images_trained"
+ATTR_IMAGES_TRAINED = "images_trained"  # the training images of the epochs it trained (the summary's rate)
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_FAIL_TRACEBACK = "fail_traceback"
 ATTR_PRUNED_REASON = "pruned_reason"  # the rung, the trial's value and the cutoff it fell below
