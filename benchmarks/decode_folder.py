@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from smskd_search.cpus import usable_cpus  # noqa: E402
 from smskd_search.data.folder_index import IMAGE_SUFFIXES, class_folders  # noqa: E402
-from smskd_search.data.sources import _read_folder, decode_processes  # noqa: E402
+from smskd_search.data.sources import _read_folder  # noqa: E402
 
 
 def tiny_folder(root: Path, per_class: int = 1500) -> Path:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         root = tiny_folder(Path(tmp)) if args.tiny or not args.root else Path(args.root)
         folder = root / "train"
         classes = class_folders(folder)
-        n = decode_processes()
+        n = usable_cpus()
         contenders = {"plain loop, 1 process": lambda: plain(folder, classes),
                       "ours, 1 process": lambda: _read_folder(folder, classes, processes=1),
                       f"ours, {n} processes": lambda: _read_folder(folder, classes, processes=n)}

@@ -51,6 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # phase_gap, a sibling script
 
 STUDY = "gpu-check"
 CLI = [sys.executable, "-c", "import sys; from smskd_search.cli import main; sys.exit(main())"]
@@ -327,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         s.figures = {"trials": by_state, "budget_done": done, "confirmation_runs": len(confirmations),
                      "wall_s": round(end - start, 1), "last_lines": text.strip().splitlines()[-3:]}
         # Budget end -> first confirmation run, and the phases' spans (benchmarks/phase_gap.py).
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         from phase_gap import gap
 
         s.figures["phases"] = gap(check.out / "studies" / f"{STUDY}.db")

@@ -24,13 +24,13 @@ first), and a second ``verify`` of a plan trains nothing; the numbers are those 
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smskd_search.cpus import usable_cpus
 from smskd_search.plan import Plan, StageSpec
 from smskd_search.stats import binomial_se, mean_se
 
@@ -226,8 +226,7 @@ def default_jobs(device: str, threads: int, runs: int) -> int:
     (where the runs already share the device), never more than there are runs."""
     if device != "cpu":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(runs, MAX_DEFAULT_JOBS, cores // max(threads, 1)))
+    return max(1, min(runs, MAX_DEFAULT_JOBS, usable_cpus() // max(threads, 1)))
 
 
 def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = None,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smskd_search.cpus import usable_cpus
 from smskd_search.data.download import cifar_source, download_cifar
 from smskd_search.data.folder_index import IMAGE_SUFFIXES, class_folders, test_folder
 from smskd_search.errors import UserError
@@ -144,14 +145,6 @@ def load_cifar_arrays(name: str, root: str | None, download: bool = False) -> Ar
 PARALLEL_DECODE_MIN = 4000
 
 
-def decode_processes() -> int:
-    """Processes to decode a large folder with: the CPUs this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def _decode_chunk(files: list[Path], size: tuple[int, int]) -> np.ndarray:
     """``files`` decoded as RGB at ``size`` (width, height), as one uint8 array (N, 3, H, W)."""
     from PIL import Image
@@ -185,7 +178,7 @@ def _read_folder(folder: Path, classes: list[str], processes: int | None = None)
         raise UserError(f"dataset.root: no images under {folder}")
     with Image.open(files[0]) as im:
         size = im.size
-    n = min(processes or decode_processes(), max(1, len(files) // (PARALLEL_DECODE_MIN // 4)))
+    n = min(processes or usable_cpus(), max(1, len(files) // (PARALLEL_DECODE_MIN // 4)))
     if n == 1 or len(files) < PARALLEL_DECODE_MIN:
         return _decode_chunk(files, size), np.asarray(labels, np.int64)
     import multiprocessing

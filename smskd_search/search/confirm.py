@@ -108,18 +108,26 @@ def enqueue(session: StudySession, ranked: Iterable[FrozenTrial | TrialRecord], 
     A run already finished (COMPLETE, PRUNED or failed for good) is not repeated; one the search
     cut short is enqueued again.
     """
-    waiting = sum(1 for t in records(session.trials()) if t.is_confirmation and t.state == TrialState.WAITING)
-    return waiting + _enqueue_runs(session, candidates(ranked, settings), space_seed, settings)
+    trials = records(session.trials())
+    return waiting(trials) + _enqueue_runs(session, trials, candidates(ranked, settings), space_seed, settings)
 
 
 def enqueue_settled(session: StudySession, space_seed: int, settings: ConfirmSettings) -> int:
     """Enqueue the runs of the :func:`settled` candidates the study lacks; returns how many it enqueued."""
-    return _enqueue_runs(session, settled(session.trials(), settings), space_seed, settings)
+    trials = records(session.trials())
+    return _enqueue_runs(session, trials, settled(trials, settings), space_seed, settings)
 
 
-def _enqueue_runs(session: StudySession, cands: list[TrialRecord], space_seed: int, settings: ConfirmSettings) -> int:
-    """Enqueue the runs of ``cands`` neither finished for good nor waiting nor running; returns how many."""
-    have = _done_pairs(session.trials(), pending=True)
+def waiting(trials: Iterable[FrozenTrial | TrialRecord]) -> int:
+    """Confirmation runs enqueued in the study and not asked for yet."""
+    return sum(1 for t in records(trials) if t.is_confirmation and t.state == TrialState.WAITING)
+
+
+def _enqueue_runs(session: StudySession, trials: list[TrialRecord], cands: list[TrialRecord], space_seed: int,
+                  settings: ConfirmSettings) -> int:
+    """Enqueue the runs of ``cands`` that ``trials`` (the study's) hold neither finished for good nor
+    waiting nor running; returns how many."""
+    have = _done_pairs(trials, pending=True)
     enqueued = 0
     for cand in cands:
         plan = cand.plan
@@ -136,4 +144,4 @@ def _enqueue_runs(session: StudySession, cands: list[TrialRecord], space_seed: i
 
 
 __all__ = ["ConfirmSettings", "Confirmed", "SEED_OFFSET", "candidates", "confirmations", "enqueue", "enqueue_settled",
-           "is_confirmation", "missing", "seeds_for", "settled"]
+           "is_confirmation", "missing", "seeds_for", "settled", "waiting"]

@@ -25,7 +25,7 @@ from smskd_search.search.cluster import TrialResources, quiet_ray_loggers, start
 from smskd_search.search.lifecycle import StudySession
 from smskd_search.search.progress import ProgressInfo, progress_callback
 from smskd_search.search.pruning import StageRungs
-from smskd_search.search.record import TrialAttrs, TrialConfig, records, write_trial_attrs
+from smskd_search.search.record import TrialAttrs, TrialConfig, write_trial_attrs
 from smskd_search.search.sampling import suggest_plan
 from smskd_search.search.teacher_transport import pack
 from smskd_search.search_settings import ConfirmSettings, SearchSettings
@@ -248,10 +248,6 @@ def _most_confirmation_runs(confirm: ConfirmSettings | None) -> int:
     return 0 if confirm is None else (confirm.plans + confirm.baselines) * confirm.seeds
 
 
-def _waiting_confirmations(session: StudySession) -> int:
-    return sum(1 for t in records(session.trials()) if t.is_confirmation and t.state == TrialState.WAITING)
-
-
 def trial_context(s: TuneSettings, resources: TrialResources) -> TrialContext:
     """What every trial of the search is handed (through Ray's object store, once)."""
     from smskd_search.search.trainable import TrialContext
@@ -285,7 +281,7 @@ def _tuner(s: TuneSettings, r: TuneRound, resources: TrialResources, searcher: S
             # Tune creates at most num_samples trials: room for the confirmation runs after the budget,
             # and for those a stopped search left waiting (handed off the budget, see StudySearcher).
             num_samples=r.trials + _most_confirmation_runs(r.confirm)
-            + (_waiting_confirmations(s.session) if r.phase == "search" else 0),
+            + (cf.waiting(s.session.trials()) if r.phase == "search" else 0),
             max_concurrent_trials=resources.concurrent, reuse_actors=True, time_budget_s=time_budget,
             trial_dirname_creator=_trial_dirname,
         ),
