@@ -267,3 +267,129 @@ def test_a_trial_hands_the_store_to_its_run(tiny_problem, shared, tmp_path, monk
     assert Tune.reports == []  # no failure reported
     assert isinstance(got[0], LogitStore) and got[0].disk is not None
     assert got[0].disk.path("k") == tmp_path / "cache" / "teacher_logits" / "k.pt" and got[1] is None
+
+
+def test_claims_compute_an_epoch_once_for_whoever_wants_it(tmp_path):
+    store, other = LogitStore(tmp_path / "s"), LogitStore(tmp_path / "s")  # two processes' stores on one folder
+    calls: list[int] = []
+
+    def fill(claim):
+        calls.append(1)
+        claim.beat()
+        return _entry(10, fill=2.0)
+
+    entry, filled = store.shared("k", fill)
+    assert filled and calls == [1] and entry is not None and float(entry.logits[0, 0]) == 2.0
+    assert not list((tmp_path / "s").glob("*.claim"))  # released
+    entry, filled = other.shared("k", fill)
+    assert not filled and calls == [1] and entry is not None and other.waited == 0
+    # Only a local folder has claims (an object store has no exclusive create); no folder, none either.
+    assert LogitStore(None).claims is None and LogitStore(tmp_path / "c", claims=False).claims is None
+
+
+def test_a_waiter_reads_the_holders_entry_and_computes_itself_when_none_comes(tmp_path):
+    import threading
+
+    holder, waiter = LogitStore(tmp_path / "s"), LogitStore(tmp_path / "s")
+    assert holder.claims is not None and waiter.claims is not None
+    waiter.claims.poll_s = 0.005
+
+    def never(claim):
+        raise AssertionError("the waiter computed an epoch another holds")
+
+    for put in (True, False):
+        claim = holder.claims.claim(f"k{put}")
+        assert claim is not None and waiter.claims.claim(f"k{put}") is None
+        got: list = []
+        t = threading.Thread(target=lambda key, out: out.append(waiter.shared(key, never)), args=(f"k{put}", got))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()  # waiting on the claim
+        if put:
+            holder.put(f"k{put}", _entry(10, fill=3.0))
+        claim.release()
+        t.join(10)
+        (entry, filled), = got
+        assert not filled
+        # Released with its entry: served. Released without one (its holder failed): computed while training.
+        assert (entry is not None and float(entry.logits[0, 0]) == 3.0) if put else entry is None
+    assert waiter.waited == 2 and waiter.wait_s > 0.25
+
+
+def test_a_dead_holders_claim_goes_stale_and_is_taken_over(tmp_path):
+    import os
+    import time
+
+    store = LogitStore(tmp_path / "s")
+    assert store.claims is not None
+    dead = tmp_path / "s" / "k.claim"
+    dead.parent.mkdir()
+    dead.write_text("elsewhere 1\n")
+    assert store.claims.held("k")
+    old = time.time() - store.claims.stale_s - 1
+    os.utime(dead, (old, old))
+    assert not store.claims.held("k")
+    entry, filled = store.shared("k", lambda claim: _entry(10))
+    assert filled and entry is not None and not dead.exists()
+
+
+def test_the_teacher_pass_leaves_the_loader_where_it_was(tiny_problem, shared):
+    from smskd_search.engine.device import pick_precision
+    from smskd_search.engine.frozen import FrozenForward
+    from smskd_search.engine.logit_store import EpochTeacher, teacher_pass
+
+    plan = make_plan(tiny_problem, [("kd", 1)], recipe=AUG)
+    data = shared["data"]
+
+    def loader():
+        return TensorLoader(data.train, plan.recipe.batch_size, shuffle=True, augment=plan.recipe.augment,
+                            generator=torch.Generator().manual_seed(5))
+
+    forward = FrozenForward(shared["teacher_model"], pick_precision(torch.device("cpu"), "auto"))
+    ahead, fresh = loader(), loader()
+    entry = teacher_pass(forward, ahead, device=torch.device("cpu"))
+    assert entry is not None
+    # The next epoch of the loader the pass went over is the one the pass saw, and its logits check out.
+    batches = [(x, idx) for x, _, idx in ahead]
+    assert all(torch.equal(x, y) and torch.equal(i, j) for (x, i), (y, _, j) in zip(batches, fresh))
+    served = EpochTeacher(forward, entry, need_features=False, device=torch.device("cpu"))
+    for x, idx in batches:
+        served(x, idx)
+    assert served.finish() is None  # no StoreMismatch
+    assert torch.equal(entry.logits, torch.cat([forward(x, i)[0] for x, i in batches]))
+
+
+def test_two_processes_on_one_stream_run_the_teacher_once_per_epoch(tiny_problem, shared, teacher_cache, tmp_path):
+    import multiprocessing as mp
+
+    from _logit_worker import run_on_shared_store
+
+    plan = make_plan(tiny_problem, [("kd", 3), ("dkd", 2)], recipe=AUG, reference=REF)
+    threads = torch.get_num_threads()
+    plain = _curve(run_plan(plan, **shared))
+    # What a run asks of the teacher besides its epochs (its shapes probed): a run served every epoch.
+    warm, samples = LogitStore(None), []
+    run_plan(plan, logit_store=warm, **shared)
+    hook = shared["teacher_model"].register_forward_hook(lambda m, i, o: samples.append(i[0].shape[0]))
+    try:
+        assert run_plan(plan, logit_store=warm, **shared).teacher_epochs_served == 5
+    finally:
+        hook.remove()
+    probe = sum(samples)
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    args = (tiny_problem.model_dump(mode="json"), plan.model_dump(mode="json"), str(teacher_cache),
+            str(tmp_path / "logits"), threads, barrier, out)
+    procs = [ctx.Process(target=run_on_shared_store, args=args) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    n, epochs = len(shared["data"].train), 5
+    # Each of the 5 epochs went through the teacher once between them; the other process read it.
+    assert sum(g["teacher_samples"] for g in got) == epochs * n + 2 * probe
+    assert sum(g["stored"] for g in got) == epochs and sum(g["served"] for g in got) == epochs
+    # And the numbers are those of a run without any store, in both.
+    assert [tuple(c) for c in got[0]["curve"]] == [tuple(c) for c in got[1]["curve"]] == plain

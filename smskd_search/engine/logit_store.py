@@ -34,16 +34,27 @@ Neither Ray nor Optuna is imported here.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from smskd_search.data.batches import BatchLoader
 from smskd_search.data.folder_split import data_identity
 from smskd_search.engine.frozen import FrozenForward
-from smskd_search.engine.prefix_cache import DEFAULT_MAX_BYTES, EntryFolder, PrefixCache, Runtime, _digest
+from smskd_search.engine.logit_claims import Claim, EpochClaims
+from smskd_search.engine.prefix_cache import (
+    DEFAULT_MAX_BYTES,
+    EntryFolder,
+    LocalFolder,
+    PrefixCache,
+    Runtime,
+    _digest,
+)
 from smskd_search.models.base import Features
 from smskd_search.plan import Plan
 
@@ -133,20 +144,29 @@ class LogitStore:
             first; an entry larger than the cap is not kept in memory).
         dtype: None keeps the logits as the forward produced them (exact); ``torch.float16`` halves
             fp32 entries, with other numbers (opt-in, see the module docstring).
+        claims: Trials that reach an epoch the store lacks at the same time run the teacher over it
+            once (:mod:`~smskd_search.engine.logit_claims`); only where ``root`` is a local folder.
     """
 
     def __init__(self, root: str | Path | EntryFolder | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                 memory_max_bytes: int = DEFAULT_MEMORY_BYTES, dtype: torch.dtype | None = None):
+                 memory_max_bytes: int = DEFAULT_MEMORY_BYTES, dtype: torch.dtype | None = None,
+                 claims: bool = True):
         if dtype not in (None, torch.float16):
             raise ValueError(f"dtype: None (exact) or torch.float16, not {dtype}")
         self.disk = PrefixCache(root, max_bytes) if root is not None else None
+        # An object store has no exclusive create: there every trial computes what it lacks.
+        folder = self.disk.folder if self.disk is not None else None
+        self.claims = EpochClaims(folder.root) if claims and isinstance(folder, LocalFolder) else None
         self.memory_max_bytes = int(memory_max_bytes)
         self.dtype = dtype
         self._memory: OrderedDict[str, EpochLogits] = OrderedDict()
         self._lock = threading.Lock()
-        # Epochs served from the store, and put into it, by this store object.
+        # Epochs served from the store, and put into it, by this store object; epochs this process
+        # waited for while another held their claim, and the seconds it waited.
         self.served = 0
         self.stored = 0
+        self.waited = 0
+        self.wait_s = 0.0
 
     @property
     def tag(self) -> str:
@@ -213,6 +233,41 @@ class LogitStore:
         self.stored += 1
         return taken
 
+    def shared(self, key: str, fill: Callable[[Claim], EpochLogits | None]) -> tuple[EpochLogits | None, bool]:
+        """The entry under ``key``, computed once for the trials that want it at the same time.
+
+        Served where stored; else, where this store has claims, the first to claim ``key`` computes
+        it through ``fill`` (given the claim, to keep it fresh) and puts it, and the others wait for
+        that entry. Returns the entry (None: compute it while training, as without claims; so when
+        a claim's holder gave up or died) and whether ``fill`` computed it here.
+
+        Args:
+            key: The epoch's key (:func:`teacher_logits_key`).
+            fill: Computes the epoch's entry (:func:`teacher_pass`); None: it could not.
+        """
+        entry = self.get(key)
+        if entry is not None or self.claims is None:
+            return entry, False
+        held = self.claims.claim(key)
+        if held is None:
+            start = time.monotonic()
+            found = self.claims.wait(key, lambda: self.has(key))
+            self.waited += 1
+            self.wait_s += time.monotonic() - start
+            return (self.get(key) if found else None), False
+        try:
+            entry = self.get(key)  # put by another between this get and the claim
+            if entry is not None:
+                return entry, False
+            computed = fill(held)
+            if computed is None:
+                return None, False
+            self.put(key, computed)
+        finally:
+            held.release()
+        entry = self.get(key)
+        return (entry if entry is not None else self._compact(computed)), True
+
     def discard(self, key: str) -> None:
         with self._lock:
             self._memory.pop(key, None)
@@ -278,6 +333,8 @@ class EpochTeacher:
             self._checks = stored.checks.to(device)
             self._mismatch = torch.zeros((), dtype=torch.bool, device=device)
         self._parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # Served from an entry this process computed ahead of the epoch (not counted as served).
+        self.filled_here = False
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, Features | None]:
         if self.serving:
@@ -317,6 +374,32 @@ class EpochTeacher:
         return EpochLogits(torch.cat(logits), torch.cat(idx), torch.stack(checks), logits[0].dtype)
 
 
+def teacher_pass(forward: FrozenForward, loader: BatchLoader, *, device: torch.device,
+                 round_to: torch.dtype | None = None, beat: Callable[[], None] | None = None) -> EpochLogits | None:
+    """The teacher's logits over the loader's next epoch, computed ahead of training it.
+
+    The loader's generator is put back where it was, so the epoch that trains next sees the very
+    batches this pass saw (the entry's fingerprints check it) and the run's numbers do not change.
+
+    Args:
+        forward: The teacher's frozen forward.
+        loader: The stage's training loader, before the epoch.
+        device: Where the batches are.
+        round_to: A lossy store's dtype (as for :class:`EpochTeacher`).
+        beat: Called per batch (a claim's heartbeat).
+    """
+    state = loader.random_state()
+    recorder = EpochTeacher(forward, None, need_features=False, device=device, round_to=round_to)
+    try:
+        for x, _, idx in loader:
+            recorder(x, idx)
+            if beat is not None:
+                beat()
+    finally:
+        loader.set_random_state(state)
+    return recorder.finish()
+
+
 __all__ = [
     "DEFAULT_MEMORY_BYTES",
     "EpochLogits",
@@ -325,4 +408,5 @@ __all__ = [
     "NO_TEACHER_FEATURES",
     "StoreMismatch",
     "teacher_logits_key",
+    "teacher_pass",
 ]
