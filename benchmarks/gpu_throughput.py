@@ -23,6 +23,10 @@ cost of either pipeline does not depend on the pixels):
 4. the projected wall time of the 240-epoch CIFAR-100 recipe (50,000 images per epoch) for one plan;
 5. optionally (``--graphs``): the engine's CUDA-graph step (``RunOptions.cuda_graphs``) as contenders
    ``graph s1/s2`` at the first batch size, and the packing again with every trial graphed;
+   optionally (``--shared-teacher``): the packing again with all trials on one batch stream and the
+   teacher-logit store's claims (:mod:`smskd_search.engine.logit_claims`): one teacher forward an
+   epoch among them, as a search's concurrent trials on one seed get it; the table says how many
+   epochs went through the teacher;
 6. optionally (``--compile``): ``torch.compile`` of the student and teacher: compile time against the
    per-epoch gain, and the number of epochs it takes to pay for itself.
 
@@ -52,6 +56,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +71,7 @@ from smskd_search.data import TensorLoader, TensorSplit  # noqa: E402
 from smskd_search.data.__init__ import NORMALIZATION  # noqa: E402
 from smskd_search.engine.device import Precision, make_generator, pick_device, pick_precision  # noqa: E402
 from smskd_search.engine.frozen import FrozenForward, freeze, frozen_copy  # noqa: E402
+from smskd_search.engine.logit_store import EpochTeacher, LogitStore, teacher_pass  # noqa: E402
 from smskd_search.engine.optim import build_optimizer, trainable  # noqa: E402
 from smskd_search.engine.step_graph import StepGraph  # noqa: E402
 from smskd_search.engine.tcp import reference_loss, tcp_weights  # noqa: E402
@@ -149,13 +155,27 @@ class Ours:
                                    generator=make_generator(device, 0))
         self.schedule = Schedule(self.recipe.lr, self.recipe.schedule, 240, 0)
         self.epoch = 0
+        self.teacher_epochs = 0  # epochs this process ran the teacher over
 
-    def run_epoch(self) -> float:
-        """Images/s of one epoch over the split."""
+    def run_epoch(self, store: LogitStore | None = None) -> float:
+        """Images/s of one epoch over the split; with ``store``, the teacher's logits come through it as a
+        search's trials get them (claimed and computed once for the processes on the same stream)."""
         with Stopwatch(self.device) as sw:
-            train_epoch(student=self.student_model, method=self.method, teacher=self.teacher, reference=self.reference,
+            teacher: Any = self.teacher
+            if store is not None:
+                entry, filled = store.shared(f"epoch{self.epoch}", lambda claim: teacher_pass(
+                    self.teacher, self.loader, device=self.device, beat=claim.beat))
+                teacher = EpochTeacher(self.teacher, entry, need_features=False, device=self.device)
+                self.teacher_epochs += int(entry is None or filled)
+            else:
+                self.teacher_epochs += 1
+            train_epoch(student=self.student_model, method=self.method, teacher=teacher, reference=self.reference,
                         loader=self.loader, optimizer=self.opt, schedule=self.schedule,
                         stage_epoch=self.epoch, precision=self.prec, scaler=self.scaler, graph=self.graph)
+            if store is not None:
+                computed = teacher.finish()  # checks a served epoch against its batches
+                if computed is not None:
+                    store.put(f"epoch{self.epoch}", computed)
         self.epoch += 1
         return len(self.loader.split) / sw.seconds
 
@@ -240,30 +260,35 @@ def worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
     prec = engine_precision(device, args.precision)
     models = Models(args.teacher, args.student, args.num_classes, device, prec)
-    images, labels = synthetic(args.pack_n_train, args.num_classes, seed=args.worker_index)
+    # Trials of one study on one seed read the same batch stream; otherwise each its own data.
+    images, labels = synthetic(args.pack_n_train, args.num_classes, seed=0 if args.worker_shared else args.worker_index)
     split = TensorSplit(normalise_chw(images, MEAN, STD), torch.from_numpy(labels)).to(device)
     ours = Ours(models, split, args.pack_batch, prec, device, stage2=args.pack_stage2, recipe=base_recipe(),
                 graphs=args.worker_graphs)
     ours.run_epoch()  # warm-up (cuDNN autotuning, allocator); its peak memory counts too
     barrier = Path(args.barrier)
+    store = LogitStore(barrier / "teacher_logits", memory_max_bytes=0) if args.worker_shared else None
     (barrier / f"ready{args.worker_index}").touch()
     deadline = time.time() + 600
     while not (barrier / "go").exists():
         if time.time() > deadline:
             return 3
         time.sleep(0.01)
-    n, t0 = 0, time.perf_counter()
+    n, t0, before = 0, time.perf_counter(), ours.teacher_epochs
     while time.perf_counter() - t0 < args.pack_seconds:
-        ours.run_epoch()
+        ours.run_epoch(store)
         n += len(split)
     elapsed = time.perf_counter() - t0
     mem, mem_kind = peak_memory_mib(device)
     print(json.dumps({"index": args.worker_index, "images": n, "seconds": elapsed, "images_per_s": n / elapsed,
-                      "peak_mib": mem, "peak_kind": mem_kind}))
+                      "peak_mib": mem, "peak_kind": mem_kind, "epochs": n // len(split),
+                      "teacher_epochs": ours.teacher_epochs - before, "waited_s": store.wait_s if store else 0.0}))
     return 0
 
 
-def run_packing(args: argparse.Namespace, ns: list[int], graphs: bool = False) -> list[list[object]]:
+def run_packing(args: argparse.Namespace, ns: list[int], graphs: bool = False, shared: bool = False) -> list[list[object]]:
+    """Aggregate images/s of N concurrent engine processes; ``shared``: on one batch stream, the teacher's
+    logits through one claimed store (one teacher forward an epoch among them, as a search's trials)."""
     rows = []
     script = os.path.abspath(__file__)
     for n in ns:
@@ -277,6 +302,8 @@ def run_packing(args: argparse.Namespace, ns: list[int], graphs: bool = False) -
                 cmd_base.append("--pack-stage2")
             if graphs:
                 cmd_base.append("--worker-graphs")
+            if shared:
+                cmd_base.append("--worker-shared")
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             procs = [subprocess.Popen(cmd_base + ["--worker-index", str(i)], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env) for i in range(n)]
@@ -302,17 +329,20 @@ def run_packing(args: argparse.Namespace, ns: list[int], graphs: bool = False) -
                     if line.startswith("{"):
                         outs.append(json.loads(line))
             if failed is not None or len(outs) != n:
-                rows.append([n, "FAILED", failed or "missing output", "-", "-", "-"])
+                rows.append([n, "FAILED", failed or "missing output", "-", "-", "-", "-"])
                 continue
             agg = sum(o["images_per_s"] for o in outs)
             per = [o["images_per_s"] for o in outs]
             mem = [o["peak_mib"] for o in outs]
-            rows.append([n, agg, f"{min(per):,.0f}..{max(per):,.0f}", f"{max(mem):,.0f}", outs[0]["peak_kind"], "-"])
-            print(f"  packing N={n}{' graphed' if graphs else ''}: {agg:,.0f} images/s aggregate", flush=True)
+            teacher = f"{sum(o['teacher_epochs'] for o in outs)} / {sum(o['epochs'] for o in outs)}"
+            rows.append([n, agg, f"{min(per):,.0f}..{max(per):,.0f}", f"{max(mem):,.0f}", outs[0]["peak_kind"],
+                         teacher, "-"])
+            label = (" graphed" if graphs else "") + (" one teacher stream" if shared else "")
+            print(f"  packing N={n}{label}: {agg:,.0f} images/s aggregate", flush=True)
     base = rows[0][1] if rows and isinstance(rows[0][1], float) else None
     for r in rows:
         if base and isinstance(r[1], float):
-            r[5] = f"{r[1] / base:.2f}x"
+            r[6] = f"{r[1] / base:.2f}x"
     return rows
 
 
@@ -340,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (student + teacher + reference)")
     ap.add_argument("--graphs", action="store_true",
                     help="also the engine's CUDA-graph step: stage contenders at the first batch size, packing graphed")
+    ap.add_argument("--shared-teacher", action="store_true",
+                    help="also the packing on one batch stream with the teacher-logit store's claims (one teacher "
+                         "forward an epoch for all the trials, as a search's trials on one seed)")
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="leave torch.backends.cudnn.benchmark off (default: on for both sides, as RepDistiller sets it)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: stage, pack, compile")
@@ -347,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--worker-graphs", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-shared", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--barrier", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -450,12 +484,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"3. Packing: N concurrent engine processes on one {'GPU' if not dry else 'CPU (dry run)'}, each a KD "
               f"stage{' 2' if args.pack_stage2 else ''} at batch {args.pack_batch}, {args.pack_n_train} images/epoch, "
               f"measured {args.pack_seconds:.0f} s after a barrier")
-        for graphs in ([False, True] if args.graphs else [False]):
-            rows = run_packing(args, pack_ns, graphs)
+        variants = [(False, False)] + ([(True, False)] if args.graphs else [])
+        if args.shared_teacher:
+            variants += [(g, True) for g, _ in variants]
+        for graphs, shared in variants:
+            rows = run_packing(args, pack_ns, graphs, shared)
             if graphs:
                 print("   ... each trial's step a CUDA graph (the engine's cuda_graphs)")
+            if shared:
+                print("   ... all trials on one batch stream, the teacher's logits through one claimed store "
+                      "(a search's trials on one seed)")
             print(table(["N trials", "aggregate images/s", "per trial min..max", "peak MiB per process (max)",
-                         "memory measure", "aggregate vs N=1"], rows))
+                         "memory measure", "teacher epochs run / trained", "aggregate vs N=1"], rows))
 
     if args.compile and "compile" not in skip:
         print()

@@ -166,6 +166,10 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
         rate = "" if summary.images_per_s is None else \
             f"; {summary.images_per_s:,.0f} training images/s {summary.throughput_on}"
         lines.append(f"epochs:    {epochs_line(summary.epochs_trained, summary.epochs_reused, summary.cache)}{rate}")
+    if summary.teacher_epochs_served or summary.teacher_wait_s:
+        lines.append(f"teacher:   logits read from the store in {summary.teacher_epochs_served} of the trained epochs "
+                     f"(other trials had run the teacher over them); {summary.teacher_wait_s:.1f} s waited for a "
+                     "trial computing one")
     if summary.interrupted:
         why = {"timeout": "--timeout reached", "interrupted": "interrupted",
                "infrastructure": "infrastructure failures (retried, still failing)"}.get(summary.stop_reason,

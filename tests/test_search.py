@@ -954,7 +954,7 @@ def _logit_search(space, studies: Path, name: str):
                          confirm=None, deterministic=True, cpus_per_trial=1)
     (trial,) = _trials(summary.db_path, name)
     assert trial.state == TrialState.COMPLETE and trial.user_attrs[st.ATTR_EPOCHS_TRAINED] == 2, trial.user_attrs
-    return trial
+    return summary, trial
 
 
 def _replay(trial, studies: Path, **kw):
@@ -980,7 +980,7 @@ def test_real_trials_put_and_serve_the_teacher_logit_store(tmp_path, local_ray):
     space = load_space(path)
     store = studies / "cache" / "teacher_logits"
 
-    first = _logit_search(space, studies, "logits-a")
+    first_summary, first = _logit_search(space, studies, "logits-a")
     entries = sorted(store.glob("*.pt"))
     assert len(entries) == 2, entries  # one per epoch of the stage: the trial put them
     # The store's contract: the values are those of a run without it, bit for bit.
@@ -995,10 +995,36 @@ def test_real_trials_put_and_serve_the_teacher_logit_store(tmp_path, local_ray):
     import shutil
 
     shutil.rmtree(studies / "cache" / "stages")
-    second = _logit_search(space, studies, "logits-b")
+    second_summary, second = _logit_search(space, studies, "logits-b")
     served = _replay(second, studies, logit_store=LogitStore(store))
     assert second.user_attrs[st.ATTR_EPOCH_VAL_ACC] == served != _replay(second, studies)
     assert sorted(store.glob("*.pt")) == entries  # served, nothing new put
+    # The study and the summary say how many trained epochs read the teacher from the store.
+    from smskd_search.search import record as rec
+
+    assert rec.ATTR_TEACHER_EPOCHS_SERVED not in first.user_attrs and "teacher:" not in format_leaderboard(first_summary)
+    assert second.user_attrs[rec.ATTR_TEACHER_EPOCHS_SERVED] == 2 == second_summary.teacher_epochs_served
+    assert "teacher:   logits read from the store in 2 of the trained epochs" in format_leaderboard(second_summary)
+
+
+@pytest.mark.slow
+def test_concurrent_trials_on_one_stream_run_the_teacher_once_per_epoch(tmp_path, local_ray):
+    """The two baselines (KD and DKD, one 2-epoch stage each, the study's seed) run at once, one CPU
+    each: between them, each epoch of the stage's batch stream goes through the teacher once (the
+    trial that claims it computes it, the other reads it), and both get the numbers of a run alone."""
+    studies = tmp_path / "studies"
+    path = tmp_path / "logits.yaml"
+    path.write_text(yaml.safe_dump(LOGIT_SPACE))
+    summary = run_search(load_space(path), budget=2, study="pair", studies_dir=studies, address="local", seed=0,
+                         baselines=True, confirm=None, cpus_per_trial=1)
+    trials = _trials(summary.db_path, "pair")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 and summary.max_concurrent == 2
+    from smskd_search.search import record as rec
+
+    assert len(list((studies / "cache" / "teacher_logits").glob("*.pt"))) == 2  # one entry per epoch
+    assert sum(t.user_attrs.get(rec.ATTR_TEACHER_EPOCHS_SERVED, 0) for t in trials) == 2 == summary.teacher_epochs_served
+    for t in trials:
+        assert t.user_attrs[st.ATTR_EPOCH_VAL_ACC] == _replay(t, studies)
 
 
 def test_search_cli_turns_the_cache_off():

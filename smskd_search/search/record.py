@@ -39,6 +39,10 @@ ATTR_EPOCH_VAL_ACC = "epoch_val_acc"  # val accuracy after every epoch 1..last (
 ATTR_EPOCHS_REUSED = "epochs_reused"
 ATTR_EPOCHS_TRAINED = "epochs_trained"
 ATTR_IMAGES_TRAINED = "images_trained"  # the training images of the epochs it trained (the summary's rate)
+# Trained epochs whose teacher logits came from the teacher-logit store, and the seconds the trial
+# waited for another trial computing one (absent: none, or not recorded).
+ATTR_TEACHER_EPOCHS_SERVED = "teacher_epochs_served"
+ATTR_TEACHER_WAIT_S = "teacher_wait_s"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_FAIL_TRACEBACK = "fail_traceback"
 ATTR_PRUNED_REASON = "pruned_reason"  # the rung, the trial's value and the cutoff it fell below
@@ -120,6 +124,8 @@ _TRIAL_FIELDS: dict[str, tuple[str, Any]] = {
     "epochs_reused": (ATTR_EPOCHS_REUSED, functools.partial(_opt, int)),
     "epochs_trained": (ATTR_EPOCHS_TRAINED, functools.partial(_opt, int)),
     "images_trained": (ATTR_IMAGES_TRAINED, functools.partial(_opt, int)),
+    "teacher_epochs_served": (ATTR_TEACHER_EPOCHS_SERVED, functools.partial(_opt, int)),
+    "teacher_wait_s": (ATTR_TEACHER_WAIT_S, functools.partial(_opt, float)),
     "fail_reason": (ATTR_FAIL_REASON, functools.partial(_opt, str)),
     "fail_traceback": (ATTR_FAIL_TRACEBACK, functools.partial(_opt, str)),
     "pruned_reason": (ATTR_PRUNED_REASON, functools.partial(_opt, str)),
@@ -164,6 +170,8 @@ class TrialAttrs:
     epochs_reused: int | None = None
     epochs_trained: int | None = None
     images_trained: int | None = None
+    teacher_epochs_served: int | None = None
+    teacher_wait_s: float | None = None
     fail_reason: str | None = None
     fail_traceback: str | None = None
     pruned_reason: str | None = None

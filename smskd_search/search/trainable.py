@@ -64,7 +64,7 @@ from smskd_search.search.teacher_transport import TeacherPayload, unpack
 from smskd_search.search.trial_report import TrialReport
 
 if TYPE_CHECKING:
-    from smskd_search.engine import EpochMetrics, StageEvent, StageResult, Workbench
+    from smskd_search.engine import EpochMetrics, LogitStore, StageEvent, StageResult, Workbench
     from smskd_search.plan import Plan
 
 # Per worker process: with reuse_actors the data and the teacher stay loaded across trials.
@@ -268,7 +268,7 @@ def _train(config: dict[str, Any], context: TrialContext, plan: Plan, kept: str,
     try:
         bench = _workbench(plan, context, config.get("data_root"))
         reporter = _Reporter(plan, config, kept, run_dir, started, started_at, rung_epochs, bench.data.info.num_val,
-                             bench.data.info.num_train)
+                             bench.data.info.num_train, bench.logit_store)
         options = RunOptions(out_dir=run_dir, resume=True, keep_student=False, partial_at=rung_epochs,
                              cuda_graphs=context.cuda_graphs)
         result = run_plan(plan, bench, options, reporter)
@@ -300,11 +300,15 @@ class _Reporter:
     cache (whole or partial) as ``reused``, so that the scheduler judges every trial at the same points."""
 
     def __init__(self, plan: Plan, config: dict[str, Any], kept: str, run_dir: Path, started: float,
-                 started_at: float, rung_epochs: frozenset[int], n_val: int, n_train: int = 0):
+                 started_at: float, rung_epochs: frozenset[int], n_val: int, n_train: int = 0,
+                 logit_store: LogitStore | None = None):
         self.plan, self.config, self.kept, self.run_dir = plan, config, kept, run_dir
         self.started, self.started_at = started, started_at
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.rung_epochs, self.n_val, self.n_train = rung_epochs, n_val, n_train
+        # The worker's store serves one trial at a time: this trial's share is what it adds.
+        self.store = logit_store
+        self.store_before = (logit_store.served, logit_store.wait_s) if logit_store is not None else (0, 0.0)
         # Epochs replayed from this trial's own checkpoints, and trained here (the rest came from the cache).
         self.resumed = self.trained = 0
 
@@ -338,6 +342,8 @@ class _Reporter:
             final=stage_end and stage_index + 1 == n_stages, n_val=n_val, stage_end=stage_end,
             total_epochs=self.plan.total_epochs, method=self.plan.stages[stage_index].method, replayed=replayed,
             reused=reused, epochs_trained=self.trained, images_trained=self.trained * self.n_train,
+            teacher_epochs_served=self.store.served - self.store_before[0] if self.store is not None else 0,
+            teacher_wait_s=round(self.store.wait_s - self.store_before[1], 3) if self.store is not None else 0.0,
             epochs_reused=max(0, cum_epochs - self.resumed - self.trained),
             # Seconds inside the trainable so far: Ray's overhead is the search's wall time less this.
             trial_seconds=time.perf_counter() - self.started, trial_started_at=self.started_at, node=self.node,
