@@ -24,9 +24,9 @@ cost of either pipeline does not depend on the pixels):
 5. optionally (``--graphs``): the engine's CUDA-graph step (``RunOptions.cuda_graphs``) as contenders
    ``graph s1/s2`` at the first batch size, and the packing again with every trial graphed;
    optionally (``--shared-teacher``): the packing again with all trials on one batch stream and the
-   teacher-logit store's claims (:mod:`smskd_search.engine.logit_claims`): one teacher forward an
-   epoch among them, as a search's concurrent trials on one seed get it; the table says how many
-   epochs went through the teacher;
+   teacher-logit store's claims (:mod:`smskd_search.engine.logit_claims`): each epoch through the
+   teacher once among them, each trial computing a share of it, as a search's concurrent trials on
+   one seed get it; the table says how many epochs went through the teacher;
 6. optionally (``--compile``): ``torch.compile`` of the student and teacher: compile time against the
    per-epoch gain, and the number of epochs it takes to pay for itself.
 
@@ -71,7 +71,7 @@ from smskd_search.data import TensorLoader, TensorSplit  # noqa: E402
 from smskd_search.data.__init__ import NORMALIZATION  # noqa: E402
 from smskd_search.engine.device import Precision, make_generator, pick_device, pick_precision  # noqa: E402
 from smskd_search.engine.frozen import FrozenForward, freeze, frozen_copy  # noqa: E402
-from smskd_search.engine.logit_store import EpochTeacher, LogitStore, teacher_pass  # noqa: E402
+from smskd_search.engine.logit_store import EpochTeacher, LogitStore, TeacherPass  # noqa: E402
 from smskd_search.engine.optim import build_optimizer, trainable  # noqa: E402
 from smskd_search.engine.step_graph import StepGraph  # noqa: E402
 from smskd_search.engine.tcp import reference_loss, tcp_weights  # noqa: E402
@@ -155,7 +155,7 @@ class Ours:
                                    generator=make_generator(device, 0))
         self.schedule = Schedule(self.recipe.lr, self.recipe.schedule, 240, 0)
         self.epoch = 0
-        self.teacher_epochs = 0  # epochs this process ran the teacher over
+        self.teacher_epochs = 0.0  # epochs this process ran the teacher over (fractions: parts of one)
 
     def run_epoch(self, store: LogitStore | None = None) -> float:
         """Images/s of one epoch over the split; with ``store``, the teacher's logits come through it as a
@@ -163,10 +163,13 @@ class Ours:
         with Stopwatch(self.device) as sw:
             teacher: Any = self.teacher
             if store is not None:
-                entry, filled = store.shared(f"epoch{self.epoch}", lambda claim: teacher_pass(
-                    self.teacher, self.loader, device=self.device, beat=claim.beat))
+                ahead = TeacherPass(self.teacher, self.loader, device=self.device)
+                try:
+                    entry, share = store.shared(f"epoch{self.epoch}", len(self.loader), ahead)
+                finally:
+                    ahead.close()
                 teacher = EpochTeacher(self.teacher, entry, need_features=False, device=self.device)
-                self.teacher_epochs += int(entry is None or filled)
+                self.teacher_epochs += 1.0 if entry is None else share
             else:
                 self.teacher_epochs += 1
             train_epoch(student=self.student_model, method=self.method, teacher=teacher, reference=self.reference,
@@ -334,7 +337,7 @@ def run_packing(args: argparse.Namespace, ns: list[int], graphs: bool = False, s
             agg = sum(o["images_per_s"] for o in outs)
             per = [o["images_per_s"] for o in outs]
             mem = [o["peak_mib"] for o in outs]
-            teacher = f"{sum(o['teacher_epochs'] for o in outs)} / {sum(o['epochs'] for o in outs)}"
+            teacher = f"{sum(o['teacher_epochs'] for o in outs):.1f} / {sum(o['epochs'] for o in outs)}"
             rows.append([n, agg, f"{min(per):,.0f}..{max(per):,.0f}", f"{max(mem):,.0f}", outs[0]["peak_kind"],
                          teacher, "-"])
             label = (" graphed" if graphs else "") + (" one teacher stream" if shared else "")

@@ -167,9 +167,9 @@ def format_leaderboard(summary: SearchSummary, top: int = 10) -> str:
             f"; {summary.images_per_s:,.0f} training images/s {summary.throughput_on}"
         lines.append(f"epochs:    {epochs_line(summary.epochs_trained, summary.epochs_reused, summary.cache)}{rate}")
     if summary.teacher_epochs_served or summary.teacher_wait_s:
-        lines.append(f"teacher:   logits read from the store in {summary.teacher_epochs_served} of the trained epochs "
-                     f"(other trials had run the teacher over them); {summary.teacher_wait_s:.1f} s waited for a "
-                     "trial computing one")
+        lines.append(f"teacher:   logits read from the store in {summary.teacher_epochs_served:g} of the trained "
+                     f"epochs (other trials had run the teacher over them); {summary.teacher_wait_s:.1f} s waited for "
+                     "trials computing them")
     if summary.interrupted:
         why = {"timeout": "--timeout reached", "interrupted": "interrupted",
                "infrastructure": "infrastructure failures (retried, still failing)"}.get(summary.stop_reason,

@@ -211,6 +211,24 @@ def test_flip_and_determinism():
     assert torch.equal(out, again)
 
 
+@pytest.mark.parametrize("padding,flip", [(0, False), (2, False), (0, True), (2, True)])
+def test_an_epoch_started_at_a_batch_is_the_tail_of_the_full_pass(padding, flip):
+    from smskd_search.plan import AugmentSpec
+
+    split = TensorSplit(torch.randn(50, 1, 6, 6), torch.arange(50) % 5)
+    aug = AugmentSpec(crop_padding=padding, flip=flip)
+
+    def loader():
+        return TensorLoader(split, 8, shuffle=True, augment=aug, generator=torch.Generator().manual_seed(3))
+
+    full = list(loader())
+    assert len(full) == 7
+    for start in (0, 3, 6):
+        tail = list(loader().batches(start))
+        assert len(tail) == 7 - start
+        assert all(torch.equal(a, b) for got, want in zip(tail, full[start:]) for a, b in zip(got, want))
+
+
 def test_loader_visits_every_sample_once_per_epoch():
     split = TensorSplit(torch.randn(50, 1, 4, 4), torch.arange(50) % 5)
     loader = TensorLoader(split, 16, shuffle=True, augment=AugmentSpec(crop_padding=1, flip=True),

@@ -269,50 +269,82 @@ def test_a_trial_hands_the_store_to_its_run(tiny_problem, shared, tmp_path, monk
     assert got[0].disk.path("k") == tmp_path / "cache" / "teacher_logits" / "k.pt" and got[1] is None
 
 
-def test_claims_compute_an_epoch_once_for_whoever_wants_it(tmp_path):
-    store, other = LogitStore(tmp_path / "s"), LogitStore(tmp_path / "s")  # two processes' stores on one folder
-    calls: list[int] = []
+def _span_fill(calls, delay=0.0):
+    """A fill whose rows say which batches they stand for (row b holds b)."""
+    import time
 
-    def fill(claim):
-        calls.append(1)
-        claim.beat()
-        return _entry(10, fill=2.0)
+    def fill(lo, hi, claim):
+        calls.append((lo, hi))
+        if claim is not None:
+            claim.beat()
+        time.sleep(delay)
+        return EpochLogits(torch.arange(lo, hi, dtype=torch.float32)[:, None].repeat(1, 3), torch.arange(lo, hi),
+                           torch.zeros(hi - lo, 2, dtype=torch.float64), torch.float32)
 
-    entry, filled = store.shared("k", fill)
-    assert filled and calls == [1] and entry is not None and float(entry.logits[0, 0]) == 2.0
-    assert not list((tmp_path / "s").glob("*.claim"))  # released
-    entry, filled = other.shared("k", fill)
-    assert not filled and calls == [1] and entry is not None and other.waited == 0
+    return fill
+
+
+def _rows(entry):
+    return entry.logits[:, 0].tolist()
+
+
+def test_a_lone_process_computes_the_parts_in_order_and_keeps_the_whole_epoch(tmp_path):
+    store, other = LogitStore(tmp_path / "s", parts=2), LogitStore(tmp_path / "s", parts=2)  # two processes' stores
+    calls: list = []
+    entry, share = store.shared("k", 4, _span_fill(calls))
+    assert calls == [(0, 2), (2, 4)] and share == 1.0 and entry is not None and _rows(entry) == [0, 1, 2, 3]
+    # The whole epoch stays, its parts and claims go.
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["k.pt"]
+    entry, share = other.shared("k", 4, _span_fill(calls))
+    assert len(calls) == 2 and share == 0.0 and _rows(entry) == [0, 1, 2, 3] and other.waited == 0
     # Only a local folder has claims (an object store has no exclusive create); no folder, none either.
     assert LogitStore(None).claims is None and LogitStore(tmp_path / "c", claims=False).claims is None
+    assert LogitStore(None).shared("k", 4, _span_fill(calls)) == (None, 0.0) and len(calls) == 2
 
 
-def test_a_waiter_reads_the_holders_entry_and_computes_itself_when_none_comes(tmp_path):
+def test_processes_in_step_each_compute_a_share_of_the_epoch(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls: list = []
+    stores = [LogitStore(tmp_path / "s", parts=4) for _ in range(2)]
+    for st in stores:
+        assert st.claims is not None
+        st.claims.poll_s = 0.005
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda st: st.shared("k", 8, _span_fill(calls, delay=0.1)), stores))
+    # Every span computed once, by one of the two; both hold the whole epoch; their shares add up to it.
+    assert sorted(calls) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert all(_rows(entry) == list(range(8)) for entry, _ in got)
+    assert sum(share for _, share in got) == 1.0 and all(0.0 < share < 1.0 for _, share in got)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["k.pt"]
+
+
+def test_a_waiter_reads_the_holders_parts_and_computes_those_nobody_puts(tmp_path):
     import threading
 
-    holder, waiter = LogitStore(tmp_path / "s"), LogitStore(tmp_path / "s")
-    assert holder.claims is not None and waiter.claims is not None
+    holder, waiter = LogitStore(tmp_path / "s", parts=2), LogitStore(tmp_path / "s", parts=2)
+    assert holder.claims is not None and holder.disk is not None and waiter.claims is not None
     waiter.claims.poll_s = 0.005
-
-    def never(claim):
-        raise AssertionError("the waiter computed an epoch another holds")
-
     for put in (True, False):
-        claim = holder.claims.claim(f"k{put}")
-        assert claim is not None and waiter.claims.claim(f"k{put}") is None
+        key, calls = f"k{put}", []
+        claims = [holder.claims.claim(f"{key}.part{i}of2") for i in range(2)]
+        assert all(c is not None for c in claims)
         got: list = []
-        t = threading.Thread(target=lambda key, out: out.append(waiter.shared(key, never)), args=(f"k{put}", got))
+        t = threading.Thread(target=lambda k, fill, out: out.append(waiter.shared(k, 4, fill)),
+                             args=(key, _span_fill(calls), got))
         t.start()
         t.join(0.3)
-        assert t.is_alive()  # waiting on the claim
+        assert t.is_alive() and calls == []  # waiting on the claims
         if put:
-            holder.put(f"k{put}", _entry(10, fill=3.0))
-        claim.release()
+            for i, (lo, hi) in enumerate([(0, 2), (2, 4)]):
+                holder.disk.put(f"{key}.part{i}of2", _span_fill([])(lo, hi, None).to_payload())
+        for c in claims:
+            c.release()
         t.join(10)
-        (entry, filled), = got
-        assert not filled
-        # Released with its entry: served. Released without one (its holder failed): computed while training.
-        assert (entry is not None and float(entry.logits[0, 0]) == 3.0) if put else entry is None
+        (entry, share), = got
+        assert _rows(entry) == [0, 1, 2, 3]
+        # Released with their parts: served. Released without (their holder failed): computed here.
+        assert (share, calls) == ((0.0, []) if put else (1.0, [(0, 2), (2, 4)]))
     assert waiter.waited == 2 and waiter.wait_s > 0.25
 
 
@@ -320,23 +352,24 @@ def test_a_dead_holders_claim_goes_stale_and_is_taken_over(tmp_path):
     import os
     import time
 
-    store = LogitStore(tmp_path / "s")
+    store = LogitStore(tmp_path / "s", parts=1)
     assert store.claims is not None
-    dead = tmp_path / "s" / "k.claim"
+    dead = tmp_path / "s" / "k.part0of1.claim"
     dead.parent.mkdir()
     dead.write_text("elsewhere 1\n")
-    assert store.claims.held("k")
+    assert store.claims.held("k.part0of1")
     old = time.time() - store.claims.stale_s - 1
     os.utime(dead, (old, old))
-    assert not store.claims.held("k")
-    entry, filled = store.shared("k", lambda claim: _entry(10))
-    assert filled and entry is not None and not dead.exists()
+    assert not store.claims.held("k.part0of1")
+    calls: list = []
+    entry, share = store.shared("k", 3, _span_fill(calls))
+    assert share == 1.0 and calls == [(0, 3)] and not dead.exists()
 
 
-def test_the_teacher_pass_leaves_the_loader_where_it_was(tiny_problem, shared):
+def test_parts_of_the_teacher_pass_are_the_full_passs_and_leave_the_loader_where_it_was(tiny_problem, shared):
     from smskd_search.engine.device import pick_precision
     from smskd_search.engine.frozen import FrozenForward
-    from smskd_search.engine.logit_store import EpochTeacher, teacher_pass
+    from smskd_search.engine.logit_store import EpochTeacher, TeacherPass, part_spans
 
     plan = make_plan(tiny_problem, [("kd", 1)], recipe=AUG)
     data = shared["data"]
@@ -347,12 +380,18 @@ def test_the_teacher_pass_leaves_the_loader_where_it_was(tiny_problem, shared):
 
     forward = FrozenForward(shared["teacher_model"], pick_precision(torch.device("cpu"), "auto"))
     ahead, fresh = loader(), loader()
-    entry = teacher_pass(forward, ahead, device=torch.device("cpu"))
-    assert entry is not None
-    # The next epoch of the loader the pass went over is the one the pass saw, and its logits check out.
+    spans = part_spans(len(ahead), 4)
+    assert len(spans) == 4
+    cpu = torch.device("cpu")
+    teacher = TeacherPass(forward, ahead, device=cpu)
+    # Out of order (a part further on starts a pass at its batch), then in order (continues it).
+    parts = {i: teacher(*spans[i]) for i in (2, 0, 1, 3)}
+    teacher.close()
+    entry = EpochLogits.join([parts[i] for i in range(4)])
+    # The next epoch of the loader the parts went over is the one they saw, and the joined logits check out.
     batches = [(x, idx) for x, _, idx in ahead]
     assert all(torch.equal(x, y) and torch.equal(i, j) for (x, i), (y, _, j) in zip(batches, fresh))
-    served = EpochTeacher(forward, entry, need_features=False, device=torch.device("cpu"))
+    served = EpochTeacher(forward, entry, need_features=False, device=cpu)
     for x, idx in batches:
         served(x, idx)
     assert served.finish() is None  # no StoreMismatch
@@ -388,8 +427,8 @@ def test_two_processes_on_one_stream_run_the_teacher_once_per_epoch(tiny_problem
         p.join(60)
         assert p.exitcode == 0
     n, epochs = len(shared["data"].train), 5
-    # Each of the 5 epochs went through the teacher once between them; the other process read it.
+    # Each batch of the 5 epochs went through the teacher once between them; the other process read it.
     assert sum(g["teacher_samples"] for g in got) == epochs * n + 2 * probe
-    assert sum(g["stored"] for g in got) == epochs and sum(g["served"] for g in got) == epochs
+    assert sum(g["stored"] for g in got) == epochs and sum(g["served"] for g in got) == pytest.approx(epochs)
     # And the numbers are those of a run without any store, in both.
     assert [tuple(c) for c in got[0]["curve"]] == [tuple(c) for c in got[1]["curve"]] == plain

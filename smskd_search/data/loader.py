@@ -95,7 +95,18 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
+def skip_augment(b: int, spec: AugmentSpec, gen: torch.Generator) -> None:
+    """Draw from ``gen`` what :func:`augment_batch` draws for a batch of ``b``, without augmenting:
+    the batches after a skipped one are then those of a full pass."""
+    if spec.crop_padding > 0:
+        torch.randint(0, 2 * spec.crop_padding + 1, (b,), generator=gen, device=gen.device)
+        torch.randint(0, 2 * spec.crop_padding + 1, (b,), generator=gen, device=gen.device)
+    if spec.flip:
+        torch.rand(b, generator=gen, device=gen.device)
+
+
 def augment_batch(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+    # Draws as skip_augment does: oy, ox (a crop), then the flips.
     if spec.crop_padding > 0 and spec.flip:
         # random_crop then random_flip, fused: the same draws in the same order, the same result.
         b, p = x.shape[0], spec.crop_padding
@@ -160,6 +171,11 @@ class TensorLoader:
         self.generator.set_state(state)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch ``start`` on: those of a full pass (the ones before it are
+        drawn, not made), so that several processes can each compute a part of one epoch."""
         n = len(self.split)
         device = self.split.labels.device
         if self.shuffle:
@@ -168,6 +184,10 @@ class TensorLoader:
             order = torch.arange(n, device=device)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if b < start:
+                if self.augment is not None:
+                    skip_augment(idx.shape[0], self.augment, self.generator)
+                continue
             x = self.split.images.index_select(0, idx)
             if self.augment is not None:
                 x = augment_batch(x, self.augment, self.generator)

@@ -36,14 +36,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from smskd_search.data.batches import BatchLoader
 from smskd_search.data.folder_split import data_identity
 from smskd_search.engine.frozen import FrozenForward
 from smskd_search.engine.logit_claims import Claim, EpochClaims
@@ -60,6 +59,9 @@ from smskd_search.plan import Plan
 
 FORMAT = 1
 DEFAULT_MEMORY_BYTES = 256 * 2**20
+# An epoch is computed in at most this many parts by the trials that want it at once (16 trials
+# packed on one GPU each take one).
+DEFAULT_PARTS = 16
 # Relative tolerance of the batch fingerprints: identical batches give identical sums on the CPU;
 # the slack is for GPU reductions. A crop shifted by one pixel changes them by far more.
 _CHECK_RTOL = 1e-6
@@ -118,6 +120,12 @@ class EpochLogits:
     checks: torch.Tensor
     dtype: torch.dtype
 
+    @classmethod
+    def join(cls, parts: list[EpochLogits]) -> EpochLogits:
+        """The parts of one epoch, in order, as one entry."""
+        return cls(torch.cat([p.logits for p in parts]), torch.cat([p.indices for p in parts]),
+                   torch.cat([p.checks for p in parts]), parts[0].dtype)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.logits, self.indices, self.checks))
@@ -145,25 +153,30 @@ class LogitStore:
         dtype: None keeps the logits as the forward produced them (exact); ``torch.float16`` halves
             fp32 entries, with other numbers (opt-in, see the module docstring).
         claims: Trials that reach an epoch the store lacks at the same time run the teacher over it
-            once (:mod:`~smskd_search.engine.logit_claims`); only where ``root`` is a local folder.
+            once between them (:mod:`~smskd_search.engine.logit_claims`, :meth:`shared`); only where
+            ``root`` is a local folder.
+        parts: The spans an epoch is cut into for that (at most): as many as the trials that can
+            share one, and few enough that each is worth a file.
     """
 
     def __init__(self, root: str | Path | EntryFolder | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                  memory_max_bytes: int = DEFAULT_MEMORY_BYTES, dtype: torch.dtype | None = None,
-                 claims: bool = True):
+                 claims: bool = True, parts: int = DEFAULT_PARTS):
         if dtype not in (None, torch.float16):
             raise ValueError(f"dtype: None (exact) or torch.float16, not {dtype}")
         self.disk = PrefixCache(root, max_bytes) if root is not None else None
         # An object store has no exclusive create: there every trial computes what it lacks.
         folder = self.disk.folder if self.disk is not None else None
         self.claims = EpochClaims(folder.root) if claims and isinstance(folder, LocalFolder) else None
+        self.parts = int(parts)
         self.memory_max_bytes = int(memory_max_bytes)
         self.dtype = dtype
         self._memory: OrderedDict[str, EpochLogits] = OrderedDict()
         self._lock = threading.Lock()
-        # Epochs served from the store, and put into it, by this store object; epochs this process
-        # waited for while another held their claim, and the seconds it waited.
-        self.served = 0
+        # Epochs served from the store (a fraction where other processes computed some of its parts),
+        # and put into it, by this store object; epochs this process waited for while others held
+        # claims on their parts, and the seconds it waited.
+        self.served = 0.0
         self.stored = 0
         self.waited = 0
         self.wait_s = 0.0
@@ -233,40 +246,94 @@ class LogitStore:
         self.stored += 1
         return taken
 
-    def shared(self, key: str, fill: Callable[[Claim], EpochLogits | None]) -> tuple[EpochLogits | None, bool]:
-        """The entry under ``key``, computed once for the trials that want it at the same time.
+    def shared(self, key: str, n_batches: int, fill: Callable[[int, int, Claim | None], EpochLogits | None]
+               ) -> tuple[EpochLogits | None, float]:
+        """The entry under ``key``, computed once, in parts, by the trials that want it at the same time.
 
-        Served where stored; else, where this store has claims, the first to claim ``key`` computes
-        it through ``fill`` (given the claim, to keep it fresh) and puts it, and the others wait for
-        that entry. Returns the entry (None: compute it while training, as without claims; so when
-        a claim's holder gave up or died) and whether ``fill`` computed it here.
+        Served where stored. Else, where this store has claims, the epoch's batches are cut into at
+        most ``parts`` spans: each trial claims the spans nobody holds, computes them through ``fill``
+        and puts them; then it waits for the others' spans, joins them and puts the whole epoch
+        (its parts then go). N trials in step thus each run the teacher over 1/N of the epoch. A
+        span whose holder gave up or died is computed by whoever waits for it.
+
+        Returns the entry (None without claims: compute it while training) and the share of the
+        epoch this process ran the teacher over (0.0: served whole).
 
         Args:
             key: The epoch's key (:func:`teacher_logits_key`).
-            fill: Computes the epoch's entry (:func:`teacher_pass`); None: it could not.
+            n_batches: The epoch's batches.
+            fill: ``fill(lo, hi, claim)``: the logits over batches ``lo`` to ``hi`` (exclusive) of the
+                epoch (:class:`TeacherPass`), keeping ``claim`` fresh where given; None: it could not.
         """
         entry = self.get(key)
-        if entry is not None or self.claims is None:
-            return entry, False
-        held = self.claims.claim(key)
-        if held is None:
-            start = time.monotonic()
-            found = self.claims.wait(key, lambda: self.has(key))
+        if entry is not None or self.claims is None or self.disk is None:
+            return entry, 0.0
+        disk, claims = self.disk, self.claims
+        spans = part_spans(n_batches, self.parts)
+        names = [f"{key}.part{i}of{len(spans)}" for i in range(len(spans))]
+        got: list[EpochLogits | None] = [None] * len(spans)
+        mine = 0
+        for i, (lo, hi) in enumerate(spans):
+            if self.has(key):
+                break
+            held = claims.claim(names[i]) if not disk.has(names[i]) else None
+            if held is None:
+                continue
+            try:
+                if not disk.has(names[i]):  # put by another between the look and the claim
+                    got[i] = fill(lo, hi, held)
+                    if got[i] is None:
+                        return None, 0.0
+                    mine += hi - lo
+                    disk.put(names[i], got[i].to_payload())  # type: ignore[union-attr]
+            finally:
+                held.release()
+        start, waited = time.monotonic(), False
+        for i, (lo, hi) in enumerate(spans):
+            if got[i] is not None:
+                continue
+            ready = lambda name=names[i]: self.has(key) or disk.has(name)  # noqa: E731
+            if not ready():
+                waited = True
+                claims.wait(names[i], ready)
+            whole = self.get(key)
+            if whole is not None:  # another joined the epoch first
+                self._count_wait(waited, start)
+                return whole, mine / n_batches
+            got[i] = self._part(names[i])
+            if got[i] is None:  # its holder gave up or died: computed here
+                got[i] = fill(lo, hi, None)
+                if got[i] is None:
+                    return None, 0.0
+                mine += hi - lo
+        self._count_wait(waited, start)
+        whole = EpochLogits.join([g for g in got if g is not None])
+        joiner = claims.claim(key)  # one process puts the whole epoch; the others read it
+        if joiner is None:
+            claims.wait(key, lambda: self.has(key))
+        else:
+            try:
+                if not self.has(key) and self.put(key, whole):
+                    for name in names:  # the whole epoch is there: a late reader takes it instead
+                        disk.discard(name)
+            finally:
+                joiner.release()
+        entry = self.get(key)
+        return (entry if entry is not None else self._compact(whole)), mine / n_batches
+
+    def _part(self, name: str) -> EpochLogits | None:
+        assert self.disk is not None
+        payload = self.disk.get(name)
+        try:
+            return EpochLogits.from_payload(payload) if payload is not None else None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self.disk.discard(name)
+            return None
+
+    def _count_wait(self, waited: bool, start: float) -> None:
+        if waited:
             self.waited += 1
             self.wait_s += time.monotonic() - start
-            return (self.get(key) if found else None), False
-        try:
-            entry = self.get(key)  # put by another between this get and the claim
-            if entry is not None:
-                return entry, False
-            computed = fill(held)
-            if computed is None:
-                return None, False
-            self.put(key, computed)
-        finally:
-            held.release()
-        entry = self.get(key)
-        return (entry if entry is not None else self._compact(computed)), True
 
     def discard(self, key: str) -> None:
         with self._lock:
@@ -333,8 +400,8 @@ class EpochTeacher:
             self._checks = stored.checks.to(device)
             self._mismatch = torch.zeros((), dtype=torch.bool, device=device)
         self._parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        # Served from an entry this process computed ahead of the epoch (not counted as served).
-        self.filled_here = False
+        # The share of a served epoch this process computed ahead of it (that share is not served).
+        self.computed_share = 0.0
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, Features | None]:
         if self.serving:
@@ -374,30 +441,67 @@ class EpochTeacher:
         return EpochLogits(torch.cat(logits), torch.cat(idx), torch.stack(checks), logits[0].dtype)
 
 
-def teacher_pass(forward: FrozenForward, loader: BatchLoader, *, device: torch.device,
-                 round_to: torch.dtype | None = None, beat: Callable[[], None] | None = None) -> EpochLogits | None:
-    """The teacher's logits over the loader's next epoch, computed ahead of training it.
+@runtime_checkable
+class PartLoader(Protocol):
+    """A loader whose epoch can be started at any batch (:meth:`TensorLoader.batches`)."""
 
-    The loader's generator is put back where it was, so the epoch that trains next sees the very
-    batches this pass saw (the entry's fingerprints check it) and the run's numbers do not change.
+    def random_state(self) -> Any: ...
+
+    def set_random_state(self, state: Any) -> None: ...
+
+    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+
+
+class TeacherPass:
+    """The teacher's logits over parts of the loader's next epoch, computed ahead of training it.
+
+    Parts taken in order continue one pass over the epoch; a part further on starts a pass at its
+    first batch (the batches before it drawn, not made). :meth:`close` puts the loader's generator
+    back where it was, so that the epoch that trains next sees the very batches the parts saw
+    (their fingerprints check it) and the run's numbers do not change.
 
     Args:
         forward: The teacher's frozen forward.
         loader: The stage's training loader, before the epoch.
         device: Where the batches are.
         round_to: A lossy store's dtype (as for :class:`EpochTeacher`).
-        beat: Called per batch (a claim's heartbeat).
     """
-    state = loader.random_state()
-    recorder = EpochTeacher(forward, None, need_features=False, device=device, round_to=round_to)
-    try:
-        for x, _, idx in loader:
+
+    def __init__(self, forward: FrozenForward, loader: PartLoader, *, device: torch.device,
+                 round_to: torch.dtype | None = None):
+        self.forward, self.loader, self.device, self.round_to = forward, loader, device, round_to
+        self._start_state = loader.random_state()
+        self._batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._at = 0
+
+    def __call__(self, lo: int, hi: int, claim: Claim | None = None) -> EpochLogits | None:
+        """The logits over batches ``lo`` to ``hi`` (exclusive); ``claim`` is kept fresh meanwhile."""
+        if self._batches is None or self._at != lo:
+            self.loader.set_random_state(self._start_state)
+            self._batches, self._at = self.loader.batches(lo), lo
+        recorder = EpochTeacher(self.forward, None, need_features=False, device=self.device, round_to=self.round_to)
+        for _, (x, _, idx) in zip(range(lo, hi), self._batches):
             recorder(x, idx)
-            if beat is not None:
-                beat()
-    finally:
-        loader.set_random_state(state)
-    return recorder.finish()
+            self._at += 1
+            if claim is not None:
+                claim.beat()
+        return recorder.finish()
+
+    def close(self) -> None:
+        self._batches = None
+        self.loader.set_random_state(self._start_state)
+
+
+def part_spans(n_batches: int, parts: int) -> list[tuple[int, int]]:
+    """``n_batches`` cut into at most ``parts`` spans of whole batches, in order.
+
+    Example:
+
+        >>> part_spans(10, 4)
+        [(0, 3), (3, 6), (6, 9), (9, 10)]
+    """
+    size = max(1, -(-n_batches // max(1, parts)))
+    return [(lo, min(lo + size, n_batches)) for lo in range(0, n_batches, size)]
 
 
 __all__ = [
@@ -407,6 +511,8 @@ __all__ = [
     "LogitStore",
     "NO_TEACHER_FEATURES",
     "StoreMismatch",
+    "PartLoader",
+    "TeacherPass",
+    "part_spans",
     "teacher_logits_key",
-    "teacher_pass",
 ]

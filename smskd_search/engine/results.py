@@ -71,8 +71,9 @@ class RunResult:
     epochs_resumed: int = 0
     # Why the stage cache was not used although one was given (None: used, or none given).
     cache_skipped: str | None = None
-    # Trained epochs whose teacher logits came from the logit store (no teacher forward).
-    teacher_epochs_served: int = 0
+    # Trained epochs whose teacher logits came from the logit store (no teacher forward here); a
+    # fraction where other processes computed parts of an epoch while this one computed the rest.
+    teacher_epochs_served: float = 0.0
     # What the caller should say (a resume from a checkpoint made on another device or precision).
     notes: list[str] = field(default_factory=list)
 

@@ -22,7 +22,7 @@ from smskd_search.engine.device import device_rng_state, set_device_rng_state
 from smskd_search.engine.evaluate import evaluate
 from smskd_search.engine.events import EpochsReused, EpochTrained, EventSink
 from smskd_search.engine.frozen import FrozenForward, frozen_copy
-from smskd_search.engine.logit_store import EpochTeacher, LogitStore, StoreMismatch, teacher_pass
+from smskd_search.engine.logit_store import EpochTeacher, LogitStore, PartLoader, StoreMismatch, TeacherPass
 from smskd_search.engine.optim import build_optimizer, trainable
 from smskd_search.engine.prefix_cache import Runtime
 from smskd_search.engine.results import Diverged, EpochMetrics, StageResult, stage_result_from_dict
@@ -56,7 +56,7 @@ class RunState:
     runtime: Runtime
     logit_store: LogitStore | None = None
     notes: list[str] = field(default_factory=list)
-    teacher_epochs_served: int = 0
+    teacher_epochs_served: float = 0.0  # a fraction where other processes computed parts of an epoch
     results: list[StageResult] = field(default_factory=list)
     resumed_from: int | None = None
     opt_state: dict | None = None
@@ -255,10 +255,16 @@ def _epoch_teacher(run: RunState, stage: Stage, keys: StageStore, epoch: int) ->
         # The forward runs anyway: its logits are put only where the store lacks them (not loaded).
         return EpochTeacher(run.teacher_fw, None, need_features=True, device=bench.device, record=not store.has(key),
                             round_to=store.dtype), key
-    entry, filled = store.shared(key, lambda claim: teacher_pass(run.teacher_fw, stage.loader, device=bench.device,
-                                                                 round_to=store.dtype, beat=claim.beat))
+    if not isinstance(stage.loader, PartLoader):  # (streamed splits have no store: no such loader here)
+        return EpochTeacher(run.teacher_fw, store.get(key), need_features=False, device=bench.device,
+                            round_to=store.dtype), key
+    ahead = TeacherPass(run.teacher_fw, stage.loader, device=bench.device, round_to=store.dtype)
+    try:
+        entry, share = store.shared(key, len(stage.loader), ahead)
+    finally:
+        ahead.close()
     teacher = EpochTeacher(run.teacher_fw, entry, need_features=False, device=bench.device, round_to=store.dtype)
-    teacher.filled_here = filled
+    teacher.computed_share = share
     return teacher, key
 
 
@@ -270,8 +276,8 @@ def _finish_epoch_teacher(run: RunState, teacher: EpochTeacher, key: str) -> Non
     except StoreMismatch:
         run.logit_store.discard(key)  # never served again
         raise
-    if teacher.serving and not teacher.filled_here:
-        run.teacher_epochs_served += 1
-        run.logit_store.served += 1
+    if teacher.serving:
+        run.teacher_epochs_served += 1.0 - teacher.computed_share
+        run.logit_store.served += 1.0 - teacher.computed_share
     elif recorded is not None:
         run.logit_store.put(key, recorded)

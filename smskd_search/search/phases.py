@@ -71,7 +71,7 @@ class SearchSummary:
     cache: bool = True  # whether the stage-prefix cache was on
     # Trained epochs whose teacher logits the trials read from the teacher-logit store, and the
     # seconds they waited for another trial computing one (confirmation runs included).
-    teacher_epochs_served: int = 0
+    teacher_epochs_served: float = 0.0
     teacher_wait_s: float = 0.0
     # Training images a second over this run's trials (first start to last end), per GPU where the
     # trials had GPUs; None where no trial of this run trained. ``throughput_on``: "per GPU (1 GPU)",
@@ -358,7 +358,7 @@ def summary(run: SearchRun, tune: TuneSettings, spent: BudgetOutcome, confirmed:
         epochs_trained=sum(r.attrs.epochs_trained or 0 for r in recs),
         epochs_reused=sum(r.attrs.epochs_reused or 0 for r in recs),
         cache=s.cache,
-        teacher_epochs_served=sum(r.attrs.teacher_epochs_served or 0 for r in recs),
+        teacher_epochs_served=sum(r.attrs.teacher_epochs_served or 0.0 for r in recs),
         teacher_wait_s=sum(r.attrs.teacher_wait_s or 0.0 for r in recs),
         **_throughput(recs, time.time() - (time.monotonic() - run.start), resources),
     )

@@ -124,7 +124,7 @@ _TRIAL_FIELDS: dict[str, tuple[str, Any]] = {
     "epochs_reused": (ATTR_EPOCHS_REUSED, functools.partial(_opt, int)),
     "epochs_trained": (ATTR_EPOCHS_TRAINED, functools.partial(_opt, int)),
     "images_trained": (ATTR_IMAGES_TRAINED, functools.partial(_opt, int)),
-    "teacher_epochs_served": (ATTR_TEACHER_EPOCHS_SERVED, functools.partial(_opt, int)),
+    "teacher_epochs_served": (ATTR_TEACHER_EPOCHS_SERVED, functools.partial(_opt, float)),
     "teacher_wait_s": (ATTR_TEACHER_WAIT_S, functools.partial(_opt, float)),
     "fail_reason": (ATTR_FAIL_REASON, functools.partial(_opt, str)),
     "fail_traceback": (ATTR_FAIL_TRACEBACK, functools.partial(_opt, str)),
@@ -170,7 +170,7 @@ class TrialAttrs:
     epochs_reused: int | None = None
     epochs_trained: int | None = None
     images_trained: int | None = None
-    teacher_epochs_served: int | None = None
+    teacher_epochs_served: float | None = None
     teacher_wait_s: float | None = None
     fail_reason: str | None = None
     fail_traceback: str | None = None

@@ -385,7 +385,7 @@ def _report_attrs(r: TrialReport, rec: _Record, steps: list[int], first: bool) -
         epochs_reused=int(r.epochs_reused) if last else None,
         epochs_trained=int(r.epochs_trained) if last else None,
         images_trained=int(r.images_trained) if last and r.images_trained else None,
-        teacher_epochs_served=int(r.teacher_epochs_served) if last and r.teacher_epochs_served else None,
+        teacher_epochs_served=round(float(r.teacher_epochs_served), 3) if last and r.teacher_epochs_served else None,
         teacher_wait_s=float(r.teacher_wait_s) if last and r.teacher_wait_s else None,
         # Stages taken from an interrupted run's checkpoints rather than trained again.
         replayed_stages=sum(1 for s in steps if s <= r.cum_epochs) if r.replayed else None,

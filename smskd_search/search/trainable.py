@@ -308,7 +308,7 @@ class _Reporter:
         self.rung_epochs, self.n_val, self.n_train = rung_epochs, n_val, n_train
         # The worker's store serves one trial at a time: this trial's share is what it adds.
         self.store = logit_store
-        self.store_before = (logit_store.served, logit_store.wait_s) if logit_store is not None else (0, 0.0)
+        self.store_before = (logit_store.served, logit_store.wait_s) if logit_store is not None else (0.0, 0.0)
         # Epochs replayed from this trial's own checkpoints, and trained here (the rest came from the cache).
         self.resumed = self.trained = 0
 
@@ -342,7 +342,7 @@ class _Reporter:
             final=stage_end and stage_index + 1 == n_stages, n_val=n_val, stage_end=stage_end,
             total_epochs=self.plan.total_epochs, method=self.plan.stages[stage_index].method, replayed=replayed,
             reused=reused, epochs_trained=self.trained, images_trained=self.trained * self.n_train,
-            teacher_epochs_served=self.store.served - self.store_before[0] if self.store is not None else 0,
+            teacher_epochs_served=self.store.served - self.store_before[0] if self.store is not None else 0.0,
             teacher_wait_s=round(self.store.wait_s - self.store_before[1], 3) if self.store is not None else 0.0,
             epochs_reused=max(0, cum_epochs - self.resumed - self.trained),
             # Seconds inside the trainable so far: Ray's overhead is the search's wall time less this.

@@ -45,7 +45,7 @@ class TrialReport:
         epochs_trained: Epochs this trial trained up to here.
         images_trained: Training images its trained epochs went through (epochs times the split's size).
         teacher_epochs_served: Trained epochs whose teacher logits it read from the teacher-logit store
-            (another trial had run the teacher over them).
+            (other trials had run the teacher over them; a fraction where it computed parts of an epoch).
         teacher_wait_s: Seconds it waited for another trial computing an epoch's teacher logits.
         baseline: True for an enqueued baseline (measured in full, never pruned).
         confirmation: True for a confirmation run (measured in full, never pruned, and not recorded at
@@ -75,7 +75,7 @@ class TrialReport:
     epochs_reused: int = 0
     epochs_trained: int = 0
     images_trained: int = 0
-    teacher_epochs_served: int = 0
+    teacher_epochs_served: float = 0.0
     teacher_wait_s: float = 0.0
     baseline: bool = False
     confirmation: bool = False
