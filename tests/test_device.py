@@ -240,7 +240,7 @@ def test_a_trial_that_hits_a_device_fault_reports_it_and_retires_its_worker(tiny
 
     monkeypatch.setattr(tr, "tune", Tune())
     monkeypatch.setattr(tr, "_workbench", lambda plan, context, root: SimpleNamespace(data=SimpleNamespace(
-        info=SimpleNamespace(num_val=1, num_train=1))))
+        info=SimpleNamespace(num_val=1, num_train=1)), logit_store=None))
     monkeypatch.setattr(engine, "run_plan", run_plan)
     plan = make_plan(tiny_problem, [("kd", 1)])
     config = {"plan_yaml": plan.to_yaml(), "run_dir": str(tmp_path / "run"), "threads": 1}

@@ -128,6 +128,18 @@ def test_a_float16_store_stays_within_tolerance_and_keys_apart(tiny_problem, sha
     assert stage_prefix_key(plan, 1, teacher_sha256="a" * 64, runtime=rt, teacher_logits="float16") != exact
 
 
+def test_a_float16_store_on_a_folder_computes_in_parts_what_it_serves(tiny_problem, shared, tmp_path):
+    plan = make_plan(tiny_problem, [("kd", 2), ("dkd", 1)], recipe=AUG, reference=REF)
+    cold_store = LogitStore(tmp_path / "half", dtype=torch.float16, parts=4)
+    cold = run_plan(plan, logit_store=cold_store, **shared)
+    warm = run_plan(plan, logit_store=LogitStore(tmp_path / "half", dtype=torch.float16, parts=4), **shared)
+    in_memory = run_plan(plan, logit_store=LogitStore(None, dtype=torch.float16), **shared)
+    # Parts computed ahead of the epoch are rounded as the epoch's own forward would be.
+    assert cold.teacher_epochs_served == 0 and warm.teacher_epochs_served == 3
+    assert _curve(cold) == _curve(warm) == _curve(in_memory)
+    assert sorted(p.suffix for p in (tmp_path / "half").iterdir()) == [".pt"] * 3  # no part or claim left
+
+
 def test_the_key_says_what_determines_the_batches_and_the_teacher(tiny_problem):
     rt = Runtime(threads=1, device="cpu", precision="fp32")
     base = make_plan(tiny_problem, [("kd", 2), ("dkd", 2)], recipe=AUG)

@@ -56,9 +56,11 @@ def test_attributes_written_before_the_record_load_through_it(tmp_path):
     for t, r in zip(frozen, records):
         assert r.attrs.stored() == t.user_attrs, f"trial {t.number}"
     # The fixture covers every name the record knows but those added after it, and the record a field for each.
-    added_since = {"images_trained"}  # each trial's training images (the summary's images/s)
+    # Each trial's training images (the summary's images/s), the epochs whose teacher logits it read
+    # from the store and the seconds it waited for other trials' parts (the summary's teacher line).
+    added_since = {"images_trained", "teacher_epochs_served", "teacher_wait_s"}
     assert {k for t in dump["trials"] for k in t["user_attrs"]} == rec.TRIAL_ATTR_NAMES - added_since
-    assert len(rec.TRIAL_ATTR_NAMES) == len(dataclasses.fields(TrialAttrs)) == 31
+    assert len(rec.TRIAL_ATTR_NAMES) == len(dataclasses.fields(TrialAttrs)) == 33
     assert set(dump["study_user_attrs"]) == rec.STUDY_ATTR_NAMES
 
     attrs = StudyAttrs.of(study)

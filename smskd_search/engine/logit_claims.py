@@ -1,20 +1,21 @@
-"""Claims on teacher-logit epochs: one teacher forward for the trials that reach an epoch together.
+"""Claims on parts of teacher-logit epochs: one teacher forward for the trials that reach an epoch together.
 
 The teacher-logit store (:mod:`~smskd_search.engine.logit_store`) serves an epoch to every trial
 after the first that trained it. Trials that run at once on the same batch stream (the first
 trials of a search, packed several to a GPU; a confirmation seed's runs) reach each epoch together
-and would each run the teacher over it before any of them had put it. With claims, the first to
-reach an epoch the store lacks claims it, runs the teacher over the whole epoch before training
-it (:func:`~smskd_search.engine.logit_store.teacher_pass`) and puts the logits; the others wait for
-that entry and read it. On a GPU the teacher's forward, about two thirds of a KD step's arithmetic,
-then runs once for all of them.
+and would each run the teacher over it before any of them had put it. With claims, each claims
+parts of the epoch (spans of batches) nobody holds, runs the teacher over them before training the
+epoch (:class:`~smskd_search.engine.logit_store.TeacherPass`) and puts them, then reads the parts
+the others put (:meth:`~smskd_search.engine.logit_store.LogitStore.shared`): N trials in step each
+run the teacher over 1/N of the epoch. On a GPU the teacher's forward is about two thirds of a KD
+step's arithmetic.
 
-A claim is a file ``<key>.claim`` beside the store's entries, made with ``O_CREAT | O_EXCL`` (one
+A claim is a file ``<name>.claim`` beside the store's entries, made with ``O_CREAT | O_EXCL`` (one
 process wins, on one machine or on a shared POSIX folder) and kept fresh by its holder (its mtime,
-every :data:`HEARTBEAT_S`). A waiter goes on when the entry appears, and computes the epoch itself
-when the claim is released without an entry, or stops being refreshed for :data:`STALE_S` (its
-holder died). Nothing depends on a claim for its numbers: a stored epoch equals a computed one bit
-for bit on the CPU, so a lost race costs only the duplicated forward.
+every :data:`HEARTBEAT_S`). A waiter goes on when the part appears, and computes it itself when the
+claim is released without it, or stops being refreshed for :data:`STALE_S` (its holder died).
+Nothing depends on a claim for its numbers: a stored epoch equals a computed one bit for bit on the
+CPU, so a lost race costs only the duplicated forward.
 
 Neither Ray nor Optuna is imported here.
 """

@@ -23,6 +23,9 @@ the key includes the batch size and the thread count). ``LogitStore(dtype=torch.
 fp32 run's entries at the price of that exactness; it is opt-in, its entries have their own keys,
 and a run with it gives the stage-prefix cache other keys too (see :func:`run_plan`).
 
+Trials that want an epoch at the same time compute it once between them, in parts, through claims
+(:mod:`~smskd_search.engine.logit_claims`, :meth:`LogitStore.shared`, :class:`TeacherPass`).
+
 Each entry also holds the batch order and two sums of every batch's first row and column (a crop or
 flip moves them): :class:`EpochTeacher` compares them once at the epoch's end (no host-device
 synchronisation per batch) and raises :class:`StoreMismatch` when they differ, i.e. when the key
@@ -122,9 +125,10 @@ class EpochLogits:
 
     @classmethod
     def join(cls, parts: list[EpochLogits]) -> EpochLogits:
-        """The parts of one epoch, in order, as one entry."""
-        return cls(torch.cat([p.logits for p in parts]), torch.cat([p.indices for p in parts]),
-                   torch.cat([p.checks for p in parts]), parts[0].dtype)
+        """The parts of one epoch, in order, as one entry (on the CPU: a process's own parts are on
+        its device, the others' were read from the folder)."""
+        return cls(torch.cat([p.logits.cpu() for p in parts]), torch.cat([p.indices.cpu() for p in parts]),
+                   torch.cat([p.checks.cpu() for p in parts]), parts[0].dtype)
 
     @property
     def nbytes(self) -> int:
@@ -281,11 +285,13 @@ class LogitStore:
                 continue
             try:
                 if not disk.has(names[i]):  # put by another between the look and the claim
-                    got[i] = fill(lo, hi, held)
-                    if got[i] is None:
+                    part = fill(lo, hi, held)
+                    if part is None:
                         return None, 0.0
-                    mine += hi - lo
-                    disk.put(names[i], got[i].to_payload())  # type: ignore[union-attr]
+                    got[i], mine = part, mine + hi - lo
+                    # Where it fits only (a full folder evicts nothing); else the others compute it.
+                    if disk.size_bytes() + part.nbytes <= disk.max_bytes:
+                        disk.put(names[i], part.to_payload())
             finally:
                 held.release()
         start, waited = time.monotonic(), False
@@ -300,18 +306,21 @@ class LogitStore:
             if whole is not None:  # another joined the epoch first
                 self._count_wait(waited, start)
                 return whole, mine / n_batches
-            got[i] = self._part(names[i])
-            if got[i] is None:  # its holder gave up or died: computed here
-                got[i] = fill(lo, hi, None)
-                if got[i] is None:
+            part = self._part(names[i])
+            if part is None:  # its holder gave up or died: computed here
+                part = fill(lo, hi, None)
+                if part is None:
                     return None, 0.0
                 mine += hi - lo
-        self._count_wait(waited, start)
+            got[i] = part
         whole = EpochLogits.join([g for g in got if g is not None])
         joiner = claims.claim(key)  # one process puts the whole epoch; the others read it
         if joiner is None:
+            waited = True
             claims.wait(key, lambda: self.has(key))
+            self._count_wait(waited, start)
         else:
+            self._count_wait(waited, start)
             try:
                 if not self.has(key) and self.put(key, whole):
                     for name in names:  # the whole epoch is there: a late reader takes it instead

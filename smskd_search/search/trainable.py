@@ -25,7 +25,10 @@ numbers). The frozen teacher's outputs over the training split are computed once
 process, and once per study where ``cache/teacher_outputs`` has them already. With augmented
 batches, the teacher's logits of each (seed, stage, epoch) batch stream go into
 ``cache/teacher_logits`` (:mod:`smskd_search.engine.logit_store`): a later trial's KD, DKD or CE
-epoch on that stream reads them instead of running the teacher, with the same numbers.
+epoch on that stream reads them instead of running the teacher, with the same numbers; trials that
+reach an epoch together run the teacher over it once between them, each over a part
+(:mod:`smskd_search.engine.logit_claims`), and report the epochs they read (``teacher_epochs_served``)
+and the seconds they waited for the others' parts (``teacher_wait_s``).
 
 A plan that raises is reported as one result carrying ``error`` (and not raised to Tune): the
 searcher stores the message as the trial's ``fail_reason``, and Tune does not retry a plan that
