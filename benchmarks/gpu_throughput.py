@@ -23,17 +23,20 @@ cost of either pipeline does not depend on the pixels):
 4. the projected wall time of the 240-epoch CIFAR-100 recipe (50,000 images per epoch) for one plan;
 5. optionally (``--graphs``): the engine's CUDA-graph step (``RunOptions.cuda_graphs``) as contenders
    ``graph s1/s2`` at the first batch size, and the packing again with every trial graphed;
-   optionally (``--shared-teacher``): the packing again with all trials on one batch stream and the
-   teacher-logit store's claims (:mod:`smskd_search.engine.logit_claims`): each epoch through the
-   teacher once among them, each trial computing a share of it, as a search's concurrent trials on
-   one seed get it; the table says how many epochs went through the teacher;
+   optionally (``--shared-teacher``): the packing again (graphed with ``--graphs``) with all trials
+   on one batch stream and the teacher-logit store's claims
+   (:mod:`smskd_search.engine.logit_claims`): each epoch through the teacher once among them, each
+   trial computing a share of it, as a search's concurrent trials on one seed get it; the table says
+   how many epochs went through the teacher;
 6. optionally (``--compile``): ``torch.compile`` of the student and teacher: compile time against the
    per-epoch gain, and the number of epochs it takes to pay for itself.
 
 On a machine without CUDA it prints "no CUDA device: nothing measured" and exits 0. ``--device cpu
 --force`` runs every code path on the CPU with tiny sizes (a dry run, so that the script does not
 crash the first time it meets a GPU): bf16 autocast and channels_last are emulated on the CPU there,
-and its figures mean nothing.
+and its figures mean nothing. Given real sizes and ``--precision fp32`` it measures the CPU (RESULTS.md
+has such a packing run: ``--pack-n-train 1024 --pack-seconds 100 --teacher resnet32x4 --student
+resnet8x4``).
 
     python benchmarks/gpu_throughput.py                      # on a CUDA machine (~5-8 min)
     python benchmarks/gpu_throughput.py --quick              # shorter
@@ -488,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
               f"stage{' 2' if args.pack_stage2 else ''} at batch {args.pack_batch}, {args.pack_n_train} images/epoch, "
               f"measured {args.pack_seconds:.0f} s after a barrier")
         variants = [(False, False)] + ([(True, False)] if args.graphs else [])
-        if args.shared_teacher:
-            variants += [(g, True) for g, _ in variants]
+        if args.shared_teacher:  # one more: the last one's step (graphed with --graphs), on one stream
+            variants.append((args.graphs, True))
         for graphs, shared in variants:
             rows = run_packing(args, pack_ns, graphs, shared)
             if graphs:
