@@ -24,8 +24,8 @@ sampled (``nvidia-smi``, every 0.5 s) throughout and averaged per step. Steps:
    test accuracy within 1 point of the GPU's (bf16) figure.
 10. ``deterministic``: the winner trained twice with ``--deterministic``: identical numbers.
 11. ``verify``: ``smskd-search verify --seeds 2``.
-12. ``throughput``: ``benchmarks/gpu_throughput.py --quick --graphs --shared-teacher`` (shortened: see
-    ``--throughput-args``).
+12. ``throughput``: ``benchmarks/gpu_throughput.py --quick --graphs --shared-teacher --mps`` (shortened:
+    see ``--throughput-args``).
 
 Logs (one per step), ``gpu_util.csv`` and ``summary.json`` / ``summary.md`` go to ``--out``.
 
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus-per-trial", type=float, default=0.25, help="the packing (default 0.25: 4 trials per GPU)")
     ap.add_argument("--budget", type=int, default=8)
     ap.add_argument("--throughput-args",
-                    default="--quick --graphs --shared-teacher --skip compile --n-train 10000 --pack 1,4,8 --pack-seconds 6",
+                    default="--quick --graphs --shared-teacher --mps --skip compile --n-train 10000 --pack 1,4,8 "
+                            "--pack-seconds 6",
                     help="arguments for benchmarks/gpu_throughput.py on a GPU")
     ap.add_argument("--skip", default="", help="comma list of steps to leave out (e.g. throughput,verify)")
     ap.add_argument("--deadline-s", type=float, default=480.0,
@@ -454,14 +455,15 @@ def main(argv: list[str] | None = None) -> int:
             s.why = f"exit {rc}: {text.strip().splitlines()[-1] if text.strip() else ''}"
 
     def throughput(s: Step) -> None:
-        extra = (["--device", "cpu", "--force", "--quick", "--graphs", "--shared-teacher", "--skip", "compile", "--pack",
-                  "1,2"] if args.tiny
+        extra = (["--device", "cpu", "--force", "--quick", "--graphs", "--shared-teacher", "--mps", "--skip", "compile",
+                  "--pack", "1,2"] if args.tiny
                  else args.throughput_args.split())
         rc, text, *_ = check.run("throughput", [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), *extra], 900)
         rows = [line for line in text.splitlines()
                 if line.startswith(("| ours s1 b", "| ours s2 b", "| graph s", "| plain s1"))]
         packs = [line for line in text.splitlines() if line.strip().startswith("packing N=")]
-        s.figures = {"stage_rows": rows, "packing": packs}
+        mps = [line.strip() for line in text.splitlines() if "under MPS" in line and "packing N=" not in line]
+        s.figures = {"stage_rows": rows, "packing": packs, "mps": mps}
         s.status = "PASS" if rc == 0 and rows else "FAIL"
         if s.status == "FAIL":
             s.why = f"exit {rc}"

@@ -27,7 +27,8 @@ cost of either pipeline does not depend on the pixels):
    on one batch stream and the teacher-logit store's claims
    (:mod:`smskd_search.engine.logit_claims`): each epoch through the teacher once among them, each
    trial computing a share of it, as a search's concurrent trials on one seed get it; the table says
-   how many epochs went through the teacher;
+   how many epochs went through the teacher; optionally (``--mps``): the last packing again with every
+   trial a client of an NVIDIA MPS daemon started for it (``smskd-search --mps``);
 6. optionally (``--compile``): ``torch.compile`` of the student and teacher: compile time against the
    per-epoch gain, and the number of epochs it takes to pay for itself.
 
@@ -292,9 +293,11 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_packing(args: argparse.Namespace, ns: list[int], graphs: bool = False, shared: bool = False) -> list[list[object]]:
+def run_packing(args: argparse.Namespace, ns: list[int], graphs: bool = False, shared: bool = False,
+                extra_env: dict[str, str] | None = None) -> list[list[object]]:
     """Aggregate images/s of N concurrent engine processes; ``shared``: on one batch stream, the teacher's
-    logits through one claimed store (one teacher forward an epoch among them, as a search's trials)."""
+    logits through one claimed store (one teacher forward an epoch among them, as a search's trials);
+    ``extra_env``: the workers' extra environment (an MPS daemon's pipe)."""
     rows = []
     script = os.path.abspath(__file__)
     for n in ns:
@@ -310,7 +313,7 @@ def run_packing(args: argparse.Namespace, ns: list[int], graphs: bool = False, s
                 cmd_base.append("--worker-graphs")
             if shared:
                 cmd_base.append("--worker-shared")
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
             procs = [subprocess.Popen(cmd_base + ["--worker-index", str(i)], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env) for i in range(n)]
             t_start = time.time()
@@ -343,7 +346,8 @@ def run_packing(args: argparse.Namespace, ns: list[int], graphs: bool = False, s
             teacher = f"{sum(o['teacher_epochs'] for o in outs):.1f} / {sum(o['epochs'] for o in outs)}"
             rows.append([n, agg, f"{min(per):,.0f}..{max(per):,.0f}", f"{max(mem):,.0f}", outs[0]["peak_kind"],
                          teacher, "-"])
-            label = (" graphed" if graphs else "") + (" one teacher stream" if shared else "")
+            label = (" graphed" if graphs else "") + (" one teacher stream" if shared else "") + \
+                (" under MPS" if extra_env else "")
             print(f"  packing N={n}{label}: {agg:,.0f} images/s aggregate", flush=True)
     base = rows[0][1] if rows and isinstance(rows[0][1], float) else None
     for r in rows:
@@ -379,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared-teacher", action="store_true",
                     help="also the packing on one batch stream with the teacher-logit store's claims (one teacher "
                          "forward an epoch for all the trials, as a search's trials on one seed)")
+    ap.add_argument("--mps", action="store_true",
+                    help="also the last packing under an NVIDIA MPS daemon started for it (where the machine has "
+                         "nvidia-cuda-mps-control), as smskd-search --mps runs packed trials")
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="leave torch.backends.cudnn.benchmark off (default: on for both sides, as RepDistiller sets it)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: stage, pack, compile")
@@ -502,6 +509,22 @@ def main(argv: list[str] | None = None) -> int:
                       "(a search's trials on one seed)")
             print(table(["N trials", "aggregate images/s", "per trial min..max", "peak MiB per process (max)",
                          "memory measure", "teacher epochs run / trained", "aggregate vs N=1"], rows))
+        if args.mps:
+            from smskd_search.search.mps import mps_blocker, start_mps  # (the search package: seconds to import)
+
+            graphs, shared = variants[-1]
+            why = mps_blocker(cuda=device.type == "cuda", gpus_per_trial=0.5, address=None, environ=os.environ)
+            daemon = start_mps(Path(tempfile.mkdtemp(prefix="smskd-mps-"))) if why is None else why
+            if isinstance(daemon, str):
+                print(f"   ... under MPS: not measured: {daemon}")
+            else:
+                try:
+                    rows = run_packing(args, pack_ns, graphs, shared, extra_env=daemon.env)
+                finally:
+                    daemon.stop()
+                print("   ... the last packing again, every trial a client of one MPS daemon (smskd-search --mps)")
+                print(table(["N trials", "aggregate images/s", "per trial min..max", "peak MiB per process (max)",
+                             "memory measure", "teacher epochs run / trained", "aggregate vs N=1"], rows))
 
     if args.compile and "compile" not in skip:
         print()

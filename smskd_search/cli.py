@@ -238,7 +238,7 @@ def settings_from_flags(args: argparse.Namespace) -> SearchSettings:
         timeout=args.timeout, resume=args.resume, prune=not args.no_prune, baselines=not args.no_baselines,
         confirm=None if args.no_confirm else ConfirmSettings(plans=args.confirm, seeds=args.confirm_seeds),
         deterministic=args.deterministic, cache=not args.no_cache, cache_max_bytes=int(args.cache_max_gb * 2**30),
-        storage=args.storage, cuda_graphs=args.cuda_graphs)
+        storage=args.storage, cuda_graphs=args.cuda_graphs, mps=args.mps)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -437,6 +437,10 @@ def _search_parser(prog: str) -> argparse.ArgumentParser:
                         "on PyTorch's deterministic algorithms (slower). Without it, a CPU study is still "
                         "bit-for-bit per trial, a GPU one close, not bit-for-bit")
     p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
+    p.add_argument("--mps", action="store_true",
+                   help="on a GPU shared by packed trials (--gpus-per-trial below 1), run them under NVIDIA MPS: a daemon "
+                        "of this search's own (nvidia-cuda-mps-control), stopped after it; the summary says where it "
+                        "was not started, and why. Not yet measured: off by default")
     p.set_defaults(func=cmd_search)
     return p
 

@@ -87,6 +87,10 @@ class SearchSettings:
         cuda_graphs: On a GPU, the teacher (where it is trained) and each trial record their
             training step as a CUDA graph and replay it (:mod:`~smskd_search.engine.step_graph`);
             no effect on a CPU. Off by default until measured on a GPU.
+        mps: On a GPU shared by packed trials (``gpus_per_trial`` below 1), run them under NVIDIA MPS:
+            a control daemon of the search's own, started before Ray and stopped after it
+            (:mod:`~smskd_search.search.mps`); the summary says where it was not started, and why.
+            Off by default until measured on a GPU.
         storage: A folder for everything trials write (stage checkpoints, Tune's files, the stage
             cache), which every node of a cluster must mount at the same path, or an ``s3://`` URI
             (pyarrow's form, :mod:`~smskd_search.search.storage_fs`); default ``studies_dir``. The
@@ -121,6 +125,7 @@ class SearchSettings:
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
     storage: str | Path | None = None
     cuda_graphs: bool = False
+    mps: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "studies_dir", Path(self.studies_dir))

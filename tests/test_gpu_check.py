@@ -43,6 +43,7 @@ def test_the_gpu_checks_dry_run_passes_every_step_on_a_cpu(tmp_path):
     # The packing eager, graphed, and graphed with the trials on one teacher stream (2 levels each).
     packing = steps["throughput"]["figures"]["packing"]
     assert len(packing) == 6 and sum("graphed one teacher stream" in line for line in packing) == 2, packing
+    assert steps["throughput"]["figures"]["mps"] == ["... under MPS: not measured: no CUDA GPU"]
     assert steps["cpu eval"]["figures"]["difference_points"] == 0.0  # the same device and precision: the same number
     assert steps["deterministic"]["figures"]["identical"] and steps["deterministic"]["figures"]["default_runs_identical"]
     assert (out / "studies" / "gpu-check" / "plans" / "rank1.yaml").is_file()

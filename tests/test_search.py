@@ -1040,10 +1040,10 @@ def test_the_search_flags_become_one_settings_object():
     from smskd_search.search import ConfirmSettings, SearchSettings
 
     flags = ["--budget", "7", "--no-cache", "--no-prune", "--confirm", "2", "--confirm-seeds", "4", "--cache-max-gb", "0.5",
-             "--seed", "3", "--deterministic", "--storage", "/mnt/shared"]
+             "--seed", "3", "--deterministic", "--storage", "/mnt/shared", "--mps"]
     assert settings_from_flags(_search_parser("x").parse_args(flags)) == SearchSettings(
         budget=7, studies_dir=STUDIES_DIR, seed=3, prune=False, confirm=ConfirmSettings(plans=2, seeds=4),
-        deterministic=True, cache=False, cache_max_bytes=2**29, storage="/mnt/shared")
+        deterministic=True, cache=False, cache_max_bytes=2**29, storage="/mnt/shared", mps=True)
     assert settings_from_flags(_search_parser("x").parse_args(["--no-confirm"])).confirm is None
 
 

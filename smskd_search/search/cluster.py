@@ -238,20 +238,21 @@ def worker_env(environ: Mapping[str, str], storage: str | None) -> dict[str, str
     return propagated_env(environ, (*PROPAGATED_ENV, *aws))
 
 
-def start_ray(address: str | None, storage: str | None = None) -> bool:
+def start_ray(address: str | None, storage: str | None = None, extra_env: Mapping[str, str] | None = None) -> bool:
     """Start local Ray (or join ``address``) unless this process already has Ray; True if started.
 
     The workers get :data:`PROPAGATED_ENV` as this process has them, and the AWS variables
     (:data:`~smskd_search.search.storage_fs.AWS_ENV`) only where ``storage`` is a URI: Ray writes a
     runtime environment into its logs on every node, and a search that does not need the
-    credentials should not spread them.
+    credentials should not spread them. ``extra_env`` goes to the workers too (an MPS daemon's pipe).
     """
     from smskd_search.search._ray import ENV_DEFAULTS, ray
 
     if ray.is_initialized():
         return False
     check_address(address)
-    env_vars = {**propagated_env(os.environ, tuple(ENV_DEFAULTS)), **worker_env(os.environ, storage)}
+    env_vars = {**propagated_env(os.environ, tuple(ENV_DEFAULTS)), **worker_env(os.environ, storage),
+                **(extra_env or {})}
     try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})

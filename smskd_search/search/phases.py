@@ -28,6 +28,7 @@ from smskd_search.search import storage as st
 from smskd_search.search.cluster import TrialResources, check_address, check_nodes_reach, check_storage, start_ray
 from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
+from smskd_search.search.mps import MpsDaemon, mps_blocker, start_mps
 from smskd_search.search.progress import ProgressInfo
 from smskd_search.search.record import TrialRecord, records
 from smskd_search.search.teacher_task import ensure_teacher_on_cluster
@@ -102,15 +103,43 @@ class SearchHooks:
 
 @dataclass
 class RayHandle:
-    """Ray for one search: started at most once, for the budget and the confirmation runs."""
+    """Ray for one search: started at most once, for the budget and the confirmation runs.
+
+    With ``mps`` (``--mps``), an MPS daemon of the search's own starts before Ray and stops after it
+    where packed trials share a GPU (:mod:`~smskd_search.search.mps`); ``mps_note`` says what came
+    of it.
+    """
 
     address: str | None
     storage_root: str | None
     started: bool = False
+    mps: bool = False
+    gpus_per_trial: float = 1.0
+    mps_note: str | None = None
+    _daemon: MpsDaemon | None = None
 
     def ensure(self) -> None:
         if not self.started:
-            self.started = start_ray(self.address, self.storage_root)
+            self.started = start_ray(self.address, self.storage_root, self._start_mps())
+
+    def _start_mps(self) -> dict[str, str]:
+        if not self.mps or self._daemon is not None or self.mps_note is not None:
+            return self._daemon.env if self._daemon is not None else {}
+        import os
+        import tempfile
+
+        from smskd_search.engine.device import cuda_available
+
+        why = mps_blocker(cuda=cuda_available(), gpus_per_trial=self.gpus_per_trial, address=self.address,
+                          environ=os.environ)
+        # A short folder of its own: the daemon's control pipe is a Unix socket (108 bytes at most).
+        got = start_mps(Path(tempfile.mkdtemp(prefix="smskd-mps-"))) if why is None else why
+        if isinstance(got, str):
+            self.mps_note = f"--mps: no MPS daemon started: {got}"
+            return {}
+        self._daemon = got
+        self.mps_note = f"--mps: the packed trials ran under an MPS daemon of this search ({got.folder})"
+        return got.env
 
     def shutdown(self) -> None:
         if self.started:
@@ -118,6 +147,12 @@ class RayHandle:
 
             ray.shutdown()
             self.started = False
+        if self._daemon is not None:  # after Ray: its workers were the daemon's clients
+            import shutil
+
+            self._daemon.stop()
+            shutil.rmtree(self._daemon.folder, ignore_errors=True)
+            self._daemon = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +200,10 @@ def prepare(space: LoadedSpace, settings: SearchSettings, hooks: SearchHooks, st
     storage_root = check_storage(settings.storage)
     if settings.resume:
         lc.check_resume_storage(settings.studies_dir, name, storage_root or settings.studies_dir)
-    ray = RayHandle(settings.address, storage_root)
+    runtime = space.space.runtime
+    ray = RayHandle(settings.address, storage_root, mps=settings.mps,
+                    gpus_per_trial=settings.gpus_per_trial if settings.gpus_per_trial is not None else
+                    runtime.gpus_per_trial)
     try:
         if settings.address is not None:
             # On a cluster, before anything is written: every node must reach what trials write.
@@ -325,6 +363,8 @@ def summary(run: SearchRun, tune: TuneSettings, spent: BudgetOutcome, confirmed:
     # in its worker, and must not go on writing (or removing) its stage checkpoints.
     run.ray.shutdown()
     s, session, name = run.settings, tune.session, run.name
+    if run.ray.mps_note is not None:
+        session.notes.append(run.ray.mps_note)
     lc.clean_run_dirs(session)
     elapsed = time.monotonic() - run.start
     trials = session.trials()
