@@ -376,6 +376,16 @@ def test_a_dead_holders_claim_goes_stale_and_is_taken_over(tmp_path):
     calls: list = []
     entry, share = store.shared("k", 3, _span_fill(calls))
     assert share == 1.0 and calls == [(0, 3)] and not dead.exists()
+    # A fresh claim of a process of this machine that has ended (killed with its search) is not waited out.
+    import socket
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead.write_text(f"{socket.gethostname()} {int(ended.stdout)}\n")
+    assert not store.claims.held("k.part0of1")
+    dead.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # alive: held
+    assert store.claims.held("k.part0of1")
 
 
 def test_parts_of_the_teacher_pass_are_the_full_passs_and_leave_the_loader_where_it_was(tiny_problem, shared):

@@ -11,9 +11,10 @@ run the teacher over 1/N of the epoch. On a GPU the teacher's forward is about t
 step's arithmetic.
 
 A claim is a file ``<name>.claim`` beside the store's entries, made with ``O_CREAT | O_EXCL`` (one
-process wins, on one machine or on a shared POSIX folder) and kept fresh by its holder (its mtime,
-every :data:`HEARTBEAT_S`). A waiter goes on when the part appears, and computes it itself when the
-claim is released without it, or stops being refreshed for :data:`STALE_S` (its holder died).
+process wins, on one machine or on a shared POSIX folder), naming its holder's host and pid, and kept
+fresh by its holder (its mtime, every :data:`HEARTBEAT_S`). A waiter goes on when the part appears,
+and computes it itself when the claim is released without it, stops being refreshed for
+:data:`STALE_S`, or names a process of this machine that has ended (its holder died).
 Nothing depends on a claim for its numbers: a stored epoch equals a computed one bit for bit on the
 CPU, so a lost race costs only the duplicated forward.
 
@@ -31,6 +32,16 @@ from pathlib import Path
 HEARTBEAT_S = 1.0
 STALE_S = 30.0
 POLL_S = 0.02
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class Claim:
@@ -107,10 +118,17 @@ class EpochClaims:
         return Claim(path)
 
     def _stale(self, path: Path) -> bool:
+        """Not refreshed for ``stale_s``, or its holder was a process of this machine that has ended
+        (a trial killed with its search: a resumed search does not wait out its claims)."""
         try:
-            return time.time() - path.stat().st_mtime > self.stale_s
+            if time.time() - path.stat().st_mtime > self.stale_s:
+                return True
+            host, pid = path.read_text().split()
         except FileNotFoundError:
             return True
+        except (OSError, ValueError):  # being written this instant, or not ours to read: judged by its age
+            return False
+        return host == socket.gethostname() and not _alive(int(pid))
 
     def held(self, key: str) -> bool:
         """Whether a live claim on ``key`` exists."""
