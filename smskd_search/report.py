@@ -675,6 +675,11 @@ def render_html(data: ReportData, top_k: int = TOP_K) -> str:
     if images:
         seconds = sum(a.trial_seconds or 0.0 for a in timed)
         epochs_text += f" Training images: {images:,}, {images / seconds:,.0f} a second in a trial on average."
+    served = sum(t.attrs.teacher_epochs_served or 0.0 for t in all_trials)
+    if served:
+        waited = sum(t.attrs.teacher_wait_s or 0.0 for t in all_trials)
+        epochs_text += (f" Teacher logits read from the store in {served:g} of the trained epochs "
+                        f"({waited:.1f} s waited for trials computing them).")
     n_vals = sorted({r.n_val for r in data.rows if r.n_val})
     n_text = ", ".join(str(n) for n in n_vals) or "not recorded"
     sha = (attrs.space_sha256 or "")[:12]

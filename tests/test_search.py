@@ -1005,6 +1005,11 @@ def test_real_trials_put_and_serve_the_teacher_logit_store(tmp_path, local_ray):
     assert rec.ATTR_TEACHER_EPOCHS_SERVED not in first.user_attrs and "teacher:" not in format_leaderboard(first_summary)
     assert second.user_attrs[rec.ATTR_TEACHER_EPOCHS_SERVED] == 2 == second_summary.teacher_epochs_served
     assert "teacher:   logits read from the store in 2 of the trained epochs" in format_leaderboard(second_summary)
+    from smskd_search.report import write_report
+
+    page = write_report(studies, "logits-b").read_text()
+    assert "Teacher logits read from the store in 2 of the trained epochs" in page
+    assert "Teacher logits" not in write_report(studies, "logits-a").read_text()
 
 
 @pytest.mark.slow
