@@ -251,3 +251,43 @@ def test_the_teachers_rehearsed_graph_trains_its_eager_numbers_bit_for_bit(tiny_
     assert (g.eager_steps, g.replays, g.recordings) == (3 + 2, full * 2 - 3, 2)
     assert g_losses == e_losses
     assert all(torch.equal(graphed[k], eager[k]) for k in eager)
+
+
+def test_the_teachers_rehearsed_forward_graph_gives_its_eager_logits(shared):
+    from smskd_search.data import TensorLoader
+    from smskd_search.engine.frozen import FrozenForward
+    from smskd_search.engine.step_graph import ForwardGraph
+
+    cpu = torch.device("cpu")
+    forward = FrozenForward(shared["teacher_model"], pick_precision(cpu, "auto"))
+    graphed = ForwardGraph(forward, cpu, rehearse=True)
+    loader = TensorLoader(shared["data"].train, 48, shuffle=True, augment=AUG.augment,
+                          generator=torch.Generator().manual_seed(0))
+    outs = [(graphed(x, idx)[0], forward(x, idx)[0]) for x, _, idx in loader]
+    assert all(torch.equal(a, b) for a, b in outs)
+    # 3 eager warm-up calls, then every full batch through the recorded path; the short last one eagerly.
+    full, short = divmod(shared["data"].info.num_train, 48)
+    assert short > 0 and (graphed.calls, graphed.replays) == (full + 1, full - 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_graphed_teacher_pass_gives_the_eager_logits(shared):
+    from smskd_search.data import TensorLoader
+    from smskd_search.engine.frozen import FrozenForward
+    from smskd_search.engine.logit_store import TeacherPass
+
+    gpu = torch.device("cuda:0")
+    model = shared["teacher_model"].to(gpu)
+    forward = FrozenForward(model, pick_precision(gpu, "auto"))
+    split = shared["data"].train.to(gpu)
+
+    def entry(graph):
+        loader = TensorLoader(split, 48, shuffle=True, augment=AUG.augment, generator=torch.Generator(gpu).manual_seed(0))
+        ahead = TeacherPass(forward, loader, device=gpu, graph=graph)
+        got = ahead(0, len(loader))
+        ahead.close()
+        return got
+
+    eager, graphed = entry(False), entry(True)
+    assert torch.equal(eager.indices, graphed.indices) and torch.equal(eager.checks, graphed.checks)
+    assert torch.allclose(eager.logits.float(), graphed.logits.float(), rtol=1e-2, atol=1e-2)

@@ -258,7 +258,8 @@ def _epoch_teacher(run: RunState, stage: Stage, keys: StageStore, epoch: int) ->
     if not isinstance(stage.loader, PartLoader):  # (streamed splits have no store: no such loader here)
         return EpochTeacher(run.teacher_fw, store.get(key), need_features=False, device=bench.device,
                             round_to=store.dtype), key
-    ahead = TeacherPass(run.teacher_fw, stage.loader, device=bench.device, round_to=store.dtype)
+    ahead = TeacherPass(run.teacher_fw, stage.loader, device=bench.device, round_to=store.dtype,
+                        graph=run.cuda_graphs)
     try:
         entry, share = store.shared(key, len(stage.loader), ahead)
     finally:

@@ -28,6 +28,9 @@ What cannot be recorded runs eagerly (:func:`graph_blocker` says why): a CPU, fp
 through the logit store. A recording that fails (an op that synchronises with the host, say) leaves
 the rest of the stage to the eager step, said in the run's notes; a device fault is raised as ever.
 
+:class:`ForwardGraph` records the teacher's forward alone, for its pass over the parts of an epoch
+the teacher-logit store lacks (:class:`~smskd_search.engine.logit_store.TeacherPass`).
+
 On a CPU the whole path runs with ``rehearse=True``: the same buffers, copies, tensor lr and sums,
 with the step called instead of replayed (the tests compare it with the eager step there).
 """
@@ -219,6 +222,60 @@ class StepGraph:
                     g["capturable"] = was
 
 
+class ForwardGraph:
+    """A frozen forward's logits at one batch shape, recorded once as a CUDA graph and replayed.
+
+    What the teacher's pass over an epoch's parts runs (:class:`~smskd_search.engine.logit_store.TeacherPass`)
+    where the run records its steps: the teacher's forward alone is as launch-bound as a step. Its
+    first ``warmup_steps`` calls run eagerly on a side stream; then the first full batch records it;
+    a batch of another shape (the short last one) runs eagerly. Called as the forward is; the
+    logits are a copy (the graph's output is overwritten by the next replay), features None.
+
+    Args:
+        forward: The frozen forward (its model and precision).
+        device: Its device.
+        warmup_steps: Eager calls before the recording.
+        rehearse: Run the recorded path without recording (any device; the tests' CPU check).
+    """
+
+    def __init__(self, forward: FrozenForward, device: torch.device, *, warmup_steps: int = WARMUP_STEPS,
+                 rehearse: bool = False):
+        self.forward, self.device, self.warmup_steps, self.rehearse = forward, device, warmup_steps, rehearse
+        self.calls = self.replays = 0
+        self._x: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+        self._replay: Callable[[], None] | None = None
+        self.failed: str | None = None
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, Features | None]:
+        self.calls += 1
+        if self.failed is not None or (self._x is not None and x.shape != self._x.shape):
+            return self.forward(x, idx)[0], None
+        if self.calls <= self.warmup_steps:
+            with side_stream(self.device):
+                return self.forward(x, idx)[0], None
+        if self._replay is None:
+            self._x = torch.empty_like(x)
+            live = _NoCacheForward(self.forward)
+
+            def forward_only() -> None:
+                self._out = live._run(self._x)[0]
+
+            try:
+                self._replay = forward_only if self.rehearse else record_graph(self.device, forward_only)
+            except RuntimeError as exc:
+                if is_device_fault(exc) and "captur" not in str(exc):
+                    raise
+                self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                return self.forward(x, idx)[0], None
+        assert self._x is not None
+        self._x.copy_(x)
+        self._replay()
+        self.replays += 1
+        assert self._out is not None
+        return self._out.clone(), None
+
+
 class _NoCacheForward(FrozenForward):
     """A frozen forward (the same model and precomputed outputs) whose live path runs autocast without
     its weight cache, for a recording."""
@@ -232,4 +289,4 @@ class _NoCacheForward(FrozenForward):
             return self.model(self.precision.prepare_input(x))
 
 
-__all__ = ["WARMUP_STEPS", "StepGraph", "graph_blocker"]
+__all__ = ["WARMUP_STEPS", "ForwardGraph", "StepGraph", "graph_blocker"]
