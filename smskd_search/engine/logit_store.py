@@ -270,7 +270,7 @@ class LogitStore:
                 epoch (:class:`TeacherPass`), keeping ``claim`` fresh where given; None: it could not.
         """
         entry = self.get(key)
-        if entry is not None or self.claims is None or self.disk is None:
+        if entry is not None or self.claims is None or self.disk is None or n_batches < 1:
             return entry, 0.0
         disk, claims = self.disk, self.claims
         spans = part_spans(n_batches, self.parts)

@@ -243,6 +243,7 @@ class ForwardGraph:
         self.forward, self.device, self.warmup_steps, self.rehearse = forward, device, warmup_steps, rehearse
         self.calls = self.replays = 0
         self._x: torch.Tensor | None = None
+        self._idx: torch.Tensor | None = None
         self._out: torch.Tensor | None = None
         self._replay: Callable[[], None] | None = None
         self.failed: str | None = None
@@ -255,11 +256,11 @@ class ForwardGraph:
             with side_stream(self.device):
                 return self.forward(x, idx)[0], None
         if self._replay is None:
-            self._x = torch.empty_like(x)
+            self._x, self._idx = torch.empty_like(x), torch.empty_like(idx)
             live = _NoCacheForward(self.forward)
 
             def forward_only() -> None:
-                self._out = live._run(self._x)[0]
+                self._out = live(self._x, self._idx)[0]
 
             try:
                 self._replay = forward_only if self.rehearse else record_graph(self.device, forward_only)
@@ -268,8 +269,9 @@ class ForwardGraph:
                     raise
                 self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 return self.forward(x, idx)[0], None
-        assert self._x is not None
+        assert self._x is not None and self._idx is not None
         self._x.copy_(x)
+        self._idx.copy_(idx)
         self._replay()
         self.replays += 1
         assert self._out is not None
