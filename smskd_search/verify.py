@@ -191,13 +191,20 @@ def _init_worker(problem: Any, record: Any, device: str, threads: int, cuda_grap
         # worker must not take the signal as its current run's failure and go on to the next.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    from smskd_search.engine import PrefixCache, RunOptions, Workbench
+    from pathlib import Path
+
+    from smskd_search.engine import LogitStore, PrefixCache, RunOptions, Workbench
 
     torch.set_num_threads(threads)
     _WORKER["options"] = RunOptions(cuda_graphs=cuda_graphs)
-    _WORKER["bench"] = Workbench.open(
-        problem, device=device, data=data, teacher_record=record,
-        stage_cache=PrefixCache(stage_cache[0], stage_cache[1]) if stage_cache is not None else None)
+    stages = logits = None
+    if stage_cache is not None:
+        stages = PrefixCache(stage_cache[0], stage_cache[1])
+        # Beside it, as in a search's studies folder: the plan and its comparisons on one seed read
+        # one batch stream, so with augmentation their KD, DKD and CE epochs share the teacher's logits.
+        logits = LogitStore(Path(stage_cache[0]).parent / "teacher_logits", stage_cache[1])
+    _WORKER["bench"] = Workbench.open(problem, device=device, data=data, teacher_record=record, stage_cache=stages,
+                                      logit_store=logits)
 
 
 def _run_indexed(task: tuple[int, Plan]) -> tuple[int, _Outcome]:
@@ -250,7 +257,9 @@ def run_verify(plan: Plan, *, seeds: int = DEFAULT_SEEDS, device: str | None = N
         jobs: Worker processes running the runs side by side (``None``: :func:`default_jobs`).
             Each run is the same computation in any process, so the numbers do not depend on it.
         stage_cache: A stage-prefix cache folder (a search's ``<studies>/cache/stages``): stages
-            found there are not trained again, and every stage trained is put there; None: none.
+            found there are not trained again, and every stage trained is put there; with
+            augmentation the teacher's logits go to its sibling ``teacher_logits`` folder
+            (:mod:`~smskd_search.engine.logit_store`: the runs on one seed share them); None: neither.
         cache_max_bytes: Its cap (least recently used entries go first).
         cuda_graphs: On a GPU, record each stage's training step as a CUDA graph (``RunOptions``);
             no effect on a CPU.

@@ -454,3 +454,17 @@ def test_two_processes_on_one_stream_run_the_teacher_once_per_epoch(tiny_problem
     assert sum(g["stored"] for g in got) == epochs and sum(g["served"] for g in got) == pytest.approx(epochs)
     # And the numbers are those of a run without any store, in both.
     assert [tuple(c) for c in got[0]["curve"]] == [tuple(c) for c in got[1]["curve"]] == plain
+
+
+def test_verify_shares_the_teacher_logits_of_its_runs_on_one_seed(tiny_problem, teacher_cache, tmp_path):
+    from smskd_search.verify import run_verify
+
+    plan = make_plan(tiny_problem, [("kd", 1), ("dkd", 1)], recipe=AUG, reference=REF)
+    cached, _ = run_verify(plan, seeds=1, device="cpu", teacher_cache=teacher_cache, jobs=1,
+                           stage_cache=tmp_path / "cache" / "stages")
+    plain, _ = run_verify(plan, seeds=1, device="cpu", teacher_cache=teacher_cache, jobs=1)
+    # The plan and its comparisons (single KD and DKD for 2 epochs, no reference, uniform) on one seed
+    # read 3 epochs of batches between them: stage 1's first two and stage 2's first.
+    assert len(list((tmp_path / "cache" / "teacher_logits").glob("*.pt"))) == 3
+    assert [r.label for r in cached] == ["plan", "single:kd", "single:dkd", "no-reference", "uniform"]
+    assert [(r.label, r.test_acc, r.val_acc) for r in cached] == [(r.label, r.test_acc, r.val_acc) for r in plain]
