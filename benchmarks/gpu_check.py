@@ -11,7 +11,8 @@ sampled (``nvidia-smi``, every 0.5 s) throughout and averaged per step. Steps:
    the option is a no-op: the same file, byte for byte).
 4. ``search``: ``smskd-search --budget 8 --confirm 1 --confirm-seeds 2`` with trials packed
    several to the GPU (``gpus_per_trial`` 0.25): every budget trial finished, none failed, the
-   confirmation runs completed.
+   confirmation runs completed; with the seconds from the command's start to its first trial
+   training and from its last trial's end to its exit (what keeps a short search's GPU idle).
 5. ``gpu busy``: the search's mean GPU utilisation (the share of time a kernel ran) from its start
    (the teacher is ready by then) to its end; the target is 90%.
 6. ``export``: ``smskd-search export --top 1``.
@@ -333,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         from phase_gap import gap
 
         s.figures["phases"] = gap(check.out / "studies" / f"{STUDY}.db")
+        # Where the search's wall time goes besides its trials (the teacher is cached by the teacher
+        # step): the command's start -> its first trial training (Python, Ray, Tune, the workers'
+        # start and loading), and its last trial's end -> the command's exit.
+        began = [float(t.user_attrs["trial_started_at"]) for t in trials if "trial_started_at" in t.user_attrs]
+        ended = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete is not None]
+        if began and ended:
+            s.figures["start_to_first_trial_s"] = round(min(began) - start, 1)
+            s.figures["last_trial_to_exit_s"] = round(end - max(ended), 1)
         ok = rc == 0 and done >= args.budget and by_state.get("FAIL", 0) == 0 and bool(confirmations) \
             and all(t.state.name == "COMPLETE" for t in confirmations)
         s.status = "PASS" if ok else "FAIL"

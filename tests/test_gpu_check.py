@@ -35,6 +35,8 @@ def test_the_gpu_checks_dry_run_passes_every_step_on_a_cpu(tmp_path):
     phases = search["phases"]
     assert phases["budget_trials"] == 8 and phases["confirmation_runs"] == search["confirmation_runs"]
     assert phases["gap_s"] < 2.0, phases
+    # The wall time besides the trials: the start up to the first trial, the end after the last.
+    assert 0 < search["start_to_first_trial_s"] < search["wall_s"] and 0 < search["last_trial_to_exit_s"] < search["wall_s"]
     # The teacher trained again with --cuda-graphs: on a CPU the same file; both timed an epoch.
     tg = steps["teacher graphs"]["figures"]
     assert tg["eager_s_per_epoch"] > 0 and tg["graphed_s_per_epoch"] > 0 and tg["val_acc"][0] == tg["val_acc"][1]
