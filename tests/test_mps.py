@@ -21,11 +21,13 @@ FAKE = textwrap.dedent("""\
     if [ "$1" = "-d" ]; then
       [ -n "$FAKE_MPS_FAIL" ] && { echo "An instance of this daemon is already running" >&2; exit 1; }
       mkdir -p "$CUDA_MPS_PIPE_DIRECTORY"
+      echo started >> "$CUDA_MPS_LOG_DIRECTORY/starts.log"
       ( touch "$CUDA_MPS_PIPE_DIRECTORY/control"; echo "$$" > "$CUDA_MPS_PIPE_DIRECTORY/daemon.pid"
         while [ -e "$CUDA_MPS_PIPE_DIRECTORY/control" ]; do sleep 0.05; done ) >/dev/null 2>&1 &
       exit 0
     fi
     read -r command
+    if [ "$command" = "get_server_list" ]; then [ -e "$CUDA_MPS_PIPE_DIRECTORY/control" ]; exit $?; fi
     [ "$command" = "quit" ] && rm -f "$CUDA_MPS_PIPE_DIRECTORY/control" && echo "$command" >> "$CUDA_MPS_LOG_DIRECTORY/control.log"
     """)
 
@@ -63,6 +65,18 @@ def test_a_daemon_starts_with_its_folders_and_stops(fake_binary, tmp_path, monke
     daemon.stop()
     assert not (tmp_path / "d" / "pipe" / "control").exists()
     assert (tmp_path / "d" / "log" / "control.log").read_text() == "quit\n"
+    # A search killed under its daemon leaves it running: the resumed search's start takes it over.
+    left = mps.start_mps(tmp_path / "k")
+    assert isinstance(left, mps.MpsDaemon)
+    again = mps.start_mps(tmp_path / "k")
+    assert isinstance(again, mps.MpsDaemon) and (tmp_path / "k" / "log" / "starts.log").read_text() == "started\n"
+    again.stop()
+    assert not (tmp_path / "k" / "pipe" / "control").exists()
+    # The folder is the study's: short, and the same for every search of it.
+    from smskd_search.search.mps import daemon_folder
+
+    assert daemon_folder(tmp_path, "a") == daemon_folder(tmp_path, "a") != daemon_folder(tmp_path, "b")
+    assert len(str(daemon_folder(tmp_path, "a") / "pipe" / "control")) < 100
     # A daemon that will not start is said in one line, with the program's own words.
     monkeypatch.setenv("FAKE_MPS_FAIL", "1")
     assert mps.start_mps(tmp_path / "e") == f"{mps.BINARY} -d exited 1: An instance of this daemon is already running"
@@ -77,7 +91,9 @@ def test_rays_workers_are_the_daemons_clients_and_it_stops_after_ray(fake_binary
     if ray.is_initialized():
         ray.shutdown()  # the handle must start Ray itself, with the daemon's pipe in its workers' environment
     monkeypatch.setattr(device, "cuda_available", lambda: True)
-    handle = RayHandle(None, None, mps=True, gpus_per_trial=0.5)
+    from smskd_search.search.mps import daemon_folder
+
+    handle = RayHandle(None, None, mps=True, gpus_per_trial=0.5, mps_folder=daemon_folder(fake_binary.parent, "s"))
     try:
         handle.ensure()
         assert handle._daemon is not None

@@ -4,8 +4,9 @@ Trials packed on a GPU (``gpus_per_trial`` below 1) are separate processes, each
 context: the GPU time-slices between them, and kernels of two trials never run at once. Under the
 Multi-Process Service their kernels share the GPU concurrently, which is what small, launch-bound
 steps need to fill it. With ``--mps`` the search starts a control daemon of its own before Ray
-(``nvidia-cuda-mps-control -d``, its pipe and log folders in the study's own folder), hands the
-workers its pipe folder, and stops it after Ray (``quit`` on its control pipe). It does nothing, and
+(``nvidia-cuda-mps-control -d``, its pipe and log folders in a temporary folder named after the
+study), hands the workers its pipe folder, and stops it after Ray (``quit`` on its control pipe); a
+search resumed after a kill takes over the daemon the killed one left, and stops it in the end. It does nothing, and
 the summary says why, where MPS cannot help or is not this search's to start: no CUDA GPU, one trial
 per GPU, a Ray cluster (its nodes are not this machine), a daemon the machine already runs
 (``CUDA_MPS_PIPE_DIRECTORY`` set: the workers use it as it is), no ``nvidia-cuda-mps-control``.
@@ -78,16 +79,40 @@ class MpsDaemon:
             pass
 
 
+def daemon_folder(studies_dir: Path, study: str) -> Path:
+    """The pipe and log folders' parent for a study's searches: short (the control pipe is a Unix
+    socket, 108 bytes at most) and the same for each search of the study, so that a search resumed after
+    a kill finds the daemon the killed one left and stops it in the end."""
+    import hashlib
+    import tempfile
+
+    tag = hashlib.sha256(f"{studies_dir.absolute()}\n{study}".encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"smskd-mps-{tag}"
+
+
+def _answers(daemon: MpsDaemon) -> bool:
+    """Whether a daemon listens on the folder's control pipe (it lists its servers)."""
+    try:
+        done = subprocess.run([daemon.binary], input="get_server_list\n", text=True, capture_output=True,
+                              env={**os.environ, **daemon.env}, timeout=START_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
 def start_mps(folder: Path, binary: str = BINARY) -> MpsDaemon | str:
-    """Start a control daemon with its pipe and logs under ``folder``; the daemon, or why it did not start.
+    """Start a control daemon with its pipe and logs under ``folder`` (or take the one a killed search
+    left there); the daemon, or why it did not start.
 
     Args:
-        folder: A folder of this search's own (made here).
+        folder: The study's folder (:func:`daemon_folder`; made here).
         binary: The control program (a path or a name on PATH).
     """
     daemon = MpsDaemon(binary, folder.absolute())
     for sub in ("pipe", "log"):
         (daemon.folder / sub).mkdir(parents=True, exist_ok=True)
+    if (daemon.folder / "pipe" / "control").exists() and _answers(daemon):
+        return daemon
     try:
         done = subprocess.run([binary, "-d"], env={**os.environ, **daemon.env}, capture_output=True, text=True,
                               timeout=START_TIMEOUT_S, check=False)
@@ -106,4 +131,4 @@ def start_mps(folder: Path, binary: str = BINARY) -> MpsDaemon | str:
     return daemon
 
 
-__all__ = ["BINARY", "MpsDaemon", "mps_blocker", "start_mps"]
+__all__ = ["BINARY", "MpsDaemon", "daemon_folder", "mps_blocker", "start_mps"]

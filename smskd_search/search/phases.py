@@ -28,7 +28,7 @@ from smskd_search.search import storage as st
 from smskd_search.search.cluster import TrialResources, check_address, check_nodes_reach, check_storage, start_ray
 from smskd_search.search.confirm import ConfirmSettings
 from smskd_search.search.leaderboard import LeaderboardRow, leaderboard, rank_by_single_seed, write_best_plan
-from smskd_search.search.mps import MpsDaemon, mps_blocker, start_mps
+from smskd_search.search.mps import MpsDaemon, daemon_folder, mps_blocker, start_mps
 from smskd_search.search.progress import ProgressInfo
 from smskd_search.search.record import TrialRecord, records
 from smskd_search.search.teacher_task import ensure_teacher_on_cluster
@@ -115,6 +115,7 @@ class RayHandle:
     started: bool = False
     mps: bool = False
     gpus_per_trial: float = 1.0
+    mps_folder: Path | None = None  # the daemon's pipe and log folders' parent (mps.daemon_folder)
     mps_note: str | None = None
     _daemon: MpsDaemon | None = None
 
@@ -132,8 +133,8 @@ class RayHandle:
 
         why = mps_blocker(cuda=cuda_available(), gpus_per_trial=self.gpus_per_trial, address=self.address,
                           environ=os.environ)
-        # A short folder of its own: the daemon's control pipe is a Unix socket (108 bytes at most).
-        got = start_mps(Path(tempfile.mkdtemp(prefix="smskd-mps-"))) if why is None else why
+        folder = self.mps_folder or Path(tempfile.mkdtemp(prefix="smskd-mps-"))
+        got = start_mps(folder) if why is None else why
         if isinstance(got, str):
             self.mps_note = f"--mps: no MPS daemon started: {got}"
             return {}
@@ -203,7 +204,7 @@ def prepare(space: LoadedSpace, settings: SearchSettings, hooks: SearchHooks, st
     runtime = space.space.runtime
     ray = RayHandle(settings.address, storage_root, mps=settings.mps,
                     gpus_per_trial=settings.gpus_per_trial if settings.gpus_per_trial is not None else
-                    runtime.gpus_per_trial)
+                    runtime.gpus_per_trial, mps_folder=daemon_folder(settings.studies_dir, name))
     try:
         if settings.address is not None:
             # On a cluster, before anything is written: every node must reach what trials write.
