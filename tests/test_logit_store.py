@@ -314,6 +314,19 @@ def test_a_lone_process_computes_the_parts_in_order_and_keeps_the_whole_epoch(tm
     assert LogitStore(None).shared("k", 4, _span_fill(calls)) == (None, 0.0) and len(calls) == 2
 
 
+def test_parts_are_kept_as_the_whole_is_and_make_room_for_it(tmp_path):
+    # A float16 store with room for about 1.3 epochs: the parts (float16 too) and the whole would not
+    # fit side by side, but the whole replaces the parts.
+    probe = LogitStore(tmp_path / "probe", dtype=torch.float16)
+    probe.put("k", _span_fill([])(0, 400, None))
+    assert probe.disk is not None
+    cap = int(1.3 * probe.disk.size_bytes())
+    store = LogitStore(tmp_path / "s", dtype=torch.float16, max_bytes=cap, parts=4)
+    entry, share = store.shared("k", 400, _span_fill([]))
+    assert share == 1.0 and entry.logits.dtype == torch.float16 and _rows(entry) == list(range(400))
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["k.pt"]
+
+
 def test_processes_in_step_each_compute_a_share_of_the_epoch(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -322,8 +335,16 @@ def test_processes_in_step_each_compute_a_share_of_the_epoch(tmp_path):
     for st in stores:
         assert st.claims is not None
         st.claims.poll_s = 0.005
+    import threading
+
+    together = threading.Barrier(2)
+
+    def one(st):
+        together.wait()
+        return st.shared("k", 8, _span_fill(calls, delay=0.25))
+
     with ThreadPoolExecutor(2) as pool:
-        got = list(pool.map(lambda st: st.shared("k", 8, _span_fill(calls, delay=0.1)), stores))
+        got = list(pool.map(one, stores))
     # Every span computed once, by one of the two; both hold the whole epoch; their shares add up to it.
     assert sorted(calls) == [(0, 2), (2, 4), (4, 6), (6, 8)]
     assert all(_rows(entry) == list(range(8)) for entry, _ in got)
@@ -368,7 +389,7 @@ def test_a_dead_holders_claim_goes_stale_and_is_taken_over(tmp_path):
     assert store.claims is not None
     dead = tmp_path / "s" / "k.part0of1.claim"
     dead.parent.mkdir()
-    dead.write_text("elsewhere 1\n")
+    dead.write_text("elsewhere 1 token\n")
     assert store.claims.held("k.part0of1")
     old = time.time() - store.claims.stale_s - 1
     os.utime(dead, (old, old))
@@ -382,9 +403,9 @@ def test_a_dead_holders_claim_goes_stale_and_is_taken_over(tmp_path):
     import sys
 
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead.write_text(f"{socket.gethostname()} {int(ended.stdout)}\n")
+    dead.write_text(f"{socket.gethostname()} {int(ended.stdout)} token\n")
     assert not store.claims.held("k.part0of1")
-    dead.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # alive: held
+    dead.write_text(f"{socket.gethostname()} {os.getpid()} token\n")  # alive: held
     assert store.claims.held("k.part0of1")
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,8 +48,9 @@ def _alive(pid: int) -> bool:
 class Claim:
     """A held claim on one epoch: :meth:`beat` while working on it, :meth:`release` when done."""
 
-    def __init__(self, path: Path, heartbeat_s: float = HEARTBEAT_S):
+    def __init__(self, path: Path, holder: str, heartbeat_s: float = HEARTBEAT_S):
         self.path = path
+        self.holder = holder  # the file's line: host, pid and a token of this claim
         self.heartbeat_s = heartbeat_s
         self._last = time.monotonic()
 
@@ -63,8 +65,10 @@ class Claim:
                 pass
 
     def release(self) -> None:
+        """Remove the claim, unless another took it over as stale meanwhile (then it is theirs)."""
         try:
-            self.path.unlink()
+            if self.path.read_text() == self.holder:
+                self.path.unlink()
         except OSError:
             pass
 
@@ -113,9 +117,14 @@ class EpochClaims:
             return self.claim(key)
         except OSError:
             return None  # a folder this process may not write: no claims, the epoch is computed here
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return Claim(path)
+        holder = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex[:8]}\n"
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(holder)
+        except OSError:  # a full disk: no claim (an empty one would hold the others up until stale)
+            path.unlink(missing_ok=True)
+            return None
+        return Claim(path, holder)
 
     def _stale(self, path: Path) -> bool:
         """Not refreshed for ``stale_s``, or its holder was a process of this machine that has ended
@@ -123,7 +132,7 @@ class EpochClaims:
         try:
             if time.time() - path.stat().st_mtime > self.stale_s:
                 return True
-            host, pid = path.read_text().split()
+            host, pid, _ = path.read_text().split()
         except FileNotFoundError:
             return True
         except (OSError, ValueError):  # being written this instant, or not ours to read: judged by its age

@@ -36,6 +36,7 @@ Neither Ray nor Optuna is imported here.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -233,18 +234,19 @@ class LogitStore:
         self._remember(key, entry)
         return entry
 
-    def put(self, key: str, entry: EpochLogits) -> bool:
+    def put(self, key: str, entry: EpochLogits, room: int = 0) -> bool:
         """Keep ``entry`` (converted to the store's dtype) in memory and, where it fits, in the folder.
 
         A full folder keeps what it has: a stage's epochs are put in order and read in order, so
         evicting the least recently used entry to make room would drop the first epochs of the very
         stream being put (a 240-epoch CIFAR-100 stage is about 4 GB of logits), and no later trial
-        would get a hit. Returns whether the folder took it.
+        would get a hit. Returns whether the folder took it. ``room``: bytes in the folder the entry
+        replaces (an epoch's parts), not counted against it.
         """
         entry = self._compact(entry)
         self._remember(key, entry)
         taken = False
-        if self.disk is not None and self.disk.size_bytes() + entry.nbytes <= self.disk.max_bytes:
+        if self.disk is not None and self.disk.size_bytes() - room + entry.nbytes <= self.disk.max_bytes:
             # A failed write fails nothing: the store only saves work.
             taken = self.disk.put(key, entry.to_payload()) is not None
         self.stored += 1
@@ -276,7 +278,14 @@ class LogitStore:
         spans = part_spans(n_batches, self.parts)
         names = [f"{key}.part{i}of{len(spans)}" for i in range(len(spans))]
         got: list[EpochLogits | None] = [None] * len(spans)
-        mine = 0
+        mine, waited_s = 0, 0.0
+
+        def wait(name: str, ready: Callable[[], bool]) -> None:
+            nonlocal waited_s
+            start = time.monotonic()
+            claims.wait(name, ready)
+            waited_s += time.monotonic() - start
+
         for i, (lo, hi) in enumerate(spans):
             if self.has(key):
                 break
@@ -284,51 +293,55 @@ class LogitStore:
             if held is None:
                 continue
             try:
+                if self.has(key):  # joined by another between the look and the claim
+                    break
                 if not disk.has(names[i]):  # put by another between the look and the claim
                     part = fill(lo, hi, held)
                     if part is None:
                         return None, 0.0
+                    part = self._compact(part)  # as the whole will be kept (the store's dtype, the CPU)
                     got[i], mine = part, mine + hi - lo
                     # Where it fits only (a full folder evicts nothing); else the others compute it.
                     if disk.size_bytes() + part.nbytes <= disk.max_bytes:
                         disk.put(names[i], part.to_payload())
             finally:
                 held.release()
-        start, waited = time.monotonic(), False
         for i, (lo, hi) in enumerate(spans):
             if got[i] is not None:
                 continue
-            ready = lambda name=names[i]: self.has(key) or disk.has(name)  # noqa: E731
-            if not ready():
-                waited = True
-                claims.wait(names[i], ready)
-            whole = self.get(key)
-            if whole is not None:  # another joined the epoch first
-                self._count_wait(waited, start)
-                return whole, mine / n_batches
+            wait(names[i], functools.partial(self._whole_or_part, key, names[i]))
             part = self._part(names[i])
-            if part is None:  # its holder gave up or died: computed here
-                part = fill(lo, hi, None)
+            if part is None:
+                whole = self.get(key)  # joined by another (its parts then went)
+                if whole is not None:
+                    self._count_wait(waited_s)
+                    return whole, mine / n_batches
+                part = fill(lo, hi, None)  # its holder gave up or died: computed here
                 if part is None:
                     return None, 0.0
-                mine += hi - lo
+                part, mine = self._compact(part), mine + hi - lo
             got[i] = part
         whole = EpochLogits.join([g for g in got if g is not None])
         joiner = claims.claim(key)  # one process puts the whole epoch; the others read it
         if joiner is None:
-            waited = True
-            claims.wait(key, lambda: self.has(key))
-            self._count_wait(waited, start)
+            wait(key, lambda: self.has(key))
         else:
-            self._count_wait(waited, start)
             try:
-                if not self.has(key) and self.put(key, whole):
-                    for name in names:  # the whole epoch is there: a late reader takes it instead
-                        disk.discard(name)
+                if not self.has(key):
+                    # The parts make room for the whole that replaces them.
+                    parts_bytes = sum(size for name, size, _ in disk.folder.entries() if name[:-3] in names)
+                    if self.put(key, whole, room=parts_bytes):
+                        for name in names:  # the whole epoch is there: a late reader takes it instead
+                            disk.discard(name)
             finally:
                 joiner.release()
+        self._count_wait(waited_s)
         entry = self.get(key)
-        return (entry if entry is not None else self._compact(whole)), mine / n_batches
+        return (entry if entry is not None else whole), mine / n_batches
+
+    def _whole_or_part(self, key: str, name: str) -> bool:
+        assert self.disk is not None
+        return self.has(key) or self.disk.has(name)
 
     def _part(self, name: str) -> EpochLogits | None:
         assert self.disk is not None
@@ -339,10 +352,11 @@ class LogitStore:
             self.disk.discard(name)
             return None
 
-    def _count_wait(self, waited: bool, start: float) -> None:
-        if waited:
+    def _count_wait(self, seconds: float) -> None:
+        # An epoch counts as waited for where a wait slept at least once (not a look that found it there).
+        if self.claims is not None and seconds >= self.claims.poll_s:
             self.waited += 1
-            self.wait_s += time.monotonic() - start
+            self.wait_s += seconds
 
     def discard(self, key: str) -> None:
         with self._lock:
