@@ -54,6 +54,7 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -522,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows = run_packing(args, pack_ns, graphs, shared, extra_env=daemon.env)
                 finally:
                     daemon.stop()
+                    shutil.rmtree(daemon.folder, ignore_errors=True)
                 print("   ... the last packing again, every trial a client of one MPS daemon (smskd-search --mps)")
                 print(table(["N trials", "aggregate images/s", "per trial min..max", "peak MiB per process (max)",
                              "memory measure", "teacher epochs run / trained", "aggregate vs N=1"], rows))

@@ -52,6 +52,7 @@ def test_the_search_starts_mps_only_where_it_can_help_and_is_its_own_to_start(fa
     assert why() is None
     assert why(cuda=False) == "no CUDA GPU"
     assert why(gpus_per_trial=1.0).startswith("one trial per GPU")
+    assert why(gpus_per_trial=0.0) == "the trials ask for no GPU (gpus_per_trial 0)"
     assert why(address="10.0.0.1:6379").startswith("a Ray cluster")
     assert why(environ={mps.PIPE_ENV: "/tmp/nvidia-mps"}).startswith(f"{mps.PIPE_ENV} is set")
     assert why(which=lambda name: None) == f"{mps.BINARY} not found: packed trials share the GPU by time slicing"
@@ -77,6 +78,12 @@ def test_a_daemon_starts_with_its_folders_and_stops(fake_binary, tmp_path, monke
 
     assert daemon_folder(tmp_path, "a") == daemon_folder(tmp_path, "a") != daemon_folder(tmp_path, "b")
     assert len(str(daemon_folder(tmp_path, "a") / "pipe" / "control")) < 100
+    # A folder of that name made by another user is not used (it could hand the workers its pipe).
+    if os.getuid() == 0:
+        taken = tmp_path / "taken"
+        taken.mkdir()
+        os.chown(taken, 65534, 65534)
+        assert mps.start_mps(taken) == f"{taken} belongs to another user: not used"
     # A daemon that will not start is said in one line, with the program's own words.
     monkeypatch.setenv("FAKE_MPS_FAIL", "1")
     assert mps.start_mps(tmp_path / "e") == f"{mps.BINARY} -d exited 1: An instance of this daemon is already running"
@@ -104,6 +111,17 @@ def test_rays_workers_are_the_daemons_clients_and_it_stops_after_ray(fake_binary
     finally:
         handle.shutdown()
     assert not ray.is_initialized() and not Path(folder).exists()
+    # Ray already running in this process: its workers cannot become the daemon's clients, so none is kept.
+    from smskd_search.search.cluster import start_ray
+
+    assert start_ray(None)
+    try:
+        late = RayHandle(None, None, mps=True, gpus_per_trial=0.5, mps_folder=daemon_folder(fake_binary.parent, "t"))
+        late.ensure()
+        assert late.mps_note == "--mps: no MPS daemon used: Ray was already running in this process"
+        assert late._daemon is None and not daemon_folder(fake_binary.parent, "t").exists()
+    finally:
+        ray.shutdown()
     # One trial per GPU: no daemon, and the note says why.
     single = RayHandle(None, None, mps=True, gpus_per_trial=1.0)
     assert single._start_mps() == {} and single.mps_note == \

@@ -16,9 +16,11 @@ Neither CUDA nor Ray is imported here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ def mps_blocker(*, cuda: bool, gpus_per_trial: float, address: str | None, envir
     """
     if not cuda:
         return "no CUDA GPU"
+    if not gpus_per_trial > 0:
+        return "the trials ask for no GPU (gpus_per_trial 0)"
     if not gpus_per_trial < 1:
         return f"one trial per GPU (gpus_per_trial {gpus_per_trial:g}): nothing to share"
     if address is not None:
@@ -83,9 +87,6 @@ def daemon_folder(studies_dir: Path, study: str) -> Path:
     """The pipe and log folders' parent for a study's searches: short (the control pipe is a Unix
     socket, 108 bytes at most) and the same for each search of the study, so that a search resumed after
     a kill finds the daemon the killed one left and stops it in the end."""
-    import hashlib
-    import tempfile
-
     tag = hashlib.sha256(f"{studies_dir.absolute()}\n{study}".encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"smskd-mps-{tag}"
 
@@ -109,8 +110,14 @@ def start_mps(folder: Path, binary: str = BINARY) -> MpsDaemon | str:
         binary: The control program (a path or a name on PATH).
     """
     daemon = MpsDaemon(binary, folder.absolute())
+    # The folder's name is predictable: it must be this user's alone, or another could hand the
+    # workers a pipe of theirs.
+    daemon.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if daemon.folder.stat().st_uid != os.getuid():
+        return f"{daemon.folder} belongs to another user: not used"
+    daemon.folder.chmod(0o700)
     for sub in ("pipe", "log"):
-        (daemon.folder / sub).mkdir(parents=True, exist_ok=True)
+        (daemon.folder / sub).mkdir(exist_ok=True)
     if (daemon.folder / "pipe" / "control").exists() and _answers(daemon):
         return daemon
     try:

@@ -11,6 +11,9 @@ calls them.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,24 +120,28 @@ class RayHandle:
     gpus_per_trial: float = 1.0
     mps_folder: Path | None = None  # the daemon's pipe and log folders' parent (mps.daemon_folder)
     mps_note: str | None = None
-    _daemon: MpsDaemon | None = None
+    _daemon: MpsDaemon | None = field(default=None, init=False, repr=False)
 
     def ensure(self) -> None:
-        if not self.started:
-            self.started = start_ray(self.address, self.storage_root, self._start_mps())
+        if self.started:
+            return
+        env = self._start_mps()
+        self.started = start_ray(self.address, self.storage_root, env)
+        if env and not self.started:  # Ray ran already in this process: its workers are not the daemon's
+            self._stop_mps()
+            self.mps_note = "--mps: no MPS daemon used: Ray was already running in this process"
 
     def _start_mps(self) -> dict[str, str]:
-        if not self.mps or self._daemon is not None or self.mps_note is not None:
+        if not self.mps or self.mps_note is not None:
             return self._daemon.env if self._daemon is not None else {}
-        import os
-        import tempfile
-
-        from smskd_search.engine.device import cuda_available
+        from smskd_search.engine.device import cuda_available  # (torch: imported once Ray is wanted)
 
         why = mps_blocker(cuda=cuda_available(), gpus_per_trial=self.gpus_per_trial, address=self.address,
                           environ=os.environ)
-        folder = self.mps_folder or Path(tempfile.mkdtemp(prefix="smskd-mps-"))
-        got = start_mps(folder) if why is None else why
+        if why is None:
+            got = start_mps(self.mps_folder or Path(tempfile.mkdtemp(prefix="smskd-mps-")))
+        else:
+            got = why
         if isinstance(got, str):
             self.mps_note = f"--mps: no MPS daemon started: {got}"
             return {}
@@ -142,18 +149,21 @@ class RayHandle:
         self.mps_note = f"--mps: the packed trials ran under an MPS daemon of this search ({got.folder})"
         return got.env
 
-    def shutdown(self) -> None:
-        if self.started:
-            from smskd_search.search._ray import ray
-
-            ray.shutdown()
-            self.started = False
-        if self._daemon is not None:  # after Ray: its workers were the daemon's clients
-            import shutil
-
+    def _stop_mps(self) -> None:
+        if self._daemon is not None:
             self._daemon.stop()
             shutil.rmtree(self._daemon.folder, ignore_errors=True)
             self._daemon = None
+
+    def shutdown(self) -> None:
+        try:
+            if self.started:
+                from smskd_search.search._ray import ray
+
+                ray.shutdown()
+                self.started = False
+        finally:
+            self._stop_mps()  # after Ray: its workers were the daemon's clients
 
 
 @dataclass(frozen=True)
