@@ -78,7 +78,7 @@ from smskd_search.engine.device import Precision, make_generator, pick_device, p
 from smskd_search.engine.frozen import FrozenForward, freeze, frozen_copy  # noqa: E402
 from smskd_search.engine.logit_store import EpochTeacher, LogitStore, TeacherPass  # noqa: E402
 from smskd_search.engine.optim import build_optimizer, trainable  # noqa: E402
-from smskd_search.engine.step_graph import StepGraph  # noqa: E402
+from smskd_search.engine.step_graph import ForwardGraph, StepGraph  # noqa: E402
 from smskd_search.engine.tcp import reference_loss, tcp_weights  # noqa: E402
 from smskd_search.engine.trainer import ReferenceTerm, Schedule, train_epoch  # noqa: E402
 from smskd_search.methods import MethodContext, build_method  # noqa: E402
@@ -161,6 +161,7 @@ class Ours:
         self.schedule = Schedule(self.recipe.lr, self.recipe.schedule, 240, 0)
         self.epoch = 0
         self.teacher_epochs = 0.0  # epochs this process ran the teacher over (fractions: parts of one)
+        self.pass_graph: ForwardGraph | None = None
 
     def run_epoch(self, store: LogitStore | None = None) -> float:
         """Images/s of one epoch over the split; with ``store``, the teacher's logits come through it as a
@@ -168,7 +169,10 @@ class Ours:
         with Stopwatch(self.device) as sw:
             teacher: Any = self.teacher
             if store is not None:
-                ahead = TeacherPass(self.teacher, self.loader, device=self.device)
+                # As the engine does: with recorded steps, the teacher's pass replays a recorded forward.
+                if self.graph is not None and self.pass_graph is None:
+                    self.pass_graph = ForwardGraph(self.teacher, self.device, rehearse=self.device.type != "cuda")
+                ahead = TeacherPass(self.pass_graph or self.teacher, self.loader, device=self.device)
                 try:
                     entry, share = store.shared(f"epoch{self.epoch}", len(self.loader), ahead)
                 finally:

@@ -275,6 +275,7 @@ def test_on_a_gpu_the_graphed_teacher_pass_gives_the_eager_logits(shared):
     from smskd_search.data import TensorLoader
     from smskd_search.engine.frozen import FrozenForward
     from smskd_search.engine.logit_store import TeacherPass
+    from smskd_search.engine.step_graph import ForwardGraph
 
     gpu = torch.device("cuda:0")
     model = shared["teacher_model"].to(gpu)
@@ -283,7 +284,7 @@ def test_on_a_gpu_the_graphed_teacher_pass_gives_the_eager_logits(shared):
 
     def entry(graph):
         loader = TensorLoader(split, 48, shuffle=True, augment=AUG.augment, generator=torch.Generator(gpu).manual_seed(0))
-        ahead = TeacherPass(forward, loader, device=gpu, graph=graph)
+        ahead = TeacherPass(ForwardGraph(forward, gpu) if graph else forward, loader, device=gpu)
         got = ahead(0, len(loader))
         ahead.close()
         return got

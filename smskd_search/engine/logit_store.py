@@ -484,20 +484,16 @@ class TeacherPass:
     (their fingerprints check it) and the run's numbers do not change.
 
     Args:
-        forward: The teacher's frozen forward.
+        forward: The teacher's frozen forward, or its recorded CUDA graph
+            (:class:`~smskd_search.engine.step_graph.ForwardGraph`, where the run records its steps).
         loader: The stage's training loader, before the epoch.
         device: Where the batches are.
         round_to: A lossy store's dtype (as for :class:`EpochTeacher`).
-        graph: Run the teacher's forward as a recorded CUDA graph
-            (:class:`~smskd_search.engine.step_graph.ForwardGraph`; the run's ``cuda_graphs``).
     """
 
-    def __init__(self, forward: FrozenForward, loader: PartLoader, *, device: torch.device,
-                 round_to: torch.dtype | None = None, graph: bool = False):
-        from smskd_search.engine.step_graph import ForwardGraph  # (it imports the trainer, which imports this)
-
-        self.forward: Any = ForwardGraph(forward, device) if graph else forward
-        self.loader, self.device, self.round_to = loader, device, round_to
+    def __init__(self, forward: Any, loader: PartLoader, *, device: torch.device,
+                 round_to: torch.dtype | None = None):
+        self.forward, self.loader, self.device, self.round_to = forward, loader, device, round_to
         self._start_state = loader.random_state()
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._at = 0

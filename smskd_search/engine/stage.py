@@ -27,7 +27,7 @@ from smskd_search.engine.optim import build_optimizer, trainable
 from smskd_search.engine.prefix_cache import Runtime
 from smskd_search.engine.results import Diverged, EpochMetrics, StageResult, stage_result_from_dict
 from smskd_search.engine.stage_store import Slot, StageStore
-from smskd_search.engine.step_graph import StepGraph, graph_blocker
+from smskd_search.engine.step_graph import ForwardGraph, StepGraph, graph_blocker
 from smskd_search.engine.trainer import ReferenceTerm, Schedule, TeacherForward, train_epoch
 from smskd_search.engine.workbench import Workbench
 from smskd_search.methods import Method, MethodContext, build_method
@@ -62,6 +62,8 @@ class RunState:
     opt_state: dict | None = None
     optimizer: torch.optim.Optimizer | None = None
     cuda_graphs: bool = False  # record each stage's step as a CUDA graph where it can be
+    # The teacher's recorded forward for its passes over the parts of epochs, by stage (cuda_graphs).
+    pass_graphs: dict[int, ForwardGraph] = field(default_factory=dict)
 
     @property
     def cum_epochs(self) -> int:
@@ -258,12 +260,18 @@ def _epoch_teacher(run: RunState, stage: Stage, keys: StageStore, epoch: int) ->
     if not isinstance(stage.loader, PartLoader):  # (streamed splits have no store: no such loader here)
         return EpochTeacher(run.teacher_fw, store.get(key), need_features=False, device=bench.device,
                             round_to=store.dtype), key
-    ahead = TeacherPass(run.teacher_fw, stage.loader, device=bench.device, round_to=store.dtype,
-                        graph=run.cuda_graphs)
+    forward: Any = run.teacher_fw
+    if run.cuda_graphs:  # one recording of the teacher's forward for the stage's passes
+        forward = run.pass_graphs.setdefault(stage.index, ForwardGraph(run.teacher_fw, bench.device))
+    ahead = TeacherPass(forward, stage.loader, device=bench.device, round_to=store.dtype)
     try:
         entry, share = store.shared(key, len(stage.loader), ahead)
     finally:
         ahead.close()
+    if isinstance(forward, ForwardGraph) and forward.failed is not None and not forward.noted:
+        forward.noted = True
+        run.notes.append(f"cuda_graphs: stage {stage.index + 1}'s teacher pass runs eagerly: its forward could not "
+                         f"be recorded: {forward.failed}")
     teacher = EpochTeacher(run.teacher_fw, entry, need_features=False, device=bench.device, round_to=store.dtype)
     teacher.computed_share = share
     return teacher, key

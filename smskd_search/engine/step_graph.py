@@ -247,6 +247,7 @@ class ForwardGraph:
         self._out: torch.Tensor | None = None
         self._replay: Callable[[], None] | None = None
         self.failed: str | None = None
+        self.noted = False  # whether the run's notes say it failed
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, Features | None]:
         self.calls += 1
