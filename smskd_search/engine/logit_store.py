@@ -274,42 +274,17 @@ class LogitStore:
         entry = self.get(key)
         if entry is not None or self.claims is None or self.disk is None or n_batches < 1:
             return entry, 0.0
-        disk, claims = self.disk, self.claims
         spans = part_spans(n_batches, self.parts)
         names = [f"{key}.part{i}of{len(spans)}" for i in range(len(spans))]
         got: list[EpochLogits | None] = [None] * len(spans)
-        mine, waited_s = 0, 0.0
-
-        def wait(name: str, ready: Callable[[], bool]) -> None:
-            nonlocal waited_s
-            start = time.monotonic()
-            claims.wait(name, ready)
-            waited_s += time.monotonic() - start
-
-        for i, (lo, hi) in enumerate(spans):
-            if self.has(key):
-                break
-            held = claims.claim(names[i]) if not disk.has(names[i]) else None
-            if held is None:
-                continue
-            try:
-                if self.has(key):  # joined by another between the look and the claim
-                    break
-                if not disk.has(names[i]):  # put by another between the look and the claim
-                    part = fill(lo, hi, held)
-                    if part is None:
-                        return None, 0.0
-                    part = self._compact(part)  # as the whole will be kept (the store's dtype, the CPU)
-                    got[i], mine = part, mine + hi - lo
-                    # Where it fits only (a full folder evicts nothing); else the others compute it.
-                    if disk.size_bytes() + part.nbytes <= disk.max_bytes:
-                        disk.put(names[i], part.to_payload())
-            finally:
-                held.release()
+        mine = self._claim_parts(key, spans, names, fill, got)
+        if mine is None:
+            return None, 0.0
+        waited_s = 0.0
         for i, (lo, hi) in enumerate(spans):
             if got[i] is not None:
                 continue
-            wait(names[i], functools.partial(self._whole_or_part, key, names[i]))
+            waited_s += self._wait(names[i], functools.partial(self._whole_or_part, key, names[i]))
             part = self._part(names[i])
             if part is None:
                 whole = self.get(key)  # joined by another (its parts then went)
@@ -322,22 +297,60 @@ class LogitStore:
                 part, mine = self._compact(part), mine + hi - lo
             got[i] = part
         whole = EpochLogits.join([g for g in got if g is not None])
-        joiner = claims.claim(key)  # one process puts the whole epoch; the others read it
-        if joiner is None:
-            wait(key, lambda: self.has(key))
-        else:
-            try:
-                if not self.has(key):
-                    # The parts make room for the whole that replaces them.
-                    parts_bytes = sum(size for name, size, _ in disk.folder.entries() if name[:-3] in names)
-                    if self.put(key, whole, room=parts_bytes):
-                        for name in names:  # the whole epoch is there: a late reader takes it instead
-                            disk.discard(name)
-            finally:
-                joiner.release()
-        self._count_wait(waited_s)
+        self._count_wait(waited_s + self._join(key, names, whole))
         entry = self.get(key)
         return (entry if entry is not None else whole), mine / n_batches
+
+    def _claim_parts(self, key: str, spans: list[tuple[int, int]], names: list[str],
+                     fill: Callable[[int, int, Claim | None], EpochLogits | None],
+                     got: list[EpochLogits | None]) -> int | None:
+        """Compute and put the parts nobody holds (into ``got``); the batches computed, None if ``fill`` could not."""
+        assert self.disk is not None and self.claims is not None
+        disk, mine = self.disk, 0
+        for i, (lo, hi) in enumerate(spans):
+            if self.has(key):
+                break
+            held = self.claims.claim(names[i]) if not disk.has(names[i]) else None
+            if held is None:
+                continue
+            try:
+                if self.has(key):  # joined by another between the look and the claim
+                    break
+                if not disk.has(names[i]):  # put by another between the look and the claim
+                    part = fill(lo, hi, held)
+                    if part is None:
+                        return None
+                    part = self._compact(part)  # as the whole will be kept (the store's dtype, the CPU)
+                    got[i], mine = part, mine + hi - lo
+                    # Where it fits only (a full folder evicts nothing); else the others compute it.
+                    if disk.size_bytes() + part.nbytes <= disk.max_bytes:
+                        disk.put(names[i], part.to_payload())
+            finally:
+                held.release()
+        return mine
+
+    def _join(self, key: str, names: list[str], whole: EpochLogits) -> float:
+        """Put the whole epoch (one process does; the others wait for it); the seconds waited."""
+        assert self.disk is not None and self.claims is not None
+        joiner = self.claims.claim(key)
+        if joiner is None:
+            return self._wait(key, lambda: self.has(key))
+        try:
+            if not self.has(key):
+                # The parts make room for the whole that replaces them.
+                parts_bytes = sum(size for name, size, _ in self.disk.folder.entries() if name[:-3] in names)
+                if self.put(key, whole, room=parts_bytes):
+                    for name in names:  # the whole epoch is there: a late reader takes it instead
+                        self.disk.discard(name)
+        finally:
+            joiner.release()
+        return 0.0
+
+    def _wait(self, name: str, ready: Callable[[], bool]) -> float:
+        assert self.claims is not None
+        start = time.monotonic()
+        self.claims.wait(name, ready)
+        return time.monotonic() - start
 
     def _whole_or_part(self, key: str, name: str) -> bool:
         assert self.disk is not None
