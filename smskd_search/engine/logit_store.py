@@ -221,17 +221,9 @@ class LogitStore:
             if entry is not None:
                 self._memory.move_to_end(key)
                 return entry
-        if self.disk is None:
-            return None
-        payload = self.disk.get(key)
-        if payload is None:
-            return None
-        try:
-            entry = EpochLogits.from_payload(payload)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            self.disk.discard(key)  # not an entry this engine wrote
-            return None
-        self._remember(key, entry)
+        entry = self._from_disk(key)
+        if entry is not None:
+            self._remember(key, entry)
         return entry
 
     def put(self, key: str, entry: EpochLogits, room: int = 0) -> bool:
@@ -245,12 +237,8 @@ class LogitStore:
         """
         entry = self._compact(entry)
         self._remember(key, entry)
-        taken = False
-        if self.disk is not None and self.disk.size_bytes() - room + entry.nbytes <= self.disk.max_bytes:
-            # A failed write fails nothing: the store only saves work.
-            taken = self.disk.put(key, entry.to_payload()) is not None
         self.stored += 1
-        return taken
+        return self._to_disk(key, entry, room)
 
     def shared(self, key: str, n_batches: int, fill: Callable[[int, int, Claim | None], EpochLogits | None]
                ) -> tuple[EpochLogits | None, float]:
@@ -285,7 +273,7 @@ class LogitStore:
             if got[i] is not None:
                 continue
             waited_s += self._wait(names[i], functools.partial(self._whole_or_part, key, names[i]))
-            part = self._part(names[i])
+            part = self._from_disk(names[i])
             if part is None:
                 whole = self.get(key)  # joined by another (its parts then went)
                 if whole is not None:
@@ -322,9 +310,7 @@ class LogitStore:
                         return None
                     part = self._compact(part)  # as the whole will be kept (the store's dtype, the CPU)
                     got[i], mine = part, mine + hi - lo
-                    # Where it fits only (a full folder evicts nothing); else the others compute it.
-                    if disk.size_bytes() + part.nbytes <= disk.max_bytes:
-                        disk.put(names[i], part.to_payload())
+                    self._to_disk(names[i], part)  # where it fits; else the others compute it
             finally:
                 held.release()
         return mine
@@ -356,14 +342,25 @@ class LogitStore:
         assert self.disk is not None
         return self.has(key) or self.disk.has(name)
 
-    def _part(self, name: str) -> EpochLogits | None:
-        assert self.disk is not None
-        payload = self.disk.get(name)
-        try:
-            return EpochLogits.from_payload(payload) if payload is not None else None
-        except (KeyError, TypeError, ValueError, AttributeError):
-            self.disk.discard(name)
+    def _from_disk(self, name: str) -> EpochLogits | None:
+        """The folder's entry (or part) under ``name``, or None."""
+        if self.disk is None:
             return None
+        payload = self.disk.get(name)
+        if payload is None:
+            return None
+        try:
+            return EpochLogits.from_payload(payload)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self.disk.discard(name)  # not an entry this engine wrote
+            return None
+
+    def _to_disk(self, name: str, entry: EpochLogits, room: int = 0) -> bool:
+        """Write ``entry`` where the folder has room (``room``: bytes it replaces); whether it did."""
+        if self.disk is None or self.disk.size_bytes() - room + entry.nbytes > self.disk.max_bytes:
+            return False
+        # A failed write fails nothing: the store only saves work.
+        return self.disk.put(name, entry.to_payload()) is not None
 
     def _count_wait(self, seconds: float) -> None:
         # An epoch counts as waited for where a wait slept at least once (not a look that found it there).
