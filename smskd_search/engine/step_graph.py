@@ -74,6 +74,15 @@ def graph_blocker(device: torch.device, precision: Precision, method: Method | N
     return None
 
 
+def recording_failure(exc: RuntimeError) -> str:
+    """Why a recording failed, in one line, where the run goes on eagerly; a device fault that is not
+    the recording's own (a CUDA context that hit an illegal address) is raised again."""
+    if is_device_fault(exc) and "captur" not in str(exc):
+        raise exc
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"
+
+
 @dataclass
 class _Static:
     """The recorded step's inputs and outputs: they keep their memory for the graph's life."""
@@ -160,9 +169,7 @@ class StepGraph:
             try:
                 self._replay = self._record()
             except RuntimeError as exc:
-                if is_device_fault(exc) and "captur" not in str(exc):
-                    raise
-                self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                self.failed = recording_failure(exc)
                 self._optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
                 return False
         if self.rehearse:
@@ -266,9 +273,7 @@ class ForwardGraph:
             try:
                 self._replay = forward_only if self.rehearse else record_graph(self.device, forward_only)
             except RuntimeError as exc:
-                if is_device_fault(exc) and "captur" not in str(exc):
-                    raise
-                self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                self.failed = recording_failure(exc)
                 return self.forward(x, idx)[0], None
         assert self._x is not None and self._idx is not None
         self._x.copy_(x)
