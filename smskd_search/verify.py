@@ -191,8 +191,6 @@ def _init_worker(problem: Any, record: Any, device: str, threads: int, cuda_grap
         # worker must not take the signal as its current run's failure and go on to the next.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    from pathlib import Path
-
     from smskd_search.engine import LogitStore, PrefixCache, RunOptions, Workbench
 
     torch.set_num_threads(threads)

@@ -6,10 +6,11 @@ Multi-Process Service their kernels share the GPU concurrently, which is what sm
 steps need to fill it. With ``--mps`` the search starts a control daemon of its own before Ray
 (``nvidia-cuda-mps-control -d``, its pipe and log folders in a temporary folder named after the
 study), hands the workers its pipe folder, and stops it after Ray (``quit`` on its control pipe); a
-search resumed after a kill takes over the daemon the killed one left, and stops it in the end. It does nothing, and
-the summary says why, where MPS cannot help or is not this search's to start: no CUDA GPU, one trial
-per GPU, a Ray cluster (its nodes are not this machine), a daemon the machine already runs
-(``CUDA_MPS_PIPE_DIRECTORY`` set: the workers use it as it is), no ``nvidia-cuda-mps-control``.
+search resumed after a kill takes over the daemon the killed one left, and stops it in the end. It
+does nothing, and the summary says why, where MPS cannot help or is not this search's to start: no
+CUDA GPU, trials that ask no GPU or a whole one, a Ray cluster (its nodes are not this machine), a
+daemon the machine already runs (``CUDA_MPS_PIPE_DIRECTORY`` set: the workers use it as it is), no
+``nvidia-cuda-mps-control``.
 
 Neither CUDA nor Ray is imported here.
 """
@@ -74,13 +75,18 @@ class MpsDaemon:
         """What a CUDA process needs to be its client."""
         return {PIPE_ENV: str(self.folder / "pipe"), LOG_ENV: str(self.folder / "log")}
 
+    def send(self, command: str) -> bool:
+        """One command on the daemon's control pipe; whether the control program answered it."""
+        try:
+            done = subprocess.run([self.binary], input=f"{command}\n", text=True, env={**os.environ, **self.env},
+                                  capture_output=True, timeout=START_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
+
     def stop(self) -> None:
         """Quit the daemon (its clients, Ray's workers, are gone by now); quiet if it has gone already."""
-        try:
-            subprocess.run([self.binary], input="quit\n", text=True, env={**os.environ, **self.env},
-                           capture_output=True, timeout=START_TIMEOUT_S, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+        self.send("quit")
 
 
 def daemon_folder(studies_dir: Path, study: str) -> Path:
@@ -89,16 +95,6 @@ def daemon_folder(studies_dir: Path, study: str) -> Path:
     a kill finds the daemon the killed one left and stops it in the end."""
     tag = hashlib.sha256(f"{studies_dir.absolute()}\n{study}".encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"smskd-mps-{tag}"
-
-
-def _answers(daemon: MpsDaemon) -> bool:
-    """Whether a daemon listens on the folder's control pipe (it lists its servers)."""
-    try:
-        done = subprocess.run([daemon.binary], input="get_server_list\n", text=True, capture_output=True,
-                              env={**os.environ, **daemon.env}, timeout=START_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
 
 
 def start_mps(folder: Path, binary: str = BINARY) -> MpsDaemon | str:
@@ -118,7 +114,8 @@ def start_mps(folder: Path, binary: str = BINARY) -> MpsDaemon | str:
     daemon.folder.chmod(0o700)
     for sub in ("pipe", "log"):
         (daemon.folder / sub).mkdir(exist_ok=True)
-    if (daemon.folder / "pipe" / "control").exists() and _answers(daemon):
+    # A daemon listening there (it lists its servers) is one a killed search of the study left.
+    if (daemon.folder / "pipe" / "control").exists() and daemon.send("get_server_list"):
         return daemon
     try:
         done = subprocess.run([binary, "-d"], env={**os.environ, **daemon.env}, capture_output=True, text=True,
