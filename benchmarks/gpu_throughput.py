@@ -88,6 +88,9 @@ from smskd_search.plan import AugmentSpec, RecipeSpec, ReferenceSpec  # noqa: E4
 MEAN, STD = NORMALIZATION["cifar100"]
 SPACE = "cifar100-resnet32x4-resnet8x4"
 EPOCHS_240, IMAGES_PER_EPOCH = 240, 50_000
+# The packing tables' columns (run_packing's rows).
+PACK_COLUMNS = ["N trials", "aggregate images/s", "per trial min..max", "peak MiB per process (max)", "memory measure",
+                "teacher epochs run / trained", "aggregate vs N=1"]
 
 
 # ----------------------------------------------------------------------------------------- set-up
@@ -512,8 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             if shared:
                 print("   ... all trials on one batch stream, the teacher's logits through one claimed store "
                       "(a search's trials on one seed)")
-            print(table(["N trials", "aggregate images/s", "per trial min..max", "peak MiB per process (max)",
-                         "memory measure", "teacher epochs run / trained", "aggregate vs N=1"], rows))
+            print(table(PACK_COLUMNS, rows))
         if args.mps:
             from smskd_search.search.mps import mps_blocker, start_mps  # (the search package: seconds to import)
 
@@ -529,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                     daemon.stop()
                     shutil.rmtree(daemon.folder, ignore_errors=True)
                 print("   ... the last packing again, every trial a client of one MPS daemon (smskd-search --mps)")
-                print(table(["N trials", "aggregate images/s", "per trial min..max", "peak MiB per process (max)",
-                             "memory measure", "teacher epochs run / trained", "aggregate vs N=1"], rows))
+                print(table(PACK_COLUMNS, rows))
 
     if args.compile and "compile" not in skip:
         print()
