@@ -140,8 +140,8 @@ class EpochClaims:
         return host == socket.gethostname() and not _alive(int(pid))
 
     def held(self, key: str) -> bool:
-        """Whether a live claim on ``key`` exists."""
-        return self._path(key).exists() and not self._stale(self._path(key))
+        """Whether a live claim on ``key`` exists (a missing file is stale)."""
+        return not self._stale(self._path(key))
 
     def wait(self, key: str, ready: Callable[[], bool]) -> bool:
         """Wait while a live claim on ``key`` exists and ``ready()`` is False; returns ``ready()``.
