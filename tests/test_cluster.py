@@ -344,6 +344,9 @@ def namespaced_cluster(tmp_path_factory):
             lambda p: [*typed(head_cmd, p), *own("head"), "--include-dashboard", "false"], env, tmp_path / "head.log"))
         procs.append(head)
         address = f"127.0.0.1:{port}"
+        # The checkout's studies/ exists only once something ran the tool here (an order the suite does
+        # not fix); a mount point must exist, or the worker node never starts.
+        (ROOT / "studies").mkdir(exist_ok=True)
         hidden = " && ".join(f"mount -t tmpfs tmpfs {d}" for d in (ROOT / "studies", studies, home_cache))
         worker_line = shlex.join([*typed(worker_cmd, port), *own("worker")])
         procs.append(subprocess.Popen([*prefix, "sh", "-c", f"{hidden} && exec {worker_line}"], env=env,
